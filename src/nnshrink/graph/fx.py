@@ -1,0 +1,67 @@
+"""torch.fx capture with errors a user can act on."""
+
+from __future__ import annotations
+
+import linecache
+import traceback
+
+import torch
+from torch import fx, nn
+
+from nnshrink.errors import InputShapeError, UnsupportedModelError
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """The innermost traceback frame outside torch and nnshrink: the user's failing line."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        path = frame.filename.replace("\\", "/")
+        if "/torch/" in path or "/nnshrink/graph/" in path or path.startswith("<"):
+            continue
+        line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+        return f"{frame.filename}:{frame.lineno} in {frame.name}: {line}"
+    return None
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Capture ``model`` as a torch.fx graph.
+
+    A model that already is a ``GraphModule`` (an imported ONNX model, say) is returned as it is.
+
+    Raises:
+        UnsupportedModelError: fx cannot trace the model; the message names the failing
+            operation and the line of the model's code where it happened.
+    """
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
+        where = _user_frame(exc)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        msg = f"torch.fx cannot trace {type(model).__name__}: {first}"
+        if where:
+            msg += f" (at {where})"
+        raise UnsupportedModelError(msg) from exc
+
+
+def shape_propagate(gm: fx.GraphModule, example_input: torch.Tensor | tuple) -> None:
+    """Record each node's output shape in ``node.meta['shape']`` (None where not a tensor)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*args)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
+        raise InputShapeError(f"the model's forward pass failed on an input of shape {shapes}: {first}") from exc
+    finally:
+        gm.train(was_training)
+    for node in gm.graph.nodes:
+        tm = node.meta.get("tensor_meta")
+        node.meta["shape"] = tuple(tm.shape) if hasattr(tm, "shape") else None
+

@@ -1,0 +1,416 @@
+"""Producer -> consumer edges and channel dependency groups, from a torch.fx graph.
+
+A structural edit (channel pruning) that removes output channel ``c`` of a conv must also remove
+input channel ``c`` of every consumer, the batch-norm entry ``c``, the depthwise filter ``c`` and,
+across a residual add, channel ``c`` of every other branch of the add. This module finds those
+sets. Each tensor in the graph gets a *layout*: its channel axis (axis 1) as a list of segments,
+each segment a run of channels that belongs to one channel space. Ops either pass the layout on
+(ReLU, pooling, batch norm, depthwise conv), create a new space (conv, linear), join spaces
+(a residual add unites them), or lay segments side by side (concatenation). A space that reaches
+an op this module does not understand is marked not prunable, with the op named as the reason,
+rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from nnshrink.graph.analysis import is_compressible
+from nnshrink.graph.fx import shape_propagate, trace
+
+# Ops that keep every channel where it is (elementwise over channels, or spatial only).
+_PASS_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Sigmoid,
+    nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d,
+    nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.Upsample,
+)
+_PASS_FUNCTIONS = {
+    torch.relu, torch.relu_, F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish,
+    F.hardsigmoid, F.hardtanh, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, torch.clamp,
+    torch.clip, F.dropout, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.pad, F.interpolate,
+    torch.abs, torch.neg, torch.exp,
+}
+_PASS_METHODS = {
+    "relu", "relu_", "sigmoid", "tanh", "clamp", "clip", "contiguous", "clone", "detach",
+    "float", "to", "abs", "neg", "exp",
+}
+_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+           torch.mul, torch.div, operator.iadd, operator.imul}
+_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_"}
+_CAT = {torch.cat, torch.concat}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
+_RESHAPE_METHODS = {"flatten", "view", "reshape"}
+_REDUCE_FUNCTIONS = {torch.mean, torch.amax, torch.sum}
+_REDUCE_METHODS = {"mean", "amax", "sum"}
+_SQUEEZE_METHODS = {"squeeze", "unsqueeze"}
+_SQUEEZE_FUNCTIONS = {torch.squeeze, torch.unsqueeze}
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer reading a channel group: ``layer`` input channels ``offset .. offset+channels``.
+
+    ``width`` is how many input features each channel feeds (the spatial size when a feature
+    map is flattened into a linear layer, else 1).
+    """
+
+    layer: str
+    offset: int
+    width: int = 1
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that must be removed together.
+
+    Attributes:
+        id: Stable index of the group.
+        channels: Number of channels in the group.
+        producers: ``(layer, offset)`` pairs: output channels ``offset ..`` of that layer.
+        consumers: Layers that read the group.
+        members: Modules sliced along with the group (batch norms, depthwise convs).
+        couplings: Why several layers are tied: ``residual``, ``concat``, ``batchnorm``,
+            ``depthwise``, ``grouped``.
+        prunable: False when a structural edit must leave the group alone.
+        reason: Why the group is not prunable.
+    """
+
+    id: int
+    channels: int
+    producers: list[tuple[str, int]] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+    members: list[str] = field(default_factory=list)
+    couplings: set[str] = field(default_factory=set)
+    prunable: bool = True
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "channels": self.channels,
+                "producers": [{"layer": n, "offset": o} for n, o in self.producers],
+                "consumers": [c.__dict__ for c in self.consumers], "members": self.members,
+                "couplings": sorted(self.couplings), "prunable": self.prunable, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class DependencyGraph:
+    """Edges between compressible layers and the channel groups of a model."""
+
+    edges: tuple[tuple[str, str], ...]
+    groups: tuple[ChannelGroup, ...]
+
+    def group_of(self, layer: str) -> ChannelGroup | None:
+        """The group holding the output channels of ``layer`` (None if it produces none)."""
+        for g in self.groups:
+            if any(n == layer for n, _ in g.producers):
+                return g
+        return None
+
+    def to_dict(self) -> dict:
+        return {"edges": [list(e) for e in self.edges], "groups": [g.to_dict() for g in self.groups]}
+
+
+class _Spaces:
+    """Union-find over channel spaces, each with a size, members and a blocked reason."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.info: list[dict] = []
+
+    def new(self, size: int, reason: str | None = None) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        self.info.append({"producers": [], "consumers": [], "members": [], "couplings": set(),
+                          "reason": reason})
+        return len(self.parent) - 1
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int, coupling: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            self.info[ra]["couplings"].add(coupling)
+            return
+        self.parent[rb] = ra
+        ia, ib = self.info[ra], self.info[rb]
+        for key in ("producers", "consumers", "members"):
+            ia[key].extend(ib[key])
+        ia["couplings"] |= ib["couplings"] | {coupling}
+        ia["reason"] = ia["reason"] or ib["reason"]
+        if self.size[ra] != self.size[rb]:
+            ia["reason"] = ia["reason"] or "joined channel spaces differ in size"
+
+    def get(self, i: int) -> dict:
+        return self.info[self.find(i)]
+
+    def block(self, i: int, reason: str) -> None:
+        info = self.get(i)
+        info["reason"] = info["reason"] or reason
+
+
+# A layout: the channel axis as segments (space id, length), plus the features per channel.
+@dataclass(frozen=True)
+class _Layout:
+    segments: tuple[tuple[int, int], ...]
+    width: int = 1
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple) -> DependencyGraph:
+    """Find producer -> consumer edges and channel groups of ``model``.
+
+    Raises:
+        UnsupportedModelError: torch.fx cannot trace the model.
+        InputShapeError: The model cannot run on ``example_input``.
+    """
+    gm = trace(model)
+    shape_propagate(gm, example_input)
+    spaces = _Spaces()
+    layouts: dict[fx.Node, _Layout | None] = {}
+    modules = dict(gm.named_modules())
+
+    def layout_of(arg: object) -> _Layout | None:
+        return layouts.get(arg) if isinstance(arg, fx.Node) else None
+
+    def block_layout(lay: _Layout | None, reason: str) -> None:
+        if lay is not None:
+            for sid, _ in lay.segments:
+                spaces.block(sid, reason)
+
+    def fresh(node: fx.Node, reason: str | None) -> _Layout | None:
+        shape = node.meta.get("shape")
+        if not shape or len(shape) < 2:
+            return None
+        return _Layout(((spaces.new(shape[1], reason), shape[1]),))
+
+    def consume(layer: str, lay: _Layout | None, node: fx.Node) -> None:
+        if lay is None:
+            shape = node.args[0].meta.get("shape") if isinstance(node.args[0], fx.Node) else None
+            channels = shape[1] if shape and len(shape) > 1 else 0
+            sid = spaces.new(channels, "input channels come from an op that is not tracked")
+            lay = _Layout(((sid, channels),))
+        offset = 0
+        for sid, length in lay.segments:
+            spaces.get(sid)["consumers"].append(Consumer(layer, offset * lay.width, lay.width))
+            offset += length
+
+    for node in gm.graph.nodes:
+        shape = node.meta.get("shape")
+        if node.op == "placeholder":
+            layouts[node] = fresh(node, "channels of the model input")
+            continue
+        if node.op == "get_attr":
+            layouts[node] = None
+            continue
+        if node.op == "output":
+            for arg in node.all_input_nodes:
+                block_layout(layout_of(arg), "channels of the model output")
+            continue
+        inputs = [layout_of(a) for a in node.all_input_nodes]
+        first = layout_of(node.args[0]) if node.args else None
+        rule = _rule(node, modules)
+        if rule == "compressible":
+            mod = modules[node.target]
+            kind_in = first
+            if isinstance(mod, nn.Linear) and first is not None and first.width == 1:
+                in_shape = node.args[0].meta.get("shape")
+                if in_shape is not None and len(in_shape) != 2:
+                    block_layout(first, f"{node.target}: linear layer over a non-channel axis")
+                    kind_in = None
+            groups = getattr(mod, "groups", 1)
+            if groups > 1 and groups == mod.in_channels == mod.out_channels and first is not None:
+                for sid, _ in first.segments:
+                    info = spaces.get(sid)
+                    info["members"].append(node.target)
+                    info["couplings"].add("depthwise")
+                layouts[node] = first
+                continue
+            consume(node.target, kind_in, node)
+            if groups > 1 and first is not None:
+                for sid, _ in first.segments:
+                    spaces.get(sid)["couplings"].add("grouped")
+                    spaces.block(sid, f"{node.target}: grouped conv (groups={groups}) input")
+            out = fresh(node, None)
+            if out is not None:
+                spaces.get(out.segments[0][0])["producers"].append((node.target, 0))
+                if groups > 1:
+                    spaces.get(out.segments[0][0])["couplings"].add("grouped")
+                    spaces.block(out.segments[0][0], f"{node.target}: grouped conv (groups={groups}) output")
+            layouts[node] = out
+        elif rule == "batchnorm":
+            if first is not None:
+                for sid, _ in first.segments:
+                    info = spaces.get(sid)
+                    info["members"].append(node.target)
+                    info["couplings"].add("batchnorm")
+            layouts[node] = first
+        elif rule == "pass":
+            layouts[node] = first
+        elif rule == "binary":
+            layouts[node] = _binary(node, layouts, spaces, block_layout)
+        elif rule == "cat":
+            layouts[node] = _concat(node, layouts, spaces, block_layout)
+        elif rule == "reshape":
+            layouts[node] = _reshape(node, first, block_layout)
+        elif rule == "reduce":
+            in_shape = node.args[0].meta.get("shape") if isinstance(node.args[0], fx.Node) else None
+            layouts[node] = first if (shape and len(shape) >= 2 and in_shape and shape[1] == in_shape[1]
+                                      and shape[0] == in_shape[0]) else None
+            if layouts[node] is None:
+                block_layout(first, f"reduction over channels in {_target_name(node)}")
+        elif rule == "shape":
+            layouts[node] = None
+        else:
+            for lay in inputs:
+                block_layout(lay, f"passes through an op that is not tracked: {_target_name(node)}")
+            layouts[node] = None
+
+    return _collect(spaces)
+
+
+def _rule(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        mod = modules[node.target]
+        if is_compressible(mod):
+            return "compressible"
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            return "batchnorm"
+        if isinstance(mod, _PASS_MODULES):
+            return "pass"
+        if isinstance(mod, nn.Flatten):
+            return "reshape"
+        return "unknown"
+    target = node.target
+    if node.op == "call_function":
+        custom = getattr(target, "_nnshrink_channel_rule", None)
+        if custom:
+            return custom
+        if target in _PASS_FUNCTIONS:
+            return "pass"
+        if target in _BINARY:
+            return "binary"
+        if target in _CAT:
+            return "cat"
+        if target in _RESHAPE_FUNCTIONS:
+            return "reshape"
+        if target in _REDUCE_FUNCTIONS:
+            return "reduce"
+        if target in _SQUEEZE_FUNCTIONS:
+            return "reshape"
+        if target is getattr:
+            return "shape"
+        return "unknown"
+    if node.op == "call_method":
+        if target in _PASS_METHODS:
+            return "pass"
+        if target in _BINARY_METHODS:
+            return "binary"
+        if target in _RESHAPE_METHODS or target in _SQUEEZE_METHODS:
+            return "reshape"
+        if target in _REDUCE_METHODS:
+            return "reduce"
+        if target in ("size", "dim"):
+            return "shape"
+    return "unknown"
+
+
+def _binary(node: fx.Node, layouts: dict, spaces: _Spaces, block_layout) -> _Layout | None:
+    out_shape = node.meta.get("shape")
+    tensor_args = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.meta.get("shape") is not None]
+    lays = [(a, layouts.get(a)) for a in tensor_args]
+    with_layout = [lay for _, lay in lays if lay is not None]
+    if not with_layout:
+        return None
+    base = with_layout[0]
+    for arg, lay in lays:
+        if lay is None:
+            shape = arg.meta.get("shape")
+            # a broadcast constant with its own value per channel would need slicing too
+            if shape and len(shape) >= 2 and out_shape and len(shape) == len(out_shape) and shape[1] > 1:
+                block_layout(base, f"per-channel operand in {_target_name(node)} is not tracked")
+            continue
+        if lay is base:
+            continue
+        if [n for _, n in lay.segments] == [n for _, n in base.segments] and lay.width == base.width:
+            for (a, _), (b, _) in zip(base.segments, lay.segments):
+                spaces.union(a, b, "residual")
+        else:
+            block_layout(base, f"{_target_name(node)} joins differently split channels")
+            block_layout(lay, f"{_target_name(node)} joins differently split channels")
+    return base
+
+
+def _concat(node: fx.Node, layouts: dict, spaces: _Spaces, block_layout) -> _Layout | None:
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    lays = [layouts.get(t) if isinstance(t, fx.Node) else None for t in tensors]
+    out_shape = node.meta.get("shape")
+    if out_shape is not None and dim < 0:
+        dim += len(out_shape)
+    if dim != 1 or any(lay is None or lay.width != 1 for lay in lays):
+        for lay in lays:
+            block_layout(lay, f"concatenation along axis {dim} is not tracked")
+        return None
+    segments = tuple(seg for lay in lays for seg in lay.segments)
+    for sid, _ in segments:
+        spaces.get(sid)["couplings"].add("concat")
+    return _Layout(segments)
+
+
+def _reshape(node: fx.Node, first: _Layout | None, block_layout) -> _Layout | None:
+    in_node = node.args[0]
+    in_shape = in_node.meta.get("shape") if isinstance(in_node, fx.Node) else None
+    out_shape = node.meta.get("shape")
+    if first is None or not in_shape or not out_shape:
+        return None
+    if len(in_shape) >= 2 and len(out_shape) == 2 and out_shape[0] == in_shape[0] \
+            and out_shape[1] == math.prod(in_shape[1:]):
+        return _Layout(first.segments, first.width * math.prod(in_shape[2:]))
+    if len(out_shape) >= 2 and out_shape[:2] == in_shape[:2] and \
+            math.prod(out_shape[2:]) == math.prod(in_shape[2:]):
+        return first  # spatial-only reshape, squeeze or unsqueeze after the channel axis
+    block_layout(first, f"reshape {tuple(in_shape)} -> {tuple(out_shape)} mixes channels")
+    return None
+
+
+def _collect(spaces: _Spaces) -> DependencyGraph:
+    roots: dict[int, ChannelGroup] = {}
+    for i in range(len(spaces.parent)):
+        r = spaces.find(i)
+        if r in roots:
+            continue
+        info = spaces.info[r]
+        if not info["producers"] and not info["consumers"]:
+            continue
+        reason = info["reason"]
+        if not info["producers"] and reason is None:
+            reason = "no layer produces these channels"
+        roots[r] = ChannelGroup(
+            id=len(roots), channels=spaces.size[r], producers=list(info["producers"]),
+            consumers=list(info["consumers"]), members=list(dict.fromkeys(info["members"])),
+            couplings=set(info["couplings"]), prunable=reason is None, reason=reason)
+    edges = []
+    for g in roots.values():
+        for producer, _ in g.producers:
+            for c in g.consumers:
+                if (producer, c.layer) not in edges:
+                    edges.append((producer, c.layer))
+    return DependencyGraph(edges=tuple(edges), groups=tuple(roots.values()))

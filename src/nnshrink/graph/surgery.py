@@ -1,0 +1,94 @@
+"""Module surgery: replace a submodule by qualified name, fold batch norm into convolutions."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from nnshrink.errors import UnsupportedLayerError
+from nnshrink.graph.fx import trace
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Replace the submodule called ``name`` (``"features.3"``) by ``new``, **in place**.
+
+    Returns:
+        The module that was replaced.
+
+    Raises:
+        KeyError: ``model`` has no submodule called ``name``.
+    """
+    if not name:
+        raise KeyError("cannot replace the root module; build a new model instead")
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = parent.get_submodule(child)
+    except AttributeError as exc:
+        raise KeyError(f"no submodule named {name!r}") from exc
+    setattr(parent, child, new)
+    return old
+
+
+def fold_bn(conv: nn.Conv1d | nn.Conv2d | nn.Linear, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    """Return a new layer computing ``bn(conv(x))`` in inference mode.
+
+    ``w' = w * gamma / sqrt(var + eps)`` per output channel and
+    ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
+
+    Raises:
+        UnsupportedLayerError: ``bn`` has no running statistics or the channel counts differ.
+    """
+    out_channels = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
+    if bn.running_mean is None or bn.running_var is None:
+        raise UnsupportedLayerError("batch norm without running statistics cannot be folded")
+    if bn.num_features != out_channels:
+        raise UnsupportedLayerError(
+            f"batch norm has {bn.num_features} channels but the layer has {out_channels} outputs")
+    fused = copy.deepcopy(conv)
+    with torch.no_grad():
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.double()
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros(out_channels, dtype=torch.float64)
+        beta = bn.bias.double() if bn.bias is not None else 0.0
+        new_bias = (bias - bn.running_mean.double()) * scale + beta
+        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+        fused.weight.copy_((conv.weight.double() * scale.reshape(shape)).to(conv.weight.dtype))
+        if fused.bias is None:
+            fused.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
+        else:
+            fused.bias.copy_(new_bias.to(conv.weight.dtype))
+    return fused
+
+
+def fold_batchnorms(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
+    """Fold every batch norm that directly follows a conv or linear layer.
+
+    A pair is folded only when the layer's output feeds the batch norm alone; the batch norm is
+    replaced by ``nn.Identity`` so module names stay stable. The input model is not changed.
+
+    Returns:
+        A new model and the ``(layer, batchnorm)`` pairs that were folded.
+    """
+    new = copy.deepcopy(model)
+    gm = trace(new)
+    modules = dict(gm.named_modules())
+    folded = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm):
+            continue
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            continue
+        layer = modules[src.target]
+        if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            continue
+        bn = modules[node.target]
+        fused = fold_bn(layer, bn).train(layer.training)
+        replace_module(new, src.target, fused)
+        replace_module(new, node.target, nn.Identity())
+        folded.append((src.target, node.target))
+    return new, folded
