@@ -1,0 +1,75 @@
+"""Export a torch model to ONNX with a dynamic batch dimension, written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nnshrink.cache import atomic_path
+from nnshrink.errors import ConfigError, UnsupportedModelError
+from nnshrink.graph.analysis import run_forward
+
+
+def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | None = None,
+                dynamic_batch: bool = True, opset: int = 18) -> Path:
+    """Write ``model`` as an ONNX file that ONNX Runtime runs.
+
+    Uses torch's ``torch.export``-based exporter (the TorchScript one is deprecated). The model
+    is exported in eval mode; the input model is not changed. An existing file at ``path`` is
+    replaced only once the new one is complete.
+
+    Args:
+        model: The model to export.
+        path: Output ``.onnx`` path.
+        example_input: An input the model accepts; defaults to zeros of ``model.input_shape``.
+        dynamic_batch: Make the batch dimension symbolic.
+        opset: ONNX opset of the default domain.
+
+    Raises:
+        UnsupportedModelError: The exporter cannot capture the model.
+    """
+    if example_input is None:
+        from nnshrink.zoo import example_input as zero_input
+
+        example_input = zero_input(model, batch=2)
+    if not isinstance(example_input, torch.Tensor):
+        raise ConfigError("export_onnx takes one example input tensor")
+    run_forward(model, example_input)  # a wrong shape gives our error, not the exporter's
+    was_training = model.training
+    model.eval()
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
+    target = Path(path)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_exporter():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (example_input,), dynamo=True, dynamic_shapes=dynamic,
+                                        opset_version=opset, input_names=["input"],
+                                        output_names=["output"], external_data=False, verbose=False)
+    except Exception as exc:  # the exporter raises a wide variety of internal errors
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UnsupportedModelError(f"ONNX export of {type(model).__name__} failed: {first}") from exc
+    finally:
+        model.train(was_training)
+    with atomic_path(target) as tmp:
+        program.save(str(tmp), external_data=False)
+    return target
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs progress lines at INFO/WARNING; keep the CLI's output clean."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

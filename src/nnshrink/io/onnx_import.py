@@ -1,0 +1,721 @@
+"""ONNX -> torch.fx conversion for the operators CNN exports use.
+
+Why our own converter: the maintained converters (onnx2torch, onnx2pytorch) import torchvision,
+which does not import beside the CPU torch 2.13 this project pins. Converting to a torch.fx
+``GraphModule`` (instead of wrapping ONNX Runtime behind an adapter) means every technique,
+training included, is written once against torch: Conv and Gemm/MatMul nodes with constant
+weights become real ``nn.Conv1d/2d`` and ``nn.Linear`` modules with ``nn.Parameter`` weights,
+BatchNormalization becomes ``nn.BatchNorm``, pooling becomes pooling modules, and the rest become
+calls to the helpers in :mod:`nnshrink.io.onnx_ops`.
+
+Messy third-party exports are handled: weights in ``Constant`` nodes, weights computed from
+constants (Transpose, DequantizeLinear, Identity of an initializer: folded at import time),
+``MatMul`` + ``Add`` pairs (one Linear with bias), initializers listed as graph inputs (old
+opsets), dynamic batch and spatial dimensions (shape arithmetic is kept as Python ints at run
+time). Operators without a converter are all listed in a single :class:`UnsupportedOpError`.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from nnshrink.errors import FormatError, UnsupportedOpError
+from nnshrink.io import onnx_ops as ops
+
+_FOLDABLE_ONLY = {"DequantizeLinear", "QuantizeLinear"}  # supported on constants, not at run time
+_SMALL_INT = 64  # int constants up to this many elements become Python literals
+
+
+@dataclass
+class _Value:
+    """A value during conversion: a constant (numpy), a tensor node, or a shape-list node."""
+
+    kind: str  # "const" | "tensor" | "shape" | "bad"
+    const: np.ndarray | None = None
+    node: fx.Node | None = None
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        from nnshrink.errors import ConfigError
+
+        raise ConfigError("ONNX support needs the 'onnx' extra: pip install 'nnshrink[onnx]'") from exc
+    return onnx
+
+
+def read_onnx(path: str | Path):
+    """Parse an ONNX file, raising :class:`FormatError` if it is not one."""
+    onnx = _onnx()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises DecodeError, onnx raises others on external data
+        raise FormatError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from exc
+    if not model.graph.node and not model.graph.output:
+        raise FormatError(f"{path}: not an ONNX model (no graph found)")
+    return model
+
+
+def load_onnx(path: str | Path) -> fx.GraphModule:
+    """Read an ``.onnx`` file and convert it to a torch.fx ``GraphModule``.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        FormatError: The file is not ONNX.
+        UnsupportedOpError: The graph holds operators with no converter (all are listed).
+    """
+    return onnx_to_torch(read_onnx(path))
+
+
+def _sanitize(name: str, fallback: str) -> str:
+    name = name.strip("/")
+    name = re.sub(r"/(Conv|Gemm|MatMul|BatchNormalization|MaxPool|AveragePool)$", "", name)
+    name = re.sub(r"[^0-9a-zA-Z_]+", "_", name).strip("_")
+    if not name or name[0].isdigit():
+        name = f"{fallback}_{name}" if name else fallback
+    return name
+
+
+class _Converter:
+    def __init__(self, model) -> None:
+        onnx = _onnx()
+        self.onnx = onnx
+        self.numpy_helper = onnx.numpy_helper
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        try:
+            model = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # shape inference is a help for ranks, never a requirement
+            pass
+        self.model = model
+        self.graph = fx.Graph()
+        self.root = nn.Module()
+        self.env: dict[str, _Value] = {}
+        self.buffers: dict[str, fx.Node] = {}
+        self.used_names: set[str] = set()
+        self.unsupported: dict[str, list[str]] = defaultdict(list)
+        self.ranks: dict[str, int] = {}
+        self.static_shapes: dict[str, tuple[int, ...]] = {}
+        for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+            t = vi.type.tensor_type
+            if t.HasField("shape"):
+                self.ranks[vi.name] = len(t.shape.dim)
+                dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+                if all(d is not None for d in dims):
+                    self.static_shapes[vi.name] = tuple(dims)
+        self.uses = Counter(i for n in model.graph.node for i in n.input if i)
+        for o in model.graph.output:
+            self.uses[o.name] += 1
+
+    # -- naming and values ------------------------------------------------------------------
+    def unique(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used_names or hasattr(self.root, name):
+            i += 1
+            name = f"{base}_{i}"
+        self.used_names.add(name)
+        return name
+
+    def add_module(self, onnx_node, module: nn.Module, fallback: str) -> str:
+        base = _torch_scope(onnx_node, module) or (_sanitize(onnx_node.name, fallback) if onnx_node.name else fallback)
+        name = self.unique(base)
+        self.root.add_module(name, module)
+        return name
+
+    def arg(self, name: str):
+        """An fx argument for ONNX value ``name``: node, literal list/scalar, or buffer."""
+        v = self.env[name]
+        if v.kind in ("tensor", "shape"):
+            return v.node
+        arr = v.const
+        if arr.dtype.kind in "iub" and arr.size <= _SMALL_INT:
+            return arr.item() if arr.ndim == 0 else arr.tolist()
+        return self._const_tensor(name)
+
+    def const(self, name: str) -> np.ndarray | None:
+        if not name:
+            return None
+        v = self.env.get(name)
+        return v.const if v is not None and v.kind == "const" else None
+
+    def attrs(self, node) -> dict:
+        return {a.name: self.onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+    # -- conversion -------------------------------------------------------------------------
+    def run(self) -> fx.GraphModule:
+        g = self.model.graph
+        for init in g.initializer:
+            self.env[init.name] = _Value("const", const=self.numpy_helper.to_array(init))
+        inputs = [i for i in g.input if i.name not in self.env]
+        for inp in inputs:
+            node = self.graph.placeholder(self.unique(_sanitize(inp.name, "input")))
+            self.env[inp.name] = _Value("tensor", node=node)
+        for node in g.node:
+            self.convert(node)
+        if self.unsupported:
+            parts = []
+            for op, names in self.unsupported.items():
+                shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+                parts.append(f"{op} ({len(names)} node{'s' if len(names) > 1 else ''}: {shown})")
+            raise UnsupportedOpError(
+                f"{len(self.unsupported)} ONNX operator type(s) cannot be converted: " + "; ".join(parts))
+        outs = [self._const_tensor(o.name) if self.env[o.name].kind == "const" else self.arg(o.name)
+                for o in g.output]
+        self.graph.output(outs[0] if len(outs) == 1 else tuple(outs))
+        gm = fx.GraphModule(self.root, self.graph, class_name="OnnxModel")
+        gm.input_shape = self._input_shape(inputs[0]) if inputs else None
+        gm.onnx_input_names = [i.name for i in inputs]
+        gm.eval()
+        return gm
+
+    def _const_tensor(self, name: str) -> fx.Node:
+        """A buffer holding constant ``name`` (one buffer per constant, made on first use)."""
+        if name not in self.buffers:
+            buf = self.unique("const_" + _sanitize(name, "c"))
+            self.root.register_buffer(buf, torch.from_numpy(np.ascontiguousarray(self.env[name].const)).clone())
+            self.buffers[name] = self.graph.get_attr(buf)
+        return self.buffers[name]
+
+    @staticmethod
+    def _input_shape(inp) -> tuple | None:
+        t = inp.type.tensor_type
+        if not t.HasField("shape"):
+            return None
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
+        return tuple(dims[1:])
+
+    def convert(self, node) -> None:
+        if any(i and self.env.get(i, _Value("bad")).kind == "bad" for i in node.input):
+            for o in node.output:  # downstream of an unsupported node: not a cause itself
+                self.env[o] = _Value("bad")
+            return
+        if node.domain not in ("", "ai.onnx"):
+            self._unsupported(node, f"{node.domain}.{node.op_type}")
+            return
+        if node.op_type == "Constant":
+            self.env[node.output[0]] = _Value("const", const=self._constant(node))
+            return
+        ins = [i for i in node.input]
+        all_const = all(self.const(i) is not None for i in ins if i) and any(ins)
+        handler = getattr(self, f"op_{node.op_type}", None)
+        if all_const and node.op_type not in ("Shape",):
+            folded = self._fold(node)
+            if folded is not None:
+                for o, arr in zip(node.output, folded):
+                    self.env[o] = _Value("const", const=arr)
+                return
+        if handler is None or node.op_type in _FOLDABLE_ONLY:
+            self._unsupported(node, node.op_type)
+            return
+        handler(node, self.attrs(node))
+
+    def _unsupported(self, node, op: str) -> None:
+        self.unsupported[op].append(node.name or node.output[0])
+        for o in node.output:
+            self.env[o] = _Value("bad")
+
+    def _constant(self, node) -> np.ndarray:
+        a = self.attrs(node)
+        if "value" in a:
+            return self.numpy_helper.to_array(a["value"])
+        for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                           ("value_int", np.int64), ("value_ints", np.int64)):
+            if key in a:
+                return np.asarray(a[key], dtype=dtype)
+        raise FormatError(f"Constant node {node.name!r} has no supported value attribute")
+
+    def _fold(self, node) -> list[np.ndarray] | None:
+        """Evaluate a node whose inputs are all constant with ONNX's reference evaluator."""
+        from onnx.reference import ReferenceEvaluator
+
+        helper = self.onnx.helper
+        feeds = {i: self.const(i) for i in node.input if i}
+        inputs = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+                  for i, a in feeds.items()]
+        outputs = [helper.make_empty_tensor_value_info(o) for o in node.output if o]
+        graph = helper.make_graph([node], "fold", inputs, outputs)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        try:
+            return [np.asarray(r) for r in ReferenceEvaluator(model).run(None, feeds)]
+        except Exception:
+            return None
+
+    def emit(self, node, fn, *args, kind: str = "tensor", **kwargs) -> fx.Node:
+        out = self.graph.call_function(fn, tuple(args), kwargs)
+        self.env[node.output[0]] = _Value(kind, node=out)
+        return out
+
+    def module(self, node, module: nn.Module, fallback: str, *args) -> fx.Node:
+        name = self.add_module(node, module, fallback)
+        out = self.graph.call_module(name, tuple(args))
+        self.env[node.output[0]] = _Value("tensor", node=out)
+        return out
+
+    def is_shape(self, name: str) -> bool:
+        v = self.env.get(name)
+        if v is None:
+            return False
+        if v.kind == "shape":
+            return True
+        return v.kind == "const" and v.const.dtype.kind in "iu" and v.const.size <= _SMALL_INT
+
+    # -- operators: layers with weights -----------------------------------------------------
+    def op_Conv(self, node, a) -> None:
+        w, b = self.const(node.input[1]), self.const(node.input[2] if len(node.input) > 2 else "")
+        if w is None or w.ndim not in (3, 4):
+            spatial = "non-constant weight" if w is None else f"{w.ndim - 2} spatial dims"
+            self._unsupported(node, f"Conv ({spatial})")
+            return
+        nd = w.ndim - 2
+        strides = a.get("strides", [1] * nd)
+        dilations = a.get("dilations", [1] * nd)
+        pads = list(a.get("pads", [0] * 2 * nd))
+        kernel = list(w.shape[2:])
+        auto = a.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            shape = self.static_shapes.get(node.input[0])
+            if shape is None:
+                self._unsupported(node, "Conv (auto_pad SAME with unknown input size)")
+                return
+            pads = _same_pads(shape[2:], kernel, strides, dilations, auto == "SAME_UPPER")
+        elif auto == "VALID":
+            pads = [0] * 2 * nd
+        groups = a.get("group", 1)
+        x = self.arg(node.input[0])
+        begin, end = pads[:nd], pads[nd:]
+        if begin != end:
+            x = self.graph.call_function(ops.pad, (x, [0, 0] + begin + [0, 0] + end, "constant", 0.0))
+            begin = [0] * nd
+        cls = nn.Conv1d if nd == 1 else nn.Conv2d
+        conv = cls(w.shape[1] * groups, w.shape[0], kernel, stride=strides, padding=begin,
+                   dilation=dilations, groups=groups, bias=b is not None)
+        with torch.no_grad():
+            conv.weight.copy_(torch.from_numpy(w.astype(np.float32)))
+            if b is not None:
+                conv.bias.copy_(torch.from_numpy(b.astype(np.float32)))
+        self.module(node, conv, "conv", x)
+
+    def _linear(self, node, weight: np.ndarray, bias: np.ndarray | None, x) -> None:
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)))
+            if bias is not None:
+                lin.bias.copy_(torch.from_numpy(np.broadcast_to(bias, (weight.shape[0],)).astype(np.float32)))
+        self.module(node, lin, "linear", x)
+
+    def op_Gemm(self, node, a) -> None:
+        b = self.const(node.input[1])
+        c = self.const(node.input[2]) if len(node.input) > 2 else None
+        if b is None or a.get("transA", 0) or b.ndim != 2:
+            self._unsupported(node, "Gemm (non-constant or transposed-A operands)")
+            return
+        alpha, beta = a.get("alpha", 1.0), a.get("beta", 1.0)
+        weight = (b if a.get("transB", 0) else b.T) * alpha
+        bias = None
+        if c is not None:
+            if c.size not in (1, weight.shape[0]) or (c.ndim == 2 and c.shape[0] != 1):
+                self._unsupported(node, "Gemm (bias not broadcast over rows)")
+                return
+            bias = c.reshape(-1) * beta
+        self._linear(node, weight, bias, self.arg(node.input[0]))
+
+    def op_MatMul(self, node, a) -> None:
+        b = self.const(node.input[1])
+        if b is not None and b.ndim == 2:
+            self._linear(node, b.T, None, self.arg(node.input[0]))
+            return
+        self.emit(node, ops.matmul, self.arg(node.input[0]), self.arg(node.input[1]))
+
+    def op_BatchNormalization(self, node, a) -> None:
+        scale, bias, mean, var = (self.const(i) for i in node.input[1:5])
+        if any(v is None for v in (scale, bias, mean, var)) or len(node.output) > 1 and any(node.output[1:]):
+            self._unsupported(node, "BatchNormalization (training mode or non-constant statistics)")
+            return
+        rank = self.ranks.get(node.input[0], 4)
+        cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}.get(rank, nn.BatchNorm2d)
+        bn = cls(len(scale), eps=a.get("epsilon", 1e-5), momentum=1 - a.get("momentum", 0.9))
+        with torch.no_grad():
+            for p, v in ((bn.weight, scale), (bn.bias, bias), (bn.running_mean, mean), (bn.running_var, var)):
+                p.copy_(torch.from_numpy(v.astype(np.float32)))
+        self.module(node, bn.eval(), "bn", self.arg(node.input[0]))
+
+    # -- operators: elementwise ---------------------------------------------------------------
+    def _binary(self, node, fn) -> None:
+        kind = "shape" if self.is_shape(node.input[0]) and self.is_shape(node.input[1]) else "tensor"
+        if fn is ops.add and kind == "tensor" and self._fold_bias(node):
+            return
+        self.emit(node, fn, self.arg(node.input[0]), self.arg(node.input[1]), kind=kind)
+
+    def _fold_bias(self, node) -> bool:
+        """MatMul followed by Add of a constant vector: give the Linear a bias instead."""
+        for i, j in ((0, 1), (1, 0)):
+            v, c = self.env.get(node.input[i]), self.const(node.input[j])
+            if v is None or v.kind != "tensor" or c is None or v.node.op != "call_module":
+                continue
+            mod = self.root.get_submodule(v.node.target)
+            if (isinstance(mod, nn.Linear) and mod.bias is None and self.uses[node.input[i]] == 1
+                    and c.size == mod.out_features and c.shape[-1] == mod.out_features):
+                mod.bias = nn.Parameter(torch.from_numpy(c.reshape(-1).astype(np.float32)))
+                self.env[node.output[0]] = v
+                return True
+        return False
+
+    def op_Add(self, node, a) -> None:
+        self._binary(node, ops.add)
+
+    def op_Sub(self, node, a) -> None:
+        self._binary(node, ops.sub)
+
+    def op_Mul(self, node, a) -> None:
+        self._binary(node, ops.mul)
+
+    def op_Div(self, node, a) -> None:
+        self._binary(node, ops.div)
+
+    def op_Pow(self, node, a) -> None:
+        self.emit(node, ops.pow_, self.arg(node.input[0]), self.arg(node.input[1]))
+
+    def op_Relu(self, node, a) -> None:
+        self.emit(node, torch.relu, self.arg(node.input[0]))
+
+    def op_Sigmoid(self, node, a) -> None:
+        self.emit(node, torch.sigmoid, self.arg(node.input[0]))
+
+    def op_Tanh(self, node, a) -> None:
+        self.emit(node, torch.tanh, self.arg(node.input[0]))
+
+    def op_LeakyRelu(self, node, a) -> None:
+        self.module(node, nn.LeakyReLU(a.get("alpha", 0.01)), "leaky_relu", self.arg(node.input[0]))
+
+    def op_Elu(self, node, a) -> None:
+        self.module(node, nn.ELU(a.get("alpha", 1.0)), "elu", self.arg(node.input[0]))
+
+    def op_HardSigmoid(self, node, a) -> None:
+        self.emit(node, ops.hard_sigmoid, self.arg(node.input[0]), a.get("alpha", 0.2), a.get("beta", 0.5))
+
+    def op_HardSwish(self, node, a) -> None:
+        self.module(node, nn.Hardswish(), "hardswish", self.arg(node.input[0]))
+
+    def op_Softplus(self, node, a) -> None:
+        self.module(node, nn.Softplus(), "softplus", self.arg(node.input[0]))
+
+    def _unary(self, node, name: str) -> None:
+        self.emit(node, ops.unary, self.arg(node.input[0]), name)
+
+    def op_Exp(self, node, a) -> None:
+        self._unary(node, "exp")
+
+    def op_Sqrt(self, node, a) -> None:
+        self._unary(node, "sqrt")
+
+    def op_Erf(self, node, a) -> None:
+        self._unary(node, "erf")
+
+    def op_Neg(self, node, a) -> None:
+        self._unary(node, "neg")
+
+    def op_Abs(self, node, a) -> None:
+        self._unary(node, "abs")
+
+    def op_Reciprocal(self, node, a) -> None:
+        self._unary(node, "reciprocal")
+
+    def op_Clip(self, node, a) -> None:
+        if self.opset >= 11:
+            lo = self.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+            hi = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if (len(node.input) > 1 and node.input[1] and lo is None) or \
+                    (len(node.input) > 2 and node.input[2] and hi is None):
+                self._unsupported(node, "Clip (non-constant bounds)")
+                return
+            lo = None if lo is None else float(lo)
+            hi = None if hi is None else float(hi)
+        else:
+            lo, hi = a.get("min"), a.get("max")
+        x = self.arg(node.input[0])
+        if lo == 0.0 and hi == 6.0:
+            self.module(node, nn.ReLU6(), "relu6", x)
+        else:
+            self.emit(node, ops.clip, x, lo, hi)
+
+    def op_Identity(self, node, a) -> None:
+        self.env[node.output[0]] = self.env[node.input[0]]
+
+    def op_Dropout(self, node, a) -> None:
+        if len(node.output) > 1 and node.output[1] and self.uses[node.output[1]]:
+            self._unsupported(node, "Dropout (mask output used)")
+            return
+        self.env[node.output[0]] = self.env[node.input[0]]
+
+    # -- operators: pooling ---------------------------------------------------------------------
+    def _pool(self, node, a, kind: str) -> None:
+        kernel = a["kernel_shape"]
+        nd = len(kernel)
+        if nd not in (1, 2):
+            self._unsupported(node, f"{node.op_type} ({nd}-D)")
+            return
+        strides = a.get("strides", [1] * nd)
+        pads = list(a.get("pads", [0] * 2 * nd))
+        auto = a.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            shape = self.static_shapes.get(node.input[0])
+            if shape is None:
+                self._unsupported(node, f"{node.op_type} (auto_pad SAME with unknown input size)")
+                return
+            pads = _same_pads(shape[2:], kernel, strides, [1] * nd, auto == "SAME_UPPER")
+        x = self.arg(node.input[0])
+        begin, end = pads[:nd], pads[nd:]
+        ceil = bool(a.get("ceil_mode", 0))
+        if begin != end or any(p > k // 2 for p, k in zip(begin, kernel)):
+            fill = float("-inf") if kind == "max" else 0.0
+            x = self.graph.call_function(ops.pad, (x, [0, 0] + begin + [0, 0] + end, "constant", fill))
+            begin = [0] * nd
+        if kind == "max":
+            if any(d != 1 for d in a.get("dilations", [1] * nd)):
+                cls = nn.MaxPool1d if nd == 1 else nn.MaxPool2d
+                pool = cls(kernel, strides, begin, dilation=a["dilations"], ceil_mode=ceil)
+            else:
+                cls = nn.MaxPool1d if nd == 1 else nn.MaxPool2d
+                pool = cls(kernel, strides, begin, ceil_mode=ceil)
+        else:
+            cls = nn.AvgPool1d if nd == 1 else nn.AvgPool2d
+            pool = cls(kernel, strides, begin, ceil_mode=ceil,
+                       count_include_pad=bool(a.get("count_include_pad", 0)))
+        self.module(node, pool, f"{kind}pool", x)
+
+    def op_MaxPool(self, node, a) -> None:
+        if len(node.output) > 1 and node.output[1]:
+            self._unsupported(node, "MaxPool (indices output)")
+            return
+        self._pool(node, a, "max")
+
+    def op_AveragePool(self, node, a) -> None:
+        self._pool(node, a, "avg")
+
+    def op_GlobalAveragePool(self, node, a) -> None:
+        self.emit(node, ops.global_pool, self.arg(node.input[0]), "avg")
+
+    def op_GlobalMaxPool(self, node, a) -> None:
+        self.emit(node, ops.global_pool, self.arg(node.input[0]), "max")
+
+    def _reduce(self, node, a, op: str) -> None:
+        axes = a.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            c = self.const(node.input[1])
+            if c is None:
+                self._unsupported(node, f"{node.op_type} (non-constant axes)")
+                return
+            axes = c.tolist()
+        if axes is None and a.get("noop_with_empty_axes", 0):
+            self.env[node.output[0]] = self.env[node.input[0]]
+            return
+        self.emit(node, ops.reduce, self.arg(node.input[0]), op, axes, a.get("keepdims", 1))
+
+    def op_ReduceMean(self, node, a) -> None:
+        self._reduce(node, a, "mean")
+
+    def op_ReduceSum(self, node, a) -> None:
+        self._reduce(node, a, "sum")
+
+    def op_ReduceMax(self, node, a) -> None:
+        self._reduce(node, a, "max")
+
+    def op_ReduceMin(self, node, a) -> None:
+        self._reduce(node, a, "min")
+
+    # -- operators: shapes and layout -----------------------------------------------------------
+    def op_Flatten(self, node, a) -> None:
+        self.emit(node, ops.flatten, self.arg(node.input[0]), a.get("axis", 1))
+
+    def op_Reshape(self, node, a) -> None:
+        if not self.is_shape(node.input[1]):
+            self._unsupported(node, "Reshape (shape from a tensor value)")
+            return
+        self.emit(node, ops.reshape, self.arg(node.input[0]), self.arg(node.input[1]), a.get("allowzero", 0))
+
+    def op_Shape(self, node, a) -> None:
+        start, end = a.get("start", 0), a.get("end")
+        static = self.static_shapes.get(node.input[0])
+        v = self.env[node.input[0]]
+        if v.kind == "const":
+            static = v.const.shape
+        if static is not None:
+            self.env[node.output[0]] = _Value("const", const=np.asarray(static[start:end], dtype=np.int64))
+            return
+        self.emit(node, ops.shape, self.arg(node.input[0]), start, end, kind="shape")
+
+    def op_Gather(self, node, a) -> None:
+        idx = self.const(node.input[1])
+        if idx is None:
+            self._unsupported(node, "Gather (non-constant indices)")
+            return
+        kind = "shape" if self.is_shape(node.input[0]) else "tensor"
+        indices = idx.item() if idx.ndim == 0 else idx.tolist()
+        self.emit(node, ops.gather, self.arg(node.input[0]), indices, a.get("axis", 0), kind=kind)
+
+    def _axes(self, node, a) -> list | None:
+        if "axes" in a:
+            return list(a["axes"])
+        if len(node.input) > 1 and node.input[1]:
+            c = self.const(node.input[1])
+            return None if c is None else c.reshape(-1).tolist()
+        return None
+
+    def op_Unsqueeze(self, node, a) -> None:
+        axes = self._axes(node, a)
+        if axes is None:
+            self._unsupported(node, "Unsqueeze (non-constant axes)")
+            return
+        kind = "shape" if self.is_shape(node.input[0]) else "tensor"
+        self.emit(node, ops.unsqueeze, self.arg(node.input[0]), axes, kind=kind)
+
+    def op_Squeeze(self, node, a) -> None:
+        axes = self._axes(node, a)
+        kind = "shape" if self.is_shape(node.input[0]) else "tensor"
+        self.emit(node, ops.squeeze, self.arg(node.input[0]), axes, kind=kind)
+
+    def op_Concat(self, node, a) -> None:
+        names = [i for i in node.input if i]
+        if all(self.is_shape(i) for i in names):
+            self.emit(node, ops.concat_shapes, *[self.arg(i) for i in names], kind="shape")
+            return
+        self.emit(node, torch.cat, [self.arg(i) for i in names], a.get("axis", 0))
+
+    def op_Transpose(self, node, a) -> None:
+        perm = a.get("perm")
+        if perm is None:
+            rank = self.ranks.get(node.input[0])
+            if rank is None:
+                self._unsupported(node, "Transpose (no perm and unknown rank)")
+                return
+            perm = list(reversed(range(rank)))
+        self.emit(node, ops.transpose, self.arg(node.input[0]), list(perm))
+
+    def op_Cast(self, node, a) -> None:
+        if self.is_shape(node.input[0]) and self.env[node.input[0]].kind == "shape":
+            self.env[node.output[0]] = self.env[node.input[0]]
+            return
+        np_dtype = self.onnx.helper.tensor_dtype_to_np_dtype(a["to"])
+        dtype = torch.from_numpy(np.zeros(1, dtype=np_dtype)).dtype
+        self.emit(node, ops.cast, self.arg(node.input[0]), dtype)
+
+    def op_Slice(self, node, a) -> None:
+        if self.opset < 10:
+            starts, ends = a["starts"], a["ends"]
+            axes = a.get("axes", list(range(len(starts))))
+            steps = [1] * len(starts)
+        else:
+            vals = [self.const(node.input[i]) if len(node.input) > i and node.input[i] else None
+                    for i in range(1, 5)]
+            if vals[0] is None or vals[1] is None or (len(node.input) > 3 and node.input[3] and vals[2] is None) \
+                    or (len(node.input) > 4 and node.input[4] and vals[3] is None):
+                self._unsupported(node, "Slice (non-constant bounds)")
+                return
+            starts, ends = vals[0].tolist(), vals[1].tolist()
+            axes = vals[2].tolist() if vals[2] is not None else list(range(len(starts)))
+            steps = vals[3].tolist() if vals[3] is not None else [1] * len(starts)
+        big = 2 ** 62
+        ends = [None if e >= big else e for e in ends]
+        starts = [None if s <= -big else s for s in starts]
+        kind = "shape" if self.env[node.input[0]].kind == "shape" else "tensor"
+        self.emit(node, ops.slice_, self.arg(node.input[0]), starts, ends, axes, steps, kind=kind)
+
+    def op_Pad(self, node, a) -> None:
+        mode = a.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if self.opset < 11:
+            pads, value = a["pads"], a.get("value", 0.0)
+        else:
+            p = self.const(node.input[1])
+            v = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(())
+            if p is None or v is None or (len(node.input) > 3 and node.input[3]):
+                self._unsupported(node, "Pad (non-constant pads or axes)")
+                return
+            pads, value = p.tolist(), float(v)
+        n = len(pads) // 2
+        if mode not in ("constant", "reflect", "edge") or any(pads[i] or pads[i + n] for i in range(min(2, n))):
+            self._unsupported(node, f"Pad (mode {mode} or padding of batch/channel axes)")
+            return
+        self.emit(node, ops.pad, self.arg(node.input[0]), pads, mode, float(value))
+
+    def op_Softmax(self, node, a) -> None:
+        self.emit(node, ops.softmax, self.arg(node.input[0]), a.get("axis", -1 if self.opset >= 13 else 1),
+                  False, self.opset < 13)
+
+    def op_LogSoftmax(self, node, a) -> None:
+        self.emit(node, ops.softmax, self.arg(node.input[0]), a.get("axis", -1 if self.opset >= 13 else 1),
+                  True, self.opset < 13)
+
+    def op_Split(self, node, a) -> None:
+        sizes = a.get("split")
+        if sizes is None and len(node.input) > 1 and node.input[1]:
+            c = self.const(node.input[1])
+            sizes = None if c is None else c.tolist()
+        axis = a.get("axis", 0)
+        if sizes is None:
+            shape = self.static_shapes.get(node.input[0])
+            if shape is None:
+                self._unsupported(node, "Split (unknown sizes)")
+                return
+            sizes = [shape[axis] // len(node.output)] * len(node.output)
+        out = self.graph.call_function(ops.split, (self.arg(node.input[0]), list(sizes), axis))
+        for i, name in enumerate(node.output):
+            self.env[name] = _Value("tensor", node=self.graph.call_function(_getitem, (out, i)))
+
+    def op_ConstantOfShape(self, node, a) -> None:
+        value = a.get("value")
+        arr = self.numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
+        dtype = torch.from_numpy(arr.reshape(-1)[:1].copy()).dtype
+        self.emit(node, ops.constant_of_shape, self.arg(node.input[0]), float(arr.reshape(-1)[0]), dtype)
+
+
+def _torch_scope(onnx_node, module: nn.Module) -> str | None:
+    """The torch module name recorded by torch's exporter, when it names a module of this type.
+
+    (A Conv that the exporter fused with its BatchNorm carries the batch norm's scope, so the
+    recorded class must match the module we build.)
+    """
+    meta = {p.key: p.value for p in onnx_node.metadata_props}
+    try:
+        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "None"))
+        classes = ast.literal_eval(meta.get("pkg.torch.onnx.class_hierarchy", "None"))
+    except (ValueError, SyntaxError):
+        return None
+    if not scopes or not classes or len(scopes) < 2 or len(classes) < 2:
+        return None
+    if not classes[-2].endswith("." + type(module).__name__):
+        return None
+    return _sanitize(scopes[-2], "m")
+
+
+def _getitem(seq, i: int):
+    return seq[i]
+
+
+def _same_pads(size, kernel, strides, dilations, upper: bool) -> list[int]:
+    begin, end = [], []
+    for n, k, s, d in zip(size, kernel, strides, dilations):
+        out = -(-n // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - n)
+        small, large = total // 2, total - total // 2
+        begin.append(small if upper else large)
+        end.append(large if upper else small)
+    return begin + end
+
+
+def onnx_to_torch(model) -> fx.GraphModule:
+    """Convert an in-memory ``onnx.ModelProto`` to a ``GraphModule`` (see :func:`load_onnx`)."""
+    return _Converter(model).run()

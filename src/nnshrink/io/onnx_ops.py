@@ -1,0 +1,231 @@
+"""Run-time helpers that the ONNX importer places in the torch.fx graph.
+
+Each helper implements one ONNX operator with ONNX's semantics where they differ from torch's
+(Reshape's 0, Flatten's 2-D result, Gather on shapes...). Values computed from tensor shapes
+(``Shape -> Gather -> Concat -> Reshape``, as exporters emit for a dynamic batch) are kept as
+Python lists of ints, so the graph stays traceable by ``torch.export`` with symbolic sizes.
+
+``_nnshrink_channel_rule`` tells :mod:`nnshrink.graph.groups` how a helper treats the channel
+axis: ``pass`` (keeps channels), ``binary`` (broadcasting elementwise op), ``reshape`` (checked
+from shapes), ``reduce`` (checked from shapes), ``shape`` (no tensor out). Helpers without a rule
+are treated as unknown, which makes the channels they touch unprunable.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _rule(name: str):
+    def mark(fn):
+        fn._nnshrink_channel_rule = name
+        return fn
+
+    return mark
+
+
+def _is_shape(v: object) -> bool:
+    return isinstance(v, (list, tuple, int))
+
+
+def _as_list(v: object) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+@_rule("binary")
+def add(a, b):
+    if _is_shape(a) and _is_shape(b):
+        return _elementwise_list(a, b, lambda x, y: x + y)
+    return a + b
+
+
+@_rule("binary")
+def sub(a, b):
+    if _is_shape(a) and _is_shape(b):
+        return _elementwise_list(a, b, lambda x, y: x - y)
+    return a - b
+
+
+@_rule("binary")
+def mul(a, b):
+    if _is_shape(a) and _is_shape(b):
+        return _elementwise_list(a, b, lambda x, y: x * y)
+    return a * b
+
+
+@_rule("binary")
+def div(a, b):
+    if _is_shape(a) and _is_shape(b):
+        return _elementwise_list(a, b, lambda x, y: x // y)
+    if not a.is_floating_point() and not b.is_floating_point():
+        return torch.div(a, b, rounding_mode="trunc")
+    return a / b
+
+
+def _elementwise_list(a, b, op):
+    la, lb = _as_list(a), _as_list(b)
+    if len(la) == 1:
+        la = la * len(lb)
+    if len(lb) == 1:
+        lb = lb * len(la)
+    out = [op(x, y) for x, y in zip(la, lb)]
+    return out[0] if isinstance(a, int) and isinstance(b, int) else out
+
+
+@_rule("binary")
+def pow_(a, b):
+    return torch.pow(a, b)
+
+
+@_rule("pass")
+def hard_sigmoid(x, alpha: float, beta: float):
+    return torch.clamp(alpha * x + beta, 0.0, 1.0)
+
+
+@_rule("pass")
+def clip(x, lo, hi):
+    return torch.clamp(x, lo, hi)
+
+
+@_rule("pass")
+def unary(x, op: str):
+    return getattr(torch, op)(x)
+
+
+@_rule("pass")
+def global_pool(x, kind: str):
+    dims = tuple(range(2, x.dim()))
+    return x.mean(dim=dims, keepdim=True) if kind == "avg" else x.amax(dim=dims, keepdim=True)
+
+
+@_rule("pass")
+def pad(x, pads: list, mode: str, value: float):
+    # ONNX: [x1_begin, x2_begin, ..., x1_end, x2_end]; torch: last axis first, (begin, end) pairs.
+    n = len(pads) // 2
+    torch_pads = []
+    for axis in reversed(range(2, n)):
+        torch_pads += [pads[axis], pads[axis + n]]
+    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}[mode]
+    return F.pad(x, torch_pads, mode=mode, value=value if mode == "constant" else None)
+
+
+@_rule("reshape")
+def flatten(x, axis: int):
+    if axis < 0:
+        axis += x.dim()
+    if axis == 0:
+        return x.reshape(1, -1)
+    return x.reshape(*x.shape[:axis], -1) if axis == 1 else x.reshape(x.shape[:axis].numel(), -1)
+
+
+@_rule("reshape")
+def reshape(x, shape, allowzero: int = 0):
+    dims = list(_as_list(shape))
+    if not allowzero:
+        dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    return x.reshape(dims)
+
+
+@_rule("reshape")
+def squeeze(x, axes):
+    if _is_shape(x):
+        return _as_list(x)[0] if isinstance(x, (list, tuple)) else x
+    if axes is None:
+        return x.squeeze()
+    axes = sorted((a + x.dim()) % x.dim() for a in _as_list(axes))
+    for a in reversed(axes):
+        x = x.squeeze(a)
+    return x
+
+
+@_rule("reshape")
+def unsqueeze(x, axes):
+    if _is_shape(x):
+        return _as_list(x)
+    out_rank = x.dim() + len(_as_list(axes))
+    for a in sorted((a + out_rank) % out_rank for a in _as_list(axes)):
+        x = x.unsqueeze(a)
+    return x
+
+
+@_rule("reduce")
+def reduce(x, op: str, axes, keepdims: int):
+    dims = tuple(range(x.dim())) if axes is None else tuple(_as_list(axes))
+    if op == "mean":
+        return x.mean(dim=dims, keepdim=bool(keepdims))
+    if op == "sum":
+        return x.sum(dim=dims, keepdim=bool(keepdims))
+    if op == "max":
+        return x.amax(dim=dims, keepdim=bool(keepdims))
+    return x.amin(dim=dims, keepdim=bool(keepdims))
+
+
+@_rule("shape")
+def shape(x, start: int = 0, end: int | None = None):
+    return list(x.shape[start:end])
+
+
+@_rule("shape")
+def concat_shapes(*parts):
+    out: list = []
+    for p in parts:
+        out += _as_list(p)
+    return out
+
+
+def gather(data, indices, axis: int):
+    if _is_shape(data):
+        items = _as_list(data)
+        if isinstance(indices, int):
+            return items[indices]
+        return [items[i] for i in _as_list(indices)]
+    if isinstance(indices, int):
+        return data.select(axis, indices)
+    idx = torch.as_tensor(indices, dtype=torch.long, device=data.device)
+    idx = torch.where(idx < 0, idx + data.shape[axis], idx)
+    out = data.index_select(axis, idx.reshape(-1))
+    return out.reshape(*data.shape[:axis], *idx.shape, *data.shape[axis + 1:])
+
+
+def slice_(x, starts, ends, axes, steps):
+    if _is_shape(x):
+        return _as_list(x)[starts[0]:ends[0]:steps[0]]
+    index = [slice(None)] * x.dim()
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        index[a] = slice(s, e, st)
+    return x[tuple(index)]
+
+
+def transpose(x, perm):
+    return x.permute(*perm)
+
+
+def softmax(x, axis: int, log: bool, legacy: bool):
+    if legacy:  # opset < 13: coerce to 2-D at `axis`, softmax over the flattened tail
+        shape = x.shape
+        flat = x.reshape(shape[:axis].numel(), -1)
+        out = torch.log_softmax(flat, dim=1) if log else torch.softmax(flat, dim=1)
+        return out.reshape(shape)
+    return torch.log_softmax(x, dim=axis) if log else torch.softmax(x, dim=axis)
+
+
+def split(x, sizes: list, axis: int):
+    return tuple(torch.split(x, sizes, dim=axis))
+
+
+def cast(x, dtype: torch.dtype):
+    return x if _is_shape(x) else x.to(dtype)
+
+
+def constant_of_shape(shape, value: float, dtype: torch.dtype):
+    return torch.full(_as_list(shape), value, dtype=dtype)
+
+
+def matmul(a, b):
+    return torch.matmul(a, b)
+
+
+def conv_functional(x, w, b, stride, padding, dilation, groups):
+    fn = F.conv1d if w.dim() == 3 else F.conv2d
+    return fn(x, w, b, stride, padding, dilation, groups)
