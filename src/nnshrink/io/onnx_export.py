@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import warnings
@@ -41,8 +42,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor 
     if not isinstance(example_input, torch.Tensor):
         raise ConfigError("export_onnx takes one example input tensor")
     run_forward(model, example_input)  # a wrong shape gives our error, not the exporter's
-    was_training = model.training
-    model.eval()
+    model = _inference_form(model)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
     target = Path(path)
     try:
@@ -54,11 +54,37 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor 
     except Exception as exc:  # the exporter raises a wide variety of internal errors
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UnsupportedModelError(f"ONNX export of {type(model).__name__} failed: {first}") from exc
-    finally:
-        model.train(was_training)
+    _strip_metadata(program.model)
     with atomic_path(target) as tmp:
         program.save(str(tmp), external_data=False)
     return target
+
+
+def _inference_form(model: nn.Module) -> nn.Module:
+    """A copy in eval mode with batch norms folded, so each Conv keeps its own module name.
+
+    (torch's exporter fuses BatchNorm into Conv itself, but then records the batch norm's name
+    on the fused node.) Models that torch.fx cannot trace are exported as they are.
+    """
+    from nnshrink.errors import UnsupportedModelError as TraceFailed
+    from nnshrink.graph.surgery import fold_batchnorms
+
+    try:
+        folded, _ = fold_batchnorms(model)
+    except TraceFailed:
+        folded = copy.deepcopy(model)
+    return folded.eval()
+
+
+# The exporter annotates every node with stack traces and fx dumps: a quarter of a small
+# model's file, and local paths leak into it. Keep only what names the torch module.
+_KEEP_METADATA = ("pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy")
+
+
+def _strip_metadata(ir_model) -> None:
+    for node in ir_model.graph.all_nodes():
+        for key in [k for k in node.metadata_props if k not in _KEEP_METADATA]:
+            del node.metadata_props[key]
 
 
 @contextlib.contextmanager

@@ -79,7 +79,9 @@ def load_onnx(path: str | Path) -> fx.GraphModule:
     return onnx_to_torch(read_onnx(path))
 
 
-def _sanitize(name: str, fallback: str) -> str:
+def _sanitize(name: str, fallback: str, keep_dots: bool = False) -> str:
+    if keep_dots and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", name):
+        return name
     name = name.strip("/")
     name = re.sub(r"/(Conv|Gemm|MatMul|BatchNormalization|MaxPool|AveragePool)$", "", name)
     name = re.sub(r"[^0-9a-zA-Z_]+", "_", name).strip("_")
@@ -100,15 +102,18 @@ class _Converter:
             pass
         self.model = model
         self.graph = fx.Graph()
-        self.root = nn.Module()
+        self.root: dict[str, nn.Module | torch.Tensor] = {}  # qualified name -> module or buffer
         self.env: dict[str, _Value] = {}
         self.buffers: dict[str, fx.Node] = {}
         self.used_names: set[str] = set()
         self.unsupported: dict[str, list[str]] = defaultdict(list)
         self.ranks: dict[str, int] = {}
         self.static_shapes: dict[str, tuple[int, ...]] = {}
+        self.elem_types: dict[str, int] = {}
         for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
             t = vi.type.tensor_type
+            if t.elem_type:
+                self.elem_types[vi.name] = t.elem_type
             if t.HasField("shape"):
                 self.ranks[vi.name] = len(t.shape.dim)
                 dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
@@ -120,17 +125,26 @@ class _Converter:
 
     # -- naming and values ------------------------------------------------------------------
     def unique(self, base: str) -> str:
+        """A qualified name not yet taken, neither as a name nor as a parent of one."""
         name, i = base, 1
-        while name in self.used_names or hasattr(self.root, name):
+        while self._clashes(name):
             i += 1
             name = f"{base}_{i}"
         self.used_names.add(name)
         return name
 
+    def _clashes(self, name: str) -> bool:
+        if name in self.used_names:
+            return True
+        parts = name.split(".")
+        if any(".".join(parts[:k]) in self.used_names for k in range(1, len(parts))):
+            return True
+        return any(u.startswith(name + ".") for u in self.used_names)
+
     def add_module(self, onnx_node, module: nn.Module, fallback: str) -> str:
         base = _torch_scope(onnx_node, module) or (_sanitize(onnx_node.name, fallback) if onnx_node.name else fallback)
         name = self.unique(base)
-        self.root.add_module(name, module)
+        self.root[name] = module
         return name
 
     def arg(self, name: str):
@@ -182,8 +196,8 @@ class _Converter:
     def _const_tensor(self, name: str) -> fx.Node:
         """A buffer holding constant ``name`` (one buffer per constant, made on first use)."""
         if name not in self.buffers:
-            buf = self.unique("const_" + _sanitize(name, "c"))
-            self.root.register_buffer(buf, torch.from_numpy(np.ascontiguousarray(self.env[name].const)).clone())
+            buf = self.unique("const_" + _sanitize(name, "c").replace(".", "_"))
+            self.root[buf] = torch.from_numpy(np.ascontiguousarray(self.env[name].const)).clone()
             self.buffers[name] = self.graph.get_attr(buf)
         return self.buffers[name]
 
@@ -364,7 +378,7 @@ class _Converter:
             v, c = self.env.get(node.input[i]), self.const(node.input[j])
             if v is None or v.kind != "tensor" or c is None or v.node.op != "call_module":
                 continue
-            mod = self.root.get_submodule(v.node.target)
+            mod = self.root[v.node.target]
             if (isinstance(mod, nn.Linear) and mod.bias is None and self.uses[node.input[i]] == 1
                     and c.size == mod.out_features and c.shape[-1] == mod.out_features):
                 mod.bias = nn.Parameter(torch.from_numpy(c.reshape(-1).astype(np.float32)))
@@ -544,7 +558,9 @@ class _Converter:
         if not self.is_shape(node.input[1]):
             self._unsupported(node, "Reshape (shape from a tensor value)")
             return
-        self.emit(node, ops.reshape, self.arg(node.input[0]), self.arg(node.input[1]), a.get("allowzero", 0))
+        kind = "shape" if self.env[node.input[0]].kind == "shape" else "tensor"
+        self.emit(node, ops.reshape, self.arg(node.input[0]), self.arg(node.input[1]), a.get("allowzero", 0),
+                  kind=kind)
 
     def op_Shape(self, node, a) -> None:
         start, end = a.get("start", 0), a.get("end")
@@ -675,6 +691,23 @@ class _Converter:
         for i, name in enumerate(node.output):
             self.env[name] = _Value("tensor", node=self.graph.call_function(_getitem, (out, i)))
 
+    def op_Expand(self, node, a) -> None:
+        if not self.is_shape(node.input[1]):
+            self._unsupported(node, "Expand (shape from a tensor value)")
+            return
+        self.emit(node, ops.expand, self.arg(node.input[0]), self.arg(node.input[1]))
+
+    def op_CastLike(self, node, a) -> None:
+        c, like_type = self.const(node.input[0]), self.elem_types.get(node.input[1])
+        if c is not None and like_type:  # a constant cast to a run-time tensor's known type
+            self.env[node.output[0]] = _Value("const", const=c.astype(
+                self.onnx.helper.tensor_dtype_to_np_dtype(like_type)))
+            return
+        if self.env[node.input[0]].kind == "shape":
+            self.env[node.output[0]] = self.env[node.input[0]]
+            return
+        self.emit(node, ops.cast_like, self.arg(node.input[0]), self.arg(node.input[1]))
+
     def op_ConstantOfShape(self, node, a) -> None:
         value = a.get("value")
         arr = self.numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
@@ -698,7 +731,7 @@ def _torch_scope(onnx_node, module: nn.Module) -> str | None:
         return None
     if not classes[-2].endswith("." + type(module).__name__):
         return None
-    return _sanitize(scopes[-2], "m")
+    return _sanitize(scopes[-2], "m", keep_dots=True)
 
 
 def _getitem(seq, i: int):

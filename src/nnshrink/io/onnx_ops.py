@@ -121,6 +121,8 @@ def flatten(x, axis: int):
 
 @_rule("reshape")
 def reshape(x, shape, allowzero: int = 0):
+    if _is_shape(x):  # a shape value reshaped (scalar <-> 1-element list): stays a list
+        return _as_list(x)
     dims = list(_as_list(shape))
     if not allowzero:
         dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
@@ -229,3 +231,16 @@ def matmul(a, b):
 def conv_functional(x, w, b, stride, padding, dilation, groups):
     fn = F.conv1d if w.dim() == 3 else F.conv2d
     return fn(x, w, b, stride, padding, dilation, groups)
+
+
+@_rule("pass")
+def expand(x, shape):
+    """ONNX Expand: broadcast ``x`` and ``shape`` against each other (numpy rules)."""
+    if isinstance(x, (int, float)):
+        x = torch.tensor(x)
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(_as_list(shape))))
+
+
+@_rule("pass")
+def cast_like(x, like):
+    return x.to(like.dtype) if isinstance(like, torch.Tensor) else x

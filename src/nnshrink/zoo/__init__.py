@@ -37,6 +37,7 @@ def pretrained(name: str, data: str = "mnist", seed: int = 0, retrain: bool = Fa
     if name not in ARCHITECTURES:
         raise ConfigError(f"unknown zoo model {name!r}; choose one of {', '.join(NAMES)}")
     dataset = load_dataset(data)
+    torch.manual_seed(seed)  # the initial weights are part of the recipe
     model = build(name, dataset.input_shape, dataset.num_classes)
     path = checkpoint_path(name, data, seed)
     if path.exists() and not retrain:

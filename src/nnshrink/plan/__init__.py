@@ -1,0 +1,110 @@
+"""Plans: ordered lists of steps, each a ``model -> model`` transform with a small config.
+
+Later techniques (SVD, channel pruning, sparsity, quantization, ASTC) plug in as more
+:class:`StepConfig` subclasses; the plan, the YAML format and :func:`compress` stay the same.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from nnshrink.errors import ConfigError
+from nnshrink.plan.config import PLAN_VERSION, StepConfig, StepResult, registered_steps, step_from_dict
+from nnshrink.plan.steps import FineTune, FoldBatchNorm
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An ordered list of steps."""
+
+    steps: tuple[StepConfig, ...]
+
+    def __init__(self, steps: Sequence[StepConfig]) -> None:
+        steps = tuple(steps)
+        for s in steps:
+            if not isinstance(s, StepConfig):
+                raise ConfigError(f"a plan holds step configs, got {type(s).__name__}")
+        object.__setattr__(self, "steps", steps)
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "plan") -> Plan:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: a plan is a mapping with 'version' and 'steps'")
+        unknown = sorted(set(data) - {"version", "steps", "description"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                              "a plan has 'version', 'steps' and an optional 'description'")
+        version = data.get("version")
+        if version != PLAN_VERSION:
+            raise ConfigError(f"{where}: plan version {version!r} is not supported; this nnshrink reads "
+                              f"version {PLAN_VERSION}")
+        steps = data.get("steps")
+        if not isinstance(steps, list):
+            raise ConfigError(f"{where}: 'steps' must be a list of steps")
+        return cls([step_from_dict(s, f"{where}, step {i + 1}") for i, s in enumerate(steps)])
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Plan:
+        """Read a plan file (YAML); errors name the file and the step."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such plan file: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        return cls.from_dict(data, str(path))
+
+    def to_dict(self) -> dict:
+        return {"version": PLAN_VERSION, "steps": [s.to_dict() for s in self.steps]}
+
+
+@dataclass
+class Context:
+    """What steps may use besides the model.
+
+    Attributes:
+        example_input: An input the model accepts (batch first).
+        evaluate: ``evaluate(model) -> float``, higher is better, on validation data.
+        train: ``train(model, steps) -> model``, for steps that fine-tune.
+        calib: Batches of inputs for calibration and sampling activations.
+    """
+
+    example_input: torch.Tensor
+    evaluate: Callable[[nn.Module], float] | None = None
+    train: Callable[[nn.Module, int], nn.Module] | None = None
+    calib: object | None = None
+
+
+@dataclass
+class CompressResult:
+    """The compressed model and what each step did."""
+
+    model: nn.Module
+    steps: list[StepResult] = field(default_factory=list)
+
+
+def compress(model: nn.Module, plan: Plan, example_input: torch.Tensor,
+             evaluate: Callable[[nn.Module], float] | None = None,
+             train: Callable[[nn.Module, int], nn.Module] | None = None,
+             calib: object | None = None) -> CompressResult:
+    """Run ``plan`` on a copy of ``model``; the input model is never changed."""
+    ctx = Context(example_input, evaluate, train, calib)
+    current = copy.deepcopy(model).eval()
+    results = []
+    for step in plan.steps:
+        result = step.apply(current, ctx)
+        current = result.model
+        results.append(result)
+    return CompressResult(current.eval(), results)
+
+
+__all__ = ["CompressResult", "Context", "FineTune", "FoldBatchNorm", "PLAN_VERSION", "Plan",
+           "StepConfig", "StepResult", "compress", "registered_steps"]

@@ -1,0 +1,47 @@
+"""Steps that need no compression technique: folding batch norm, fine-tuning."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from torch import nn
+
+from nnshrink.errors import ConfigError
+from nnshrink.graph.surgery import fold_batchnorms
+from nnshrink.plan.config import StepConfig, StepResult
+
+
+@dataclass(frozen=True)
+class FoldBatchNorm(StepConfig):
+    """Fold each batch norm into the conv or linear layer that feeds it (inference form)."""
+
+    kind = "fold_batchnorm"
+
+    def apply(self, model: nn.Module, ctx) -> StepResult:
+        new, folded = fold_batchnorms(model)
+        skipped = [{"layer": name, "reason": "batch norm does not directly follow a single-use conv/linear"}
+                   for name, m in new.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        return StepResult(self.kind, new, {"folded": [list(p) for p in folded]}, skipped)
+
+
+@dataclass(frozen=True)
+class FineTune(StepConfig):
+    """Train the model for ``steps`` optimiser steps with the user's or the bundled trainer."""
+
+    kind = "finetune"
+    steps: int = 200
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps < 1:
+            raise ConfigError(f"finetune.steps must be at least 1, got {self.steps}")
+
+    def apply(self, model: nn.Module, ctx) -> StepResult:
+        if ctx.train is None:
+            raise ConfigError("the finetune step needs a train(model, steps) function or bundled data")
+        new = copy.deepcopy(model)
+        before = ctx.evaluate(new) if ctx.evaluate else None
+        new = ctx.train(new, self.steps) or new
+        after = ctx.evaluate(new) if ctx.evaluate else None
+        return StepResult(self.kind, new.eval(), {"steps": self.steps, "val_before": before, "val_after": after})

@@ -1,0 +1,95 @@
+"""Reports: the ``compress`` report (JSON, schema ``nnshrink.report/1``) and rich tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from nnshrink.cache import atomic_write_bytes
+from nnshrink.graph.analysis import Analysis
+
+#: Schema of the ``compress`` report; bump on any breaking change.
+REPORT_SCHEMA = "nnshrink.report/1"
+
+
+def summary(analysis: Analysis, accuracy: float | None, size_bytes: int) -> dict:
+    """The ``before`` / ``after`` object: held-out accuracy, MACs, params and bytes."""
+    return {"accuracy": accuracy, "macs": analysis.total_macs, "params": analysis.total_params,
+            "bytes": size_bytes}
+
+
+def layer_rows(before: Analysis, after: Analysis) -> list[dict]:
+    """Per-layer before/after, matched by name; a layer missing on one side has ``null`` there."""
+    def row(info):
+        return None if info is None else {"kind": info.kind, "params": info.params, "macs": info.macs,
+                                          "bytes": info.bytes, "weight_shape": list(info.weight_shape)}
+
+    after_by_name = {i.name: i for i in after.layers}
+    rows = [{"name": i.name, "before": row(i), "after": row(after_by_name.pop(i.name, None))}
+            for i in before.layers]
+    rows += [{"name": n, "before": None, "after": row(i)} for n, i in after_by_name.items()]
+    return rows
+
+
+def compress_report(model: str, plan: dict, data: str, before: dict, after: dict, layers: list[dict],
+                    steps: list[dict], out: str, out_format: str) -> dict:
+    def ratio(key):
+        b, a = before.get(key), after.get(key)
+        return None if not b or a is None else a / b
+
+    return {
+        "schema": REPORT_SCHEMA, "model": model, "data": data, "plan": plan,
+        "output": {"path": out, "format": out_format},
+        "before": before, "after": after,
+        "ratios": {"macs": ratio("macs"), "params": ratio("params"), "bytes": ratio("bytes")},
+        "accuracy_delta": None if before["accuracy"] is None or after["accuracy"] is None
+        else after["accuracy"] - before["accuracy"],
+        "layers": layers, "steps": steps,
+    }
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(data, indent=2, default=_jsonable) + "\n").encode())
+
+
+def _jsonable(obj):
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def analysis_table(analysis: Analysis, title: str) -> Table:
+    """A rich table of the compressible layers with a totals row."""
+    table = Table(title=title, show_footer=True)
+    table.add_column("layer", footer="total")
+    table.add_column("kind")
+    table.add_column("weight shape")
+    table.add_column("params", justify="right", footer=f"{analysis.total_params:,}")
+    table.add_column("MACs", justify="right", footer=f"{analysis.total_macs:,}")
+    table.add_column("bytes (fp32)", justify="right", footer=f"{analysis.total_bytes:,}")
+    for i in analysis.layers:
+        table.add_row(i.name, i.kind, "x".join(map(str, i.weight_shape)), f"{i.params:,}",
+                      f"{i.macs:,}", f"{i.bytes:,}")
+    return table
+
+
+def skipped_table(analysis: Analysis) -> Table | None:
+    if not analysis.skipped:
+        return None
+    table = Table(title="not compressed")
+    for col in ("module", "type", "params", "reason"):
+        table.add_column(col)
+    for s in analysis.skipped:
+        table.add_row(s.name, s.type, f"{s.params:,}", s.reason)
+    return table
+
+
+def print_analysis(console: Console, analysis: Analysis, title: str) -> None:
+    console.print(analysis_table(analysis, title))
+    skipped = skipped_table(analysis)
+    if skipped is not None:
+        console.print(skipped)
