@@ -210,8 +210,13 @@ class _Converter:
         return tuple(dims[1:])
 
     def convert(self, node) -> None:
+        convertible = node.domain in ("", "ai.onnx") and (
+            node.op_type == "Constant" or hasattr(self, f"op_{node.op_type}"))
         if any(i and self.env.get(i, _Value("bad")).kind == "bad" for i in node.input):
-            for o in node.output:  # downstream of an unsupported node: not a cause itself
+            if not convertible:  # list every operator without a converter, downstream ones too
+                self._unsupported(node, node.op_type if node.domain in ("", "ai.onnx")
+                                  else f"{node.domain}.{node.op_type}")
+            for o in node.output:
                 self.env[o] = _Value("bad")
             return
         if node.domain not in ("", "ai.onnx"):
@@ -259,11 +264,15 @@ class _Converter:
                   for i, a in feeds.items()]
         outputs = [helper.make_empty_tensor_value_info(o) for o in node.output if o]
         graph = helper.make_graph([node], "fold", inputs, outputs)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
-        try:
-            return [np.asarray(r) for r in ReferenceEvaluator(model).run(None, feeds)]
-        except Exception:
-            return None
+        # The reference evaluator implements only some versions of some operators; the newest
+        # version computes the same for constant inputs of the operators met in weight paths.
+        for opset in dict.fromkeys((self.opset, self.onnx.defs.onnx_opset_version())):
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+            try:
+                return [np.asarray(r) for r in ReferenceEvaluator(model).run(None, feeds)]
+            except Exception:  # noqa: PERF203 - an unimplemented op is an expected outcome
+                continue
+        return None
 
     def emit(self, node, fn, *args, kind: str = "tensor", **kwargs) -> fx.Node:
         out = self.graph.call_function(fn, tuple(args), kwargs)
@@ -316,17 +325,17 @@ class _Converter:
         conv = cls(w.shape[1] * groups, w.shape[0], kernel, stride=strides, padding=begin,
                    dilation=dilations, groups=groups, bias=b is not None)
         with torch.no_grad():
-            conv.weight.copy_(torch.from_numpy(w.astype(np.float32)))
+            conv.weight.copy_(_tensor(w))
             if b is not None:
-                conv.bias.copy_(torch.from_numpy(b.astype(np.float32)))
+                conv.bias.copy_(_tensor(b))
         self.module(node, conv, "conv", x)
 
     def _linear(self, node, weight: np.ndarray, bias: np.ndarray | None, x) -> None:
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
         with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)))
+            lin.weight.copy_(_tensor(weight))
             if bias is not None:
-                lin.bias.copy_(torch.from_numpy(np.broadcast_to(bias, (weight.shape[0],)).astype(np.float32)))
+                lin.bias.copy_(_tensor(np.broadcast_to(bias, (weight.shape[0],))))
         self.module(node, lin, "linear", x)
 
     def op_Gemm(self, node, a) -> None:
@@ -362,7 +371,7 @@ class _Converter:
         bn = cls(len(scale), eps=a.get("epsilon", 1e-5), momentum=1 - a.get("momentum", 0.9))
         with torch.no_grad():
             for p, v in ((bn.weight, scale), (bn.bias, bias), (bn.running_mean, mean), (bn.running_var, var)):
-                p.copy_(torch.from_numpy(v.astype(np.float32)))
+                p.copy_(_tensor(v))
         self.module(node, bn.eval(), "bn", self.arg(node.input[0]))
 
     # -- operators: elementwise ---------------------------------------------------------------
@@ -381,7 +390,7 @@ class _Converter:
             mod = self.root[v.node.target]
             if (isinstance(mod, nn.Linear) and mod.bias is None and self.uses[node.input[i]] == 1
                     and c.size == mod.out_features and c.shape[-1] == mod.out_features):
-                mod.bias = nn.Parameter(torch.from_numpy(c.reshape(-1).astype(np.float32)))
+                mod.bias = nn.Parameter(_tensor(c.reshape(-1)))
                 self.env[node.output[0]] = v
                 return True
         return False
@@ -732,6 +741,11 @@ def _torch_scope(onnx_node, module: nn.Module) -> str | None:
     if not classes[-2].endswith("." + type(module).__name__):
         return None
     return _sanitize(scopes[-2], "m", keep_dots=True)
+
+
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """A float32 torch copy of a numpy array (ONNX arrays may be read-only views)."""
+    return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
 
 
 def _getitem(seq, i: int):

@@ -1,0 +1,75 @@
+import pytest
+import torch
+from torch import nn
+
+from nnshrink import InputShapeError, analyze, zoo
+from nnshrink.graph import ANALYSIS_SCHEMA
+from nnshrink.testing import Conv1dNet, GroupedNet, SharedLayerNet
+
+
+def test_lenet5_caffe_totals_are_exact():
+    model = zoo.build("lenet5")
+    info = analyze(model, torch.zeros(1, 1, 28, 28))
+    assert info.total_macs == 2_293_000
+    assert info.total_params == 431_080
+    assert info.total_bytes == 431_080 * 4
+    assert [(i.name, i.macs) for i in info.layers] == [
+        ("conv1", 288_000), ("conv2", 1_600_000), ("fc1", 400_000), ("fc2", 5_000)]
+    assert info.layer("conv2").weight_shape == (50, 20, 5, 5)
+
+
+def test_macs_are_per_sample_whatever_the_batch():
+    model = zoo.build("lenet300")
+    one = analyze(model, torch.zeros(1, 1, 28, 28))
+    many = analyze(model, torch.zeros(7, 1, 28, 28))
+    assert one.total_macs == many.total_macs == 784 * 300 + 300 * 100 + 100 * 10
+    assert one.total_params == 266_610
+
+
+def test_grouped_and_depthwise_kinds_and_macs():
+    info = analyze(GroupedNet(), torch.zeros(2, 4, 12, 12))
+    kinds = {i.name: i.kind for i in info.layers}
+    assert kinds == {"conv": "conv2d", "grouped": "conv2d-grouped", "depthwise": "conv2d-depthwise",
+                     "pointwise": "conv2d", "fc": "linear"}
+    assert info.layer("grouped").macs == 12 * 12 * 8 * (8 // 2) * 9
+    assert info.layer("depthwise").macs == 12 * 12 * 8 * 1 * 9
+
+
+def test_conv1d_layers():
+    info = analyze(Conv1dNet(), torch.zeros(1, 2, 32))
+    assert info.layer("c1").kind == "conv1d"
+    assert info.layer("c1").macs == 14 * 6 * 2 * 5
+    assert info.layer("c2").kind == "conv1d-depthwise"
+
+
+def test_shared_unused_and_unsupported_layers_are_reported():
+    info = analyze(SharedLayerNet(), torch.zeros(3, 8))
+    shared = info.layer("shared")
+    assert shared.calls == 2 and shared.macs == 2 * 64
+    reasons = {s.name: s.reason for s in info.skipped}
+    assert reasons["unused"] == "not called in the forward pass"
+    assert "recurrent" in reasons["rnn"]
+    assert "unused" not in [i.name for i in info.layers]
+
+
+def test_wrong_input_shape_raises_our_error():
+    with pytest.raises(InputShapeError, match=r"\(1, 3, 28, 28\)"):
+        analyze(zoo.build("lenet5"), torch.zeros(1, 3, 28, 28))
+    with pytest.raises(InputShapeError):
+        analyze(zoo.build("lenet5"), torch.tensor(1.0))
+
+
+def test_to_dict_follows_schema():
+    doc = analyze(zoo.build("resnet8"), torch.zeros(1, 1, 28, 28)).to_dict()
+    assert doc["schema"] == ANALYSIS_SCHEMA
+    assert set(doc["totals"]) == {"macs", "params", "bytes", "compressible_params", "layers"}
+    assert doc["totals"]["layers"] == len(doc["layers"]) == 10
+    assert all(isinstance(s["reason"], str) for s in doc["skipped"])
+    assert {s["type"] for s in doc["skipped"]} == {"BatchNorm2d"}
+
+
+def test_analysis_restores_training_mode():
+    model = zoo.build("lenet5").train()
+    analyze(model, torch.zeros(1, 1, 28, 28))
+    assert model.training
+    assert all(not m._forward_hooks for m in model.modules() if isinstance(m, nn.Conv2d))

@@ -1,0 +1,185 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from nnshrink import FormatError, UnsupportedOpError, analyze, export_onnx, load_model, zoo  # noqa: E402
+from nnshrink.testing import ConcatNet, DynamicConvNet  # noqa: E402
+
+pytestmark = pytest.mark.onnxruntime
+
+
+def _ort(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _check_matches_ort(path, x, atol=1e-4):
+    model = load_model(path)
+    with torch.no_grad():
+        ours = model(x).numpy()
+    np.testing.assert_allclose(ours, _ort(path, x), atol=atol, rtol=0)
+    return model
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_zoo_models_round_trip_through_onnx(name, tmp_path):
+    torch.manual_seed(0)
+    model = zoo.build(name).eval()
+    path = export_onnx(model, tmp_path / f"{name}.onnx")
+    x = torch.randn(5, 1, 28, 28)
+    imported = _check_matches_ort(path, x)
+    ours, theirs = analyze(imported, x[:1]), analyze(model, x[:1])
+    assert ours.total_macs == theirs.total_macs
+    assert [i.name for i in ours.layers] == [i.name for i in theirs.layers]  # module names survive
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in imported.parameters())
+
+
+@pytest.mark.parametrize("name", ["resnet8", "mobilenet"])
+def test_unoptimized_exports_with_shape_arithmetic(name, tmp_path):
+    # torch's exporter without its optimizer leaves BatchNormalization, Shape/Squeeze/Reshape
+    # chains, CastLike and Expand: the kind of graph third-party tools produce.
+    model = zoo.build(name).eval()
+    program = torch.onnx.export(model, (torch.zeros(2, 1, 28, 28),), dynamo=True, optimize=False,
+                                dynamic_shapes=({0: torch.export.Dim("b")},))
+    path = tmp_path / "raw.onnx"
+    program.save(str(path))
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"BatchNormalization", "Shape", "Expand"} <= ops
+    imported = _check_matches_ort(path, torch.randn(3, 1, 28, 28))
+    assert analyze(imported, torch.zeros(1, 1, 28, 28)).total_macs == analyze(model, torch.zeros(1, 1, 28, 28)).total_macs
+
+
+def test_concat_and_global_pooling(tmp_path):
+    model = ConcatNet().eval()
+    path = export_onnx(model, tmp_path / "concat.onnx")
+    assert "Concat" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    _check_matches_ort(path, torch.randn(4, 3, 16, 16))
+
+
+def test_dynamic_batch_and_spatial_dims(tmp_path):
+    model = DynamicConvNet().eval()
+    path = tmp_path / "dyn.onnx"
+    h, w = torch.export.Dim("h", min=4, max=64), torch.export.Dim("w", min=4, max=64)
+    program = torch.onnx.export(model, (torch.zeros(2, 1, 20, 20),), dynamo=True,
+                                dynamic_shapes=({0: torch.export.Dim("b"), 2: h, 3: w},))
+    program.save(str(path))
+    imported = load_model(path)
+    assert imported.input_shape == (1, None, None)
+    for shape in [(1, 1, 20, 20), (3, 1, 33, 17)]:
+        x = torch.randn(shape)
+        np.testing.assert_allclose(imported(x).detach().numpy(), _ort(path, x), atol=1e-4)
+
+
+def test_weights_held_as_buffers_become_parameters(tmp_path):
+    class BufferConv(nn.Module):
+        input_shape = (2, 9, 9)
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", torch.randn(4, 2, 3, 3))
+            self.register_buffer("b", torch.randn(4))
+            self.fc = nn.Linear(4 * 7 * 7, 3)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(F.conv2d(x, self.w, self.b), 1))
+
+    model = BufferConv().eval()
+    path = export_onnx(model, tmp_path / "buf.onnx")
+    imported = _check_matches_ort(path, torch.randn(2, 2, 9, 9))
+    convs = [m for m in imported.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 and isinstance(convs[0].weight, nn.Parameter)
+
+
+def _handmade_model(opset=13):
+    """Constant-node conv weights, a Transposed initializer feeding MatMul + Add, Reshape via Shape."""
+    rng = np.random.default_rng(0)
+    conv_w = rng.normal(size=(3, 1, 3, 3)).astype(np.float32)
+    fc_w_t = rng.normal(size=(10, 3 * 6 * 6)).astype(np.float32)  # stored transposed
+    fc_b = rng.normal(size=(10,)).astype(np.float32)
+    q = np.clip(np.round(rng.normal(size=(4, 10)) * 40), -127, 127).astype(np.int8)
+    nodes = [
+        helper.make_node("Constant", [], ["conv_w"], value=numpy_helper.from_array(conv_w)),
+        helper.make_node("Conv", ["x", "conv_w"], ["c"], kernel_shape=[3, 3], name="/features/conv/Conv"),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Shape", ["r"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Unsqueeze", ["n", "zero_1d"], ["n1"]),
+        helper.make_node("Concat", ["n1", "minus_one"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["r", "shape"], ["flat"]),
+        helper.make_node("Transpose", ["fc_w_t"], ["fc_w"], perm=[1, 0]),
+        helper.make_node("MatMul", ["flat", "fc_w"], ["mm"], name="/classifier/MatMul"),
+        helper.make_node("Add", ["mm", "fc_b"], ["logits"]),
+        helper.make_node("DequantizeLinear", ["q", "q_scale"], ["q_w"]),
+        helper.make_node("Gemm", ["logits", "q_w"], ["y"], transB=1),
+    ]
+    inits = [numpy_helper.from_array(fc_w_t, "fc_w_t"), numpy_helper.from_array(fc_b, "fc_b"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero_1d"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+             numpy_helper.from_array(q, "q"), numpy_helper.from_array(np.array(0.02, np.float32), "q_scale")]
+    graph = helper.make_graph(
+        nodes, "handmade", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_third_party_style_graph(tmp_path):
+    path = tmp_path / "handmade.onnx"
+    onnx.save(_handmade_model(), str(path))
+    model = _check_matches_ort(path, torch.randn(6, 1, 8, 8))
+    info = analyze(model, torch.zeros(1, 1, 8, 8))
+    assert [(i.name, i.kind) for i in info.layers] == [
+        ("features_conv", "conv2d"), ("classifier", "linear"), ("linear", "linear")]
+    assert model.get_submodule("classifier").bias is not None  # MatMul + Add became one Linear
+    assert info.total_macs == 36 * 3 * 9 + 108 * 10 + 10 * 4
+
+
+def test_unsupported_ops_are_all_listed(tmp_path):
+    lstm_w = numpy_helper.from_array(np.zeros((1, 16, 3), np.float32), "W")
+    lstm_r = numpy_helper.from_array(np.zeros((1, 16, 4), np.float32), "R")
+    branch = helper.make_graph([helper.make_node("Identity", ["h"], ["o"])], "b", [],
+                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    nodes = [
+        helper.make_node("LSTM", ["x", "W", "R"], ["h"], hidden_size=4, name="lstm0"),
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch, name="if0"),
+    ]
+    graph = helper.make_graph(nodes, "rnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[lstm_w, lstm_r, numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    path = tmp_path / "rnn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(UnsupportedOpError) as info:
+        load_model(path)
+    msg = str(info.value)
+    assert "LSTM" in msg and "'lstm0'" in msg and "If" in msg and "Greater" in msg
+
+
+def test_not_onnx_and_missing_files(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x00\xffthis is not a protobuf" * 10)
+    with pytest.raises(FormatError, match="not an ONNX model"):
+        load_model(bad)
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing.onnx")
+    with pytest.raises(FormatError, match="unknown model file type"):
+        load_model(tmp_path / "weights.pt")
+
+
+def test_export_is_atomic_and_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"keep me")
+    with pytest.raises(Exception):
+        export_onnx(zoo.build("lenet5"), target, torch.zeros(1, 3, 28, 28))
+    assert target.read_bytes() == b"keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
