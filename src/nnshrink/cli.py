@@ -23,7 +23,7 @@ from nnshrink.errors import ConfigError, InputShapeError, NnshrinkError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Make trained networks small and fast for edge accelerators, and prove it.")
-out = Console()
+out = Console(soft_wrap=True)
 err = Console(stderr=True)
 
 def _errors(fn):

@@ -90,7 +90,7 @@ def _strip_metadata(ir_model) -> None:
 @contextlib.contextmanager
 def _quiet_exporter():
     """The exporter logs progress lines at INFO/WARNING; keep the CLI's output clean."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.__trace", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

@@ -1,0 +1,95 @@
+import shutil
+
+import numpy as np
+import pytest
+
+from nnshrink import DataError
+from nnshrink.data import load_dataset
+
+
+def test_mnist_split_is_fixed_stratified_and_disjoint(mnist):
+    sizes = {s: len(mnist.arrays(s)[1]) for s in ("train", "val", "test")}
+    assert sizes == {"train": 3500, "val": 500, "test": 1000}
+    assert mnist.input_shape == (1, 28, 28) and mnist.num_classes == 10
+    counts = np.bincount(mnist.arrays("test")[1], minlength=10)
+    full = np.bincount(np.concatenate([mnist.arrays(s)[1] for s in sizes]), minlength=10)
+    np.testing.assert_allclose(counts / 1000, full / 5000, atol=0.002)  # stratified
+    keys = {s: {x.tobytes() for x in mnist.arrays(s)[0]} for s in sizes}
+    assert not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
+    x = mnist.arrays("train")[0]
+    assert x.dtype == np.float32 and x.min() == 0.0 and x.max() == 1.0
+
+
+def test_split_is_reproducible_from_the_cache_and_from_scratch(mnist, tmp_path, monkeypatch):
+    monkeypatch.setenv("NNSHRINK_CACHE_DIR", str(tmp_path))
+    fresh = load_dataset("mnist")
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(fresh.arrays(split)[0], mnist.arrays(split)[0])
+        np.testing.assert_array_equal(fresh.arrays(split)[1], mnist.arrays(split)[1])
+    assert (tmp_path / "data").is_dir()
+
+
+def test_digits():
+    d = load_dataset("digits")
+    assert d.input_shape == (1, 8, 8)
+    assert [len(d.arrays(s)[1]) for s in ("train", "val", "test")] == [1077, 360, 360]
+    assert 0.0 <= d.arrays("test")[0].min() and d.arrays("test")[0].max() <= 1.0
+
+
+def test_loader_batches_and_seeded_shuffle(mnist):
+    a = next(iter(mnist.loader("train", batch_size=32, shuffle=True, seed=3)))
+    b = next(iter(mnist.loader("train", batch_size=32, shuffle=True, seed=3)))
+    assert a[0].shape == (32, 1, 28, 28) and a[1].dtype.is_floating_point is False
+    assert (a[1] == b[1]).all()
+
+
+def test_user_npz_with_x_and_y(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(200, 10, 10), dtype=np.uint8)
+    y = np.repeat(np.arange(4), 50)
+    np.savez(tmp_path / "mine.npz", x=x, y=y)
+    d = load_dataset(tmp_path / "mine.npz")
+    assert d.input_shape == (1, 10, 10) and d.num_classes == 4
+    assert sum(len(d.arrays(s)[1]) for s in ("train", "val", "test")) == 200
+    assert d.arrays("train")[0].max() <= 1.0
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"images": np.zeros((4, 2, 2))}, "needs arrays 'x' and 'y'"),
+    ({"x": np.zeros((4, 4)), "y": np.zeros(4, int)}, r"images must be"),
+    ({"x": np.zeros((4, 2, 2)), "y": np.zeros(4)}, "labels"),
+])
+def test_bad_npz_is_a_clear_error(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match=message):
+        load_dataset(tmp_path / "bad.npz")
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(15):
+            Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    d = load_dataset(tmp_path)
+    assert d.classes == ("cat", "dog") and d.input_shape == (1, 12, 12)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="broken.png"):
+        load_dataset(tmp_path)
+
+
+def test_unknown_dataset_names_the_choices():
+    with pytest.raises(DataError, match="mnist, digits, mnist10k"):
+        load_dataset("cifar10")
+    with pytest.raises(DataError, match="unknown split"):
+        load_dataset("digits").arrays("holdout")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
+def test_mnist10k_from_the_npm_package():
+    d = load_dataset("mnist10k")
+    assert [len(d.arrays(s)[1]) for s in ("train", "val", "test")] == [7000, 1000, 2000]
+    assert d.input_shape == (1, 28, 28)

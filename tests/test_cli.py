@@ -1,0 +1,113 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnshrink import export_onnx, zoo
+from nnshrink.cli import main
+
+PLANS = Path(__file__).resolve().parents[1] / "examples" / "plans"
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_demo_prints_analysis_and_accuracy(capsys, lenet5_trained):
+    code, out, _ = _run(capsys, "demo")
+    assert code == 0
+    assert "2,293,000" in out and "431,080" in out
+    assert "held-out accuracy" in out
+
+
+def test_analyze_json_schema(capsys):
+    code, out, _ = _run(capsys, "analyze", "lenet5", "--json", "--groups")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["schema"] == "nnshrink.analysis/1"
+    assert doc["totals"]["macs"] == 2_293_000
+    assert {"edges", "groups"} <= set(doc["dependencies"])
+
+
+def test_compress_writes_output_and_a_report_measured_from_it(capsys, tmp_path, lenet5_trained, mnist):
+    out_file, report = tmp_path / "lenet5.nsz", tmp_path / "r.json"
+    code, out, err = _run(capsys, "compress", "lenet5", "--plan", str(PLANS / "fold-bn.yaml"),
+                          "--out", str(out_file), "--report", str(report))
+    assert code == 0, err
+    doc = json.loads(report.read_text())
+    assert doc["schema"] == "nnshrink.report/1"
+    for side in ("before", "after"):
+        assert set(doc[side]) >= {"accuracy", "macs", "params", "bytes"}
+    assert doc["after"]["bytes"] == out_file.stat().st_size
+    assert doc["after"]["macs"] == doc["before"]["macs"] == 2_293_000
+    assert doc["after"]["accuracy"] == pytest.approx(zoo.accuracy(lenet5_trained, mnist, "test"))
+    assert [row["name"] for row in doc["layers"]] == ["conv1", "conv2", "fc1", "fc2"]
+    assert all(row["after"] is not None for row in doc["layers"])
+    code, out, _ = _run(capsys, "evaluate", str(out_file))
+    assert code == 0 and "test accuracy" in out
+
+
+def _one_line_error(capsys, *argv):
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path):
+    assert "neither a zoo model" in _one_line_error(capsys, "analyze", str(tmp_path / "missing.onnx"))
+    not_onnx = tmp_path / "fake.onnx"
+    not_onnx.write_bytes(b"hello")
+    assert "not an ONNX model" in _one_line_error(capsys, "analyze", str(not_onnx))
+    assert "unknown step" in _one_line_error(capsys, "compress", "lenet300", "--plan", str(_plan(tmp_path)),
+                                             "--out", str(tmp_path / "o.nsz"), "--report", str(tmp_path / "r.json"))
+    assert "--input-shape" in _one_line_error(capsys, "analyze", "lenet300", "--input-shape", "a,b")
+    assert not (tmp_path / "o.nsz").exists()
+
+
+def test_wrong_input_shape_for_the_data(capsys, tmp_path):
+    class RGB(torch.nn.Module):
+        input_shape = (3, 28, 28)
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x).mean(dim=(2, 3))
+
+    path = export_onnx(RGB().eval(), tmp_path / "rgb.onnx")
+    line = _one_line_error(capsys, "evaluate", str(path))
+    assert "(3, 28, 28)" in line and "(1, 28, 28)" in line
+
+
+def test_compress_never_overwrites_its_input(capsys, tmp_path):
+    path = export_onnx(zoo.build("lenet300").eval(), tmp_path / "m.onnx")
+    before = path.read_bytes()
+    line = _one_line_error(capsys, "compress", str(path), "--plan", str(PLANS / "fold-bn.yaml"),
+                           "--out", str(path), "--report", str(tmp_path / "r.json"))
+    assert "is the input model" in line and path.read_bytes() == before
+
+
+def test_unsupported_onnx_op_is_one_line(capsys, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[onnx.numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")])
+    path = tmp_path / "resize.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    assert "Resize" in _one_line_error(capsys, "analyze", str(path))
+
+
+def _plan(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("version: 1\nsteps:\n  - shrink: {}\n")
+    return p

@@ -1,0 +1,71 @@
+import time
+
+import pytest
+import torch
+
+from nnshrink import ConfigError, zoo
+from nnshrink.zoo import Recipe, accuracy, fit
+
+
+@pytest.mark.parametrize("name, params", [("lenet300", 266_610), ("lenet5", 431_080)])
+def test_published_parameter_counts(name, params):
+    assert sum(p.numel() for p in zoo.build(name).parameters()) == params
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_every_model_runs_on_28x28_and_on_digits_where_it_can(name):
+    model = zoo.build(name).eval()
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    if name == "lenet5":
+        with pytest.raises(ConfigError, match="16x16"):
+            zoo.build(name, (1, 8, 8))
+    else:
+        assert zoo.build(name, (1, 8, 8)).eval()(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ConfigError, match="lenet300, lenet5, resnet8, mobilenet"):
+        zoo.build("vgg16")
+
+
+def test_lenet5_reaches_its_bar_and_is_cached(lenet5_trained, mnist):
+    assert accuracy(lenet5_trained, mnist, "test") >= 0.975
+    start = time.perf_counter()
+    again = zoo.pretrained("lenet5", "mnist", show_progress=False)
+    assert time.perf_counter() - start < 5
+    for a, b in zip(again.state_dict().values(), lenet5_trained.state_dict().values()):
+        assert torch.equal(a, b)
+    assert zoo.checkpoint_path("lenet5").suffix == ".safetensors"
+
+
+def test_lenet300_reaches_its_bar(mnist):
+    model = zoo.pretrained("lenet300", "mnist", show_progress=False)
+    assert accuracy(model, mnist, "test") >= 0.95
+
+
+def test_training_is_deterministic(mnist):
+    recipe = Recipe(epochs=1, lr=2e-3)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = zoo.build("lenet300")
+        fit(model, mnist, recipe, seed=4, steps=20, show_progress=False)
+        runs.append(model.fc3.weight.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_damaged_checkpoint_is_rebuilt(tmp_path, monkeypatch, mnist):
+    monkeypatch.setenv("NNSHRINK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(zoo.RECIPES, "lenet300", Recipe(epochs=1, shift=1))
+    path = zoo.checkpoint_path("lenet300")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"garbage")
+    model = zoo.pretrained("lenet300", show_progress=False)
+    assert accuracy(model, mnist, "val") > 0.8 and path.stat().st_size > 1_000_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, bar", [("resnet8", 0.975), ("mobilenet", 0.975)])
+def test_cnn_recipes_reach_their_bar(name, bar, mnist):
+    model = zoo.pretrained(name, "mnist", show_progress=False)
+    assert accuracy(model, mnist, "test") >= bar
