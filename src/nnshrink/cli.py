@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from nnshrink.errors import ConfigError, InputShapeError, NnshrinkError
+from nnshrink.progress import spinner
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Make trained networks small and fast for edge accelerators, and prove it.")
@@ -163,7 +164,9 @@ def export(model: Annotated[str, typer.Argument(help="Zoo name or model file.")]
 
     m = _resolve(model, data)
     _refuse_overwrite_input(model, out_path)
-    export_onnx(m, out_path, _input_for(m, load_dataset(data).input_shape, None).repeat(2, 1, 1, 1))
+    example = _input_for(m, load_dataset(data).input_shape, None)
+    with spinner(f"exporting {out_path.name}"):
+        export_onnx(m, out_path, example.repeat(2, *([1] * (example.dim() - 1))))
     out.print(f"wrote {out_path} ({out_path.stat().st_size:,} bytes)")
 
 
@@ -204,8 +207,9 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
                       calib=dataset.loader("train", batch_size=64, shuffle=True, seed=seed))
     # .nsz version 0 is a plain ONNX model until the container lands; the report is measured
     # from the file written, re-read from disk, never from the model in memory.
-    export_onnx(result.model, out_path, x.repeat(2, *([1] * (x.dim() - 1))))
-    written = load_model(out_path)
+    with spinner(f"writing {out_path.name}"):
+        export_onnx(result.model, out_path, x.repeat(2, *([1] * (x.dim() - 1))))
+        written = load_model(out_path)
     after_info = run_analysis(written, x)
     after = summary(after_info, zoo.accuracy(written, dataset, "test"), out_path.stat().st_size)
     steps = [{"step": r.step, "details": r.details, "skipped": r.skipped} for r in result.steps]

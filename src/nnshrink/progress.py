@@ -19,3 +19,15 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
                   TimeRemainingColumn(), transient=True) as prog:
         task = prog.add_task(description, total=total)
         yield lambda n: prog.advance(task, n)
+
+
+@contextlib.contextmanager
+def spinner(description: str, enabled: bool = True) -> Iterator[None]:
+    """A spinner on stderr for a step of unknown length (an export, a conversion)."""
+    if not enabled or not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(description):
+        yield

@@ -740,7 +740,22 @@ def _torch_scope(onnx_node, module: nn.Module) -> str | None:
         return None
     if not classes[-2].endswith("." + type(module).__name__):
         return None
-    return _sanitize(scopes[-2], "m", keep_dots=True)
+    return _sanitize(_dynamo_path(scopes[-2]), "m", keep_dots=True)
+
+
+def _dynamo_path(scope: str) -> str:
+    """``getattr(getattr(L['self'].blocks, '0').block, '3')`` -> ``blocks.0.block.3``.
+
+    (torch.export spells submodules whose names are numbers this way when the exported model is
+    itself a GraphModule, as an imported ONNX model is.)
+    """
+    pattern = re.compile(r"getattr\(([^()]*?), '([^']*)'\)")
+    while True:
+        new = pattern.sub(r"\1.\2", scope)
+        if new == scope:
+            break
+        scope = new
+    return re.sub(r"^L\['self'\]\.", "", scope)
 
 
 def _tensor(arr: np.ndarray) -> torch.Tensor:
