@@ -1,0 +1,382 @@
+"""The weight stream: a compact header, independent blocks, a checksum. See docs/FORMATS.md.
+
+Layout (little endian; varint = unsigned LEB128)::
+
+    "NW" | version u8 | packed u8 (dtype: bits 0-2, table flag: bit 3, ndim: bits 4-7)
+    | shape: varint x ndim | log2(block size) u8
+    | [table length varint | table]            if the table flag is set
+    | byte length of every block but the last: varint x (n_blocks - 1)
+    | blocks ... | CRC-32 of everything before it, u32
+
+Each block starts with its mode byte. A decoder that has read the header knows where every block
+starts, so it can decode any block alone; the last block's values may be fewer than the block size.
+A stream of a tensor under 1K int8 weights costs at most 16 bytes more than the raw bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from nnshrink.codec import kernels as K
+from nnshrink.codec import table as T
+from nnshrink.errors import ConfigError, CorruptDataError, FormatError
+
+MAGIC = b"NW"
+VERSION = 1
+DTYPES = {1: np.int8, 2: np.uint8, 3: np.int16, 4: np.uint16}
+DTYPE_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
+
+CONST, RAW, RICE, RANS, ZRUN, PALETTE, STORED = range(7)
+MODE_NAMES = {CONST: "const", RAW: "raw", RICE: "rice", RANS: "rans", ZRUN: "zero-run", PALETTE: "palette",
+              STORED: "stored"}
+_ALL_MODES = frozenset(MODE_NAMES.values())
+_FLAG_TABLE = 8
+_MIN_LOG, _MAX_LOG = 6, 20
+MAX_ELEMENTS = 1 << 31  # decode refuses larger tensors (a guard against crafted headers)
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Encoder settings.
+
+    Attributes:
+        block_size: Values per block, a power of two from 64 to 2**20. Smaller blocks give finer
+            random access and per-block mode choice; larger ones less overhead.
+        modes: Block modes the encoder may choose from (``const`` and ``stored`` are always
+            allowed, so every tensor can be written).
+    """
+
+    block_size: int = 8192
+    modes: frozenset[str] = _ALL_MODES
+
+    def __post_init__(self) -> None:
+        bs = self.block_size
+        if not isinstance(bs, int) or bs < (1 << _MIN_LOG) or bs > (1 << _MAX_LOG) or bs & (bs - 1):
+            raise ConfigError(f"block_size must be a power of two from {1 << _MIN_LOG} to {1 << _MAX_LOG}, got {bs!r}")
+        object.__setattr__(self, "modes", frozenset(self.modes))
+        unknown = self.modes - _ALL_MODES
+        if unknown:
+            raise ConfigError(f"unknown codec modes {sorted(unknown)}; choose from {sorted(_ALL_MODES)}")
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What a stream holds: shape, dtype, and each block's mode and byte length."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    block_size: int
+    table_bytes: int
+    header_bytes: int
+    block_modes: tuple[str, ...]
+    block_bytes: tuple[int, ...]
+    total_bytes: int
+
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        out.append(b | (0x80 if v else 0))
+        if not v:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int, end: int, name: str) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= end or shift > 35:
+            raise CorruptDataError(f"{name}: truncated or malformed header")
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, pos
+
+
+def _check_input(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype not in DTYPE_CODES:
+        raise ConfigError(f"the codec takes int8, uint8, int16 or uint16 arrays, got {array.dtype}")
+    if array.ndim > 8:
+        raise ConfigError(f"at most 8 dimensions, got {array.ndim}")
+    return array
+
+
+def _encode_block(values: np.ndarray, table: T.Table | None, modes: frozenset[str], itemsize: int,
+                  scratch: np.ndarray) -> bytes:
+    """The cheapest encoding of one block (mode byte included)."""
+    n = values.shape[0]
+    vmin, vmax = int(values.min()), int(values.max())
+    if vmin == vmax:
+        return bytes([CONST]) + _bits(lambda b, s: K.put(b, s, K.zigzag(vmin), 17), scratch)
+    candidates = [(8 * n * itemsize, STORED)]
+    width = int(vmax - vmin).bit_length()
+    if "raw" in modes:
+        candidates.append((n * width + 22, RAW))
+    counts = np.bincount(values - vmin).astype(np.int64)
+    if "rice" in modes:
+        center = int(np.median(values))
+        k, bits = K.best_rice_k(_zigzag_counts(counts, vmin, center), 0, 16)
+        candidates.append((bits + 22, RICE, center, k))
+    nnz = int(np.count_nonzero(values))
+    if "zero-run" in modes and nnz < n and vmin <= 0:
+        runs, nz = K.zero_runs(values, n)
+        kr, rbits = K.best_rice_k(np.bincount(runs).astype(np.int64), 0, 20)
+        vbits, kv = 0, 0
+        if nnz:
+            kv, vbits = K.best_rice_k(np.bincount(np.where(nz >= 0, nz << 1, ((-nz) << 1) - 1) - 1).astype(np.int64), 0, 16)
+        candidates.append((rbits + vbits + 10, ZRUN, runs, nz, kr, kv))
+    distinct = np.flatnonzero(counts)
+    if "palette" in modes and len(distinct) <= 256:
+        pw = (len(distinct) - 1).bit_length()
+        candidates.append((n * pw + 8 + 17 * len(distinct), PALETTE, (distinct + vmin).astype(np.int64), pw))
+    if table is not None and "rans" in modes:
+        bins = (values - table.tmin) >> table.shift
+        if bins.min() >= 0 and bins.max() < table.size and (table.freq[bins] > 0).all():
+            hist = np.bincount(bins, minlength=table.size).astype(np.int64)
+            candidates.append((K.rans_cost_bits(hist, table.freq) + n * table.shift + 40, RANS))
+    best = min(candidates, key=lambda c: c[0])
+    mode = best[1]
+    if mode == STORED:
+        return bytes([STORED]) + _stored_bytes(values, itemsize)
+    if mode == RANS:
+        out = np.empty(4 + 2 * n + (n * table.shift + 7) // 8 + 8, np.uint8)
+        size = K.enc_rans(out, values, n, table.tmin, table.shift, table.freq, table.cum)
+        return bytes([RANS]) + out[:size].tobytes()
+    if mode == RAW:
+        body = _bits(lambda b, s: K.enc_raw(b, s, values, n, vmin, width), scratch)
+    elif mode == RICE:
+        body = _bits(lambda b, s: K.enc_rice(b, s, values, n, best[2], best[3]), scratch)
+    elif mode == ZRUN:
+        body = _bits(lambda b, s: K.enc_zrun(b, s, best[2], best[3], best[4], best[5]), scratch)
+    else:
+        body = _bits(lambda b, s: K.enc_palette(b, s, values, n, best[2], best[3]), scratch)
+    return bytes([mode]) + body
+
+
+def _stored_bytes(values: np.ndarray, itemsize: int) -> bytes:
+    """Values as two's-complement little-endian integers of the stream's width."""
+    return (values & ((1 << (8 * itemsize)) - 1)).astype(f"<u{itemsize}").tobytes()
+
+
+def _zigzag_counts(counts: np.ndarray, vmin: int, center: int) -> np.ndarray:
+    v = np.arange(counts.shape[0]) + vmin - center
+    u = np.where(v >= 0, v << 1, ((-v) << 1) - 1)
+    out = np.zeros(int(u.max()) + 1, np.int64)
+    np.add.at(out, u, counts)
+    return out
+
+
+def _bits(write, scratch: np.ndarray) -> bytes:
+    st = np.zeros(3, np.int64)
+    write(scratch, st)
+    return scratch[:K.flush(scratch, st)].tobytes()
+
+
+def _make_table(flat: np.ndarray) -> tuple[T.Table | None, bytes]:
+    lo, hi = int(flat.min()), int(flat.max())
+    if lo == hi:
+        return None, b""
+    shift = 0
+    while ((hi - lo) >> shift) >= T.MAX_RANGE:
+        shift += 1
+    table, _ = T.build(np.bincount((flat - lo) >> shift).astype(np.int64), lo, shift)
+    buf = np.empty(64 + 8 * 64 * table.size, np.uint8)
+    st = np.zeros(3, np.int64)
+    T.write(buf, st, table)
+    return table, buf[:K.flush(buf, st)].tobytes()
+
+
+def encode(array: np.ndarray, config: CodecConfig | None = None) -> bytes:
+    """Encode an integer array losslessly into a self-describing stream.
+
+    Args:
+        array: int8, uint8, int16 or uint16, any shape (not modified).
+        config: Block size and allowed modes; the default picks the cheapest mode per block.
+
+    Raises:
+        ConfigError: Unsupported dtype or config.
+    """
+    config = config or CodecConfig()
+    array = _check_input(array)
+    flat = np.ascontiguousarray(array).reshape(-1).astype(np.int64)
+    n = flat.shape[0]
+    nblocks = -(-n // config.block_size) if n else 0
+    scratch = np.empty(config.block_size * 8 + 1024, np.uint8)
+    table, table_blob = (None, b"")
+    if n and "rans" in config.modes:
+        table, table_blob = _make_table(flat)
+    itemsize = array.dtype.itemsize
+    chunks = [flat[i * config.block_size:(i + 1) * config.block_size] for i in range(nblocks)]
+    blocks = [_encode_block(c, table, config.modes, itemsize, scratch) for c in chunks]
+    if table is not None:
+        # the table pays off only if the blocks that use it save more than it costs
+        users = [i for i, b in enumerate(blocks) if b[0] == RANS]
+        alone = {i: _encode_block(chunks[i], None, config.modes, itemsize, scratch) for i in users}
+        if sum(len(alone[i]) - len(blocks[i]) for i in users) <= len(table_blob) + len(_varint(len(table_blob))):
+            blocks = [alone.get(i, b) for i, b in enumerate(blocks)]
+            table_blob = b""
+    return _assemble(array, config.block_size, table_blob, blocks)
+
+
+def _assemble(array: np.ndarray, block_size: int, table_blob: bytes, blocks: list[bytes]) -> bytes:
+    packed = DTYPE_CODES[array.dtype] | (_FLAG_TABLE if table_blob else 0) | (array.ndim << 4)
+    head = MAGIC + bytes([VERSION, packed]) + b"".join(_varint(d) for d in array.shape)
+    head += bytes([block_size.bit_length() - 1])
+    if table_blob:
+        head += _varint(len(table_blob)) + table_blob
+    head += b"".join(_varint(len(b)) for b in blocks[:-1])
+    body = head + b"".join(blocks)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@dataclass(frozen=True)
+class _Header:
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    size: int
+    block_size: int
+    starts: tuple[int, ...]  # absolute offset of each block
+    ends: tuple[int, ...]
+    table: T.Table | None
+    table_bytes: int
+    header_bytes: int
+
+
+def _parse(data: bytes, name: str, max_elements: int = MAX_ELEMENTS) -> _Header:
+    if len(data) >= 2 and data[:2] != MAGIC:
+        raise FormatError(f"{name}: not an nnshrink weight stream (it starts with {bytes(data[:4])!r})")
+    if len(data) < 9:
+        raise CorruptDataError(f"{name}: truncated stream ({len(data)} bytes)")
+    (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+    if zlib.crc32(data[:-4]) != crc:
+        raise CorruptDataError(f"{name}: checksum mismatch (the stream is truncated or damaged)")
+    version, packed = data[2], data[3]
+    if version != VERSION:
+        raise FormatError(f"{name}: stream format version {version} is not supported (this reader: {VERSION})")
+    dcode, ndim = packed & 7, packed >> 4
+    if dcode not in DTYPES or ndim > 8:
+        raise CorruptDataError(f"{name}: invalid header (dtype code {dcode}, ndim {ndim})")
+    end = len(data) - 4
+    pos, shape = 4, []
+    for _ in range(ndim):
+        d, pos = _read_varint(data, pos, end, name)
+        shape.append(d)
+    size = int(np.prod(shape, dtype=object)) if shape else 1
+    if size > max_elements:
+        raise CorruptDataError(f"{name}: header claims {size} values, above the limit of {max_elements}")
+    if pos >= end or not _MIN_LOG <= data[pos] <= _MAX_LOG:
+        raise CorruptDataError(f"{name}: invalid block size")
+    block_size = 1 << data[pos]
+    pos += 1
+    table, table_bytes = None, 0
+    if packed & _FLAG_TABLE:
+        table_bytes, pos = _read_varint(data, pos, end, name)
+        if pos + table_bytes > end:
+            raise CorruptDataError(f"{name}: truncated frequency table")
+        st = np.zeros(4, np.int64)
+        st[2] = pos
+        table = T.read(np.frombuffer(data, np.uint8), pos + table_bytes, st)
+        if table is None:
+            raise CorruptDataError(f"{name}: invalid frequency table")
+        pos += table_bytes
+    nblocks = -(-size // block_size) if size else 0
+    lengths = []
+    for _ in range(max(0, nblocks - 1)):
+        length, pos = _read_varint(data, pos, end, name)
+        lengths.append(length)
+    starts, at = [], pos
+    for length in lengths:
+        starts.append(at)
+        at += length
+    if nblocks:
+        starts.append(at)
+    ends = starts[1:] + [end] if nblocks else []
+    if any(e <= s for s, e in zip(starts, ends)) or (ends and ends[-1] != end) or (not nblocks and pos != end):
+        raise CorruptDataError(f"{name}: block lengths do not add up to the stream length")
+    return _Header(np.dtype(DTYPES[dcode]), tuple(shape), size, block_size, tuple(starts), tuple(ends),
+                   table, table_bytes, pos)
+
+
+def decode(data: bytes, name: str = "stream", max_elements: int = MAX_ELEMENTS) -> np.ndarray:
+    """Decode a stream written by :func:`encode`, bit-exactly.
+
+    Args:
+        data: The stream bytes.
+        name: Used in error messages (the container passes the tensor name).
+        max_elements: Refuse streams that claim more values than this.
+
+    Raises:
+        FormatError: Not a stream, or a version this reader does not know.
+        CorruptDataError: Truncated or damaged; the message names the block and what failed.
+    """
+    data = bytes(data)
+    head = _parse(data, name, max_elements)
+    info = np.iinfo(head.dtype)
+    out = np.empty(head.size, head.dtype)
+    scratch = np.empty(head.block_size, np.int64)
+    buf = np.frombuffer(data, np.uint8)
+    for b, (start, end) in enumerate(zip(head.starts, head.ends)):
+        lo_i, hi_i = b * head.block_size, min(head.size, (b + 1) * head.block_size)
+        block = scratch[:hi_i - lo_i]
+        _decode_block(buf, start, end, block, head, info, f"{name}: block {b}")
+        out[lo_i:hi_i] = block
+    return out.reshape(head.shape)
+
+
+def _decode_block(buf, start, end, out, head: _Header, info, where: str) -> None:
+    mode = int(buf[start])
+    n = out.shape[0]
+    lo, hi = int(info.min), int(info.max)
+    if mode == CONST:
+        st = np.zeros(4, np.int64)
+        st[2] = start + 1
+        v = int(K.unzigzag(K.get(buf, end, st, 17)))
+        err = st[3] if st[3] else (K.OK if lo <= v <= hi else K.ERR_VALUE)
+        if not err and st[2] != end:
+            err = K.ERR_STATE
+        out[:] = v
+    elif mode == STORED:
+        size = info.bits // 8
+        if end - start - 1 != n * size:
+            raise CorruptDataError(f"{where} (stored) has {end - start - 1} bytes for {n} values")
+        out[:] = np.frombuffer(buf[start + 1:end].tobytes(), np.dtype(head.dtype).newbyteorder("<"))
+        err = K.OK
+    elif mode == RAW:
+        err = K.dec_raw(buf, start + 1, end, out, n, lo, hi)
+    elif mode == RICE:
+        err = K.dec_rice(buf, start + 1, end, out, n, lo, hi)
+    elif mode == ZRUN:
+        err = K.dec_zrun(buf, start + 1, end, out, n, lo, hi)
+    elif mode == PALETTE:
+        err = K.dec_palette(buf, start + 1, end, out, n, lo, hi)
+    elif mode == RANS:
+        t = head.table
+        if t is None:
+            raise CorruptDataError(f"{where}: rANS block in a stream without a table")
+        err = K.dec_rans(buf, start + 1, end, out, n, t.tmin, t.shift, t.freq, t.cum, t.sym)
+        if not err and n and (out.min() < lo or out.max() > hi):
+            err = K.ERR_VALUE
+    else:
+        raise CorruptDataError(f"{where}: unknown block mode {mode}")
+    if err:
+        what = {K.ERR_OVERRUN: "reads past the end of the block", K.ERR_VALUE: "holds a value out of range",
+                K.ERR_STATE: "does not end where its length says"}.get(int(err), f"error {err}")
+        raise CorruptDataError(f"{where} ({MODE_NAMES[mode]}) {what}")
+
+
+def stream_info(data: bytes, name: str = "stream") -> StreamInfo:
+    """Describe a stream (shape, dtype, block modes and sizes) without decoding its blocks."""
+    data = bytes(data)
+    head = _parse(data, name)
+    modes = tuple(MODE_NAMES.get(data[s], "?") for s in head.starts)
+    sizes = tuple(e - s for s, e in zip(head.starts, head.ends))
+    return StreamInfo(head.shape, head.dtype, head.block_size, head.table_bytes, head.header_bytes,
+                      modes, sizes, len(data))

@@ -1,0 +1,181 @@
+"""The shared rANS frequency table of a stream: cheap to transmit, rebuilt bit-exactly.
+
+A table costs bits, and for a 16K-weight tensor with ~250 distinct values an exact histogram
+would cost more than 1% of the stream. So the table sends each symbol's frequency as a *level*
+on a logarithmic grid (``S`` levels per octave), delta-coded against the previous symbol with a
+Rice code: weight histograms are smooth, so the deltas are small. Coding with the rounded
+frequencies costs almost nothing (a relative error of 4% costs ~0.0005 bits per symbol). The
+encoder tries every grid and keeps the one with the smallest total (table + coded symbols).
+
+The decoder turns levels back into frequencies with integers only (a fixed table of 2**(j/8)
+and shifts), then normalizes them to sum to 2**16 with a fixed integer procedure, so encoder and
+decoder agree bit for bit on every machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nnshrink.codec import kernels as K
+
+MAX_RANGE = 1024  # symbols a table can span (int8 and 4-bit weights, narrow int16)
+GRIDS = (1, 2, 4, 8)  # levels per octave
+# round(2**(j/8) * 2**15) for j = 0..7, fixed here so no platform's pow() is involved
+_EXP2_EIGHTHS = np.array([32768, 35734, 38968, 42495, 46341, 50535, 55109, 60097], dtype=np.int64)
+_MAX_LEVEL = 8 * 64  # no table needs more levels; a larger one is corrupt
+
+
+@dataclass(frozen=True)
+class Table:
+    """A frequency table over bins ``(v - tmin) >> shift``, ``len(freq)`` bins.
+
+    ``shift`` > 0 lets one table cover a wide range (int16): the bin is entropy-coded and the
+    ``shift`` low bits are stored as they are.
+    """
+
+    tmin: int
+    shift: int
+    grid: int
+    order: int
+    levels: np.ndarray  # int64, 0 = absent
+    freq: np.ndarray  # int64, sums to 2**16
+    cum: np.ndarray  # int64, exclusive prefix sums
+    sym: np.ndarray  # int32, slot -> bin
+
+    @property
+    def size(self) -> int:
+        return int(self.freq.shape[0])
+
+
+def _freq_from_levels(levels: np.ndarray, grid: int) -> np.ndarray:
+    """Integer frequencies summing to 2**16 from levels; integer arithmetic only."""
+    present = levels > 0
+    e = (levels - 1) * (8 // grid)
+    top = int(e[present].max()) // 8
+    # 2**(e/8) relative to the top octave, scaled so the largest is below 2**47 and the sum of
+    # 1024 of them below 2**57: products with 2**16 stay inside int64
+    shift = e // 8 - top + 30
+    base = _EXP2_EIGHTHS[e % 8]
+    w = np.where(shift >= 0, base << np.maximum(shift, 0), base >> np.minimum(-shift, 62))
+    w = np.where(present, w, 0)
+    total = int(w.sum())
+    m = 1 << K.PROB_BITS
+    freq = np.where(present, np.maximum(1, (w * m) // total), 0).astype(np.int64)
+    diff = m - int(freq.sum())
+    idx = np.flatnonzero(present)
+    order = idx[np.lexsort((idx, -freq[idx]))]  # largest first, ties by index
+    if diff > 0:
+        freq[order[0]] += diff
+    else:
+        for i in order:
+            if diff == 0:
+                break
+            take = min(int(freq[i]) - 1, -diff)
+            freq[i] -= take
+            diff += take
+    return freq
+
+
+def _finish(tmin: int, shift: int, grid: int, order: int, levels: np.ndarray) -> Table:
+    freq = _freq_from_levels(levels, grid)
+    cum = np.concatenate([[0], np.cumsum(freq)[:-1]]).astype(np.int64)
+    sym = np.repeat(np.arange(freq.shape[0], dtype=np.int32), freq)
+    return Table(tmin, shift, grid, order, levels.astype(np.int64), freq, cum, sym)
+
+
+def _smooth(counts: np.ndarray, width: float) -> np.ndarray:
+    if width == 0:
+        return counts.astype(np.float64)
+    radius = int(np.ceil(3 * width))
+    x = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (x / width) ** 2)
+    kernel /= kernel.sum()
+    out = np.convolve(counts.astype(np.float64), kernel, mode="full")[radius:radius + counts.shape[0]]
+    return np.where(counts > 0, np.maximum(out, 0.5), out)
+
+
+def build(counts: np.ndarray, tmin: int, shift: int = 0) -> tuple[Table, int]:
+    """The table over ``counts`` (bin ``i`` = values ``tmin + (i << shift) ..``) with the fewest
+    total bits: the table itself plus the symbols coded with it.
+
+    Tried: grids of 1-8 levels per octave, counts smoothed with kernels of 0-4 bins (histograms
+    of weights are smooth; their sampling noise is what makes a table expensive), first or
+    second differences.
+
+    Returns:
+        The table and its serialized size in bits.
+    """
+    best = None
+    counts = counts.astype(np.int64)
+    for width in (0, 0.75, 1.5, 3.0):
+        smooth = _smooth(counts, width)
+        present = (smooth >= 0.25) | (counts > 0)
+        logc = np.log2(np.maximum(smooth, 0.25))
+        for grid in GRIDS:
+            raw = np.round(grid * logc).astype(np.int64)
+            levels = np.where(present, raw - raw[present].min() + 1, 0)
+            freq = _freq_from_levels(levels, grid)
+            coded = K.rans_cost_bits(counts, freq)
+            for order in (1, 2):
+                bits = table_bits(levels, order)
+                if best is None or bits + coded < best[0]:
+                    best = (bits + coded, levels, grid, order, bits)
+    _, levels, grid, order, bits = best
+    return _finish(tmin, shift, grid, order, levels), bits
+
+
+def _deltas(levels: np.ndarray, order: int) -> np.ndarray:
+    d = np.diff(levels, n=order, prepend=np.zeros(order, np.int64))
+    return np.where(d >= 0, d << 1, ((-d) << 1) - 1).astype(np.int64)
+
+
+def _header_bits() -> int:
+    return 17 + 4 + 11 + 2 + 1 + 4
+
+
+def table_bits(levels: np.ndarray, order: int) -> int:
+    counts = np.bincount(_deltas(levels, order), minlength=1).astype(np.int64)
+    _, bits = K.best_rice_k(counts, 0, 12)
+    return _header_bits() + int(bits)
+
+
+def write(buf: np.ndarray, st: np.ndarray, table: Table) -> None:
+    u = _deltas(table.levels, table.order)
+    k, _ = K.best_rice_k(np.bincount(u, minlength=1).astype(np.int64), 0, 12)
+    K.put(buf, st, K.zigzag(table.tmin), 17)
+    K.put(buf, st, table.shift, 4)
+    K.put(buf, st, table.size - 1, 11)
+    K.put(buf, st, GRIDS.index(table.grid), 2)
+    K.put(buf, st, table.order - 1, 1)
+    K.put(buf, st, k, 4)
+    for x in u:
+        K.put_rice(buf, st, int(x), k)
+
+
+def read(data: np.ndarray, end: int, st: np.ndarray) -> Table | None:
+    """Parse a table; None if the bits are inconsistent (the caller reports corruption)."""
+    tmin = int(K.unzigzag(K.get(data, end, st, 17)))
+    shift = int(K.get(data, end, st, 4))
+    size = int(K.get(data, end, st, 11)) + 1
+    grid = GRIDS[int(K.get(data, end, st, 2))]
+    order = int(K.get(data, end, st, 1)) + 1
+    k = int(K.get(data, end, st, 4))
+    if st[3] != K.OK or size > MAX_RANGE or k > 12:
+        return None
+    levels = np.empty(size, dtype=np.int64)
+    prev1 = prev2 = 0
+    for i in range(size):
+        u = int(K.get_rice(data, end, st, k))
+        if st[3] != K.OK:
+            return None
+        d = int(K.unzigzag(u))
+        value = d + prev1 if order == 1 else d + 2 * prev1 - prev2
+        if value < 0 or value > _MAX_LEVEL:
+            return None
+        levels[i] = value
+        prev2, prev1 = prev1, value
+    if not (levels > 0).any():
+        return None
+    return _finish(tmin, shift, grid, order, levels)

@@ -1,0 +1,138 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from nnshrink import ConfigError, CorruptDataError, FormatError
+from nnshrink.codec import CodecConfig, decode, encode, entropy_bits, stream_info
+
+DTYPES = [np.int8, np.uint8, np.int16, np.uint16]
+RNG = np.random.default_rng(0)
+
+
+def _laplace(n, scale=20, dtype=np.int8, rng=RNG):
+    info = np.iinfo(dtype)
+    return np.clip(np.round(rng.laplace(0, scale, n)), info.min, info.max).astype(dtype)
+
+
+@settings(max_examples=150, deadline=None)
+@given(hnp.arrays(st.sampled_from(DTYPES), hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=40)))
+def test_round_trip_any_dtype_and_shape(array):
+    data = encode(array)
+    out = decode(data)
+    assert out.dtype == array.dtype and out.shape == array.shape
+    np.testing.assert_array_equal(out, array)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(33,), (100,), (511, 350), (3, 1, 5, 5), (0,), (2, 0, 3), ()])
+@pytest.mark.parametrize("block_size", [64, 8192])
+def test_round_trip_grid(dtype, shape, block_size):
+    info = np.iinfo(dtype)
+    array = RNG.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+    if array.size > 10:
+        array.flat[::3] = 0  # sparse-ish and extreme values in one go
+        array.flat[1] = info.min
+        array.flat[2] = info.max
+    np.testing.assert_array_equal(decode(encode(array, CodecConfig(block_size=block_size))), array)
+
+
+@pytest.mark.parametrize("mode", ["raw", "rice", "rans", "zero-run", "palette"])
+def test_each_mode_round_trips_when_forced(mode):
+    array = _laplace(20_000, 6)
+    array[RNG.random(array.size) < 0.6] = 0
+    data = encode(array, CodecConfig(block_size=1024, modes={mode}))
+    assert mode in stream_info(data).block_modes
+    np.testing.assert_array_equal(decode(data), array)
+
+
+def test_modes_are_chosen_by_content():
+    dense = _laplace(50_000)
+    assert set(stream_info(encode(dense)).block_modes) == {"rans"}
+    assert set(stream_info(encode(np.zeros(5000, np.int8))).block_modes) == {"const"}
+    few = RNG.choice(np.array([-120, -3, 5, 110], np.int8), 3000)
+    assert set(stream_info(encode(few, CodecConfig(modes={"raw", "palette"}))).block_modes) == {"palette"}
+    noise = RNG.integers(-128, 128, 700).astype(np.int8)
+    assert stream_info(encode(noise)).block_modes == ("stored",)
+
+
+def test_close_to_the_entropy_bound():
+    for array, bound in [(_laplace(16_384), 1.01), (_laplace(1_000_000), 1.01)]:
+        assert len(encode(array)) <= bound * entropy_bits(array) / 8
+    pruned = _laplace(100_000)
+    pruned[RNG.random(pruned.size) < 0.5] = 0
+    assert len(encode(pruned)) <= 1.02 * entropy_bits(pruned) / 8
+
+
+@pytest.mark.parametrize("n", [1, 10, 100, 500, 1023])
+def test_small_tensors_cost_at_most_raw_plus_16_bytes(n):
+    noise = RNG.integers(-128, 128, n).astype(np.int8).reshape(-1, 1, 1, 1)
+    assert len(encode(noise)) <= n + 16
+
+
+def test_input_is_not_modified():
+    array = _laplace(3000)
+    copy = array.copy()
+    encode(array)
+    np.testing.assert_array_equal(array, copy)
+
+
+def test_bad_arguments():
+    with pytest.raises(ConfigError, match="int8, uint8, int16 or uint16"):
+        encode(np.zeros(4, np.float32))
+    with pytest.raises(ConfigError, match="power of two"):
+        CodecConfig(block_size=1000)
+    with pytest.raises(ConfigError, match="unknown codec modes"):
+        CodecConfig(modes={"huffman"})
+
+
+def test_corruption_is_detected_and_named():
+    data = bytearray(encode(_laplace(20_000), CodecConfig(block_size=4096)))
+    with pytest.raises(CorruptDataError, match="checksum"):
+        decode(bytes(data[:-10]))
+    data[len(data) // 2] ^= 0x10
+    with pytest.raises(CorruptDataError, match="checksum"):
+        decode(bytes(data))
+    with pytest.raises(FormatError, match="not an nnshrink weight stream"):
+        decode(b"PK\x03\x04 a zip file")
+    with pytest.raises(CorruptDataError, match="truncated"):
+        decode(b"NW")
+
+
+def _reseal(body: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_structural_checks_behind_a_valid_checksum():
+    """A crafted stream whose checksum is right must still fail cleanly, never crash."""
+    good = encode(_laplace(5000), CodecConfig(block_size=1024))
+    body = bytearray(good[:-4])
+    body[2] = 9  # version
+    with pytest.raises(FormatError, match="version 9"):
+        decode(_reseal(bytes(body)))
+    for cut in (30, 200, len(body) - 3):
+        with pytest.raises(CorruptDataError):
+            decode(_reseal(bytes(good[:cut])))
+    huge = bytearray(good[:-4])
+    huge[4:6] = b"\xff\x7f"  # first dimension becomes ~16K: more values than the blocks hold
+    with pytest.raises(CorruptDataError):
+        decode(_reseal(bytes(huge)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_fuzzed_streams_raise_only_our_errors(data):
+    base = bytearray(encode(_laplace(3000, 10, rng=np.random.default_rng(1)), CodecConfig(block_size=512)))
+    body = base[:-4]
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(body) - 1))
+        body[i] = data.draw(st.integers(0, 255))
+    try:
+        out = decode(_reseal(bytes(body)))  # resealed: only the structural checks stand guard
+    except (CorruptDataError, FormatError):
+        return
+    assert out.dtype == np.int8

@@ -1,0 +1,40 @@
+"""Known-good streams: this version reads them, and writes the same bytes again.
+
+A failure here means the stream format changed: bump ``stream.VERSION``, keep a reader for the
+old version, and add new golden files beside the old ones.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nnshrink.codec import CodecConfig, decode, encode, stream_info
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+NAMES = sorted(p.stem for p in GOLDEN.glob("*.nsw"))
+
+
+def test_golden_files_exist():
+    assert len(NAMES) >= 4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_golden_stream_decodes_to_its_array(name):
+    expected = np.load(GOLDEN / f"{name}.npy", allow_pickle=False)
+    out = decode((GOLDEN / f"{name}.nsw").read_bytes())
+    assert out.dtype == expected.dtype
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_encoder_writes_the_golden_bytes(name):
+    array = np.load(GOLDEN / f"{name}.npy", allow_pickle=False)
+    assert encode(array, CodecConfig(block_size=256)) == (GOLDEN / f"{name}.nsw").read_bytes()
+
+
+def test_golden_streams_cover_every_block_mode_family():
+    modes = set()
+    for name in NAMES:
+        modes |= set(stream_info((GOLDEN / f"{name}.nsw").read_bytes()).block_modes)
+    assert {"rans"} <= modes and len(modes) >= 3, modes
