@@ -19,8 +19,9 @@ from nnshrink.errors import (
     UnsupportedOpError,
 )
 from nnshrink.graph import analyze, build_dependency_graph, fold_batchnorms, replace_module
-from nnshrink.io import export_onnx, load_model
+from nnshrink.io import export_onnx, load, load_model, save
 from nnshrink.plan import FineTune, FoldBatchNorm, Plan, compress
+from nnshrink.techniques import QuantizeWeights
 
 __version__ = "0.1.0"
 
@@ -28,5 +29,5 @@ __all__ = [
     "ConfigError", "CorruptDataError", "DataError", "FineTune", "FoldBatchNorm", "FormatError",
     "InputShapeError", "NnshrinkError", "Plan", "UnsupportedLayerError", "UnsupportedModelError",
     "UnsupportedOpError", "analyze", "build_dependency_graph", "compress", "data", "export_onnx",
-    "fold_batchnorms", "load_model", "replace_module", "zoo",
+    "QuantizeWeights", "fold_batchnorms", "load", "load_model", "replace_module", "save", "zoo",
 ]

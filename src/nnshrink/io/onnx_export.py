@@ -12,9 +12,34 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnshrink.cache import atomic_path
+from nnshrink.cache import atomic_write_bytes
 from nnshrink.errors import ConfigError, UnsupportedModelError
 from nnshrink.graph.analysis import run_forward
+
+
+def to_onnx(model: nn.Module, example_input: torch.Tensor | None = None, dynamic_batch: bool = True,
+            opset: int = 18):
+    """Export ``model`` to an in-memory ``onnx.ModelProto`` (see :func:`export_onnx`)."""
+    if example_input is None:
+        from nnshrink.zoo import example_input as zero_input
+
+        example_input = zero_input(model, batch=2)
+    if not isinstance(example_input, torch.Tensor):
+        raise ConfigError("export takes one example input tensor")
+    run_forward(model, example_input)  # a wrong shape gives our error, not the exporter's
+    model = _inference_form(model)
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_exporter():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (example_input,), dynamo=True, dynamic_shapes=dynamic,
+                                        opset_version=opset, input_names=["input"],
+                                        output_names=["output"], external_data=False, verbose=False)
+    except Exception as exc:  # the exporter raises a wide variety of internal errors
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UnsupportedModelError(f"ONNX export of {type(model).__name__} failed: {first}") from exc
+    _strip_metadata(program.model)
+    return program.model_proto
 
 
 def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | None = None,
@@ -22,8 +47,8 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor 
     """Write ``model`` as an ONNX file that ONNX Runtime runs.
 
     Uses torch's ``torch.export``-based exporter (the TorchScript one is deprecated). The model
-    is exported in eval mode; the input model is not changed. An existing file at ``path`` is
-    replaced only once the new one is complete.
+    is exported in eval mode with batch norms folded; the input model is not changed. An
+    existing file at ``path`` is replaced only once the new one is complete.
 
     Args:
         model: The model to export.
@@ -35,28 +60,9 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor 
     Raises:
         UnsupportedModelError: The exporter cannot capture the model.
     """
-    if example_input is None:
-        from nnshrink.zoo import example_input as zero_input
-
-        example_input = zero_input(model, batch=2)
-    if not isinstance(example_input, torch.Tensor):
-        raise ConfigError("export_onnx takes one example input tensor")
-    run_forward(model, example_input)  # a wrong shape gives our error, not the exporter's
-    model = _inference_form(model)
-    dynamic = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
+    proto = to_onnx(model, example_input, dynamic_batch, opset)
     target = Path(path)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_exporter():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, (example_input,), dynamo=True, dynamic_shapes=dynamic,
-                                        opset_version=opset, input_names=["input"],
-                                        output_names=["output"], external_data=False, verbose=False)
-    except Exception as exc:  # the exporter raises a wide variety of internal errors
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UnsupportedModelError(f"ONNX export of {type(model).__name__} failed: {first}") from exc
-    _strip_metadata(program.model)
-    with atomic_path(target) as tmp:
-        program.save(str(tmp), external_data=False)
+    atomic_write_bytes(target, proto.SerializeToString())
     return target
 
 
@@ -76,15 +82,14 @@ def _inference_form(model: nn.Module) -> nn.Module:
     return folded.eval()
 
 
-# The exporter annotates every node with stack traces and fx dumps: a quarter of a small
-# model's file, and local paths leak into it. Keep only what names the torch module.
-_KEEP_METADATA = ("pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy")
+# The exporter annotates every node with stack traces, fx dumps and module scopes: a quarter of
+# a small model's file, and local paths leak into it. Layer names survive without them: weight
+# initializers are named after their modules (``conv1.weight``).
 
 
 def _strip_metadata(ir_model) -> None:
     for node in ir_model.graph.all_nodes():
-        for key in [k for k in node.metadata_props if k not in _KEEP_METADATA]:
-            del node.metadata_props[key]
+        node.metadata_props.clear()
 
 
 @contextlib.contextmanager

@@ -142,7 +142,8 @@ class _Converter:
         return any(u.startswith(name + ".") for u in self.used_names)
 
     def add_module(self, onnx_node, module: nn.Module, fallback: str) -> str:
-        base = _torch_scope(onnx_node, module) or (_sanitize(onnx_node.name, fallback) if onnx_node.name else fallback)
+        base = (_name_from_weight(onnx_node, module) or _torch_scope(onnx_node, module)
+                or (_sanitize(onnx_node.name, fallback) if onnx_node.name else fallback))
         name = self.unique(base)
         self.root[name] = module
         return name
@@ -722,6 +723,17 @@ class _Converter:
         arr = self.numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
         dtype = torch.from_numpy(arr.reshape(-1)[:1].copy()).dtype
         self.emit(node, ops.constant_of_shape, self.arg(node.input[0]), float(arr.reshape(-1)[0]), dtype)
+
+
+def _name_from_weight(onnx_node, module: nn.Module) -> str | None:
+    """``layer1.conv1`` when the node's weight initializer is ``layer1.conv1.weight``, as torch's
+    exporter names them."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+        return None
+    weight = onnx_node.input[1] if len(onnx_node.input) > 1 else ""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*\.weight", weight):
+        return weight[: -len(".weight")]
+    return None
 
 
 def _torch_scope(onnx_node, module: nn.Module) -> str | None:

@@ -1,0 +1,107 @@
+"""Weight-only quantization: per-output-channel, symmetric, min-max scales.
+
+The quantized layer keeps float weights equal to ``q * scale`` (exactly, in float32), so it runs
+anywhere, and carries a :class:`WeightQuant` record with the integers and scales, which the
+container stores as an entropy-coded integer stream plus scales. The full quantization story
+(activations, calibration, CLE, AdaRound, QAT, QDQ export) builds on this record.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnshrink.errors import ConfigError, UnsupportedModelError
+from nnshrink.graph.analysis import is_compressible
+from nnshrink.graph.surgery import fold_batchnorms
+from nnshrink.plan.config import StepConfig, StepResult
+
+_ATTR = "nnshrink_weight_quant"
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """Integer form of a layer's weight: ``weight == (q - zero_point) * scale`` along ``axis``.
+
+    Attributes:
+        q: Integer weights (int8 storage for up to 8 bits), same shape as the weight.
+        scale: float32 scales, one per slice along ``axis``.
+        zero_point: Integer offset (0 for symmetric quantization).
+        bits: Bit width of the integers.
+        axis: Axis of the per-channel scales (0: output channels).
+    """
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero_point: int
+    bits: int
+    axis: int = 0
+
+    def dequantize(self) -> np.ndarray:
+        shape = [1] * self.q.ndim
+        shape[self.axis] = -1
+        return ((self.q.astype(np.int32) - self.zero_point).astype(np.float32) * self.scale.reshape(shape)).astype(np.float32)
+
+
+def weight_quant(module: nn.Module) -> WeightQuant | None:
+    """The :class:`WeightQuant` record of a quantized layer, if it has one and it still holds."""
+    record = getattr(module, _ATTR, None)
+    if record is None:
+        return None
+    if not np.array_equal(record.dequantize(), module.weight.detach().cpu().numpy()):
+        return None  # weights changed since (fine-tuning): the record is stale
+    return record
+
+
+def quantize_weights(layer: nn.Module, bits: int) -> WeightQuant:
+    """Quantize ``layer.weight`` in place per output channel, symmetric; return the record."""
+    w = layer.weight.detach().cpu().numpy().astype(np.float32)
+    qmax = 2 ** (bits - 1) - 1
+    flat = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
+    scale = np.where(flat > 0, flat / qmax, 1.0).astype(np.float32)
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
+    record = WeightQuant(q, scale, 0, bits, 0)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(record.dequantize()))
+    setattr(layer, _ATTR, record)
+    return record
+
+
+@dataclass(frozen=True)
+class QuantizeWeights(StepConfig):
+    """Weight-only quantization of every Conv/Linear layer (batch norms folded first).
+
+    Attributes:
+        bits: Bit width, 2 to 8.
+        exclude: Layer names left in float.
+    """
+
+    kind = "quantize_weights"
+    bits: int = 8
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 2 <= self.bits <= 8:
+            raise ConfigError(f"quantize_weights.bits must be from 2 to 8, got {self.bits}")
+
+    def apply(self, model: nn.Module, ctx) -> StepResult:
+        try:
+            new, folded = fold_batchnorms(model)
+        except UnsupportedModelError:  # untraceable: batch norms stay, layers are quantized alone
+            new, folded = copy.deepcopy(model), []
+        layers, skipped = {}, []
+        for name, module in new.named_modules():
+            if not is_compressible(module):
+                continue
+            if name in self.exclude:
+                skipped.append({"layer": name, "reason": "excluded by the plan"})
+                continue
+            record = quantize_weights(module, self.bits)
+            layers[name] = {"bits": self.bits, "distinct_values": int(np.unique(record.q).size)}
+        return StepResult(self.kind, new, {"layers": layers, "folded": [list(p) for p in folded]}, skipped)

@@ -1,0 +1,152 @@
+import json
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("onnx")
+
+from nnshrink import CorruptDataError, FormatError, Plan, QuantizeWeights, compress, load, save, zoo  # noqa: E402
+from nnshrink.io import describe, load_model, read_onnx_from_container  # noqa: E402
+from nnshrink.testing import randomize_batchnorm  # noqa: E402
+
+
+def _quantized(name, bits=8):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(zoo.build(name)).eval()
+    return compress(model, Plan([QuantizeWeights(bits=bits)]), torch.zeros(1, 1, 28, 28)).model
+
+
+@pytest.fixture(scope="module")
+def lenet5_nsz(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nsz") / "lenet5.nsz"
+    model = _quantized("lenet5")
+    save(model, path)
+    return model, path
+
+
+@pytest.mark.parametrize("name, bits", [("lenet300", 8), ("resnet8", 8), ("mobilenet", 4), ("lenet5", 2)])
+def test_weights_come_back_bit_identical(name, bits, tmp_path):
+    model = _quantized(name, bits)
+    reports = save(model, tmp_path / "m.nsz")
+    back = load(tmp_path / "m.nsz")
+    theirs = dict(back.named_parameters())
+    ours = dict(model.named_parameters())
+    weights = [k for k in ours if k.endswith(".weight")]
+    assert weights and all(k in theirs for k in weights)
+    for k in weights:
+        assert torch.equal(theirs[k], ours[k]), k
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(back(x), model(x), atol=1e-4, rtol=1e-4)
+    assert {r.kind for r in reports} == {"quantized", "raw"}
+    assert all(r.kind == "raw" or r.name.endswith(".weight") for r in reports)
+
+
+def test_quantized_streams_are_near_their_entropy(lenet5_nsz):
+    _, path = lenet5_nsz
+    reports = {r.name: r for r in describe(path)}
+    big = reports["fc1.weight"]
+    assert big.kind == "quantized" and big.ratio_to_entropy <= 1.01
+    assert "rans" in big.modes
+    overhead = path.stat().st_size - sum(r.stored_bytes for r in reports.values())
+    assert 0 < overhead < 2048  # graph, index and headers together
+
+
+def test_float_models_are_stored_raw_and_exact(tmp_path):
+    model = randomize_batchnorm(zoo.build("resnet8")).eval()
+    save(model, tmp_path / "f.nsz")
+    back = load(tmp_path / "f.nsz")
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-5)
+    assert all(r.kind == "raw" for r in describe(tmp_path / "f.nsz"))
+
+
+def test_decode_to_onnx_runs_in_onnxruntime(lenet5_nsz):
+    ort = pytest.importorskip("onnxruntime")
+    model, path = lenet5_nsz
+    proto = read_onnx_from_container(path)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(4, 1, 28, 28)
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(out, model(x).detach().numpy(), atol=1e-4)
+    assert isinstance(load_model(path), torch.nn.Module)
+
+
+def test_write_is_atomic_and_never_half_overwrites(tmp_path, lenet5_nsz):
+    model, _ = lenet5_nsz
+    target = tmp_path / "out.nsz"
+    target.write_bytes(b"previous version")
+    with pytest.raises(Exception):
+        save(model, target, example_input=torch.zeros(1, 3, 28, 28))
+    assert target.read_bytes() == b"previous version"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nsz"]
+
+
+def test_truncated_flipped_and_foreign_files(tmp_path, lenet5_nsz):
+    _, path = lenet5_nsz
+    data = path.read_bytes()
+    bad = tmp_path / "bad.nsz"
+    for cut in (4, 100, len(data) // 2, len(data) - 1):
+        bad.write_bytes(data[:cut])
+        with pytest.raises((CorruptDataError, FormatError)):
+            load(bad)
+    flipped = bytearray(data)
+    flipped[-5000] ^= 0x01  # inside the weight data
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptDataError, match="fc1.weight|fc2.weight|checksum"):
+        load(bad)
+    bad.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(FormatError, match="not an nnshrink container"):
+        load(bad)
+    from safetensors.numpy import save as st_save
+
+    bad.write_bytes(st_save({"w": np.zeros(3, np.float32)}))
+    with pytest.raises(FormatError, match="not an nnshrink container"):
+        load(bad)
+
+
+def test_newer_version_is_refused(tmp_path, lenet5_nsz):
+    _, path = lenet5_nsz
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"]["version"] = "99"
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (tmp_path / "v99.nsz").write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+    with pytest.raises(FormatError, match="version 99"):
+        load(tmp_path / "v99.nsz")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_fuzzed_containers_raise_only_our_errors(lenet5_nsz, tmp_path, data):
+    model, path = lenet5_nsz
+    raw = bytearray(path.read_bytes())
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    target = tmp_path / "fuzz.nsz"
+    target.write_bytes(bytes(raw))
+    try:
+        back = load(target)
+    except (CorruptDataError, FormatError):
+        return
+    # a mutation that was not detected must have been harmless (safetensors header padding)
+    for k, v in model.named_parameters():
+        assert torch.equal(dict(back.named_parameters())[k], v)
+
+
+def test_index_is_compressed_json_with_checksummed_parts(lenet5_nsz):
+    from safetensors import safe_open
+
+    _, path = lenet5_nsz
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata()
+        index = json.loads(zlib.decompress(f.get_tensor("__index__").tobytes()))
+    assert meta["format"] == "nnshrink.nsz" and meta["version"] == "1"
+    entry = index["weights"]["conv2.weight"]
+    assert entry["kind"] == "quantized" and entry["bits"] == 8 and len(entry["stream"]) == 3
