@@ -47,8 +47,26 @@ def test_compress_writes_output_and_a_report_measured_from_it(capsys, tmp_path, 
     assert doc["after"]["accuracy"] == pytest.approx(zoo.accuracy(lenet5_trained, mnist, "test"))
     assert [row["name"] for row in doc["layers"]] == ["conv1", "conv2", "fc1", "fc2"]
     assert all(row["after"] is not None for row in doc["layers"])
+    assert doc["output"]["format"] == "nsz"
     code, out, _ = _run(capsys, "evaluate", str(out_file))
     assert code == 0 and "test accuracy" in out
+
+
+def test_int8_container_is_smaller_than_plain_int8_and_keeps_accuracy(capsys, tmp_path, lenet5_trained, mnist):
+    out_file, report = tmp_path / "q.nsz", tmp_path / "q.json"
+    code, _, err = _run(capsys, "compress", "lenet5", "--plan", str(PLANS / "int8-weights.yaml"),
+                        "--out", str(out_file), "--report", str(report))
+    assert code == 0, err
+    doc = json.loads(report.read_text())
+    assert doc["sizes"]["container"] == out_file.stat().st_size < doc["sizes"]["int8"] < doc["sizes"]["float32"]
+    assert abs(doc["after"]["accuracy"] - doc["before"]["accuracy"]) <= 0.003
+    fc1 = next(r for r in doc["layers"] if r["name"] == "fc1")["after"]["storage"]
+    assert fc1["kind"] == "quantized" and fc1["ratio_to_entropy"] <= 1.01 and fc1["bits_per_weight"] < 8
+    onnx_file = tmp_path / "q.onnx"
+    code, out, _ = _run(capsys, "decode", str(out_file), "--onnx", str(onnx_file))
+    assert code == 0 and onnx_file.exists()
+    code, out, _ = _run(capsys, "evaluate", str(onnx_file))
+    assert code == 0 and f"{doc['after']['accuracy']:.2%}" in out
 
 
 def _one_line_error(capsys, *argv):
@@ -57,6 +75,14 @@ def _one_line_error(capsys, *argv):
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def test_damaged_container_is_one_line(capsys, tmp_path):
+    bad = tmp_path / "bad.nsz"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    assert "container" in _one_line_error(capsys, "evaluate", str(bad))
+    assert ".nsz container" in _one_line_error(capsys, "compress", "lenet300", "--plan", str(PLANS / "fold-bn.yaml"),
+                                               "--out", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.json"))
 
 
 def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path):

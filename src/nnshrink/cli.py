@@ -24,7 +24,7 @@ from nnshrink.progress import spinner
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Make trained networks small and fast for edge accelerators, and prove it.")
-out = Console(soft_wrap=True)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
 def _errors(fn):
@@ -181,21 +181,21 @@ def _refuse_overwrite_input(model: str, *paths: Path) -> None:
 @_errors
 def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file.")],
              plan: Annotated[Path, typer.Option("--plan", help="Plan YAML (see examples/plans/).")],
-             out_path: Annotated[Path, typer.Option("--out", help="Compressed model to write.")],
+             out_path: Annotated[Path, typer.Option("--out", help="Container (.nsz) to write.")],
              report: Annotated[Path, typer.Option("--report", help="Report JSON to write.")],
              data: DataOpt = "mnist", seed: int = 0) -> None:
-    """Run PLAN on MODEL, write the result to OUT and a report measured from OUT to REPORT."""
+    """Run PLAN on MODEL, write the container OUT and a report measured from OUT to REPORT."""
     from nnshrink import zoo
     from nnshrink.data import load_dataset
     from nnshrink.graph import analyze as run_analysis
-    from nnshrink.io import export_onnx, load_model
+    from nnshrink.io import describe, load, save
     from nnshrink.plan import Plan, compress as run_plan
     from nnshrink.report import compress_report, layer_rows, summary, write_json
 
     the_plan = Plan.from_yaml(plan)
     _refuse_overwrite_input(model, out_path, report)
-    if out_path.suffix.lower() not in (".nsz", ".onnx"):
-        raise ConfigError(f"--out must end in .nsz or .onnx, got {out_path.name}")
+    if out_path.suffix.lower() != ".nsz":
+        raise ConfigError(f"--out must be an .nsz container, got {out_path.name} (use 'nnshrink export' for ONNX)")
     dataset = load_dataset(data)
     m = _resolve(model, data)
     _check_fits(m, dataset)
@@ -205,30 +205,54 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
     result = run_plan(m, the_plan, x, evaluate=zoo.make_evaluator(dataset, "val"),
                       train=zoo.make_trainer(dataset, seed=seed),
                       calib=dataset.loader("train", batch_size=64, shuffle=True, seed=seed))
-    # .nsz version 0 is a plain ONNX model until the container lands; the report is measured
-    # from the file written, re-read from disk, never from the model in memory.
+    # the report is measured from the file written, read back from disk, never from memory
     with spinner(f"writing {out_path.name}"):
-        export_onnx(result.model, out_path, x.repeat(2, *([1] * (x.dim() - 1))))
-        written = load_model(out_path)
+        save(result.model, out_path, x.repeat(2, *([1] * (x.dim() - 1))))
+        written = load(out_path)
+        streams = describe(out_path)
     after_info = run_analysis(written, x)
     after = summary(after_info, zoo.accuracy(written, dataset, "test"), out_path.stat().st_size)
     steps = [{"step": r.step, "details": r.details, "skipped": r.skipped} for r in result.steps]
     doc = compress_report(model, the_plan.to_dict(), dataset.name, before, after,
-                          layer_rows(before_info, after_info), steps, str(out_path), "onnx")
+                          layer_rows(before_info, after_info, streams), steps, str(out_path), "nsz",
+                          streams)
     write_json(report, doc)
+    sizes = doc["sizes"]
     out.print(f"{model}: accuracy {before['accuracy']:.2%} -> {after['accuracy']:.2%}, "
-              f"MACs {before['macs']:,} -> {after['macs']:,}, bytes {before['bytes']:,} -> {after['bytes']:,}")
+              f"MACs {before['macs']:,} -> {after['macs']:,}")
+    out.print(f"size: float32 {sizes['float32']:,} B, int8 {sizes['int8']:,} B, container {sizes['container']:,} B "
+              f"({sizes['float32'] / sizes['container']:.1f}x smaller than float32)")
     out.print(f"wrote {out_path} and {report}")
 
 
 @app.command()
 @_errors
+def decode(container: Annotated[Path, typer.Argument(help="An .nsz container.")],
+           onnx_out: Annotated[Path, typer.Option("--onnx", help="ONNX file to write.")]) -> None:
+    """Rebuild the model in CONTAINER (checksums verified) as an ONNX file ONNX Runtime runs."""
+    from nnshrink.cache import atomic_write_bytes
+    from nnshrink.io import read_onnx_from_container
+
+    _refuse_overwrite_input(str(container), onnx_out)
+    proto = read_onnx_from_container(container)
+    atomic_write_bytes(onnx_out, proto.SerializeToString())
+    out.print(f"wrote {onnx_out} ({onnx_out.stat().st_size:,} bytes) from {container} "
+              f"({container.stat().st_size:,} bytes)")
+
+
+@app.command()
+@_errors
 def demo(data: DataOpt = "mnist") -> None:
-    """The main job on the bundled data: LeNet-5, its analysis and held-out accuracy."""
+    """The main job on the bundled data: LeNet-5, its analysis, int8 weights in the container."""
+    import tempfile
+
     from nnshrink import zoo
     from nnshrink.data import load_dataset
     from nnshrink.graph import analyze as run_analysis
-    from nnshrink.report import print_analysis
+    from nnshrink.io import describe, load, save
+    from nnshrink.plan import Plan, compress as run_plan
+    from nnshrink.report import print_analysis, streams_table
+    from nnshrink.techniques import QuantizeWeights
 
     dataset = load_dataset(data)
     out.rule("nnshrink demo: LeNet-5 (Caffe) on bundled MNIST")
@@ -237,11 +261,28 @@ def demo(data: DataOpt = "mnist") -> None:
     start = time.perf_counter()
     model = zoo.pretrained("lenet5", data)
     out.print(f"model ready in {time.perf_counter() - start:.1f} s (cached at {zoo.checkpoint_path('lenet5', data)})")
-    info = run_analysis(model, torch.zeros((1, *dataset.input_shape)))
+    x = torch.zeros((1, *dataset.input_shape))
+    info = run_analysis(model, x)
     print_analysis(out, info, "LeNet-5 layers")
     acc = zoo.accuracy(model, dataset, "test")
     out.print(f"held-out accuracy: [bold]{acc:.2%}[/bold] on {len(dataset.arrays('test')[1])} test images; "
-              f"float32 size {info.total_bytes:,} bytes; {info.total_macs:,} MACs per image")
+              f"{info.total_macs:,} MACs per image")
+
+    out.rule("int8 weights (per channel), entropy-coded into the .nsz container")
+    small = run_plan(model, Plan([QuantizeWeights(bits=8)]), x).model
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lenet5-int8.nsz"
+        save(small, path, x.repeat(2, 1, 1, 1))
+        size = path.stat().st_size
+        back = load(path)
+        streams = describe(path)
+    acc_q = zoo.accuracy(back, dataset, "test")
+    out.print(streams_table(streams))
+    f32, int8 = info.total_params * 4, info.total_params
+    out.print(f"container: [bold]{size:,} bytes[/bold], everything included: {f32 / size:.2f}x smaller than "
+              f"float32 ({f32:,} B) and {int8 / size:.2f}x smaller than plain int8 ({int8:,} B)")
+    out.print(f"held-out accuracy from the container: [bold]{acc_q:.2%}[/bold] (float: {acc:.2%}, "
+              f"on the same {len(dataset.arrays('test')[1])} images)")
 
 
 def main(argv: list[str] | None = None) -> int:

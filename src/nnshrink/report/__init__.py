@@ -21,21 +21,40 @@ def summary(analysis: Analysis, accuracy: float | None, size_bytes: int) -> dict
             "bytes": size_bytes}
 
 
-def layer_rows(before: Analysis, after: Analysis) -> list[dict]:
-    """Per-layer before/after, matched by name; a layer missing on one side has ``null`` there."""
+def layer_rows(before: Analysis, after: Analysis, streams: list | None = None) -> list[dict]:
+    """Per-layer before/after, matched by name; a layer missing on one side has ``null`` there.
+
+    With ``streams`` (the container's per-weight figures), each ``after`` also says how the
+    layer's weight is stored: ``stored_bytes``, ``bits_per_weight``, ``entropy_bits`` (order-0,
+    per weight) and ``ratio_to_entropy``.
+    """
+    by_weight = {s.name: s for s in streams or []}
+
     def row(info):
-        return None if info is None else {"kind": info.kind, "params": info.params, "macs": info.macs,
-                                          "bytes": info.bytes, "weight_shape": list(info.weight_shape)}
+        if info is None:
+            return None
+        out = _layer_dict(info)
+        stream = by_weight.get(f"{info.name}.weight")
+        if stream is not None:
+            out["storage"] = {"kind": stream.kind, "stored_bytes": stream.stored_bytes,
+                              "bits_per_weight": stream.bits_per_weight, "entropy_bits": stream.entropy_bits,
+                              "ratio_to_entropy": stream.ratio_to_entropy, "modes": list(stream.modes)}
+        return out
 
     after_by_name = {i.name: i for i in after.layers}
-    rows = [{"name": i.name, "before": row(i), "after": row(after_by_name.pop(i.name, None))}
+    rows = [{"name": i.name, "before": _layer_dict(i), "after": row(after_by_name.pop(i.name, None))}
             for i in before.layers]
     rows += [{"name": n, "before": None, "after": row(i)} for n, i in after_by_name.items()]
     return rows
 
 
+def _layer_dict(info) -> dict:
+    return {"kind": info.kind, "params": info.params, "macs": info.macs, "bytes": info.bytes,
+            "weight_shape": list(info.weight_shape)}
+
+
 def compress_report(model: str, plan: dict, data: str, before: dict, after: dict, layers: list[dict],
-                    steps: list[dict], out: str, out_format: str) -> dict:
+                    steps: list[dict], out: str, out_format: str, streams: list | None = None) -> dict:
     def ratio(key):
         b, a = before.get(key), after.get(key)
         return None if not b or a is None else a / b
@@ -45,9 +64,11 @@ def compress_report(model: str, plan: dict, data: str, before: dict, after: dict
         "output": {"path": out, "format": out_format},
         "before": before, "after": after,
         "ratios": {"macs": ratio("macs"), "params": ratio("params"), "bytes": ratio("bytes")},
+        "sizes": {"float32": before["params"] * 4, "int8": before["params"], "container": after["bytes"]},
         "accuracy_delta": None if before["accuracy"] is None or after["accuracy"] is None
         else after["accuracy"] - before["accuracy"],
         "layers": layers, "steps": steps,
+        "streams": [s.to_dict() for s in streams or []],
     }
 
 
@@ -60,6 +81,24 @@ def _jsonable(obj):
     if isinstance(obj, (set, tuple)):
         return list(obj)
     return str(obj)
+
+
+def streams_table(streams: list) -> Table:
+    """How each weight is stored in a container, with the entropy bound."""
+    table = Table(title="container streams (measured from the file)", show_footer=True)
+    table.add_column("weight", footer="total")
+    table.add_column("stored as")
+    table.add_column("values", justify="right")
+    table.add_column("bytes", justify="right", footer=f"{sum(s.stored_bytes for s in streams):,}")
+    table.add_column("bits/weight", justify="right")
+    table.add_column("entropy bits", justify="right")
+    table.add_column("/ entropy", justify="right")
+    for s in streams:
+        table.add_row(s.name, s.kind if s.kind == "raw" else f"{s.kind} ({', '.join(s.modes)})", f"{s.count:,}",
+                      f"{s.stored_bytes:,}", f"{s.bits_per_weight:.3f}",
+                      "-" if s.entropy_bits is None else f"{s.entropy_bits:.3f}",
+                      "-" if s.ratio_to_entropy is None else f"{s.ratio_to_entropy:.4f}")
+    return table
 
 
 def analysis_table(analysis: Analysis, title: str) -> Table:
