@@ -1,7 +1,9 @@
 """Known-good streams: this version reads them, and writes the same bytes again.
 
-A failure here means the stream format changed: bump ``stream.VERSION``, keep a reader for the
-old version, and add new golden files beside the old ones.
+If the decode test fails, the format changed: bump ``stream.VERSION``, keep a reader for the old
+version, and add new golden files beside the old ones. If only the encode test fails, the
+encoder now chooses differently (still a valid stream): check the new bytes decode, then
+regenerate the golden stream.
 """
 
 from pathlib import Path

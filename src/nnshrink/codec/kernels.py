@@ -374,3 +374,27 @@ def rans_cost_bits(counts, freq):
         if counts[i]:
             total += counts[i] * (PROB_BITS - np.log2(freq[i]))
     return total
+
+
+@njit(cache=True)
+def write_levels(buf, st, u, k):
+    for i in range(u.shape[0]):
+        put_rice(buf, st, u[i], k)
+
+
+@njit(cache=True)
+def read_levels(data, end, st, k, order, max_level, levels):
+    """Inverse of the table's delta coding; returns an error code."""
+    prev1 = 0
+    prev2 = 0
+    for i in range(levels.shape[0]):
+        d = unzigzag(get_rice(data, end, st, k))
+        if st[3] != OK:
+            return st[3]
+        value = d + prev1 if order == 1 else d + 2 * prev1 - prev2
+        if value < 0 or value > max_level:
+            return ERR_VALUE
+        levels[i] = value
+        prev2 = prev1
+        prev1 = value
+    return OK

@@ -109,41 +109,52 @@ def _check_input(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _encode_block(values: np.ndarray, table: T.Table | None, modes: frozenset[str], itemsize: int,
-                  scratch: np.ndarray) -> bytes:
-    """The cheapest encoding of one block (mode byte included)."""
+def _choose(values: np.ndarray, table: T.Table | None, modes: frozenset[str], itemsize: int) -> tuple[tuple, tuple | None]:
+    """The cheapest mode for one block without the shared table, and the rANS choice with it
+    (None if the table cannot code the block). Each is ``(bits, mode, *parameters)``; bit
+    counts are exact for every mode but rANS, whose estimate is the model's code length plus
+    its state."""
     n = values.shape[0]
     vmin, vmax = int(values.min()), int(values.max())
     if vmin == vmax:
-        return bytes([CONST]) + _bits(lambda b, s: K.put(b, s, K.zigzag(vmin), 17), scratch)
+        return (24, CONST, vmin), None
     candidates = [(8 * n * itemsize, STORED)]
     width = int(vmax - vmin).bit_length()
     if "raw" in modes:
-        candidates.append((n * width + 22, RAW))
+        candidates.append((n * width + 22, RAW, vmin, width))
     counts = np.bincount(values - vmin).astype(np.int64)
     if "rice" in modes:
-        center = int(np.median(values))
+        center = int(np.searchsorted(np.cumsum(counts), (n + 1) // 2)) + vmin  # the median
         k, bits = K.best_rice_k(_zigzag_counts(counts, vmin, center), 0, 16)
         candidates.append((bits + 22, RICE, center, k))
-    nnz = int(np.count_nonzero(values))
-    if "zero-run" in modes and nnz < n and vmin <= 0:
+    zeros = int(counts[-vmin]) if vmin <= 0 <= vmax else 0
+    if "zero-run" in modes and zeros:
         runs, nz = K.zero_runs(values, n)
         kr, rbits = K.best_rice_k(np.bincount(runs).astype(np.int64), 0, 20)
         vbits, kv = 0, 0
-        if nnz:
+        if nz.shape[0]:
             kv, vbits = K.best_rice_k(np.bincount(np.where(nz >= 0, nz << 1, ((-nz) << 1) - 1) - 1).astype(np.int64), 0, 16)
         candidates.append((rbits + vbits + 10, ZRUN, runs, nz, kr, kv))
     distinct = np.flatnonzero(counts)
     if "palette" in modes and len(distinct) <= 256:
         pw = (len(distinct) - 1).bit_length()
         candidates.append((n * pw + 8 + 17 * len(distinct), PALETTE, (distinct + vmin).astype(np.int64), pw))
-    if table is not None and "rans" in modes:
-        bins = (values - table.tmin) >> table.shift
-        if bins.min() >= 0 and bins.max() < table.size and (table.freq[bins] > 0).all():
-            hist = np.bincount(bins, minlength=table.size).astype(np.int64)
-            candidates.append((K.rans_cost_bits(hist, table.freq) + n * table.shift + 40, RANS))
     best = min(candidates, key=lambda c: c[0])
-    mode = best[1]
+    if table is not None and "rans" in modes:
+        lo_bin, hi_bin = (vmin - table.tmin) >> table.shift, (vmax - table.tmin) >> table.shift
+        if lo_bin >= 0 and hi_bin < table.size:
+            bins = (values - table.tmin) >> table.shift if table.shift else values - table.tmin
+            hist = np.bincount(bins, minlength=table.size).astype(np.int64)
+            if not (hist[table.freq == 0]).any():
+                return best, (K.rans_cost_bits(hist, table.freq) + n * table.shift + 40, RANS)
+    return best, None
+
+
+def _emit(values: np.ndarray, choice: tuple, table: T.Table | None, itemsize: int, scratch: np.ndarray) -> bytes:
+    """Write one block in the chosen mode (mode byte included)."""
+    n, mode = values.shape[0], choice[1]
+    if mode == CONST:
+        return bytes([CONST]) + _bits(lambda b, s: K.put(b, s, K.zigzag(choice[2]), 17), scratch)
     if mode == STORED:
         return bytes([STORED]) + _stored_bytes(values, itemsize)
     if mode == RANS:
@@ -151,13 +162,13 @@ def _encode_block(values: np.ndarray, table: T.Table | None, modes: frozenset[st
         size = K.enc_rans(out, values, n, table.tmin, table.shift, table.freq, table.cum)
         return bytes([RANS]) + out[:size].tobytes()
     if mode == RAW:
-        body = _bits(lambda b, s: K.enc_raw(b, s, values, n, vmin, width), scratch)
+        body = _bits(lambda b, s: K.enc_raw(b, s, values, n, choice[2], choice[3]), scratch)
     elif mode == RICE:
-        body = _bits(lambda b, s: K.enc_rice(b, s, values, n, best[2], best[3]), scratch)
+        body = _bits(lambda b, s: K.enc_rice(b, s, values, n, choice[2], choice[3]), scratch)
     elif mode == ZRUN:
-        body = _bits(lambda b, s: K.enc_zrun(b, s, best[2], best[3], best[4], best[5]), scratch)
+        body = _bits(lambda b, s: K.enc_zrun(b, s, choice[2], choice[3], choice[4], choice[5]), scratch)
     else:
-        body = _bits(lambda b, s: K.enc_palette(b, s, values, n, best[2], best[3]), scratch)
+        body = _bits(lambda b, s: K.enc_palette(b, s, values, n, choice[2], choice[3]), scratch)
     return bytes([mode]) + body
 
 
@@ -169,9 +180,7 @@ def _stored_bytes(values: np.ndarray, itemsize: int) -> bytes:
 def _zigzag_counts(counts: np.ndarray, vmin: int, center: int) -> np.ndarray:
     v = np.arange(counts.shape[0]) + vmin - center
     u = np.where(v >= 0, v << 1, ((-v) << 1) - 1)
-    out = np.zeros(int(u.max()) + 1, np.int64)
-    np.add.at(out, u, counts)
-    return out
+    return np.bincount(u, weights=counts).astype(np.int64)
 
 
 def _bits(write, scratch: np.ndarray) -> bytes:
@@ -215,14 +224,14 @@ def encode(array: np.ndarray, config: CodecConfig | None = None) -> bytes:
         table, table_blob = _make_table(flat)
     itemsize = array.dtype.itemsize
     chunks = [flat[i * config.block_size:(i + 1) * config.block_size] for i in range(nblocks)]
-    blocks = [_encode_block(c, table, config.modes, itemsize, scratch) for c in chunks]
-    if table is not None:
-        # the table pays off only if the blocks that use it save more than it costs
-        users = [i for i, b in enumerate(blocks) if b[0] == RANS]
-        alone = {i: _encode_block(chunks[i], None, config.modes, itemsize, scratch) for i in users}
-        if sum(len(alone[i]) - len(blocks[i]) for i in users) <= len(table_blob) + len(_varint(len(table_blob))):
-            blocks = [alone.get(i, b) for i, b in enumerate(blocks)]
-            table_blob = b""
+    options = [_choose(c, table, config.modes, itemsize) for c in chunks]
+    choices = [r if r is not None and r[0] < b[0] else b for b, r in options]
+    # the table pays off only if the blocks that use it save more than it costs
+    saved_bits = sum(b[0] - c[0] for (b, _), c in zip(options, choices))
+    if table is not None and saved_bits <= 8 * (len(table_blob) + len(_varint(len(table_blob)))):
+        choices = [b for b, _ in options]
+        table, table_blob = None, b""
+    blocks = [_emit(c, choice, table, itemsize, scratch) for c, choice in zip(chunks, choices)]
     return _assemble(array, config.block_size, table_blob, blocks)
 
 

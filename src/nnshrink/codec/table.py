@@ -109,7 +109,7 @@ def build(counts: np.ndarray, tmin: int, shift: int = 0) -> tuple[Table, int]:
     """
     best = None
     counts = counts.astype(np.int64)
-    for width in (0, 0.75, 1.5, 3.0):
+    for width in (0, 1.0, 2.5):
         smooth = _smooth(counts, width)
         present = (smooth >= 0.25) | (counts > 0)
         logc = np.log2(np.maximum(smooth, 0.25))
@@ -150,8 +150,7 @@ def write(buf: np.ndarray, st: np.ndarray, table: Table) -> None:
     K.put(buf, st, GRIDS.index(table.grid), 2)
     K.put(buf, st, table.order - 1, 1)
     K.put(buf, st, k, 4)
-    for x in u:
-        K.put_rice(buf, st, int(x), k)
+    K.write_levels(buf, st, u, k)
 
 
 def read(data: np.ndarray, end: int, st: np.ndarray) -> Table | None:
@@ -165,17 +164,8 @@ def read(data: np.ndarray, end: int, st: np.ndarray) -> Table | None:
     if st[3] != K.OK or size > MAX_RANGE or k > 12:
         return None
     levels = np.empty(size, dtype=np.int64)
-    prev1 = prev2 = 0
-    for i in range(size):
-        u = int(K.get_rice(data, end, st, k))
-        if st[3] != K.OK:
-            return None
-        d = int(K.unzigzag(u))
-        value = d + prev1 if order == 1 else d + 2 * prev1 - prev2
-        if value < 0 or value > _MAX_LEVEL:
-            return None
-        levels[i] = value
-        prev2, prev1 = prev1, value
+    if K.read_levels(data, end, st, k, order, _MAX_LEVEL, levels) != K.OK:
+        return None
     if not (levels > 0).any():
         return None
     return _finish(tmin, shift, grid, order, levels)
