@@ -32,6 +32,7 @@ from nnshrink.codec import CodecConfig, decode, encode, entropy_bits, stream_inf
 from nnshrink.errors import CorruptDataError, FormatError
 from nnshrink.io.onnx_export import to_onnx
 from nnshrink.io.onnx_import import onnx_to_torch
+from nnshrink.techniques.cluster import CodebookRecord, codebook_record
 from nnshrink.techniques.weights import WeightQuant, weight_quant
 
 FORMAT = "nnshrink.nsz"
@@ -73,14 +74,24 @@ def _crc(data: bytes) -> int:
     return zlib.crc32(data)
 
 
-def _quant_records(model: nn.Module) -> dict[str, tuple[WeightQuant, np.ndarray]]:
-    """Weight name -> (record, float weight) for every layer with a valid quantization record."""
+def _quant_records(model: nn.Module) -> dict[str, tuple[WeightQuant | CodebookRecord, np.ndarray]]:
+    """Weight name -> (record, float weight) for every layer stored as integers: quantized
+    (:class:`WeightQuant`) or shared (:class:`CodebookRecord`), whose record still holds."""
     out = {}
     for name, module in model.named_modules():
-        record = weight_quant(module) if hasattr(module, "weight") else None
+        record = (weight_quant(module) or codebook_record(module)) if hasattr(module, "weight") else None
         if record is not None:
             out[f"{name}.weight" if name else "weight"] = (record, module.weight.detach().cpu().numpy())
     return out
+
+
+def _stream_report(name: str, kind: str, ints: np.ndarray, stream_bytes: int, side_bytes: int,
+                   modes: tuple[str, ...] = ()) -> StreamReport:
+    count = max(1, ints.size)
+    ent = entropy_bits(ints) / count
+    stored = stream_bytes + side_bytes
+    return StreamReport(name, kind, ints.size, stored, stored * 8 / count, ent,
+                        stream_bytes * 8 / count / ent if ent > 0 else None, modes)
 
 
 def save(model: nn.Module, path: str | Path, example_input: torch.Tensor | None = None,
@@ -88,7 +99,9 @@ def save(model: nn.Module, path: str | Path, example_input: torch.Tensor | None 
     """Write ``model`` as an ``.nsz`` container, atomically.
 
     Quantized layers (with a :class:`~nnshrink.techniques.weights.WeightQuant` record) are stored
-    as entropy-coded integer streams plus scales; every other weight as its raw tensor.
+    as entropy-coded integer streams plus scales, shared layers (with a
+    :class:`~nnshrink.techniques.cluster.CodebookRecord`) as index streams plus codebooks; every
+    other weight as its raw tensor.
 
     Returns:
         Per-weight storage figures, measured from the bytes written.
@@ -112,16 +125,18 @@ def save(model: nn.Module, path: str | Path, example_input: torch.Tensor | None 
         array = numpy_helper.to_array(init)
         record = records.get(init.name, (None,))[0] or by_value.get((array.shape, array.tobytes()))
         if record is not None and np.array_equal(record.dequantize(), array):
-            stream = encode(record.q, codec)
-            scale = np.ascontiguousarray(record.scale, dtype="<f4").tobytes()
-            index[init.name] = {"kind": "quantized", "shape": list(array.shape), "bits": record.bits,
-                                "axis": record.axis, "zero_point": record.zero_point,
-                                "stream": put(stream), "scale": put(scale)}
-            ent = entropy_bits(record.q) / array.size
-            stored = len(stream) + len(scale)
-            reports.append(StreamReport(init.name, "quantized", array.size, stored, stored * 8 / array.size,
-                                        ent, len(stream) * 8 / array.size / ent if ent > 0 else None,
-                                        tuple(sorted(set(stream_info(stream).block_modes)))))
+            if isinstance(record, CodebookRecord):
+                kind, ints, side_key, side = "codebook", record.indices, "codebook", record.codebook
+                entry = {"bits": record.bits}
+            else:
+                kind, ints, side_key, side = "quantized", record.q, "scale", record.scale
+                entry = {"bits": record.bits, "axis": record.axis, "zero_point": record.zero_point}
+            stream = encode(ints, codec)
+            side_bytes = np.ascontiguousarray(side, dtype="<f4").tobytes()
+            index[init.name] = {"kind": kind, "shape": list(array.shape), **entry,
+                                "stream": put(stream), side_key: put(side_bytes)}
+            reports.append(_stream_report(init.name, kind, ints, len(stream), len(side_bytes),
+                                          tuple(sorted(set(stream_info(stream).block_modes)))))
         else:
             dtype = str(array.dtype)
             if dtype not in _DTYPES:
@@ -213,6 +228,12 @@ def _weights(path: Path, index: dict, blob: bytes) -> dict[str, np.ndarray]:
                 if len(raw) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
                     raise CorruptDataError(f"{path}: weight {name!r} has {len(raw)} bytes for shape {shape}")
                 array = np.frombuffer(raw, dtype).astype(dtype.newbyteorder("=")).reshape(shape)
+            elif entry["kind"] == "codebook":
+                idx = decode(_part(blob, entry["stream"], path, f"stream {name!r}"), name=f"{path}: {name}")
+                book = np.frombuffer(_part(blob, entry["codebook"], path, f"codebook of {name!r}"), "<f4").astype(np.float32)
+                if idx.shape != shape or idx.dtype != np.uint8 or (idx.size and int(idx.max()) >= book.size):
+                    raise CorruptDataError(f"{path}: stream {name!r} does not match its codebook or shape {shape}")
+                array = CodebookRecord(idx, book, int(entry["bits"])).dequantize()
             elif entry["kind"] == "quantized":
                 q = decode(_part(blob, entry["stream"], path, f"stream {name!r}"), name=f"{path}: {name}")
                 scale = np.frombuffer(_part(blob, entry["scale"], path, f"scales of {name!r}"), "<f4").astype(np.float32)
@@ -266,19 +287,15 @@ def describe(path: str | Path) -> list[StreamReport]:
     path = Path(path)
     meta, tensors = _open(path)
     index, _, blob = _check(path, meta, tensors)
-    weights = _weights(path, index, blob)  # verifies and decodes every stream
     reports = []
     for name, entry in index.items():
-        count = int(weights[name].size)
+        count = int(np.prod(entry["shape"], dtype=np.int64))
         if entry["kind"] == "raw":
             n = entry["data"][1]
             reports.append(StreamReport(name, "raw", count, n, n * 8 / max(1, count), None, None))
             continue
         stream = _part(blob, entry["stream"], path, name)
-        q = decode(stream, name=f"{path}: {name}")
-        ent = entropy_bits(q) / max(1, count)
-        stored = entry["stream"][1] + entry["scale"][1]
-        reports.append(StreamReport(name, "quantized", count, stored, stored * 8 / max(1, count), ent,
-                                    len(stream) * 8 / count / ent if ent > 0 else None,
-                                    tuple(sorted(set(stream_info(stream).block_modes)))))
+        side = entry["scale"][1] if entry["kind"] == "quantized" else entry["codebook"][1]
+        reports.append(_stream_report(name, entry["kind"], decode(stream, name=f"{path}: {name}"), len(stream), side,
+                                      tuple(sorted(set(stream_info(stream).block_modes)))))
     return reports

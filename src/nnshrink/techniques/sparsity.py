@@ -1,0 +1,260 @@
+"""Unstructured magnitude pruning (one-shot or gradual) and N:M structured sparsity.
+
+The :class:`Pruner` keeps a 0/1 mask per layer and applies it in a forward pre-hook, so the
+masks hold through any training loop (the user's ``train(model, steps)`` included) without
+touching the optimizer: a masked weight may receive an update, but it is zeroed again before it
+is ever used. Each forward pass in training mode is one schedule step; the sparsity rises from
+``initial_sparsity`` to ``final_sparsity`` along the polynomial schedule of Zhu & Gupta (2017):
+``s_t = s_f + (s_i - s_f) * (1 - t / T) ** power``, recomputing the masks every ``frequency``
+steps. ``pruner.step()`` advances the schedule by hand, for loops that want DRP-AI's style.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nnshrink.errors import ConfigError
+from nnshrink.graph.analysis import is_compressible
+from nnshrink.plan.config import StepConfig, StepResult
+
+SCOPES = ("global", "layer")
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1), got {value}")
+
+
+def prunable_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """Conv/Linear layers whose names match none of the ``exclude`` patterns (fnmatch)."""
+    return {name: m for name, m in model.named_modules()
+            if is_compressible(m) and not any(fnmatch.fnmatch(name, p) for p in exclude)}
+
+
+def magnitude_masks(layers: dict[str, nn.Module], sparsity: float, scope: str = "global") -> dict[str, torch.Tensor]:
+    """Masks that zero the ``sparsity`` fraction of smallest-magnitude weights.
+
+    ``global`` ranks all layers' weights together (layers with small weights lose more);
+    ``layer`` prunes each layer to ``sparsity``. Ties at the threshold are broken by position,
+    so the count is exact.
+    """
+    if scope not in SCOPES:
+        raise ConfigError(f"scope must be one of {SCOPES}, got {scope!r}")
+    weights = {n: m.weight.detach().abs().reshape(-1) for n, m in layers.items()}
+    if scope == "layer":
+        return {n: _keep_largest(w, sparsity).reshape(layers[n].weight.shape) for n, w in weights.items()}
+    flat = torch.cat(list(weights.values()))
+    keep = _keep_largest(flat, sparsity)
+    masks, offset = {}, 0
+    for n, w in weights.items():
+        masks[n] = keep[offset:offset + w.numel()].reshape(layers[n].weight.shape)
+        offset += w.numel()
+    return masks
+
+
+def _keep_largest(values: torch.Tensor, sparsity: float) -> torch.Tensor:
+    n_prune = int(round(sparsity * values.numel()))
+    mask = torch.ones_like(values)
+    if n_prune > 0:
+        order = torch.argsort(values, stable=True)
+        mask[order[:n_prune]] = 0.0
+    return mask
+
+
+def n_m_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` largest of every ``m`` consecutive weights along the input dimension.
+
+    The input dimension is the flattened ``(in_channels, kh, kw)`` of each output row, the K
+    dimension of the GEMM that sparse tensor cores accelerate.
+
+    Raises:
+        ConfigError: The row length is not a multiple of ``m``.
+    """
+    rows = weight.detach().reshape(weight.shape[0], -1)
+    if rows.shape[1] % m:
+        raise ConfigError(f"{n}:{m} sparsity needs a row length divisible by {m}, got {rows.shape[1]}")
+    groups = rows.abs().reshape(rows.shape[0], -1, m)
+    top = torch.topk(groups, n, dim=2).indices
+    mask = torch.zeros_like(groups)
+    mask.scatter_(2, top, 1.0)
+    return mask.reshape(weight.shape)
+
+
+class Pruner:
+    """Gradual magnitude pruning for a training loop.
+
+    >>> import torch, nnshrink as ns
+    >>> model = ns.zoo.build("lenet300")
+    >>> pruner = Pruner(model, final_sparsity=0.7, steps=100)
+    >>> for _ in range(100):
+    ...     pruner.step()       # or just train: each training forward pass is one step
+    >>> round(pruner.sparsity(), 2)
+    0.7
+
+    Args:
+        model: Model whose Conv/Linear weights are pruned (in place).
+        final_sparsity: Fraction of weights zero at the end.
+        initial_sparsity: Fraction zero at ``start_step``.
+        steps: Steps from ``start_step`` to reaching ``final_sparsity``.
+        start_step: Steps before pruning begins.
+        frequency: Recompute masks every this many steps.
+        power: Exponent of the polynomial schedule (3 as in Zhu & Gupta).
+        scope: ``global`` or ``layer`` thresholds.
+        exclude: Layer name patterns (fnmatch) never pruned.
+        n_m: ``(n, m)`` for N:M structured sparsity (then the schedule is ignored: the pattern
+            is applied from the first step).
+    """
+
+    def __init__(self, model: nn.Module, final_sparsity: float = 0.7, initial_sparsity: float = 0.0,
+                 steps: int = 1000, start_step: int = 0, frequency: int = 10, power: float = 3.0,
+                 scope: str = "global", exclude: tuple[str, ...] = (), n_m: tuple[int, int] | None = None) -> None:
+        _check_fraction("final_sparsity", final_sparsity)
+        _check_fraction("initial_sparsity", initial_sparsity)
+        if initial_sparsity > final_sparsity:
+            raise ConfigError("initial_sparsity must not exceed final_sparsity")
+        if steps < 1 or frequency < 1 or start_step < 0:
+            raise ConfigError("steps and frequency must be at least 1, start_step at least 0")
+        if scope not in SCOPES:
+            raise ConfigError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if n_m is not None and not (0 < n_m[0] < n_m[1]):
+            raise ConfigError(f"n_m must be (n, m) with 0 < n < m, got {n_m}")
+        self.model = model
+        self.final, self.initial, self.steps = final_sparsity, initial_sparsity, steps
+        self.start, self.frequency, self.power, self.scope = start_step, frequency, power, scope
+        self.n_m = n_m
+        self.layers = prunable_layers(model, exclude)
+        if not self.layers:
+            raise ConfigError("no Conv/Linear layer left to prune (check the exclude patterns)")
+        self.masks = {n: torch.ones_like(m.weight) for n, m in self.layers.items()}
+        self.step_count = 0
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
+        self._handles.append(model.register_forward_pre_hook(self._count))
+        self._update(force=True)
+
+    def target(self, step: int | None = None) -> float:
+        """The scheduled sparsity at ``step`` (default: now)."""
+        t = self.step_count if step is None else step
+        if t < self.start:
+            return self.initial if self.start == 0 else 0.0
+        frac = min(1.0, (t - self.start) / self.steps)
+        return self.final + (self.initial - self.final) * (1.0 - frac) ** self.power
+
+    def _count(self, model: nn.Module, args) -> None:
+        if model.training:  # one training forward pass = one schedule step
+            self.step(apply=False)
+
+    def _hook(self, name: str):
+        def pre_forward(module: nn.Module, args) -> None:
+            self._apply(name)
+
+        return pre_forward
+
+    def _apply(self, name: str) -> None:
+        with torch.no_grad():
+            self.layers[name].weight.mul_(self.masks[name])
+
+    def _due(self) -> bool:
+        t = self.step_count - self.start
+        return 0 <= t <= self.steps and (t % self.frequency == 0 or t == self.steps)
+
+    def _update(self, force: bool = False) -> None:
+        if not force and not self._due():
+            return
+        if self.n_m is not None:
+            self.masks = {n: n_m_mask(m.weight, *self.n_m) for n, m in self.layers.items()}
+        else:
+            # masks only grow: weights pruned earlier stay pruned
+            for n, m in self.layers.items():
+                with torch.no_grad():
+                    m.weight.mul_(self.masks[n])
+            self.masks = magnitude_masks(self.layers, self.target(), self.scope)
+        for n in self.layers:
+            self._apply(n)
+
+    def step(self, apply: bool = True) -> None:
+        """Advance the schedule by one step and apply the masks (call after optimizer.step())."""
+        self.step_count += 1
+        self._update()
+        if apply:
+            for n in self.layers:
+                self._apply(n)
+
+    def finalize(self) -> None:
+        """Apply the final sparsity (whatever step the schedule reached), then remove the hooks.
+
+        The weights keep their zeros; the model no longer depends on the pruner.
+        """
+        self.step_count = max(self.step_count, self.start + self.steps)
+        self._update(force=True)
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def sparsity(self) -> float:
+        """Fraction of zero weights over the pruned layers, measured on the weights."""
+        zeros = sum(int((m.weight == 0).sum()) for m in self.layers.values())
+        return zeros / sum(m.weight.numel() for m in self.layers.values())
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return {n: float((m.weight == 0).float().mean()) for n, m in self.layers.items()}
+
+
+@dataclass(frozen=True)
+class Sparsify(StepConfig):
+    """Magnitude pruning as a plan step: one-shot (``steps: 0``) or gradual during fine-tuning.
+
+    Attributes:
+        sparsity: Final fraction of zero weights.
+        steps: Fine-tuning steps with the bundled or the user's trainer; pruning reaches
+            ``sparsity`` after ``ramp`` of them and the rest recover accuracy. 0: one-shot.
+        ramp: Fraction of ``steps`` over which the sparsity rises.
+        scope: ``global`` or ``layer``.
+        exclude: Layer name patterns left dense.
+        pattern: ``unstructured``, ``2:4`` or ``4:8``.
+    """
+
+    kind = "sparsify"
+    sparsity: float = 0.7
+    steps: int = 0
+    ramp: float = 0.6
+    scope: str = "global"
+    exclude: tuple[str, ...] = ()
+    pattern: str = "unstructured"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_fraction("sparsify.sparsity", self.sparsity)
+        if self.steps < 0 or not 0 < self.ramp <= 1:
+            raise ConfigError("sparsify.steps must be >= 0 and ramp in (0, 1]")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"sparsify.scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.pattern not in ("unstructured", "2:4", "4:8"):
+            raise ConfigError(f"sparsify.pattern must be unstructured, 2:4 or 4:8, got {self.pattern!r}")
+
+    def apply(self, model: nn.Module, ctx) -> StepResult:
+        import copy
+
+        new = copy.deepcopy(model)
+        n_m = None if self.pattern == "unstructured" else tuple(int(v) for v in self.pattern.split(":"))
+        ramp_steps = max(1, int(self.steps * self.ramp))
+        pruner = Pruner(new, final_sparsity=self.sparsity, steps=ramp_steps, frequency=max(1, ramp_steps // 20),
+                        scope=self.scope, exclude=self.exclude, n_m=n_m)
+        if self.steps:
+            if ctx.train is None:
+                raise ConfigError("gradual sparsify needs a train(model, steps) function or bundled data")
+            new = ctx.train(new, self.steps) or new
+        pruner.finalize()
+        details = {"sparsity": pruner.sparsity(), "layers": pruner.layer_sparsity(), "pattern": self.pattern,
+                   "steps": self.steps, "val_after": ctx.evaluate(new) if ctx.evaluate else None}
+        return StepResult(self.kind, new.eval(), details)
+
+
+def sparsity_of(model: nn.Module) -> float:
+    """Fraction of zero weights over all Conv/Linear layers of ``model``."""
+    layers = prunable_layers(model)
+    return sum(int((m.weight == 0).sum()) for m in layers.values()) / max(1, sum(m.weight.numel() for m in layers.values()))
+
