@@ -40,3 +40,15 @@ def test_imports_point_one_way(package):
     assert files
     used = set().union(*(_imports(f) for f in files)) - {package}
     assert used <= ALLOWED[package], f"{package} imports {sorted(used - ALLOWED[package])}"
+
+
+def test_a_technique_never_imports_another():
+    folder = SRC / "techniques"
+    modules = {f.stem for f in folder.glob("*.py")} - {"__init__"}
+    for f in folder.glob("*.py"):
+        if f.stem == "__init__":
+            continue
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nnshrink.techniques."):
+                assert node.module.split(".")[2] not in modules, f"{f.name} imports {node.module}"

@@ -1,0 +1,118 @@
+import pytest
+import torch
+from torch import nn
+
+from nnshrink import ConfigError, Plan, compress, zoo
+from nnshrink.techniques import Pruner, Sparsify, magnitude_masks, n_m_mask, sparsity_of
+from nnshrink.techniques.sparsity import prunable_layers
+
+
+def _model():
+    torch.manual_seed(0)
+    return zoo.build("lenet5")
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_magnitude_masks_prune_the_exact_fraction(scope, sparsity):
+    layers = prunable_layers(_model())
+    masks = magnitude_masks(layers, sparsity, scope)
+    total = sum(m.numel() for m in masks.values())
+    zeros = sum(int((m == 0).sum()) for m in masks.values())
+    assert zeros == round(sparsity * total) if scope == "global" else abs(zeros / total - sparsity) < 1e-3
+    for name, mask in masks.items():  # what is kept is larger than what is pruned
+        w = layers[name].weight.detach().abs()
+        if scope == "layer" and 0 < sparsity:
+            assert w[mask == 1].min() >= w[mask == 0].max()
+
+
+def test_global_scope_prunes_small_weight_layers_more():
+    layers = prunable_layers(_model())
+    masks = magnitude_masks(layers, 0.8, "global")
+    # fc1 (fan-in 800) has smaller init weights than conv1 (fan-in 25)
+    assert (masks["fc1"] == 0).float().mean() > (masks["conv1"] == 0).float().mean()
+
+
+def test_n_m_pattern():
+    w = torch.randn(8, 16, 3, 3)
+    mask = n_m_mask(w, 2, 4)
+    groups = mask.reshape(8, -1, 4)
+    assert (groups.sum(dim=2) == 2).all()
+    kept = (w.abs().reshape(8, -1, 4) * groups)
+    dropped = (w.abs().reshape(8, -1, 4) * (1 - groups))
+    assert (kept.max(dim=2).values >= dropped.max(dim=2).values).all()
+    with pytest.raises(ConfigError, match="divisible by 8"):
+        n_m_mask(torch.randn(4, 6), 4, 8)
+
+
+def test_pruner_schedule_is_polynomial_and_monotone():
+    pruner = Pruner(_model(), final_sparsity=0.8, initial_sparsity=0.1, steps=100, frequency=5)
+    targets = [pruner.target(t) for t in range(0, 101, 10)]
+    assert targets[0] == pytest.approx(0.1) and targets[-1] == pytest.approx(0.8)
+    assert all(a <= b for a, b in zip(targets, targets[1:]))
+    assert targets[5] == pytest.approx(0.8 + (0.1 - 0.8) * 0.5 ** 3)
+
+
+def test_masks_hold_through_training_and_are_removed_cleanly():
+    model = _model()
+    pruner = Pruner(model, final_sparsity=0.75, steps=20, frequency=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    model.train()
+    for _ in range(30):  # each training forward is a schedule step
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model(x)  # the pre-hook re-applies masks that Adam's momentum disturbed
+    assert pruner.step_count == 30
+    assert sparsity_of(model) == pytest.approx(0.75, abs=1e-3)
+    pruner.finalize()
+    before = {n: m.weight.clone() for n, m in pruner.layers.items()}
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    for n, m in pruner.layers.items():
+        assert torch.equal(m.weight, before[n])
+
+
+def test_manual_steps_like_drp_ai():
+    model = _model()
+    pruner = Pruner(model, final_sparsity=0.7, steps=50, frequency=10)
+    for _ in range(50):
+        pruner.step()
+    assert pruner.sparsity() == pytest.approx(0.7, abs=1e-3)
+    assert set(pruner.layer_sparsity()) == {"conv1", "conv2", "fc1", "fc2"}
+
+
+def test_exclusions_and_bad_configs():
+    model = _model()
+    Pruner(model, final_sparsity=0.9, steps=1, exclude=("conv*",)).finalize()
+    assert (model.conv1.weight != 0).all() and sparsity_of(model) > 0.8
+    for kwargs in ({"final_sparsity": 1.0}, {"initial_sparsity": 0.5, "final_sparsity": 0.3},
+                   {"steps": 0}, {"scope": "row"}, {"n_m": (4, 2)}, {"exclude": ("*",)}):
+        with pytest.raises(ConfigError):
+            Pruner(_model(), **kwargs)
+
+
+def test_sparsify_step_one_shot_and_gradual():
+    model = _model()
+    x = torch.zeros(1, 1, 28, 28)
+    one_shot = compress(model, Plan([Sparsify(sparsity=0.6)]), x)
+    assert one_shot.steps[0].details["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert sparsity_of(model) == 0.0  # the input model is untouched
+    seen = []
+
+    def train(m, steps):
+        m.train()
+        for _ in range(steps):
+            m(torch.randn(2, 1, 28, 28))
+            seen.append(sparsity_of(m))
+        return m
+
+    gradual = compress(model, Plan([Sparsify(sparsity=0.8, steps=40, ramp=0.5)]), x, train=train)
+    assert sparsity_of(gradual.model) == pytest.approx(0.8, abs=1e-3)
+    assert seen[0] < 0.3 and seen[-1] == pytest.approx(0.8, abs=1e-3)
+    with pytest.raises(ConfigError, match="needs a train"):
+        compress(model, Plan([Sparsify(sparsity=0.8, steps=10)]), x)
+    nm = compress(model, Plan([Sparsify(pattern="2:4", exclude=("conv1",))]), x).model
+    assert (n_m_mask(nm.fc1.weight, 2, 4) * (nm.fc1.weight != 0)).sum() == (nm.fc1.weight != 0).sum()
