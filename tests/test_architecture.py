@@ -18,6 +18,7 @@ ALLOWED = {
     "techniques": {"errors", "graph", "plan"},
     "io": {"cache", "codec", "errors", "graph", "techniques", "zoo"},
     "plan": {"errors", "graph"},
+    "search": {"io", "plan", "progress"},
     "report": {"cache", "graph"},
     "testing": set(),
 }

@@ -18,10 +18,18 @@ def _run(capsys, *argv):
 
 
 def test_demo_prints_analysis_and_accuracy(capsys, lenet5_trained):
-    code, out, _ = _run(capsys, "demo")
+    code, out, _ = _run(capsys, "demo", "--quick")
     assert code == 0
     assert "2,293,000" in out and "431,080" in out
-    assert "held-out accuracy" in out
+    assert "held-out accuracy" in out and "container" in out
+
+
+@pytest.mark.slow
+def test_full_demo_ends_with_the_deep_compression_frontier(capsys, tmp_path, lenet5_trained):
+    plot = tmp_path / "frontier.png"
+    code, out, _ = _run(capsys, "demo", "--plot", str(plot))
+    assert code == 0
+    assert "smaller than float32" in out and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_analyze_json_schema(capsys):

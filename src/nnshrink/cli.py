@@ -242,8 +242,10 @@ def decode(container: Annotated[Path, typer.Argument(help="An .nsz container.")]
 
 @app.command()
 @_errors
-def demo(data: DataOpt = "mnist") -> None:
-    """The main job on the bundled data: LeNet-5, its analysis, int8 weights in the container."""
+def demo(data: DataOpt = "mnist",
+         plot: Annotated[Path, typer.Option(help="Where to write the accuracy-vs-size plot.")] = Path("nnshrink-frontier.png"),
+         quick: Annotated[bool, typer.Option(help="Skip the Deep Compression sweep.")] = False) -> None:
+    """The main job on the bundled data: LeNet-5 analysed, quantized, deep-compressed, measured."""
     import tempfile
 
     from nnshrink import zoo
@@ -283,6 +285,36 @@ def demo(data: DataOpt = "mnist") -> None:
               f"float32 ({f32:,} B) and {int8 / size:.2f}x smaller than plain int8 ({int8:,} B)")
     out.print(f"held-out accuracy from the container: [bold]{acc_q:.2%}[/bold] (float: {acc:.2%}, "
               f"on the same {len(dataset.arrays('test')[1])} images)")
+    if not quick:
+        _demo_deep_compression(model, dataset, x, f32, acc, plot)
+
+
+def _demo_deep_compression(model, dataset, x, f32: int, acc: float, plot: Path) -> None:
+    from nnshrink import zoo
+    from nnshrink.plan import Plan
+    from nnshrink.report.plots import frontier_plot
+    from nnshrink.search import pareto, smallest_within, sweep
+    from nnshrink.techniques import ShareWeights, Sparsify
+
+    out.rule("Deep Compression: prune, share weights, entropy-code (a small sweep)")
+    grid = [(0.9, 4), (0.92, 3), (0.95, 3)]
+    plans = {f"{s:.0%}/{b}b": Plan([Sparsify(sparsity=s, steps=600), ShareWeights(bits=b, steps=200)]) for s, b in grid}
+    start = time.perf_counter()
+    points = sweep(model, plans, x, zoo.make_evaluator(dataset, "val"), zoo.make_evaluator(dataset, "test"),
+                   zoo.make_trainer(dataset, show_progress=False))
+    val0 = zoo.accuracy(model, dataset, "val")
+    for p in sorted(points, key=lambda p: p.bytes):
+        out.print(f"  {p.label:8s} {p.bytes:>8,} B  {f32 / p.bytes:5.1f}x  validation {p.val_accuracy:.2%}  "
+                  f"held-out {p.test_accuracy:.2%} ({100 * (p.test_accuracy - acc):+.1f} point)")
+    chosen = smallest_within(points, val0, 0.002)
+    frontier_plot(points, pareto(points), f32, acc, plot, "LeNet-5: accuracy against container size", chosen)
+    if chosen is None:
+        out.print("no configuration stayed within 0.2 point of float on validation")
+    else:
+        out.print(f"smallest LeNet-5 within 0.2 point of float (chosen on validation): [bold]{chosen.label}[/bold], "
+                  f"container [bold]{chosen.bytes:,} bytes[/bold] = [bold]{f32 / chosen.bytes:.1f}x[/bold] smaller than "
+                  f"float32; held-out {chosen.test_accuracy:.2%} (float {acc:.2%})")
+    out.print(f"plot: {plot} ({time.perf_counter() - start:.0f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,47 @@
+"""Plots a person would rather see than read: the accuracy-vs-size frontier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nnshrink.cache import atomic_path
+
+
+def frontier_plot(points: list, front: list, float_bytes: int, float_accuracy: float, path: str | Path,
+                  title: str = "accuracy against compression", chosen=None) -> Path:
+    """Scatter of held-out accuracy against compression ratio (log scale), frontier joined.
+
+    ``points``/``front`` are :class:`nnshrink.search.Point` lists; the float model is the
+    reference at 1x. Written atomically as PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def acc(p):
+        return 100 * (p.test_accuracy if p.test_accuracy is not None else p.val_accuracy)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.scatter([float_bytes / p.bytes for p in points], [acc(p) for p in points], color="0.6",
+               label="configurations")
+    ax.plot([float_bytes / p.bytes for p in front], [acc(p) for p in front], "o-", color="tab:blue",
+            label="Pareto frontier (validation)")
+    for p in front:
+        ax.annotate(p.label, (float_bytes / p.bytes, acc(p)), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(100 * float_accuracy, color="tab:green", linestyle="--", label=f"float32 ({100 * float_accuracy:.1f}%)")
+    if chosen is not None:
+        ax.scatter([float_bytes / chosen.bytes], [acc(chosen)], s=160, facecolors="none", edgecolors="tab:red",
+                   linewidths=2, label=f"chosen: {float_bytes / chosen.bytes:.1f}x")
+    ax.set_xscale("log")
+    ax.set_xlabel("compression ratio against float32 (container bytes on disk)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return target
