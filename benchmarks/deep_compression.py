@@ -46,7 +46,7 @@ def main() -> int:
         points = sweep(model, plans, x, zoo.make_evaluator(data, "val"), zoo.make_evaluator(data, "test"),
                        zoo.make_trainer(data, show_progress=False), show_progress=False)
         took = time.perf_counter() - start
-        front = pareto(points)
+        front = pareto(points, "test_accuracy")
         print(f"\n{name}: float32 {f32:,} B, val {val0:.2%}, test {test0:.2%}; {len(points)} configs in {took:.0f} s")
         print(f"{'config':10s} {'bytes':>9s} {'ratio':>7s} {'val':>7s} {'test':>7s} {'test - float':>12s}")
         for p in sorted(points, key=lambda p: p.bytes):

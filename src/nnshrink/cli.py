@@ -307,7 +307,7 @@ def _demo_deep_compression(model, dataset, x, f32: int, acc: float, plot: Path) 
         out.print(f"  {p.label:8s} {p.bytes:>8,} B  {f32 / p.bytes:5.1f}x  validation {p.val_accuracy:.2%}  "
                   f"held-out {p.test_accuracy:.2%} ({100 * (p.test_accuracy - acc):+.1f} point)")
     chosen = smallest_within(points, val0, 0.002)
-    frontier_plot(points, pareto(points), f32, acc, plot, "LeNet-5: accuracy against container size", chosen)
+    frontier_plot(points, pareto(points, "test_accuracy"), f32, acc, plot, "LeNet-5: accuracy against container size", chosen)
     if chosen is None:
         out.print("no configuration stayed within 0.2 point of float on validation")
     else:

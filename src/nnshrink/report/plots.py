@@ -9,10 +9,11 @@ from nnshrink.cache import atomic_path
 
 def frontier_plot(points: list, front: list, float_bytes: int, float_accuracy: float, path: str | Path,
                   title: str = "accuracy against compression", chosen=None) -> Path:
-    """Scatter of held-out accuracy against compression ratio (log scale), frontier joined.
+    """Held-out accuracy against compression ratio (log scale) with a frontier joined.
 
-    ``points``/``front`` are :class:`nnshrink.search.Point` lists; the float model is the
-    reference at 1x. Written atomically as PNG.
+    ``points`` and ``front`` are :class:`nnshrink.search.Point` lists (pass the frontier of the
+    plotted accuracy, ``pareto(points, "test_accuracy")``); ``chosen`` (circled) is the point
+    picked on validation. The float model is the reference line. Written atomically as PNG.
     """
     import matplotlib
 
@@ -26,7 +27,7 @@ def frontier_plot(points: list, front: list, float_bytes: int, float_accuracy: f
     ax.scatter([float_bytes / p.bytes for p in points], [acc(p) for p in points], color="0.6",
                label="configurations")
     ax.plot([float_bytes / p.bytes for p in front], [acc(p) for p in front], "o-", color="tab:blue",
-            label="Pareto frontier (validation)")
+            label="frontier")
     for p in front:
         ax.annotate(p.label, (float_bytes / p.bytes, acc(p)), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axhline(100 * float_accuracy, color="tab:green", linestyle="--", label=f"float32 ({100 * float_accuracy:.1f}%)")
@@ -34,6 +35,12 @@ def frontier_plot(points: list, front: list, float_bytes: int, float_accuracy: f
         ax.scatter([float_bytes / chosen.bytes], [acc(chosen)], s=160, facecolors="none", edgecolors="tab:red",
                    linewidths=2, label=f"chosen: {float_bytes / chosen.bytes:.1f}x")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    ratio = FuncFormatter(lambda v, _: f"{v:g}x")
+    ax.xaxis.set_major_formatter(ratio)
+    ax.xaxis.set_minor_formatter(ratio)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("compression ratio against float32 (container bytes on disk)")
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title(title)

@@ -60,11 +60,14 @@ def sweep(model: nn.Module, plans: dict[str, Plan], example_input: torch.Tensor,
     return points
 
 
-def pareto(points: list[Point]) -> list[Point]:
-    """The points no other point beats on both size and validation accuracy, smallest first."""
+def pareto(points: list[Point], accuracy: str = "val_accuracy") -> list[Point]:
+    """The points no other point beats on both size and ``accuracy`` (a field name), smallest first."""
+    def acc(p: Point) -> float:
+        return getattr(p, accuracy)
+
     front = [p for p in points
-             if not any(q.bytes <= p.bytes and q.val_accuracy >= p.val_accuracy
-                        and (q.bytes < p.bytes or q.val_accuracy > p.val_accuracy) for q in points)]
+             if not any(q.bytes <= p.bytes and acc(q) >= acc(p) and (q.bytes < p.bytes or acc(q) > acc(p))
+                        for q in points)]
     return sorted(front, key=lambda p: p.bytes)
 
 
