@@ -21,7 +21,7 @@ from nnshrink.errors import (
 from nnshrink.graph import analyze, build_dependency_graph, fold_batchnorms, replace_module
 from nnshrink.io import export_onnx, load, load_model, save
 from nnshrink.plan import FineTune, FoldBatchNorm, Plan, compress
-from nnshrink.techniques import QuantizeWeights
+from nnshrink.techniques import Pruner, QuantizeWeights, ShareWeights, Sparsify
 
 __version__ = "0.1.0"
 
@@ -29,5 +29,6 @@ __all__ = [
     "ConfigError", "CorruptDataError", "DataError", "FineTune", "FoldBatchNorm", "FormatError",
     "InputShapeError", "NnshrinkError", "Plan", "UnsupportedLayerError", "UnsupportedModelError",
     "UnsupportedOpError", "analyze", "build_dependency_graph", "compress", "data", "export_onnx",
-    "QuantizeWeights", "fold_batchnorms", "load", "load_model", "replace_module", "save", "zoo",
+    "Pruner", "QuantizeWeights", "ShareWeights", "Sparsify", "fold_batchnorms", "load", "load_model",
+    "replace_module", "save", "zoo",
 ]
