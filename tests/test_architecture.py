@@ -45,7 +45,7 @@ def test_imports_point_one_way(package):
 
 def test_a_technique_never_imports_another():
     folder = SRC / "techniques"
-    modules = {f.stem for f in folder.glob("*.py")} - {"__init__"}
+    modules = {f.stem for f in folder.glob("*.py")} - {"__init__", "records"}  # records: shared, not a technique
     for f in folder.glob("*.py"):
         if f.stem == "__init__":
             continue

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("onnx")
 
-from nnshrink import CorruptDataError, FormatError, Plan, QuantizeWeights, compress, load, save, zoo  # noqa: E402
+from nnshrink import CorruptDataError, FormatError, InputShapeError, Plan, QuantizeWeights, compress, load, save, zoo  # noqa: E402
 from nnshrink.io import describe, load_model, read_onnx_from_container  # noqa: E402
 from nnshrink.testing import randomize_batchnorm  # noqa: E402
 
@@ -79,7 +79,7 @@ def test_write_is_atomic_and_never_half_overwrites(tmp_path, lenet5_nsz):
     model, _ = lenet5_nsz
     target = tmp_path / "out.nsz"
     target.write_bytes(b"previous version")
-    with pytest.raises(Exception):
+    with pytest.raises(InputShapeError):
         save(model, target, example_input=torch.zeros(1, 3, 28, 28))
     assert target.read_bytes() == b"previous version"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nsz"]

@@ -8,7 +8,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from nnshrink import FormatError, UnsupportedOpError, analyze, export_onnx, load_model, zoo  # noqa: E402
+from nnshrink import FormatError, InputShapeError, UnsupportedOpError, analyze, export_onnx, load_model, zoo  # noqa: E402
 from nnshrink.testing import ConcatNet, DynamicConvNet  # noqa: E402
 
 pytestmark = pytest.mark.onnxruntime
@@ -183,7 +183,7 @@ def test_not_onnx_and_missing_files(tmp_path):
 def test_export_is_atomic_and_leaves_no_partial_file(tmp_path):
     target = tmp_path / "m.onnx"
     target.write_bytes(b"keep me")
-    with pytest.raises(Exception):
+    with pytest.raises(InputShapeError):
         export_onnx(zoo.build("lenet5"), target, torch.zeros(1, 3, 28, 28))
     assert target.read_bytes() == b"keep me"
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]

@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def test_bad_yaml_and_missing_plan(tmp_path):
 
 def test_configs_are_frozen_and_validated():
     step = FineTune(steps=5)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         step.steps = 6
     with pytest.raises(ConfigError):
         FineTune(steps=True)

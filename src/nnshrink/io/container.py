@@ -32,8 +32,9 @@ from nnshrink.codec import CodecConfig, decode, encode, entropy_bits, stream_inf
 from nnshrink.errors import CorruptDataError, FormatError
 from nnshrink.io.onnx_export import to_onnx
 from nnshrink.io.onnx_import import onnx_to_torch
-from nnshrink.techniques.cluster import CodebookRecord, codebook_record
-from nnshrink.techniques.weights import WeightQuant, weight_quant
+from nnshrink.techniques.cluster import CodebookRecord
+from nnshrink.techniques.records import record_of
+from nnshrink.techniques.weights import WeightQuant
 
 FORMAT = "nnshrink.nsz"
 VERSION = 1
@@ -74,12 +75,12 @@ def _crc(data: bytes) -> int:
     return zlib.crc32(data)
 
 
-def _quant_records(model: nn.Module) -> dict[str, tuple[WeightQuant | CodebookRecord, np.ndarray]]:
+def _integer_records(model: nn.Module) -> dict[str, tuple[WeightQuant | CodebookRecord, np.ndarray]]:
     """Weight name -> (record, float weight) for every layer stored as integers: quantized
     (:class:`WeightQuant`) or shared (:class:`CodebookRecord`), whose record still holds."""
     out = {}
     for name, module in model.named_modules():
-        record = (weight_quant(module) or codebook_record(module)) if hasattr(module, "weight") else None
+        record = record_of(module)
         if record is not None:
             out[f"{name}.weight" if name else "weight"] = (record, module.weight.detach().cpu().numpy())
     return out
@@ -110,7 +111,7 @@ def save(model: nn.Module, path: str | Path, example_input: torch.Tensor | None 
     from safetensors.numpy import save as st_save
 
     proto = to_onnx(model, example_input)
-    records = _quant_records(model)
+    records = _integer_records(model)
     by_value = {(w.shape, w.tobytes()): r for r, w in records.values()}
     blob = bytearray()
     index: dict[str, dict] = {}

@@ -20,8 +20,8 @@ from torch.nn.utils import parametrize
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import is_compressible
 from nnshrink.plan.config import StepConfig, StepResult
+from nnshrink.techniques.records import attach, record_of
 
-_ATTR = "nnshrink_codebook"
 INITS = ("linear", "density")
 
 
@@ -45,10 +45,8 @@ class CodebookRecord:
 
 def codebook_record(module: nn.Module) -> CodebookRecord | None:
     """The :class:`CodebookRecord` of a shared layer, if its weights still match it."""
-    record = getattr(module, _ATTR, None)
-    if record is None or not np.array_equal(record.dequantize(), module.weight.detach().cpu().numpy()):
-        return None
-    return record
+    record = record_of(module)
+    return record if isinstance(record, CodebookRecord) else None
 
 
 def kmeans_1d(values: np.ndarray, k: int, init: str = "linear", iters: int = 30) -> np.ndarray:
@@ -109,11 +107,7 @@ def share_weights(layer: nn.Module, bits: int, init: str = "linear") -> Codebook
         idx = np.zeros(flat.shape, np.int64)
     if pruned:
         idx = np.where(flat == 0, 0, idx)
-    record = CodebookRecord(idx.reshape(w.shape).astype(np.uint8), book, bits)
-    with torch.no_grad():
-        layer.weight.copy_(torch.from_numpy(record.dequantize()))
-    setattr(layer, _ATTR, record)
-    return record
+    return attach(layer, CodebookRecord(idx.reshape(w.shape).astype(np.uint8), book, bits))
 
 
 @dataclass(frozen=True)
@@ -177,11 +171,8 @@ class ShareWeights(StepConfig):
                 if m.parametrizations.weight[0].pin_zero:
                     book = torch.cat([book.new_zeros(1), book[1:]])
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
-                r = CodebookRecord(records[n].indices, book.numpy().astype(np.float32), records[n].bits)
-                with torch.no_grad():
-                    m.weight.copy_(torch.from_numpy(r.dequantize()))
-                setattr(m, _ATTR, r)
-                records[n] = r
+                records[n] = attach(m, CodebookRecord(records[n].indices, book.numpy().astype(np.float32),
+                                                      records[n].bits))
         details = {"layers": {n: {"bits": r.bits, "centroids": int(r.codebook.size)} for n, r in records.items()},
                    "val_after": ctx.evaluate(new) if ctx.evaluate else None}
         return StepResult(self.kind, new.eval(), details,

@@ -12,16 +12,13 @@ import copy
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
 from nnshrink.errors import ConfigError, UnsupportedModelError
 from nnshrink.graph.analysis import is_compressible
 from nnshrink.graph.surgery import fold_batchnorms
 from nnshrink.plan.config import StepConfig, StepResult
-
-_ATTR = "nnshrink_weight_quant"
-
+from nnshrink.techniques.records import attach, record_of
 
 @dataclass(frozen=True)
 class WeightQuant:
@@ -49,12 +46,8 @@ class WeightQuant:
 
 def weight_quant(module: nn.Module) -> WeightQuant | None:
     """The :class:`WeightQuant` record of a quantized layer, if it has one and it still holds."""
-    record = getattr(module, _ATTR, None)
-    if record is None:
-        return None
-    if not np.array_equal(record.dequantize(), module.weight.detach().cpu().numpy()):
-        return None  # weights changed since (fine-tuning): the record is stale
-    return record
+    record = record_of(module)
+    return record if isinstance(record, WeightQuant) else None
 
 
 def quantize_weights(layer: nn.Module, bits: int) -> WeightQuant:
@@ -65,11 +58,7 @@ def quantize_weights(layer: nn.Module, bits: int) -> WeightQuant:
     scale = np.where(flat > 0, flat / qmax, 1.0).astype(np.float32)
     shape = (-1,) + (1,) * (w.ndim - 1)
     q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
-    record = WeightQuant(q, scale, 0, bits, 0)
-    with torch.no_grad():
-        layer.weight.copy_(torch.from_numpy(record.dequantize()))
-    setattr(layer, _ATTR, record)
-    return record
+    return attach(layer, WeightQuant(q, scale, 0, bits, 0))
 
 
 @dataclass(frozen=True)
