@@ -52,6 +52,14 @@ def flush(buf, st):
     return st[2]
 
 
+@njit(cache=True)
+def reader_at(start):
+    """A fresh reader state positioned at byte ``start``."""
+    st = np.zeros(4, np.int64)
+    st[2] = start
+    return st
+
+
 @njit(cache=True, inline="always")
 def get(data, end, st, nbits):
     while st[1] < nbits:
@@ -246,8 +254,7 @@ def enc_rans(out, values, n, tmin, shift, freq, cum):
 
 @njit(cache=True)
 def dec_raw(data, start, end, out, n, lo, hi):
-    st = np.zeros(4, np.int64)
-    st[2] = start
+    st = reader_at(start)
     vmin = unzigzag(get(data, end, st, 17))
     width = get(data, end, st, 5)
     if st[3] != OK:
@@ -264,8 +271,7 @@ def dec_raw(data, start, end, out, n, lo, hi):
 
 @njit(cache=True)
 def dec_rice(data, start, end, out, n, lo, hi):
-    st = np.zeros(4, np.int64)
-    st[2] = start
+    st = reader_at(start)
     center = unzigzag(get(data, end, st, 17))
     k = get(data, end, st, 5)
     if st[3] != OK:
@@ -284,8 +290,7 @@ def dec_rice(data, start, end, out, n, lo, hi):
 
 @njit(cache=True)
 def dec_zrun(data, start, end, out, n, lo, hi):
-    st = np.zeros(4, np.int64)
-    st[2] = start
+    st = reader_at(start)
     kr = get(data, end, st, 5)
     kv = get(data, end, st, 5)
     if st[3] != OK:
@@ -315,8 +320,7 @@ def dec_zrun(data, start, end, out, n, lo, hi):
 
 @njit(cache=True)
 def dec_palette(data, start, end, out, n, lo, hi):
-    st = np.zeros(4, np.int64)
-    st[2] = start
+    st = reader_at(start)
     size = get(data, end, st, 8) + 1
     palette = np.empty(size, np.int64)
     for p in range(size):
@@ -346,8 +350,7 @@ def dec_rans(data, start, end, out, n, tmin, shift, freq, cum, sym):
         x |= np.uint64(data[start + b]) << np.uint64(8 * b)
     if x < np.uint64(RANS_L):
         return ERR_STATE
-    bits = np.zeros(4, np.int64)
-    bits[2] = start + 4
+    bits = reader_at(start + 4)
     pos = start + 4 + low_bytes
     mask = np.uint64((1 << PROB_BITS) - 1)
     for i in range(n):

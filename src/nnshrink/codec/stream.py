@@ -290,8 +290,7 @@ def _parse(data: bytes, name: str, max_elements: int = MAX_ELEMENTS) -> _Header:
         table_bytes, pos = _read_varint(data, pos, end, name)
         if pos + table_bytes > end:
             raise CorruptDataError(f"{name}: truncated frequency table")
-        st = np.zeros(4, np.int64)
-        st[2] = pos
+        st = K.reader_at(pos)
         table = T.read(np.frombuffer(data, np.uint8), pos + table_bytes, st)
         if table is None:
             raise CorruptDataError(f"{name}: invalid frequency table")
@@ -345,8 +344,7 @@ def _decode_block(buf, start, end, out, head: _Header, info, where: str) -> None
     n = out.shape[0]
     lo, hi = int(info.min), int(info.max)
     if mode == CONST:
-        st = np.zeros(4, np.int64)
-        st[2] = start + 1
+        st = K.reader_at(start + 1)
         v = int(K.unzigzag(K.get(buf, end, st, 17)))
         err = st[3] if st[3] else (K.OK if lo <= v <= hi else K.ERR_VALUE)
         if not err and st[2] != end:
