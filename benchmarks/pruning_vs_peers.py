@@ -65,7 +65,7 @@ def main() -> int:
         model = zoo.pretrained(name, "mnist", show_progress=False)
         x = torch.zeros(1, *data.input_shape)
         cells = []
-        for label, method in methods.items():
+        for method in methods.values():
             start = time.perf_counter()
             try:
                 pruned = method(model, data, args.sparsity, args.steps, x)
