@@ -116,3 +116,20 @@ def test_sparsify_step_one_shot_and_gradual():
         compress(model, Plan([Sparsify(sparsity=0.8, steps=10)]), x)
     nm = compress(model, Plan([Sparsify(pattern="2:4", exclude=("conv1",))]), x).model
     assert (n_m_mask(nm.fc1.weight, 2, 4) * (nm.fc1.weight != 0)).sum() == (nm.fc1.weight != 0).sum()
+
+
+def test_per_layer_targets():
+    model = _model()
+    x = torch.zeros(1, 1, 28, 28)
+    out = compress(model, Plan([Sparsify(sparsity=0.5, layer_sparsity=("fc1=0.95", "conv1=0.1"))]), x)
+    layers = out.steps[0].details["layers"]
+    assert layers["fc1"] == pytest.approx(0.95, abs=1e-3) and layers["conv1"] == pytest.approx(0.1, abs=0.01)
+    assert layers["conv2"] == pytest.approx(0.5, abs=1e-3)
+    pruner = Pruner(_model(), final_sparsity={"fc1": 0.8, "fc2": 0.4}, steps=10, frequency=1)
+    for _ in range(10):
+        pruner.step()
+    assert pruner.layer_sparsity() == pytest.approx({"fc1": 0.8, "fc2": 0.4}, abs=1e-3)
+    with pytest.raises(ConfigError, match="fc1=0.95"):
+        Sparsify(layer_sparsity=("fc1:0.95",))
+    with pytest.raises(ConfigError, match="unknown"):
+        compress(model, Plan([Sparsify(layer_sparsity=("fc9=0.5",))]), x)

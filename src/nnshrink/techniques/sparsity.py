@@ -35,18 +35,22 @@ def prunable_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str
             if is_compressible(m) and not any(fnmatch.fnmatch(name, p) for p in exclude)}
 
 
-def magnitude_masks(layers: dict[str, nn.Module], sparsity: float, scope: str = "global") -> dict[str, torch.Tensor]:
+def magnitude_masks(layers: dict[str, nn.Module], sparsity: float | dict[str, float],
+                    scope: str = "global") -> dict[str, torch.Tensor]:
     """Masks that zero the ``sparsity`` fraction of smallest-magnitude weights.
 
     ``global`` ranks all layers' weights together (layers with small weights lose more);
-    ``layer`` prunes each layer to ``sparsity``. Ties at the threshold are broken by position,
-    so the count is exact.
+    ``layer`` prunes each layer to ``sparsity``, which may then be a mapping from layer name to
+    its own fraction. Ties at the threshold are broken by position, so the count is exact.
     """
     if scope not in SCOPES:
         raise ConfigError(f"scope must be one of {SCOPES}, got {scope!r}")
     weights = {n: m.weight.detach().abs().reshape(-1) for n, m in layers.items()}
+    if isinstance(sparsity, dict) and scope != "layer":
+        raise ConfigError("per-layer sparsities need scope='layer'")
     if scope == "layer":
-        return {n: _keep_largest(w, sparsity).reshape(layers[n].weight.shape) for n, w in weights.items()}
+        per = sparsity if isinstance(sparsity, dict) else dict.fromkeys(weights, sparsity)
+        return {n: _keep_largest(w, per[n]).reshape(layers[n].weight.shape) for n, w in weights.items()}
     flat = torch.cat(list(weights.values()))
     keep = _keep_largest(flat, sparsity)
     masks, offset = {}, 0
@@ -97,7 +101,8 @@ class Pruner:
 
     Args:
         model: Model whose Conv/Linear weights are pruned (in place).
-        final_sparsity: Fraction of weights zero at the end.
+        final_sparsity: Fraction of weights zero at the end, or a mapping from layer name to its
+            own fraction (then ``scope`` is ``layer``; unnamed layers stay dense).
         initial_sparsity: Fraction zero at ``start_step``.
         steps: Steps from ``start_step`` to reaching ``final_sparsity``.
         start_step: Steps before pruning begins.
@@ -109,11 +114,16 @@ class Pruner:
             is applied from the first step).
     """
 
-    def __init__(self, model: nn.Module, final_sparsity: float = 0.7, initial_sparsity: float = 0.0,
+    def __init__(self, model: nn.Module, final_sparsity: float | dict[str, float] = 0.7, initial_sparsity: float = 0.0,
                  steps: int = 1000, start_step: int = 0, frequency: int = 10, power: float = 3.0,
                  scope: str = "global", exclude: tuple[str, ...] = (), n_m: tuple[int, int] | None = None) -> None:
-        _check_fraction("final_sparsity", final_sparsity)
+        self.per_layer = dict(final_sparsity) if isinstance(final_sparsity, dict) else None
+        for name, value in (self.per_layer or {"final_sparsity": final_sparsity}).items():
+            _check_fraction(f"final sparsity of {name}", value)
         _check_fraction("initial_sparsity", initial_sparsity)
+        if self.per_layer is not None:
+            scope = "layer"
+            final_sparsity = max(self.per_layer.values(), default=0.0)
         if initial_sparsity > final_sparsity:
             raise ConfigError("initial_sparsity must not exceed final_sparsity")
         if steps < 1 or frequency < 1 or start_step < 0:
@@ -127,6 +137,11 @@ class Pruner:
         self.start, self.frequency, self.power, self.scope = start_step, frequency, power, scope
         self.n_m = n_m
         self.layers = prunable_layers(model, exclude)
+        if self.per_layer is not None:
+            unknown = set(self.per_layer) - set(self.layers)
+            if unknown:
+                raise ConfigError(f"per-layer sparsity names unknown or excluded layers {sorted(unknown)}")
+            self.layers = {n: m for n, m in self.layers.items() if n in self.per_layer}
         if not self.layers:
             raise ConfigError("no Conv/Linear layer left to prune (check the exclude patterns)")
         self.masks = {n: torch.ones_like(m.weight) for n, m in self.layers.items()}
@@ -142,6 +157,14 @@ class Pruner:
             return self.initial if self.start == 0 else 0.0
         frac = min(1.0, (t - self.start) / self.steps)
         return self.final + (self.initial - self.final) * (1.0 - frac) ** self.power
+
+    def _targets(self) -> float | dict[str, float]:
+        """Scheduled sparsity now: each layer's final scaled by the same schedule when per layer."""
+        t = self.target()
+        if self.per_layer is None:
+            return t
+        progress = t / self.final if self.final else 1.0
+        return {n: v * progress for n, v in self.per_layer.items()}
 
     def _count(self, model: nn.Module, args) -> None:
         if model.training:  # one training forward pass = one schedule step
@@ -171,7 +194,7 @@ class Pruner:
             for n, m in self.layers.items():
                 with torch.no_grad():
                     m.weight.mul_(self.masks[n])
-            self.masks = magnitude_masks(self.layers, self.target(), self.scope)
+            self.masks = magnitude_masks(self.layers, self._targets(), self.scope)
         for n in self.layers:
             self._apply(n)
 
@@ -215,6 +238,8 @@ class Sparsify(StepConfig):
         scope: ``global`` or ``layer``.
         exclude: Layer name patterns left dense.
         pattern: ``unstructured``, ``2:4`` or ``4:8``.
+        layer_sparsity: ``"name=fraction"`` per-layer targets (then every layer is pruned to its
+            own fraction, ``sparsity`` for the layers not named), as a sensitivity search sets them.
     """
 
     kind = "sparsify"
@@ -224,10 +249,12 @@ class Sparsify(StepConfig):
     scope: str = "global"
     exclude: tuple[str, ...] = ()
     pattern: str = "unstructured"
+    layer_sparsity: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_fraction("sparsify.sparsity", self.sparsity)
+        self.overrides()
         if self.steps < 0 or not 0 < self.ramp <= 1:
             raise ConfigError("sparsify.steps must be >= 0 and ramp in (0, 1]")
         if self.scope not in SCOPES:
@@ -235,13 +262,32 @@ class Sparsify(StepConfig):
         if self.pattern not in ("unstructured", "2:4", "4:8"):
             raise ConfigError(f"sparsify.pattern must be unstructured, 2:4 or 4:8, got {self.pattern!r}")
 
+    def overrides(self) -> dict[str, float]:
+        out = {}
+        for item in self.layer_sparsity:
+            name, _, value = item.partition("=")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                raise ConfigError(f"sparsify.layer_sparsity entries look like 'fc1=0.95', got {item!r}") from None
+            _check_fraction(f"sparsify.layer_sparsity of {name}", out[name])
+        return out
+
     def apply(self, model: nn.Module, ctx) -> StepResult:
         import copy
 
         new = copy.deepcopy(model)
         n_m = None if self.pattern == "unstructured" else tuple(int(v) for v in self.pattern.split(":"))
         ramp_steps = max(1, int(self.steps * self.ramp))
-        pruner = Pruner(new, final_sparsity=self.sparsity, steps=ramp_steps, frequency=max(1, ramp_steps // 20),
+        target: float | dict[str, float] = self.sparsity
+        overrides = self.overrides()
+        if overrides:
+            layers = prunable_layers(new, self.exclude)
+            unknown = set(overrides) - set(layers)
+            if unknown:
+                raise ConfigError(f"sparsify.layer_sparsity names unknown or excluded layers {sorted(unknown)}")
+            target = {n: overrides.get(n, self.sparsity) for n in layers}
+        pruner = Pruner(new, final_sparsity=target, steps=ramp_steps, frequency=max(1, ramp_steps // 20),
                         scope=self.scope, exclude=self.exclude, n_m=n_m)
         if self.steps:
             if ctx.train is None:
