@@ -1,7 +1,9 @@
 """Deep Compression on LeNet-300-100 and LeNet-5: prune, share weights, entropy-code.
 
 Run: ``python benchmarks/deep_compression.py [--quick]``. For each model, sweeps sparsity x
-codebook bits (each with retraining on the training split), writes every result as a real
+codebook bits for the whole model, and per-layer settings derived from one-shot layer
+sensitivity at three tolerated drops (``layer 2%``...), each with retraining on the training
+split; writes every result as a real
 ``.nsz`` container, and prints container bytes, compression against float32 and held-out
 accuracy on the same 1,000 test images as the float model. The configuration is chosen on the
 validation split (the smallest within 0.2 point of float); the frontier plot goes to
@@ -22,7 +24,7 @@ torch.set_num_threads(2)
 from nnshrink import Plan, zoo  # noqa: E402
 from nnshrink.data import load_dataset  # noqa: E402
 from nnshrink.report.plots import frontier_plot  # noqa: E402
-from nnshrink.search import pareto, smallest_within, sweep  # noqa: E402
+from nnshrink.search import layer_sensitivity, pareto, per_layer_plan, smallest_within, sweep  # noqa: E402
 from nnshrink.techniques import ShareWeights, Sparsify  # noqa: E402
 
 
@@ -42,6 +44,10 @@ def main() -> int:
         val0, test0 = zoo.accuracy(model, data, "val"), zoo.accuracy(model, data, "test")
         plans = {f"{s:.0%}/{b}b": Plan([Sparsify(sparsity=s, steps=prune_steps), ShareWeights(bits=b, steps=share_steps)])
                  for s in sparsities for b in bits_grid}
+        # per-layer settings from one-shot sensitivity on the validation split
+        sens = layer_sensitivity(model, zoo.make_evaluator(data, "val"), show_progress=False)
+        for drop in (0.01, 0.02, 0.05):
+            plans[f"layer {drop:.0%}"] = per_layer_plan(sens, drop, prune_steps, share_steps)
         start = time.perf_counter()
         points = sweep(model, plans, x, zoo.make_evaluator(data, "val"), zoo.make_evaluator(data, "test"),
                        zoo.make_trainer(data, show_progress=False), show_progress=False)

@@ -18,7 +18,7 @@ ALLOWED = {
     "techniques": {"errors", "graph", "plan"},
     "io": {"cache", "codec", "errors", "graph", "techniques", "zoo"},
     "plan": {"errors", "graph"},
-    "search": {"io", "plan", "progress"},
+    "search": {"io", "plan", "progress", "techniques"},
     "report": {"cache", "graph"},
     "testing": set(),
 }
