@@ -80,6 +80,11 @@ def zigzag(v):
     return (v << 1) if v >= 0 else ((-v << 1) - 1)
 
 
+def zigzag_array(v: np.ndarray) -> np.ndarray:
+    """:func:`zigzag` over a numpy array (for histograms outside the compiled loops)."""
+    return np.where(v >= 0, v << 1, ((-v) << 1) - 1).astype(np.int64)
+
+
 @njit(cache=True, inline="always")
 def unzigzag(u):
     return (u >> 1) if (u & 1) == 0 else -((u + 1) >> 1)

@@ -133,7 +133,7 @@ def _choose(values: np.ndarray, table: T.Table | None, modes: frozenset[str], it
         kr, rbits = K.best_rice_k(np.bincount(runs).astype(np.int64), 0, 20)
         vbits, kv = 0, 0
         if nz.shape[0]:
-            kv, vbits = K.best_rice_k(np.bincount(np.where(nz >= 0, nz << 1, ((-nz) << 1) - 1) - 1).astype(np.int64), 0, 16)
+            kv, vbits = K.best_rice_k(np.bincount(K.zigzag_array(nz) - 1).astype(np.int64), 0, 16)
         candidates.append((rbits + vbits + 10, ZRUN, runs, nz, kr, kv))
     distinct = np.flatnonzero(counts)
     if "palette" in modes and len(distinct) <= 256:
@@ -179,7 +179,7 @@ def _stored_bytes(values: np.ndarray, itemsize: int) -> bytes:
 
 def _zigzag_counts(counts: np.ndarray, vmin: int, center: int) -> np.ndarray:
     v = np.arange(counts.shape[0]) + vmin - center
-    u = np.where(v >= 0, v << 1, ((-v) << 1) - 1)
+    u = K.zigzag_array(v)
     return np.bincount(u, weights=counts).astype(np.int64)
 
 

@@ -128,7 +128,7 @@ def build(counts: np.ndarray, tmin: int, shift: int = 0) -> tuple[Table, int]:
 
 def _deltas(levels: np.ndarray, order: int) -> np.ndarray:
     d = np.diff(levels, n=order, prepend=np.zeros(order, np.int64))
-    return np.where(d >= 0, d << 1, ((-d) << 1) - 1).astype(np.int64)
+    return K.zigzag_array(d)
 
 
 def _header_bits() -> int:
