@@ -1,0 +1,298 @@
+"""Post-training quantization: calibration, cross-layer equalization, bias correction, AdaRound.
+
+- Cross-layer equalization (Nagel et al., 2019, "Data-Free Quantization"): for a conv followed by
+  a ReLU and one consumer conv, scale output channel ``i`` of the first by ``1/s_i`` and input
+  channel ``i`` of the second by ``s_i`` with ``s_i = sqrt(r1_i / r2_i)``, so both layers' per-
+  channel ranges become equal (``r1``: weight range of output channel ``i`` of the first layer,
+  ``r2``: of input channel ``i`` of the second). ReLU is positively homogeneous, so the float
+  model is unchanged; ReLU6 is not, and is replaced by ReLU in an equalized pair, as AIMET does
+  (reported, since it changes the float model slightly).
+- Empirical bias correction (same paper, section 4.2): layer by layer, the mean of each output
+  channel (before the activation) of the quantized model is made equal to the float model's on
+  the calibration data.
+- AdaRound (Nagel et al., 2020): each weight rounds up or down as learned, layer by layer, to
+  reconstruct the float layer's output from the quantized model's input, with a rectified
+  sigmoid and an annealed regulariser that drives every rounding to 0 or 1.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnshrink.errors import ConfigError
+from nnshrink.progress import progress_bar
+from nnshrink.techniques.quant.quantizers import WeightQuantizer
+from nnshrink.techniques.quant.sim import Op, QuantSim, _key, lower
+
+
+def build_sim(model: nn.Module, example_input: torch.Tensor, weight_bits: int = 8, act_bits: int = 8,
+              per_channel: bool = True, weight_symmetric: bool = True, act_symmetric: bool = False,
+              act_estimator: str = "mse", weight_estimator: str = "minmax",
+              layer_bits: dict[str, int] | None = None, keep_float: Iterable[str] = ()) -> QuantSim:
+    """Lower ``model`` to a :class:`QuantSim` with uncalibrated quantizers (float weights kept)."""
+    ops, layers, output = lower(model, example_input)
+    sim = QuantSim(ops, layers, output, getattr(model, "input_shape", tuple(example_input.shape[1:])),
+                   act_bits, act_symmetric, act_estimator)
+    names = {op.name for op in sim.layer_ops()}
+    layer_bits = dict(layer_bits or {})
+    unknown = sorted((set(layer_bits) | set(keep_float)) - names)
+    if unknown:
+        raise ConfigError(f"no quantizable layer named {', '.join(map(repr, unknown))}; "
+                          f"layers: {', '.join(sorted(names))}")
+    for op in sim.layer_ops():
+        bits = int(layer_bits.get(op.name, weight_bits))
+        sim.wq[_key(op.name)] = WeightQuantizer(bits, weight_symmetric, per_channel, weight_estimator)
+    sim.float_layers = set(keep_float)
+    return sim
+
+
+def init_weight_quantizers(sim: QuantSim) -> None:
+    for op in sim.layer_ops():
+        sim.weight_quantizer(op.name).init_from(sim.layer(op.name).weight)
+
+
+def calibration_batches(calib, samples: int) -> list[torch.Tensor]:
+    """Up to ``samples`` inputs from ``calib`` (batches of inputs, or of ``(input, label)``)."""
+    if calib is None:
+        raise ConfigError("quantization needs calibration data (a loader of input batches)")
+    if isinstance(calib, torch.Tensor):
+        calib = [calib]
+    out, n = [], 0
+    for batch in calib:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(x, torch.Tensor):
+            raise ConfigError("calibration batches must be tensors or (tensor, label) pairs")
+        x = x[: samples - n]
+        out.append(x)
+        n += len(x)
+        if n >= samples:
+            break
+    if n == 0:
+        raise ConfigError("the calibration data is empty")
+    return out
+
+
+@torch.no_grad()
+def calibrate(sim: QuantSim, batches: list[torch.Tensor], show_progress: bool = True) -> None:
+    """Observe activations on ``batches`` (weights quantized) and set every activation range."""
+    sim.eval()
+    sim.set_observing(True)
+    try:
+        with progress_bar("calibrating", len(batches), show_progress) as advance:
+            for x in batches:
+                sim(x)
+                advance(1)
+    finally:
+        sim.set_observing(False)
+    for q in sim.aq.values():
+        q.calibrate()
+
+
+# -- cross-layer equalization ------------------------------------------------------------------
+def _consumers(sim: QuantSim) -> dict[str, list[Op]]:
+    users: dict[str, list[Op]] = {}
+    for op in sim.ops:
+        for i in op.inputs:
+            users.setdefault(i, []).append(op)
+    return users
+
+
+def equalize(sim: QuantSim, iterations: int = 3) -> list[tuple[str, str]]:
+    """Cross-layer equalization of every conv -> ReLU/ReLU6 -> conv pair (in place).
+
+    A pair qualifies when the first layer's output feeds only the second (directly or through
+    max pooling), the second reads all of its channels (an ordinary or a depthwise conv, or a
+    linear after no flattening), and neither is kept in float. Returns the pairs equalized.
+    """
+    users = _consumers(sim)
+    pairs = []
+    for op in sim.layer_ops():
+        if op.act not in ("relu", "relu6") or op.name in sim.float_layers:
+            continue
+        nxt = users.get(op.name, [])
+        if len(nxt) != 1 or nxt[0].kind != "conv" or nxt[0].name in sim.float_layers:
+            continue
+        l1, l2 = sim.layer(op.name), sim.layer(nxt[0].name)
+        if isinstance(l1, nn.Linear) or l1.groups != 1 and l1.groups != l1.out_channels:
+            continue
+        if not (l2.groups == 1 or l2.groups == l2.in_channels == l2.out_channels):
+            continue
+        pairs.append((op, nxt[0]))
+    with torch.no_grad():
+        for _ in range(iterations):
+            for op1, op2 in pairs:
+                l1, l2 = sim.layer(op1.name), sim.layer(op2.name)
+                r1 = l1.weight.abs().reshape(l1.out_channels, -1).amax(dim=1)
+                w2 = l2.weight
+                if l2.groups == 1:
+                    r2 = w2.abs().transpose(0, 1).reshape(w2.shape[1], -1).amax(dim=1)
+                else:
+                    r2 = w2.abs().reshape(w2.shape[0], -1).amax(dim=1)
+                s = torch.sqrt(r1 / r2.clamp_min(1e-12))
+                s = torch.where((r1 > 0) & (r2 > 0), s, torch.ones_like(s)).clamp(1e-4, 1e4)
+                l1.weight.div_(s.reshape(-1, *([1] * (l1.weight.dim() - 1))))
+                if l1.bias is not None:
+                    l1.bias.div_(s)
+                if l2.groups == 1:
+                    l2.weight.mul_(s.reshape(1, -1, *([1] * (w2.dim() - 2))))
+                else:  # depthwise: input channel i is output channel i, which stays unchanged
+                    l2.weight.mul_(s.reshape(-1, *([1] * (w2.dim() - 1))))
+    for op1, _ in pairs:
+        op1.act = "relu" if op1.act == "relu6" else op1.act
+    return [(a.name, b.name) for a, b in pairs]
+
+
+# -- bias correction --------------------------------------------------------------------------
+def _channel_mean(y: torch.Tensor) -> torch.Tensor:
+    return y.transpose(0, 1).reshape(y.shape[1], -1).mean(dim=1)
+
+
+@torch.no_grad()
+def bias_correction(sim: QuantSim, reference: QuantSim, batches: list[torch.Tensor],
+                    show_progress: bool = True) -> dict[str, float]:
+    """Empirical bias correction, layer by layer in order; returns the largest shift per layer."""
+    layer_ops = [op for op in sim.layer_ops() if op.name not in sim.float_layers]
+    reference.enable_only(set())
+    want = {op.name: 0.0 for op in layer_ops}
+    for x in batches:
+        cap = dict.fromkeys(want)
+        reference(x, capture=cap)
+        for k, v in cap.items():
+            want[k] = want[k] + _channel_mean(v) * len(x)
+    n = sum(len(x) for x in batches)
+    shifts = {}
+    with progress_bar("bias correction", len(layer_ops), show_progress) as advance:
+        for op in layer_ops:
+            got = 0.0
+            for x in batches:
+                cap = {op.name: None}
+                sim(x, capture=cap)
+                got = got + _channel_mean(cap[op.name]) * len(x)
+            delta = (want[op.name] - got) / n
+            layer = sim.layer(op.name)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
+            layer.bias.add_(delta)
+            shifts[op.name] = float(delta.abs().max())
+            advance(1)
+    return shifts
+
+
+# -- AdaRound ---------------------------------------------------------------------------------
+_ZETA, _GAMMA = 1.1, -0.1
+
+
+def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
+
+
+def adaround(sim: QuantSim, reference: QuantSim, batches: list[torch.Tensor], iterations: int = 500,
+             batch_size: int = 32, reg_weight: float = 0.01, lr: float = 1e-2, seed: int = 0,
+             show_progress: bool = True) -> dict[str, float]:
+    """Learn each layer's rounding (in place). Returns the fraction of weights rounded
+    differently from nearest, per layer."""
+    gen = torch.Generator().manual_seed(seed)
+    x_all = torch.cat(batches)
+    layer_ops = [op for op in sim.layer_ops() if op.name not in sim.float_layers]
+    reference.enable_only(set())
+    changed = {}
+    with progress_bar("AdaRound", len(layer_ops) * iterations, show_progress) as advance:
+        for op in layer_ops:
+            with torch.no_grad():
+                inp, tgt = {op.name: None}, {op.name: None}
+                parts_in, parts_out = [], []
+                for i in range(0, len(x_all), 128):
+                    xb = x_all[i:i + 128]
+                    inp = {op.name: None}
+                    sim(xb, inputs=inp)
+                    parts_in.append(inp[op.name])
+                    tgt = {op.name: None}
+                    reference(xb, capture=tgt)
+                    parts_out.append(QuantSim.activation(op, tgt[op.name]))
+                xin, yref = torch.cat(parts_in), torch.cat(parts_out)
+            changed[op.name] = _adaround_layer(sim, op, xin, yref, iterations, batch_size, reg_weight, lr, gen, advance)
+    return changed
+
+
+def _adaround_layer(sim, op, xin, yref, iterations, batch_size, reg_weight, lr, gen, advance) -> float:
+    layer, wq = sim.layer(op.name), sim.weight_quantizer(op.name)
+    w = layer.weight.detach()
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    scale = wq.scale.detach().reshape(shape) if wq.scale.numel() > 1 else wq.scale.detach()
+    zp = wq.zero_point.reshape(shape) if wq.zero_point.numel() > 1 else wq.zero_point
+    w_floor = torch.floor(w / scale)
+    rest = (w / scale - w_floor).clamp(1e-4, 1 - 1e-4)
+    v = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1))
+    opt = torch.optim.Adam([v], lr=lr)
+    bias = sim.bias(op)
+    if bias is not None:
+        bias = bias.detach()
+    warmup = int(0.2 * iterations)
+    for it in range(iterations):
+        idx = torch.randint(0, len(xin), (min(batch_size, len(xin)),), generator=gen)
+        h = _rectified_sigmoid(v)
+        wsoft = (torch.clamp(w_floor + h + zp, wq.qmin, wq.qmax) - zp) * scale
+        y = _layer_forward(layer, op, xin[idx], wsoft, bias)
+        rec = F.mse_loss(QuantSim.activation(op, y), yref[idx], reduction="none").flatten(1).sum(1).mean()
+        if it < warmup:
+            reg = torch.zeros(())
+        else:
+            beta = 20 + (2 - 20) * (it - warmup) / max(1, iterations - warmup)
+            reg = reg_weight * (1 - (2 * h - 1).abs().pow(beta)).sum()
+        opt.zero_grad()
+        (rec + reg).backward()
+        opt.step()
+        advance(1)
+    with torch.no_grad():
+        up = (v >= 0).float()
+        q = torch.clamp(w_floor + up + zp, wq.qmin, wq.qmax)
+        nearest = torch.clamp(torch.round(w / scale) + zp, wq.qmin, wq.qmax)
+        layer.weight.copy_((q - zp) * scale)
+        return float((q != nearest).float().mean())
+
+
+def _layer_forward(layer: nn.Module, op: Op, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if op.kind == "linear":
+        return F.linear(x, w, b)
+    conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
+    return conv(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+# -- QAT ----------------------------------------------------------------------------------------
+def prepare_qat(sim: QuantSim, lsq: bool = True) -> QuantSim:
+    """Make the quantizers' scales trainable (LSQ) or fixed (plain STE) for training."""
+    for q in list(sim.wq.values()) + list(sim.aq.values()):
+        q.learn_scale(lsq)
+    sim.train()
+    return sim
+
+
+def finish_qat(sim: QuantSim) -> QuantSim:
+    """Freeze scales (kept positive) after training."""
+    with torch.no_grad():
+        for q in list(sim.wq.values()) + list(sim.aq.values()):
+            q.learn_scale(False)
+            q.scale.clamp_(min=1e-8)
+    return sim.eval()
+
+
+def float_copy(sim: QuantSim) -> QuantSim:
+    """A copy of the sim with every quantizer off: the float model on the same op list."""
+    ref = copy.deepcopy(sim)
+    ref.enable_only(set())
+    return ref.eval()
+
+
+def weight_error(sim: QuantSim) -> dict[str, float]:
+    """Relative weight quantization error per layer (||W_q - W|| / ||W||)."""
+    out = {}
+    with torch.no_grad():
+        for op in sim.layer_ops():
+            w = sim.layer(op.name).weight
+            out[op.name] = float((sim.weight(op) - w).norm() / w.norm().clamp_min(1e-12))
+    return out

@@ -1,0 +1,129 @@
+"""The ``quantize`` plan step: W8A8 (or lower) PTQ with the best defaults, and QAT on request."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from nnshrink.errors import ConfigError
+from nnshrink.plan.config import StepConfig, StepResult
+from nnshrink.techniques.quant.ptq import (adaround, bias_correction, build_sim, calibrate, calibration_batches,
+                                           equalize, finish_qat, float_copy, init_weight_quantizers, prepare_qat)
+from nnshrink.techniques.quant.quantizers import ESTIMATORS
+
+
+@dataclass(frozen=True)
+class Quantize(StepConfig):
+    """Quantize weights and activations to integers for an integer NPU.
+
+    Batch norms are folded, then (each switchable): cross-layer equalization, weight quantizers
+    (per output channel, symmetric), activation calibration on ``calib_samples`` inputs,
+    AdaRound, empirical bias correction, and ``qat_steps`` of quantization-aware training with
+    learned step sizes (LSQ) or a plain straight-through estimator.
+
+    Attributes:
+        weight_bits: 2 to 8.
+        act_bits: 8 or 16.
+        per_channel: Per-output-channel weight scales (else one per tensor).
+        weight_symmetric: Symmetric weight grids (zero point 0), as integer kernels want.
+        act_symmetric: Symmetric activation grids (default asymmetric: ReLU outputs use all 256 levels).
+        act_estimator: Activation range estimator: ``mse`` (default), ``percentile`` or ``minmax``.
+        percentile: Percentile for the ``percentile`` estimator.
+        weight_estimator: ``minmax`` or ``mse``; default: ``mse`` below 8 bits, else ``minmax``.
+        calib_samples: Calibration inputs used at most.
+        cle: Cross-layer equalization (default on).
+        bias_correction: Empirical bias correction (default on).
+        adaround: Learned rounding; default: on below 8 bits.
+        adaround_iterations: Optimisation steps per layer.
+        qat_steps: Quantization-aware training steps after PTQ (0: none).
+        lsq: Learn the quantizers' step sizes during QAT (else fixed, straight-through only).
+        keep_float: Layers whose weights stay float (their inputs and outputs stay 8-bit).
+        layer_bits: Per-layer weight bits overriding ``weight_bits``.
+    """
+
+    kind = "quantize"
+    weight_bits: int = 8
+    act_bits: int = 8
+    per_channel: bool = True
+    weight_symmetric: bool = True
+    act_symmetric: bool = False
+    act_estimator: str = "mse"
+    percentile: float = 99.99
+    weight_estimator: str | None = None
+    calib_samples: int = 256
+    cle: bool = True
+    bias_correction: bool = True
+    adaround: bool | None = None
+    adaround_iterations: int = 500
+    qat_steps: int = 0
+    lsq: bool = True
+    keep_float: tuple[str, ...] = ()
+    layer_bits: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 2 <= self.weight_bits <= 8:
+            raise ConfigError(f"quantize.weight_bits must be from 2 to 8, got {self.weight_bits}")
+        if self.act_bits not in (8, 16):
+            raise ConfigError(f"quantize.act_bits must be 8 or 16, got {self.act_bits}")
+        if self.act_estimator not in ESTIMATORS:
+            raise ConfigError(f"quantize.act_estimator must be one of {', '.join(ESTIMATORS)}, got {self.act_estimator!r}")
+        if self.weight_estimator not in (None, "minmax", "mse"):
+            raise ConfigError(f"quantize.weight_estimator must be minmax or mse, got {self.weight_estimator!r}")
+        if not 50 < self.percentile <= 100:
+            raise ConfigError(f"quantize.percentile must be in (50, 100], got {self.percentile}")
+        if self.calib_samples < 1 or self.adaround_iterations < 1 or self.qat_steps < 0:
+            raise ConfigError("quantize.calib_samples and adaround_iterations must be positive, qat_steps >= 0")
+        for k, v in self.layer_bits.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
+                raise ConfigError(f"quantize.layer_bits maps layer names to bits from 2 to 8, got {k!r}: {v!r}")
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.weight_bits, self.act_bits, self.qat_steps))
+
+    @property
+    def use_adaround(self) -> bool:
+        if self.adaround is not None:
+            return self.adaround
+        return self.weight_bits < 8 or any(b < 8 for b in self.layer_bits.values())
+
+    def build(self, model: nn.Module, example_input):
+        est = self.weight_estimator or ("mse" if self.weight_bits < 8 else "minmax")
+        return build_sim(model, example_input, self.weight_bits, self.act_bits, self.per_channel,
+                         self.weight_symmetric, self.act_symmetric, self.act_estimator, est,
+                         self.layer_bits, self.keep_float)
+
+    def apply(self, model: nn.Module, ctx, show_progress: bool = True) -> StepResult:
+        t0 = time.perf_counter()
+        sim = self.build(model, ctx.example_input)
+        for q in sim.aq.values():
+            q.percentile = self.percentile
+        details: dict = {"weight_bits": self.weight_bits, "act_bits": self.act_bits}
+        if self.cle:
+            pairs = equalize(sim)
+            details["cle_pairs"] = [list(p) for p in pairs]
+        batches = calibration_batches(ctx.calib, self.calib_samples)
+        details["calib_samples"] = sum(len(b) for b in batches)
+        init_weight_quantizers(sim)
+        reference = float_copy(sim)  # the (equalized) float model, for AdaRound and bias correction
+        calibrate(sim, batches, show_progress)
+        if self.use_adaround:
+            details["adaround_changed"] = adaround(sim, reference, batches, self.adaround_iterations,
+                                                   show_progress=show_progress)
+        if self.bias_correction:
+            details["bias_shift"] = bias_correction(sim, reference, batches, show_progress)
+        if ctx.evaluate is not None:
+            details["val_ptq"] = ctx.evaluate(sim)
+        if self.qat_steps:
+            if ctx.train is None:
+                raise ConfigError("quantize.qat_steps needs a train(model, steps) function or bundled data")
+            prepare_qat(sim, self.lsq)
+            sim = ctx.train(sim, self.qat_steps) or sim
+            finish_qat(sim)
+            if ctx.evaluate is not None:
+                details["val_qat"] = ctx.evaluate(sim)
+        details["seconds"] = round(time.perf_counter() - t0, 2)
+        skipped = [{"layer": n, "reason": "kept in float by the plan"} for n in sorted(self.keep_float)]
+        return StepResult(self.kind, sim.eval(), details, skipped)
