@@ -147,6 +147,6 @@ def test_index_is_compressed_json_with_checksummed_parts(lenet5_nsz):
     with safe_open(str(path), "np") as f:
         meta = f.metadata()
         index = json.loads(zlib.decompress(f.get_tensor("__index__").tobytes()))
-    assert meta["format"] == "nnshrink.nsz" and meta["version"] == "1"
+    assert meta["format"] == "nnshrink.nsz" and meta["version"] == "2"
     entry = index["weights"]["conv2.weight"]
     assert entry["kind"] == "quantized" and entry["bits"] == 8 and len(entry["stream"]) == 3

@@ -37,10 +37,14 @@ from nnshrink.techniques.records import record_of
 from nnshrink.techniques.weights import WeightQuant
 
 FORMAT = "nnshrink.nsz"
-VERSION = 1
+VERSION = 2  # 2: adds the "int" kind (integer tensors of QDQ graphs, entropy-coded)
+_READABLE = ("1", "2")
 _GRAPH, _INDEX, _BLOB = "__graph__", "__index__", "__blob__"
 _DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64,
-           "int32": np.int32, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
+           "int32": np.int32, "int16": np.int16, "uint16": np.uint16, "int8": np.int8, "uint8": np.uint8,
+           "bool": np.bool_}
+_CODED = (np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.uint16))
+_CODED_MIN = 64  # smaller integer tensors (zero points) are stored raw
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,13 @@ def save(model: nn.Module, path: str | Path, example_input: torch.Tensor | None 
                                 "stream": put(stream), side_key: put(side_bytes)}
             reports.append(_stream_report(init.name, kind, ints, len(stream), len(side_bytes),
                                           tuple(sorted(set(stream_info(stream).block_modes)))))
+        elif array.dtype in _CODED and array.size >= _CODED_MIN:
+            # integer tensors of a QDQ graph (int8 weights): entropy-coded as they are
+            stream = encode(array, codec)
+            index[init.name] = {"kind": "int", "shape": list(array.shape), "dtype": str(array.dtype),
+                                "stream": put(stream)}
+            reports.append(_stream_report(init.name, "int", array, len(stream), 0,
+                                          tuple(sorted(set(stream_info(stream).block_modes)))))
         else:
             dtype = str(array.dtype)
             if dtype not in _DTYPES:
@@ -195,8 +206,9 @@ def _part(blob: bytes, part: object, path: Path, what: str) -> bytes:
 def _check(path: Path, meta: dict, tensors: dict[str, np.ndarray]) -> tuple[dict, bytes, bytes]:
     """Verify version and checksums; return the index, the graph protobuf and the blob."""
     version = meta.get("version")
-    if version != str(VERSION):
-        raise FormatError(f"{path}: container version {version} is not supported (this reader: {VERSION})")
+    if version not in _READABLE:
+        raise FormatError(f"{path}: container version {version} is not supported (this reader: "
+                          f"{', '.join(_READABLE)})")
     if set(tensors) != {_GRAPH, _INDEX, _BLOB} or any(t.dtype != np.uint8 for t in tensors.values()):
         raise CorruptDataError(f"{path}: the container holds {sorted(tensors)}, expected {_GRAPH}, {_INDEX}, {_BLOB}")
     index_bytes, graph = tensors[_INDEX].tobytes(), tensors[_GRAPH].tobytes()
@@ -235,6 +247,11 @@ def _weights(path: Path, index: dict, blob: bytes) -> dict[str, np.ndarray]:
                 if idx.shape != shape or idx.dtype != np.uint8 or (idx.size and int(idx.max()) >= book.size):
                     raise CorruptDataError(f"{path}: stream {name!r} does not match its codebook or shape {shape}")
                 array = CodebookRecord(idx, book, int(entry["bits"])).dequantize()
+            elif entry["kind"] == "int":
+                array = decode(_part(blob, entry["stream"], path, f"stream {name!r}"), name=f"{path}: {name}")
+                if array.shape != shape or str(array.dtype) != entry["dtype"]:
+                    raise CorruptDataError(f"{path}: stream {name!r} does not match its recorded shape {shape} "
+                                           f"and type {entry['dtype']}")
             elif entry["kind"] == "quantized":
                 q = decode(_part(blob, entry["stream"], path, f"stream {name!r}"), name=f"{path}: {name}")
                 scale = np.frombuffer(_part(blob, entry["scale"], path, f"scales of {name!r}"), "<f4").astype(np.float32)
@@ -296,7 +313,8 @@ def describe(path: str | Path) -> list[StreamReport]:
             reports.append(StreamReport(name, "raw", count, n, n * 8 / max(1, count), None, None))
             continue
         stream = _part(blob, entry["stream"], path, name)
-        side = entry["scale"][1] if entry["kind"] == "quantized" else entry["codebook"][1]
+        side = {"quantized": lambda: entry["scale"][1], "codebook": lambda: entry["codebook"][1],
+                "int": lambda: 0}[entry["kind"]]()
         reports.append(_stream_report(name, entry["kind"], decode(stream, name=f"{path}: {name}"), len(stream), side,
                                       tuple(sorted(set(stream_info(stream).block_modes)))))
     return reports

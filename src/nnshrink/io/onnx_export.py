@@ -19,7 +19,15 @@ from nnshrink.graph.analysis import run_forward
 
 def to_onnx(model: nn.Module, example_input: torch.Tensor | None = None, dynamic_batch: bool = True,
             opset: int = 18):
-    """Export ``model`` to an in-memory ``onnx.ModelProto`` (see :func:`export_onnx`)."""
+    """Export ``model`` to an in-memory ``onnx.ModelProto`` (see :func:`export_onnx`).
+
+    A quantized model (the result of a ``quantize`` step) is written as QDQ ONNX by
+    :func:`nnshrink.io.qdq.to_qdq_onnx`, which ONNX Runtime runs with integer kernels.
+    """
+    if getattr(model, "is_quant_sim", False):
+        from nnshrink.io.qdq import to_qdq_onnx
+
+        return to_qdq_onnx(model)
     if example_input is None:
         from nnshrink.zoo import example_input as zero_input
 

@@ -30,7 +30,6 @@ from torch import fx, nn
 from nnshrink.errors import FormatError, UnsupportedOpError
 from nnshrink.io import onnx_ops as ops
 
-_FOLDABLE_ONLY = {"DequantizeLinear", "QuantizeLinear"}  # supported on constants, not at run time
 _SMALL_INT = 64  # int constants up to this many elements become Python literals
 
 
@@ -198,7 +197,7 @@ class _Converter:
         """A buffer holding constant ``name`` (one buffer per constant, made on first use)."""
         if name not in self.buffers:
             buf = self.unique("const_" + _sanitize(name, "c").replace(".", "_"))
-            self.root[buf] = torch.from_numpy(np.ascontiguousarray(self.env[name].const)).clone()
+            self.root[buf] = torch.from_numpy(np.ascontiguousarray(self.env[name].const).copy())
             self.buffers[name] = self.graph.get_attr(buf)
         return self.buffers[name]
 
@@ -235,7 +234,7 @@ class _Converter:
                 for o, arr in zip(node.output, folded):
                     self.env[o] = _Value("const", const=arr)
                 return
-        if handler is None or node.op_type in _FOLDABLE_ONLY:
+        if handler is None:
             self._unsupported(node, node.op_type)
             return
         handler(node, self.attrs(node))
@@ -473,6 +472,37 @@ class _Converter:
             self.module(node, nn.ReLU6(), "relu6", x)
         else:
             self.emit(node, ops.clip, x, lo, hi)
+
+    # -- quantization: integers flow as exact values in float tensors -------------------------
+    def _qparams(self, node):
+        scale = self.const(node.input[1])
+        zp = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if scale is None or (len(node.input) > 2 and node.input[2] and zp is None):
+            return None
+        return scale, zp
+
+    def op_QuantizeLinear(self, node, a) -> None:
+        params = self._qparams(node)
+        if params is None:
+            self._unsupported(node, "QuantizeLinear (non-constant scale)")
+            return
+        scale, zp = params
+        int_type = str(zp.dtype) if zp is not None else "uint8"
+        if int_type not in ops._INT_RANGES:
+            self._unsupported(node, f"QuantizeLinear (to {int_type})")
+            return
+        zp_arg = self.arg(node.input[2]) if zp is not None else 0
+        self.emit(node, ops.quantize_linear, self.arg(node.input[0]), self.arg(node.input[1]), zp_arg,
+                  a.get("axis", 1), int_type)
+
+    def op_DequantizeLinear(self, node, a) -> None:
+        params = self._qparams(node)
+        if params is None:
+            self._unsupported(node, "DequantizeLinear (non-constant scale)")
+            return
+        zp_arg = self.arg(node.input[2]) if len(node.input) > 2 and node.input[2] else 0
+        self.emit(node, ops.dequantize_linear, self.arg(node.input[0]), self.arg(node.input[1]), zp_arg,
+                  a.get("axis", 1))
 
     def op_Identity(self, node, a) -> None:
         self.env[node.output[0]] = self.env[node.input[0]]

@@ -244,3 +244,32 @@ def expand(x, shape):
 @_rule("pass")
 def cast_like(x, like):
     return x.to(like.dtype) if isinstance(like, torch.Tensor) else x
+
+
+_INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "uint16": (0, 65535)}
+
+
+def _per_axis(t, x, axis: int):
+    if isinstance(t, (list, tuple)):
+        t = torch.tensor(t, dtype=torch.float32)
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return t
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return t.reshape(shape)
+
+
+@_rule("pass")
+def quantize_linear(x, scale, zero_point, axis: int, int_type: str):
+    """ONNX QuantizeLinear; the integers are held in a float tensor (exactly), so pooling and
+    reshaping run on them as the integer ops would."""
+    lo, hi = _INT_RANGES[int_type]
+    scale, zero_point = _per_axis(scale, x, axis), _per_axis(zero_point, x, axis)
+    return torch.clamp(torch.round(x / scale) + zero_point, lo, hi)
+
+
+@_rule("pass")
+def dequantize_linear(q, scale, zero_point, axis: int):
+    """ONNX DequantizeLinear of integers held in a float tensor."""
+    scale, zero_point = _per_axis(scale, q, axis), _per_axis(zero_point, q, axis)
+    return (q - zero_point) * scale

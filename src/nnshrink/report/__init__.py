@@ -34,7 +34,8 @@ def layer_rows(before: Analysis, after: Analysis, streams: list | None = None) -
         if info is None:
             return None
         out = _layer_dict(info)
-        stream = by_weight.get(f"{info.name}.weight")
+        # a QDQ graph holds the integers as ``<layer>.weight_quantized``
+        stream = by_weight.get(f"{info.name}.weight") or by_weight.get(f"{info.name}.weight_quantized")
         if stream is not None:
             out["storage"] = {"kind": stream.kind, "stored_bytes": stream.stored_bytes,
                               "bits_per_weight": stream.bits_per_weight, "entropy_bits": stream.entropy_bits,
