@@ -6,7 +6,8 @@ requantizations are provided:
 
 - ``fixed`` (default): as TFLite and Ethos-U do it. Each real multiplier ``M = s_in * s_w /
   s_out`` is held as a 31-bit fixed-point multiplier and a shift; the accumulator is multiplied
-  with a rounding doubling high multiply and shifted right with rounding (half away from zero).
+  with a rounding doubling high multiply and shifted right with rounding, bit for bit as
+  gemmlowp (which TFLite uses) rounds.
   Additions rescale both inputs to a common scale with 20 extra bits, as TFLite's int8 ADD.
 - ``float``: as ONNX Runtime's x86 kernels (MLAS) do it: ``float32(acc) * float32(s_in * s_w /
   s_out)``, clamped, rounded half to even; QLinearAdd and global average pooling likewise in

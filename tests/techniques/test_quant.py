@@ -1,0 +1,247 @@
+"""Quantization: quantizers, lowering, CLE, the simulated model, QDQ export, the integer reference."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nnshrink import zoo
+from nnshrink.errors import ConfigError, UnsupportedModelError
+from nnshrink.plan import Plan, compress
+from nnshrink.techniques import Quantize
+from nnshrink.techniques.quant import build_sim, calibrate, equalize, fake_quantize, int_range, lower
+from nnshrink.techniques.quant.ptq import float_copy, init_weight_quantizers
+from nnshrink.techniques.quant.quantizers import estimate_range, scale_zero_point
+from nnshrink.techniques.quant.reference import IntegerModel, multiply_by_quantized_multiplier, quantize_multiplier
+
+
+def _data(n=64, seed=0, shape=(1, 28, 28)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((n, *shape), generator=g)
+
+
+def _quantized(name_or_model, n=48, **cfg):
+    model = zoo.build(name_or_model) if isinstance(name_or_model, str) else name_or_model
+    torch.manual_seed(0)
+    for m in model.modules():  # non-trivial batch norms, so folding matters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    x = _data(n)
+    return model.eval(), compress(model, Plan([Quantize(**cfg)]), x[:2], calib=[x]).model, x
+
+
+# -- quantizers ---------------------------------------------------------------------------------
+def test_int_ranges():
+    assert int_range(8, True) == (-127, 127)
+    assert int_range(8, False) == (-128, 127)
+    assert int_range(4, True) == (-7, 7)
+
+
+def test_fake_quantize_rounds_half_to_even_and_passes_gradients_straight_through():
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, 300.0], requires_grad=True)
+    y = fake_quantize(x, torch.tensor(1.0), torch.tensor(0.0), -127, 127)
+    assert y.tolist() == [0.0, 2.0, 2.0, -0.0, 127.0]
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]  # clipped value: no gradient
+
+
+def test_lsq_gradient_of_the_scale():
+    x = torch.tensor([0.3, 10.0])
+    s = torch.tensor(0.25, requires_grad=True)
+    fake_quantize(x, s, torch.tensor(0.0), -7, 7).sum().backward()
+    # inside: round(x/s) - x/s = 1 - 1.2; clipped: qmax = 7
+    assert s.grad.item() == pytest.approx((1 - 1.2) + 7)
+
+
+def test_mse_and_percentile_ranges_clip_outliers():
+    x = torch.randn(1, 20000, generator=torch.Generator().manual_seed(0))
+    x[0, 0] = 40.0
+    lo_mm, hi_mm = estimate_range(x, 8, False, "minmax")
+    lo_p, hi_p = estimate_range(x, 8, False, "percentile", 99.9)
+    lo_m, hi_m = estimate_range(x, 8, False, "mse")
+    assert hi_mm.item() == 40.0 and hi_p.item() < 5 and hi_m.item() < 40.0
+    s, zp = scale_zero_point(torch.tensor([0.0]), torch.tensor([2.55]), 8, False)
+    assert zp.item() == -128 and s.item() == pytest.approx(0.01)
+
+
+# -- lowering -------------------------------------------------------------------------------------
+def test_lowering_fuses_activations_and_keeps_residual_adds():
+    ops, layers, output = lower(zoo.build("resnet8"), _data(2))
+    kinds = [op.kind for op in ops]
+    assert kinds.count("conv") == 9 and kinds.count("add") == 3 and kinds[-1] == "linear"
+    assert {op.act for op in ops if op.kind == "add"} == {"relu"}
+    assert output == "fc" and "stem.0" in layers
+
+
+def test_lowering_names_what_an_integer_graph_cannot_hold():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            return torch.sigmoid(self.conv(x)).flatten(1)
+
+    with pytest.raises(UnsupportedModelError, match="sigmoid"):
+        lower(Odd(), _data(2))
+
+
+def test_cle_keeps_the_float_model_and_equalizes_ranges():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.ReLU6(),
+                          nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 24 * 24, 10))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.logspace(-2, 1, 8).reshape(8, 1, 1, 1))
+    x = _data(8)
+    sim = build_sim(model, x[:2])
+    sim.enable_only(set())
+    before = sim(x)
+    pairs = equalize(sim)
+    assert ("0", "2") in pairs and ("2", "4") in pairs
+    torch.testing.assert_close(sim(x), before, rtol=1e-4, atol=1e-4)  # ReLU6 became ReLU: no clip hit here
+    r1 = sim.layer("0").weight.abs().amax(dim=(1, 2, 3))
+    r2 = sim.layer("2").weight.abs().amax(dim=(1, 2, 3))
+    assert (r1 / r2).max() < 1.2 and (r1 / r2).min() > 0.8  # was 1000x apart
+    assert r1.max() / r1.min() < 50
+
+
+def test_sim_with_quantizers_off_is_the_folded_float_model():
+    model, sim, x = _quantized("mobilenet", cle=False, bias_correction=False)
+    ref = float_copy(sim)
+    torch.testing.assert_close(ref(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_config_errors_name_the_problem():
+    with pytest.raises(ConfigError, match="weight_bits"):
+        Quantize(weight_bits=9)
+    with pytest.raises(ConfigError, match="act_estimator"):
+        Quantize(act_estimator="kl")
+    with pytest.raises(ConfigError, match="no quantizable layer named 'nope'"):
+        _quantized("lenet5", keep_float=("nope",))
+    with pytest.raises(ConfigError, match="calibration"):
+        compress(zoo.build("lenet5"), Plan([Quantize()]), _data(2), calib=None)
+
+
+def test_keep_float_and_layer_bits():
+    _, sim, _ = _quantized("lenet5", keep_float=("fc1",), layer_bits={"conv2": 4})
+    assert sim.float_layers == {"fc1"}
+    w = sim.weight(next(op for op in sim.ops if op.name == "conv2"))
+    assert all(len(torch.unique(row)) <= 15 for row in w.reshape(w.shape[0], -1))
+    with pytest.raises(ConfigError, match="kept in float"):
+        IntegerModel(sim)
+
+
+# -- ONNX Runtime and the integer reference -------------------------------------------------------
+ort = pytest.importorskip("onnxruntime")
+
+
+def _session(proto, optimized=None):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    if optimized:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet8", "mobilenet"])
+def test_onnx_runtime_runs_every_layer_with_integer_kernels(name, tmp_path):
+    import onnx
+
+    from nnshrink.io.qdq import to_qdq_onnx
+
+    _, sim, x = _quantized(name)
+    _session(to_qdq_onnx(sim), tmp_path / "opt.onnx")
+    ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert not {"Conv", "Gemm", "Add", "MatMul", "GlobalAveragePool"} & set(ops), ops
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet8", "mobilenet", "lenet300"])
+def test_integer_reference_equals_onnx_runtime_on_every_element(name):
+    from nnshrink.io.qdq import int_tensor_names, to_qdq_onnx
+
+    _, sim, x = _quantized(name)
+    names = int_tensor_names(sim)
+    outs = _session(to_qdq_onnx(sim, int_outputs=names)).run(None, {"input": x.numpy()})
+    ort_ints = {n: o.astype(np.int64) - 128 for n, o in zip(names, outs)}  # ORT holds uint8
+    env = IntegerModel(sim, "float").run(x.numpy())
+    for n in names:
+        np.testing.assert_array_equal(env[n], ort_ints[n], err_msg=n)
+    # fixed-point requantization (TFLite / Ethos-U): each layer within 1 LSB of ONNX Runtime's
+    fixed = IntegerModel(sim, "fixed")
+    for op in fixed.ops:
+        xs = [ort_ints[i] for i in op.inputs]
+        if op.kind in ("conv", "linear"):
+            y = fixed._layer(op, xs[0])
+        elif op.kind == "add":
+            y = fixed._add(op, *xs)
+        elif op.kind == "gap":
+            y = fixed._pool_avg(op, xs[0])
+        else:
+            continue
+        assert np.abs(y - ort_ints[op.name]).max() <= 1, op.name
+
+
+def test_integer_reference_is_close_to_the_simulation():
+    _, sim, x = _quantized("resnet8")
+    with torch.no_grad():
+        sim_out = sim(x).numpy()
+    ref_out = IntegerModel(sim, "float")(x.numpy())
+    step = float(sim.aq["fc"].scale)
+    assert np.abs(sim_out - ref_out).max() <= 2 * step + 1e-6
+    assert (sim_out.argmax(1) == ref_out.argmax(1)).mean() >= 0.95
+
+
+def test_fixed_point_multiplier():
+    mult, shift = quantize_multiplier(np.array([0.75, 0.001, 3.0]))
+    np.testing.assert_allclose(mult * 2.0 ** (shift - 31), [0.75, 0.001, 3.0], rtol=1e-9)
+    x = np.array([1000, -1000, 7, -7], dtype=np.int64)
+    got = multiply_by_quantized_multiplier(x, *quantize_multiplier(np.array(0.5)))
+    assert got.tolist() == [500, -500, 4, -3]  # gemmlowp: the high multiply rounds -3.5 to -3
+
+
+def test_container_round_trip_of_a_quantized_model(tmp_path):
+    from nnshrink import load
+    from nnshrink.io import describe, read_onnx_from_container, save
+
+    _, sim, x = _quantized("resnet8")
+    path = tmp_path / "q.nsz"
+    reports = save(sim, path, x[:2])
+    assert {r.kind for r in reports if r.name.endswith("weight_quantized")} == {"int"}
+    back = load(path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), sim(x), rtol=0, atol=1e-6)
+    from nnshrink.io.qdq import to_qdq_onnx
+    from onnx import numpy_helper
+
+    want = {i.name: numpy_helper.to_array(i) for i in to_qdq_onnx(sim).graph.initializer}
+    got = {i.name: numpy_helper.to_array(i) for i in read_onnx_from_container(path).graph.initializer}
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+        assert got[k].dtype == want[k].dtype
+    assert any(r.kind == "int" for r in describe(path))
+
+
+def test_w8a8_ptq_of_trained_lenet5_keeps_accuracy(lenet5_trained, mnist):
+    x, y = mnist.tensors("test", 500)
+    calib = mnist.loader("train", batch_size=64, shuffle=True, seed=0)
+    sim = compress(lenet5_trained, Plan([Quantize()]), x[:2], calib=calib).model
+    with torch.no_grad():
+        float_acc = (lenet5_trained(x).argmax(1) == y).float().mean().item()
+        q_acc = (sim(x).argmax(1) == y).float().mean().item()
+    assert q_acc >= float_acc - 0.006  # 3 of 500 images
+
+
+def test_calibration_uses_at_most_the_requested_samples():
+    sim = build_sim(zoo.build("lenet5").eval(), _data(2))
+    init_weight_quantizers(sim)
+    seen = []
+    sim.aq["input"].register_forward_pre_hook(lambda m, a: seen.append(len(a[0])))
+    from nnshrink.techniques.quant.ptq import calibration_batches
+
+    batches = calibration_batches([(_data(40), None), (_data(40), None)], 50)
+    calibrate(sim, batches, show_progress=False)
+    assert sum(seen) == 50
