@@ -77,6 +77,37 @@ def test_int8_container_is_smaller_than_plain_int8_and_keeps_accuracy(capsys, tm
     assert code == 0 and f"{doc['after']['accuracy']:.2%}" in out
 
 
+def test_int8_ptq_plan_gives_a_qdq_model_onnx_runtime_runs_as_accurate(capsys, tmp_path, lenet5_trained, mnist):
+    ort = pytest.importorskip("onnxruntime")
+    out_file, report = tmp_path / "w8a8.nsz", tmp_path / "w8a8.json"
+    code, _, err = _run(capsys, "compress", "lenet5", "--plan", str(PLANS / "int8.yaml"),
+                        "--out", str(out_file), "--report", str(report))
+    assert code == 0, err
+    doc = json.loads(report.read_text())
+    assert doc["after"]["accuracy"] >= doc["before"]["accuracy"] - 0.003
+    assert doc["sizes"]["container"] < doc["sizes"]["int8"]
+    conv2 = next(r for r in doc["layers"] if r["name"] == "conv2")["after"]["storage"]
+    assert conv2["kind"] == "int" and conv2["bits_per_weight"] < 8
+    onnx_file = tmp_path / "w8a8.onnx"
+    assert _run(capsys, "decode", str(out_file), "--onnx", str(onnx_file))[0] == 0
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(onnx_file), so, providers=["CPUExecutionProvider"])
+    x, y = mnist.tensors("test")
+    pred = sess.run(None, {"input": x.numpy()})[0].argmax(1)
+    assert abs(float((pred == y.numpy()).mean()) - doc["after"]["accuracy"]) <= 0.001
+
+
+def test_quant_sensitivity_table_json_and_plot(capsys, tmp_path, lenet5_trained):
+    js, png = tmp_path / "s.json", tmp_path / "s.png"
+    code, out, err = _run(capsys, "quant-sensitivity", "lenet5", "--weight-bits", "4", "--json", str(js),
+                          "--plot", str(png))
+    assert code == 0, err
+    doc = json.loads(js.read_text())
+    assert [r["layer"] for r in doc["layers"]] == ["conv1", "conv2", "fc1", "fc2"]
+    assert "most sensitive" in out and png.read_bytes()[:4] == b"\x89PNG"
+
+
 def _one_line_error(capsys, *argv):
     code, _, err = _run(capsys, *argv)
     assert code == 2

@@ -225,6 +225,54 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
     out.print(f"wrote {out_path} and {report}")
 
 
+@app.command("quant-sensitivity")
+@_errors
+def quant_sensitivity(model: Annotated[str, typer.Argument(help="Zoo name or model file.")],
+                      data: DataOpt = "mnist",
+                      weight_bits: Annotated[int, typer.Option(help="Weight bits (2-8).")] = 8,
+                      act_bits: Annotated[int, typer.Option(help="Activation bits (8 or 16).")] = 8,
+                      plot: Annotated[Path | None, typer.Option(help="Bar chart (PNG) to write.")] = None,
+                      json_out: Annotated[Path | None, typer.Option("--json", help="Table as JSON.")] = None,
+                      seed: int = 0) -> None:
+    """Which layer is to blame for the accuracy lost to quantization (validation split)."""
+    from rich.table import Table
+
+    from nnshrink import zoo
+    from nnshrink.data import load_dataset
+    from nnshrink.plan import Context
+    from nnshrink.report import write_json
+    from nnshrink.report.plots import quant_sensitivity_plot
+    from nnshrink.techniques import Quantize
+    from nnshrink.techniques.quant.sensitivity import quant_sensitivity as measure
+
+    dataset = load_dataset(data)
+    m = _resolve(model, data)
+    _check_fits(m, dataset)
+    x = torch.zeros((2, *dataset.input_shape))
+    evaluate = zoo.make_evaluator(dataset, "val")
+    ctx = Context(x, None, None, dataset.loader("train", batch_size=64, shuffle=True, seed=seed))
+    sim = Quantize(weight_bits=weight_bits, act_bits=act_bits, adaround=False).apply(m, ctx).model
+    sens = measure(sim, evaluate, dataset.tensors("val", 256)[0])
+    doc = sens.to_dict()
+    table = Table(title=f"{model}: W{weight_bits}A{act_bits}, float {sens.float_accuracy:.2%}, "
+                        f"all quantized {sens.quantized_accuracy:.2%} (validation)")
+    for col in ("layer", "only this quantized", "its output SQNR", "all but this quantized"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for row in doc["layers"]:
+        table.add_row(row["layer"], f"{row['only_this_quantized']:.2%}", f"{row['only_this_sqnr_db']:.1f} dB",
+                      f"{row['all_but_this_quantized']:.2%}")
+    out.print(table)
+    worst = sens.worst()
+    if worst:
+        out.print(f"most sensitive: {', '.join(worst)} (quantize: keep_float or layer_bits)")
+    if json_out:
+        write_json(json_out, doc)
+        out.print(f"wrote {json_out}")
+    if plot:
+        quant_sensitivity_plot(doc, plot, f"{model}: W{weight_bits}A{act_bits} sensitivity per layer")
+        out.print(f"wrote {plot}")
+
+
 @app.command()
 @_errors
 def decode(container: Annotated[Path, typer.Argument(help="An .nsz container.")],

@@ -245,3 +245,28 @@ def test_calibration_uses_at_most_the_requested_samples():
     batches = calibration_batches([(_data(40), None), (_data(40), None)], 50)
     calibrate(sim, batches, show_progress=False)
     assert sum(seen) == 50
+
+
+def test_sensitivity_finds_the_layer_that_was_broken():
+    from nnshrink.techniques.quant.sensitivity import quant_sensitivity
+
+    _, sim, x = _quantized("lenet5")
+    ref = float_copy(sim)
+    with torch.no_grad():
+        labels = ref(x).argmax(1)
+    # ruin conv2's weight grid: 2 levels per channel
+    wq = sim.weight_quantizer("conv2")
+    wq.qmin, wq.qmax = -1, 1
+    wq.scale.data *= 60
+
+    def agreement(model):
+        with torch.no_grad():
+            return float((model(x).argmax(1) == labels).float().mean())
+
+    sens = quant_sensitivity(sim, agreement, x, show_progress=False)
+    assert sens.float_accuracy == 1.0
+    assert sens.worst(1) == ["conv2"]
+    assert sens.sqnr_only["conv2"] == min(sens.sqnr_only.values())
+    assert all(q.enabled for q in sim.aq.values())  # left fully quantized
+    doc = sens.to_dict()
+    assert doc["schema"] == "nnshrink.quant_sensitivity/1" and len(doc["layers"]) == 4

@@ -52,3 +52,38 @@ def frontier_plot(points: list, front: list, float_bytes: int, float_accuracy: f
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return target
+
+
+def quant_sensitivity_plot(sens: dict, path: str | Path, title: str = "quantization sensitivity per layer") -> Path:
+    """Bars of the accuracy lost with only each layer quantized, and recovered with all but it.
+
+    ``sens`` is ``QuantSensitivity.to_dict()``. Written atomically as PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = sens["layers"]
+    names = [r["layer"] for r in rows]
+    f, q = sens["float_accuracy"], sens["quantized_accuracy"]
+    drop_only = [100 * (f - r["only_this_quantized"]) for r in rows]
+    gain = [100 * (r["all_but_this_quantized"] - q) for r in rows]
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(names) + 1.6), dpi=120)
+    ax.barh(y - 0.2, drop_only, 0.4, color="tab:red", label="drop with only this layer quantized")
+    ax.barh(y + 0.2, gain, 0.4, color="tab:green", label="recovered with this layer kept in float")
+    ax.set_yticks(y, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="0.3", linewidth=0.8)
+    ax.set_xlabel(f"accuracy points (float {100 * f:.2f}%, all quantized {100 * q:.2f}%)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return target
