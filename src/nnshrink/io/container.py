@@ -313,8 +313,8 @@ def describe(path: str | Path) -> list[StreamReport]:
             reports.append(StreamReport(name, "raw", count, n, n * 8 / max(1, count), None, None))
             continue
         stream = _part(blob, entry["stream"], path, name)
-        side = {"quantized": lambda: entry["scale"][1], "codebook": lambda: entry["codebook"][1],
-                "int": lambda: 0}[entry["kind"]]()
+        side_key = {"quantized": "scale", "codebook": "codebook"}.get(entry["kind"])
+        side = entry[side_key][1] if side_key else 0
         reports.append(_stream_report(name, entry["kind"], decode(stream, name=f"{path}: {name}"), len(stream), side,
                                       tuple(sorted(set(stream_info(stream).block_modes)))))
     return reports

@@ -88,7 +88,10 @@ class QuantSim(nn.Module):
         self.aq = nn.ModuleDict({"input": ActQuantizer(act_bits, act_symmetric, estimator)})
         for op in ops:
             if op.quantized_output:
-                self.aq[_key(op.name)] = ActQuantizer(act_bits, act_symmetric, estimator)
+                # the model's output keeps its full range: clipping the largest logits makes ties
+                # that argmax breaks arbitrarily
+                est = "minmax" if op.name == output else estimator
+                self.aq[_key(op.name)] = ActQuantizer(act_bits, act_symmetric, est)
         self.float_layers: set[str] = set()
         self.bias_quant = True
 
