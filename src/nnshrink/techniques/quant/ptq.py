@@ -102,12 +102,31 @@ def _consumers(sim: QuantSim) -> dict[str, list[Op]]:
     return users
 
 
-def equalize(sim: QuantSim, iterations: int = 3) -> list[tuple[str, str]]:
+def _preact_max(sim: QuantSim, names: list[str], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-channel maximum of each named layer's output before its activation (float model)."""
+    ref = float_copy(sim)
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for x in batches:
+            cap = dict.fromkeys(names)
+            ref(x, capture=cap)
+            for n, y in cap.items():
+                m = y.transpose(0, 1).reshape(y.shape[1], -1).amax(dim=1)
+                out[n] = m if n not in out else torch.maximum(out[n], m)
+    return out
+
+
+def equalize(sim: QuantSim, batches: list[torch.Tensor] | None = None, iterations: int = 3) -> list[tuple[str, str]]:
     """Cross-layer equalization of every conv -> ReLU/ReLU6 -> conv pair (in place).
 
-    A pair qualifies when the first layer's output feeds only the second (directly or through
-    max pooling), the second reads all of its channels (an ordinary or a depthwise conv, or a
-    linear after no flattening), and neither is kept in float. Returns the pairs equalized.
+    A pair qualifies when the first layer's output feeds only the second, the second reads all
+    of its channels (an ordinary or a depthwise conv), and neither is kept in float. Returns the
+    pairs equalized.
+
+    ReLU6 is not positively homogeneous. With ``batches`` (calibration inputs) it is kept: a
+    channel whose activation reaches 6 on them is not scaled, and no channel is scaled so far
+    that it would, so the clip never acts differently on that data. Without data, a pair's ReLU6
+    becomes a ReLU, as AIMET does (which changes the float model where activations exceed 6).
     """
     users = _consumers(sim)
     pairs = []
@@ -123,6 +142,8 @@ def equalize(sim: QuantSim, iterations: int = 3) -> list[tuple[str, str]]:
         if not (l2.groups == 1 or l2.groups == l2.in_channels == l2.out_channels):
             continue
         pairs.append((op, nxt[0]))
+    relu6 = [op1.name for op1, _ in pairs if op1.act == "relu6"]
+    peak = _preact_max(sim, relu6, batches) if batches is not None and relu6 else {}
     with torch.no_grad():
         for _ in range(iterations):
             for op1, op2 in pairs:
@@ -135,6 +156,10 @@ def equalize(sim: QuantSim, iterations: int = 3) -> list[tuple[str, str]]:
                     r2 = w2.abs().reshape(w2.shape[0], -1).amax(dim=1)
                 s = torch.sqrt(r1 / r2.clamp_min(1e-12))
                 s = torch.where((r1 > 0) & (r2 > 0), s, torch.ones_like(s)).clamp(1e-4, 1e4)
+                if op1.name in peak:  # keep ReLU6 exact: never let a channel reach the clip
+                    m = peak[op1.name]
+                    s = torch.where(m >= 6.0, torch.ones_like(s), torch.maximum(s, m / 6.0 * 1.0001))
+                    peak[op1.name] = m / s
                 l1.weight.div_(s.reshape(-1, *([1] * (l1.weight.dim() - 1))))
                 if l1.bias is not None:
                     l1.bias.div_(s)
@@ -142,8 +167,9 @@ def equalize(sim: QuantSim, iterations: int = 3) -> list[tuple[str, str]]:
                     l2.weight.mul_(s.reshape(1, -1, *([1] * (w2.dim() - 2))))
                 else:  # depthwise: input channel i is output channel i, which stays unchanged
                     l2.weight.mul_(s.reshape(-1, *([1] * (w2.dim() - 1))))
-    for op1, _ in pairs:
-        op1.act = "relu" if op1.act == "relu6" else op1.act
+    if batches is None:
+        for op1, _ in pairs:
+            op1.act = "relu" if op1.act == "relu6" else op1.act
     return [(a.name, b.name) for a, b in pairs]
 
 

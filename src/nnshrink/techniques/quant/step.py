@@ -101,10 +101,10 @@ class Quantize(StepConfig):
         for q in sim.aq.values():
             q.percentile = self.percentile
         details: dict = {"weight_bits": self.weight_bits, "act_bits": self.act_bits}
-        if self.cle:
-            pairs = equalize(sim)
-            details["cle_pairs"] = [list(p) for p in pairs]
         batches = calibration_batches(ctx.calib, self.calib_samples)
+        if self.cle:
+            pairs = equalize(sim, batches)
+            details["cle_pairs"] = [list(p) for p in pairs]
         details["calib_samples"] = sum(len(b) for b in batches)
         init_weight_quantizers(sim)
         reference = float_copy(sim)  # the (equalized) float model, for AdaRound and bias correction
