@@ -8,8 +8,9 @@ images; accuracy is on the same 1,000 held-out digits. Printed per model:
 - accuracy, top-1 agreement with the float model and logit SQNR against it (dB), means over
   three calibration draws (one image is 0.1 point, so fidelity to the float model ranks methods
   where accuracies tie); ours: the simulated model, and ONNX Runtime running our exported QDQ model
-  (its integer kernels); with the pieces switched on one by one (nothing, + CLE, + bias
-  correction), also with per-tensor weight scales, where equalization matters most;
+  (its integer kernels); the default chooses CLE and bias correction by output SQNR on held-out
+  calibration inputs; below it each piece switched on by hand, also with per-tensor weight
+  scales and at 6 bits, where equalization and bias correction matter most;
 - NNCF (``nncf.quantize``, its default: per-channel int8 weights, int8 activations) evaluated as
   the torch model it returns;
 - ONNX Runtime ``quantize_static`` on our float ONNX export (QDQ, per-channel, uint8
@@ -153,9 +154,9 @@ def run_model(name, data, folder, seeds):
     for seed in seeds:
         calib = calib_batches(data, seed=seed)
         sim, secs = ours(model, data, calib)
-        add("nnshrink W8A8 (simulated)", torch_logits(sim, x), secs)
+        add("nnshrink W8A8 default (simulated)", torch_logits(sim, x), secs)
         sess = _ort(to_qdq_onnx(sim).SerializeToString())
-        add("nnshrink W8A8 in ONNX Runtime", ort_logits(sess, xn), secs)
+        add("nnshrink W8A8 default, in ONNX Runtime", ort_logits(sess, xn), secs)
         for label, cfg in ABLATIONS:
             if "AdaRound" in label and seed != seeds[0]:
                 continue
@@ -183,14 +184,17 @@ def run_model(name, data, folder, seeds):
 
 
 ABLATIONS = (("  per-channel, no CLE, no bias corr.", {"cle": False, "bias_correction": False}),
-             ("  per-channel + CLE", {"bias_correction": False}),
-             ("  per-channel + CLE + AdaRound", {"adaround": True}),
+             ("  per-channel + CLE", {"cle": True, "bias_correction": False}),
+             ("  per-channel + bias corr.", {"cle": False, "bias_correction": True}),
+             ("  per-channel + CLE + bias corr.", {"cle": True, "bias_correction": True}),
+             ("  auto choice + AdaRound", {"adaround": True}),
              ("  per-tensor, no CLE, no bias corr.", {"per_channel": False, "cle": False, "bias_correction": False}),
-             ("  per-tensor + CLE", {"per_channel": False, "bias_correction": False}),
-             ("  per-tensor + CLE + bias corr.", {"per_channel": False}),
+             ("  per-tensor + CLE", {"per_channel": False, "cle": True, "bias_correction": False}),
+             ("  per-tensor + CLE + bias corr.", {"per_channel": False, "cle": True, "bias_correction": True}),
              ("  W6 per-tensor, plain", {"weight_bits": 6, "per_channel": False, "cle": False,
                                           "bias_correction": False, "adaround": False}),
-             ("  W6 per-tensor + CLE + bias corr.", {"weight_bits": 6, "per_channel": False, "adaround": False}))
+             ("  W6 per-tensor + CLE + bias corr.", {"weight_bits": 6, "per_channel": False, "cle": True,
+                                                     "bias_correction": True, "adaround": False}))
 
 
 def w4_lenet5(data):

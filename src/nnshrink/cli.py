@@ -363,7 +363,7 @@ def _demo_int8_ptq(model, dataset, x, f32: int, acc: float) -> None:
         proto = read_onnx_from_container(path)
     ref = IntegerModel(result.model, "fixed")
     acc_int = float((ref(xt.numpy()).argmax(1) == yt.numpy()).mean())
-    out.print(f"PTQ in {secs:.1f} s (calibration on 256 training images, CLE, bias correction); container "
+    out.print(f"PTQ in {secs:.1f} s (calibration on 256 training images; CLE and bias correction each kept if they bring the output closer to float's); container "
               f"[bold]{size:,} bytes[/bold] ({f32 / size:.2f}x smaller than float32 {f32:,} B)")
     out.print(f"held-out accuracy: float {acc:.2%} -> [bold]{acc_q:.2%}[/bold] from the container; "
               f"integer-only reference (fixed-point requantization, as TFLite/Ethos-U) {acc_int:.2%}")
