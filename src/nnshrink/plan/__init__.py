@@ -75,12 +75,14 @@ class Context:
         evaluate: ``evaluate(model) -> float``, higher is better, on validation data.
         train: ``train(model, steps) -> model``, for steps that fine-tune.
         calib: Batches of inputs for calibration and sampling activations.
+        original: The model the plan started from (MAC targets are ratios of its MACs).
     """
 
     example_input: torch.Tensor
     evaluate: Callable[[nn.Module], float] | None = None
     train: Callable[[nn.Module, int], nn.Module] | None = None
     calib: object | None = None
+    original: nn.Module | None = None
 
 
 @dataclass
@@ -96,8 +98,8 @@ def compress(model: nn.Module, plan: Plan, example_input: torch.Tensor,
              train: Callable[[nn.Module, int], nn.Module] | None = None,
              calib: object | None = None) -> CompressResult:
     """Run ``plan`` on a copy of ``model``; the input model is never changed."""
-    ctx = Context(example_input, evaluate, train, calib)
     current = copy.deepcopy(model).eval()
+    ctx = Context(example_input, evaluate, train, calib, copy.deepcopy(current))
     results = []
     for step in plan.steps:
         result = step.apply(current, ctx)

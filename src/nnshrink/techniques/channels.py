@@ -1,0 +1,342 @@
+"""Channel pruning with reconstruction, dependency groups kept consistent, for a MAC target.
+
+For a channel group (:mod:`nnshrink.graph.groups`: the output channels of one or more producing
+layers, everything sliced with them, and the layers that read them), channels are removed as
+AIMET and ThiNet do it, on sampled activations:
+
+1. **Sampling.** The inputs of every consumer are recorded on a few hundred calibration inputs
+   (for a conv, a random subset of its im2col patches). Each channel's contribution to each
+   consumer's output is ``z_c = X_c W_c^T``.
+2. **Selection** (ThiNet's greedy, Luo et al. 2017): channels are removed one at a time, each
+   time the one that keeps the summed removed contribution ``||sum_{c removed} z_c||`` (the
+   change of every consumer's output) smallest, computed from the Gram matrix of the ``z_c``.
+3. **Reconstruction.** Every consumer's kept weights are refitted by least squares (ridge) so
+   that its output on the sampled inputs stays what it was.
+4. **Removal** from the producers' output channels and biases, batch norms and depthwise convs
+   in the group, and the consumers' input channels (at the group's offset in a concatenation,
+   times the flattened width for a linear after a flatten). Residual adds are one group, so
+   every branch loses the same channels.
+
+Groups that cannot be pruned safely (the model's output, a grouped conv, an op the dependency
+analysis does not understand) are left alone and reported with the reason. How many channels
+each group keeps comes from :mod:`nnshrink.techniques.allocation`.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnshrink.errors import ConfigError
+from nnshrink.graph.analysis import analyze
+from nnshrink.graph.groups import ChannelGroup, build_dependency_graph
+from nnshrink.plan.config import StepConfig, StepResult
+from nnshrink.techniques.allocation import (EXECUTORS, Unit, allocate, interpolate, measure_curves, output_loss,
+                                            sample_inputs, target_macs)
+
+_PATCHES_PER_IMAGE = 16
+
+
+def _label(group: ChannelGroup) -> str:
+    return group.producers[0][0]
+
+
+def _find(model: nn.Module, x: torch.Tensor, label: str) -> ChannelGroup:
+    for g in build_dependency_graph(model, x[:1]).groups:
+        if g.producers and _label(g) == label:
+            return g
+    raise ConfigError(f"no channel group produced by {label!r}")
+
+
+def _consumer_columns(layer: nn.Module, offset: int, width: int, channels: list[int] | np.ndarray) -> np.ndarray:
+    """Columns of the consumer's (im2col) input matrix that the group's channels occupy."""
+    if isinstance(layer, nn.Linear):
+        per = width
+    else:
+        per = math.prod(layer.kernel_size)
+    ch = np.asarray(channels, dtype=np.int64) + offset
+    return (ch[:, None] * per + np.arange(per)[None, :]).reshape(-1)
+
+
+@torch.no_grad()
+def _sample(model: nn.Module, x: torch.Tensor, layers: list[str], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Each named layer's input matrix on ``x``: im2col patches (a random subset) for convs, rows
+    for linears."""
+    gen = torch.Generator().manual_seed(seed)
+    got: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in layers:
+        layer = model.get_submodule(name)
+
+        def hook(module, inputs, output, name=name):
+            inp = inputs[0]
+            if isinstance(module, nn.Linear):
+                rows = inp.reshape(-1, inp.shape[-1])
+            else:
+                cols = F.unfold(inp, module.kernel_size, module.dilation, module.padding, module.stride)
+                n, d, positions = cols.shape
+                take = min(positions, _PATCHES_PER_IMAGE)
+                idx = torch.randint(0, positions, (n, take), generator=gen)
+                rows = torch.gather(cols, 2, idx[:, None, :].expand(n, d, take)).transpose(1, 2).reshape(-1, d)
+            got[name] = rows.double() if name not in got else torch.cat([got[name], rows.double()])
+
+        handles.append(layer.register_forward_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return got
+
+
+def _weight_matrix(layer: nn.Module) -> torch.Tensor:
+    return layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
+
+
+def select_channels(model: nn.Module, group: ChannelGroup, samples: dict[str, torch.Tensor], keep: int) -> list[int]:
+    """The ``keep`` channels of ``group`` to keep (ThiNet greedy on sampled consumer inputs)."""
+    n = group.channels
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for c in group.consumers:
+        layer = model.get_submodule(c.layer)
+        x, w = samples[c.layer], _weight_matrix(layer)
+        per = len(_consumer_columns(layer, c.offset, c.width, [0]))
+        cols = torch.from_numpy(_consumer_columns(layer, c.offset, c.width, range(n)))
+        # contribution of channel k to the consumer's output: x[:, cols_k] @ w[:, cols_k].T
+        xs = x[:, cols].reshape(len(x), n, per)
+        ws = w[:, cols].reshape(w.shape[0], n, per)
+        z = torch.einsum("skp,okp->kso", xs, ws).reshape(n, -1)
+        z = z / z.norm().clamp_min(1e-12)  # each consumer counts equally
+        gram += z @ z.T
+    removed: list[int] = []
+    alive = torch.ones(n, dtype=torch.bool)
+    acc = torch.zeros(n, dtype=torch.float64)  # sum_{d removed} G[:, d]
+    for _ in range(n - keep):
+        cost = 2 * acc + gram.diagonal()
+        cost[~alive] = float("inf")
+        k = int(cost.argmin())
+        removed.append(k)
+        alive[k] = False
+        acc += gram[:, k]
+    return sorted(set(range(n)) - set(removed))
+
+
+def _slice_out(layer: nn.Module, idx: torch.Tensor) -> None:
+    layer.weight = nn.Parameter(layer.weight.detach()[idx].clone())
+    if layer.bias is not None:
+        layer.bias = nn.Parameter(layer.bias.detach()[idx].clone())
+    if isinstance(layer, nn.Linear):
+        layer.out_features = len(idx)
+    else:
+        layer.out_channels = len(idx)
+
+
+def _slice_member(module: nn.Module, idx: torch.Tensor) -> None:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        for name in ("weight", "bias"):
+            p = getattr(module, name)
+            if p is not None:
+                setattr(module, name, nn.Parameter(p.detach()[idx].clone()))
+        for name in ("running_mean", "running_var"):
+            b = getattr(module, name)
+            if b is not None:
+                setattr(module, name, b[idx].clone())
+        module.num_features = len(idx)
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == module.in_channels == module.out_channels:
+        _slice_out(module, idx)
+        module.in_channels = module.groups = len(idx)
+    else:
+        raise ConfigError(f"cannot slice {type(module).__name__} along a channel group")
+
+
+def prune_group(model: nn.Module, x: torch.Tensor, label: str, keep: int, reconstruct: bool = True,
+                ridge: float = 1e-6) -> list[int]:
+    """Prune the group produced by ``label`` to ``keep`` channels, in place; returns the kept ones."""
+    group = _find(model, x, label)
+    if not group.prunable:
+        raise ConfigError(f"channel group of {label!r} cannot be pruned: {group.reason}")
+    consumers = [c.layer for c in group.consumers]
+    samples = _sample(model, x, consumers)
+    kept = select_channels(model, group, samples, keep)
+    removed = sorted(set(range(group.channels)) - set(kept))
+    if not removed:
+        return kept
+    for c in group.consumers:
+        layer = model.get_submodule(c.layer)
+        w = _weight_matrix(layer)
+        drop = _consumer_columns(layer, c.offset, c.width, removed)
+        stay = torch.from_numpy(np.setdiff1d(np.arange(w.shape[1]), drop))
+        new_w = w[:, stay]
+        if reconstruct:
+            xs = samples[c.layer]
+            target = xs @ w.T  # the output (without bias) before pruning
+            xk = xs[:, stay]
+            gram = xk.T @ xk
+            lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
+            new_w = torch.linalg.solve(gram + lam * torch.eye(len(stay), dtype=gram.dtype), xk.T @ target).T
+        in_ch = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+        shape = (layer.weight.shape[0], -1, *layer.weight.shape[2:])
+        layer.weight = nn.Parameter(new_w.reshape(shape).to(layer.weight.dtype).contiguous())
+        per = c.width if isinstance(layer, nn.Linear) else 1
+        if isinstance(layer, nn.Linear):
+            layer.in_features = in_ch - len(removed) * per
+        else:
+            layer.in_channels = in_ch - len(removed)
+    idx = torch.tensor(kept)
+    for name, offset in group.producers:
+        _slice_out(model.get_submodule(name), idx + offset)
+    for name in group.members:
+        _slice_member(model.get_submodule(name), idx)
+    return kept
+
+
+def _cp_loss(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str, level: int) -> float:
+    trial = copy.deepcopy(model)
+    prune_group(trial, x, unit, level)
+    with torch.no_grad():
+        return output_loss(reference, trial(x))
+
+
+@dataclass(frozen=True)
+class ChannelPrune(StepConfig):
+    """Channel pruning with least-squares reconstruction, channel counts chosen for ``mac_ratio``.
+
+    Attributes:
+        mac_ratio: MACs after / MACs of the model the plan started from.
+        tolerance: The result lies in ``[mac_ratio - tolerance, mac_ratio]``.
+        exclude: Layer name patterns (fnmatch): a group with a matching producer is left alone.
+        min_keep: Fewest channels a group keeps, as a fraction of its channels.
+        samples: Inputs sampled for selection, reconstruction and the sensitivity curves.
+        measured_levels: Channel counts measured per group (interpolated between them).
+        reconstruct: Refit the consumers' kept weights by least squares.
+        executor: ``process`` (local pool), ``serial`` or ``ray``.
+    """
+
+    kind = "channel_prune"
+    mac_ratio: float = 0.5
+    tolerance: float = 0.01
+    exclude: tuple[str, ...] = ()
+    min_keep: float = 0.1
+    samples: int = 256
+    measured_levels: int = 8
+    reconstruct: bool = True
+    executor: str = "process"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.mac_ratio <= 1:
+            raise ConfigError(f"channel_prune.mac_ratio must be in (0, 1], got {self.mac_ratio}")
+        if not 0 < self.tolerance < self.mac_ratio:
+            raise ConfigError(f"channel_prune.tolerance must be in (0, mac_ratio), got {self.tolerance}")
+        if not 0 < self.min_keep <= 1:
+            raise ConfigError(f"channel_prune.min_keep must be in (0, 1], got {self.min_keep}")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"channel_prune.executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if self.samples < 1 or self.measured_levels < 2:
+            raise ConfigError("channel_prune.samples must be >= 1 and measured_levels >= 2")
+
+    def apply(self, model: nn.Module, ctx, show_progress: bool = True) -> StepResult:
+        x = sample_inputs(ctx, self.samples)
+        model = copy.deepcopy(model).eval()
+        info = analyze(model, x[:1])
+        base, budget, floor = target_macs(ctx, model, x, self.mac_ratio, self.tolerance)
+        deps = build_dependency_graph(model, x[:1])
+        skipped, groups = [], []
+        for g in deps.groups:
+            if not g.producers:
+                continue
+            names = [n for n, _ in g.producers]
+            if not g.prunable:
+                skipped.append({"layer": ", ".join(names), "reason": g.reason or "not prunable"})
+            elif any(fnmatch.fnmatch(n, p) for n in names for p in self.exclude):
+                skipped.append({"layer": ", ".join(names), "reason": "excluded by the plan"})
+            elif g.channels < 2 or not g.consumers:
+                skipped.append({"layer": ", ".join(names), "reason": "nothing reads it" if not g.consumers
+                                else "a single channel"})
+            else:
+                groups.append(g)
+        lowest = {_label(g): max(1, math.ceil(self.min_keep * g.channels)) for g in groups}
+        tasks = []
+        for g in groups:
+            counts = list(range(g.channels - 1, lowest[_label(g)] - 1, -1))
+            if not counts:
+                continue
+            picks = np.unique(np.linspace(0, len(counts) - 1, self.measured_levels).round().astype(int))
+            tasks += [(_label(g), counts[i]) for i in picks]
+        losses = measure_curves(model, x, tasks, _cp_loss, ["cp", self.reconstruct, _PATCHES_PER_IMAGE],
+                                self.executor, show_progress=show_progress)
+        units = []
+        for g in groups:
+            label = _label(g)
+            levels = list(range(g.channels, lowest[label] - 1, -1))
+            measured = {0: 0.0}
+            for i, k in enumerate(levels):
+                if (label, k) in losses:
+                    measured[i] = losses[(label, k)]
+            if len(levels) > 1:
+                units.append(Unit(label, levels, interpolate(measured, len(levels))))
+        macs_of = _cost_model(model, info, deps, {u.name: u for u in units})
+        choice = allocate(units, macs_of, budget, floor)
+        pruned = {}
+        for u in units:  # in execution order; each prune re-derives the groups of the current model
+            keep = u.levels[choice[u.name]]
+            if keep < u.levels[0]:
+                prune_group(model, x, u.name, keep, self.reconstruct)
+                pruned[u.name] = {"channels": u.levels[0], "kept": keep}
+        after = analyze(model, x[:1])
+        shrunk = [li.name for li, lo in zip(after.layers, info.layers) if li.weight_shape != lo.weight_shape]
+        details = {"mac_ratio_target": self.mac_ratio, "mac_ratio": after.total_macs / base,
+                   "macs_before": info.total_macs, "macs_after": after.total_macs, "groups": pruned,
+                   "layers_shrunk": shrunk, "measurements": len(tasks)}
+        return StepResult(self.kind, model.eval(), details, skipped)
+
+
+def _cost_model(model: nn.Module, info, deps, units: dict[str, Unit]):
+    """MACs of the model as a function of the level chosen for each group."""
+    produced: dict[str, str] = {}
+    members: dict[str, str] = {}
+    consumed: dict[str, list[tuple[str, int]]] = {}
+    for g in deps.groups:
+        if not g.producers or _label(g) not in units:
+            continue
+        label = _label(g)
+        for n, _ in g.producers:
+            produced[n] = label
+        for n in g.members:
+            members[n] = label
+        for c in g.consumers:
+            consumed.setdefault(c.layer, []).append((label, c.width))
+    rows = []
+    for li in info.layers:
+        layer = model.get_submodule(li.name)
+        if isinstance(layer, nn.Linear):
+            out_n, in_n = layer.out_features, layer.in_features
+        else:
+            out_n, in_n = layer.out_channels, layer.in_channels
+        rows.append((li.macs, out_n, in_n, produced.get(li.name), members.get(li.name),
+                     consumed.get(li.name, [])))
+    full = {name: u.levels[0] for name, u in units.items()}
+
+    def macs_of(choice: dict[str, int]) -> int:
+        removed = {n: full[n] - units[n].levels[i] for n, i in choice.items()}
+        total = 0.0
+        for macs, out_n, in_n, prod, member, cons in rows:
+            if member is not None:  # depthwise: one input per output channel
+                total += macs * (out_n - removed.get(member, 0)) / out_n
+                continue
+            r_out = (out_n - removed.get(prod, 0)) / out_n if prod else 1.0
+            r_in = (in_n - sum(removed.get(g, 0) * w for g, w in cons)) / in_n
+            total += macs * r_out * r_in
+        return int(round(total))
+
+    return macs_of

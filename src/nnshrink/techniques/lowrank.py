@@ -1,0 +1,233 @@
+"""Low-rank decomposition: Weight SVD and Spatial SVD, with per-layer ranks for a MAC target.
+
+- **Weight SVD** (Linear, 1x1 conv): ``W = U S V^T`` truncated to rank ``r`` becomes two layers,
+  ``in -> r`` (``sqrt(S) V^T``) and ``r -> out`` (``U sqrt(S)``, with the bias).
+- **Spatial SVD** (k x k conv, Jaderberg et al. 2014 as AIMET applies it): the weight reshaped to
+  ``(C_in k_h) x (C_out k_w)`` is truncated to rank ``r``; the conv becomes a ``k_h x 1`` conv
+  with ``r`` outputs (stride, padding and dilation of the height) followed by a ``1 x k_w`` conv
+  (those of the width, and the bias).
+
+Ranks come from :mod:`nnshrink.techniques.allocation`: each layer's curve of output loss
+against rank, measured alone on sampled inputs, and a Lagrangian allocation that meets the MAC
+ratio (of the model the plan started from) within ``tolerance``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnshrink.errors import ConfigError
+from nnshrink.graph.analysis import analyze
+from nnshrink.graph.surgery import replace_module
+from nnshrink.plan.config import StepConfig, StepResult
+from nnshrink.techniques.allocation import (EXECUTORS, Unit, allocate, interpolate, measure_curves, output_loss,
+                                            sample_inputs, target_macs)
+
+
+def _sqrt_split(u: torch.Tensor, s: torch.Tensor, vt: torch.Tensor, r: int):
+    root = s[:r].sqrt()
+    return u[:, :r] * root, root[:, None] * vt[:r]
+
+
+def weight_svd(layer: nn.Module, rank: int) -> nn.Sequential:
+    """A Linear or 1x1 conv as two layers of rank ``rank``."""
+    w = layer.weight.detach().double()
+    out_f = w.shape[0]
+    u, s, vt = torch.linalg.svd(w.reshape(out_f, -1), full_matrices=False)
+    a, b = _sqrt_split(u, s, vt, rank)  # w ~ a @ b, a: out x r, b: r x in
+    if isinstance(layer, nn.Linear):
+        first, second = nn.Linear(layer.in_features, rank, bias=False), nn.Linear(rank, out_f, bias=layer.bias is not None)
+    else:
+        first = nn.Conv2d(layer.in_channels, rank, 1, layer.stride, layer.padding, bias=False)
+        second = nn.Conv2d(rank, out_f, 1, bias=layer.bias is not None)
+    with torch.no_grad():
+        first.weight.copy_(b.reshape(first.weight.shape).float())
+        second.weight.copy_(a.reshape(second.weight.shape).float())
+        if layer.bias is not None:
+            second.bias.copy_(layer.bias)
+    return nn.Sequential(first, second).train(layer.training)
+
+
+def spatial_svd(conv: nn.Conv2d, rank: int) -> nn.Sequential:
+    """A k_h x k_w conv as a k_h x 1 conv with ``rank`` outputs and a 1 x k_w conv."""
+    w = conv.weight.detach().double()  # o c kh kw
+    o, c, kh, kw = w.shape
+    m = w.permute(1, 2, 0, 3).reshape(c * kh, o * kw)
+    u, s, vt = torch.linalg.svd(m, full_matrices=False)
+    a, b = _sqrt_split(u, s, vt, rank)  # m ~ a @ b; a: (c kh) x r, b: r x (o kw)
+    (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
+    first = nn.Conv2d(c, rank, (kh, 1), (sh, 1), (ph, 0), (dh, 1), bias=False)
+    second = nn.Conv2d(rank, o, (1, kw), (1, sw), (0, pw), (1, dw), bias=conv.bias is not None)
+    with torch.no_grad():
+        first.weight.copy_(a.reshape(c, kh, rank).permute(2, 0, 1).unsqueeze(-1).float())
+        second.weight.copy_(b.reshape(rank, o, kw).permute(1, 0, 2).unsqueeze(2).float())
+        if conv.bias is not None:
+            second.bias.copy_(conv.bias)
+    return nn.Sequential(first, second).train(conv.training)
+
+
+def _eligible(module: nn.Module, method: str) -> str | None:
+    """None if ``module`` can be decomposed by ``method``, else the reason it cannot."""
+    if method == "weight":
+        if isinstance(module, nn.Linear):
+            return None
+        if isinstance(module, nn.Conv2d):
+            if module.kernel_size != (1, 1):
+                return "not 1x1 (spatial SVD handles k x k convs)"
+            if module.groups != 1:
+                return "grouped conv"
+            if module.padding_mode != "zeros":
+                return "padding mode other than zeros"
+            return None
+        return "not a Linear or Conv2d"
+    if not isinstance(module, nn.Conv2d):
+        return "not a Conv2d"
+    if module.kernel_size == (1, 1):
+        return "1x1 conv (weight SVD handles it)"
+    if module.groups != 1:
+        return "grouped or depthwise conv"
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        return "padding given as a string or not zeros"
+    return None
+
+
+def _rank_macs(info, method: str, rank: int) -> int:
+    """MACs per sample of the decomposed layer at ``rank`` (all calls)."""
+    w = info.weight_shape
+    if method == "weight":
+        out_f, in_f = w[0], int(np.prod(w[1:]))
+        positions = info.macs // (out_f * in_f)
+        return positions * rank * (in_f + out_f)
+    o, c, kh, kw = w
+    _, ho, wo = info.out_shape
+    wi = info.in_shape[2]
+    return info.calls * (rank * c * kh * ho * wi + o * rank * kw * ho * wo)
+
+
+def decompose(method: str, module: nn.Module, rank: int) -> nn.Sequential:
+    return weight_svd(module, rank) if method == "weight" else spatial_svd(module, rank)
+
+
+def _svd_loss(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str, level: int) -> float:
+    """Output loss with only layer ``unit`` decomposed; ``level`` is ``method:rank`` encoded as
+    ``rank * 2 + (method == 'spatial')``."""
+    method, rank = ("spatial" if level % 2 else "weight"), level // 2
+    trial = copy.deepcopy(model)
+    replace_module(trial, unit, decompose(method, trial.get_submodule(unit), rank))
+    with torch.no_grad():
+        return output_loss(reference, trial(x))
+
+
+@dataclass(frozen=True)
+class _SVDStep(StepConfig):
+    mac_ratio: float = 0.5
+    tolerance: float = 0.01
+    exclude: tuple[str, ...] = ()
+    samples: int = 256
+    measured_levels: int = 8
+    executor: str = "process"
+
+    method = "weight"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.mac_ratio <= 1:
+            raise ConfigError(f"{self.kind}.mac_ratio must be in (0, 1], got {self.mac_ratio}")
+        if not 0 < self.tolerance < self.mac_ratio:
+            raise ConfigError(f"{self.kind}.tolerance must be in (0, mac_ratio), got {self.tolerance}")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"{self.kind}.executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if self.samples < 1 or self.measured_levels < 2:
+            raise ConfigError(f"{self.kind}.samples must be >= 1 and measured_levels >= 2")
+
+    def apply(self, model: nn.Module, ctx, show_progress: bool = True) -> StepResult:
+        x = sample_inputs(ctx, self.samples)
+        info = analyze(model, x[:1])
+        base, budget, floor = target_macs(ctx, model, x, self.mac_ratio, self.tolerance)
+        units, skipped, per_rank = [], [], {}
+        for li in info.layers:
+            module = model.get_submodule(li.name)
+            reason = _eligible(module, self.method)
+            if reason is None and any(fnmatch.fnmatch(li.name, p) for p in self.exclude):
+                reason = "excluded by the plan"
+            ranks = []
+            if reason is None:
+                full = min(module.weight.shape[0], int(np.prod(module.weight.shape[1:])))
+                if self.method == "spatial":
+                    o, c, kh, kw = module.weight.shape
+                    full = min(c * kh, o * kw)
+                ranks = [r for r in range(full, 0, -1) if _rank_macs(li, self.method, r) < li.macs]
+                if not ranks:
+                    reason = "a decomposition of any rank costs more MACs than the layer"
+            if reason is not None:
+                if reason != f"not a {'Linear or Conv2d' if self.method == 'weight' else 'Conv2d'}":
+                    skipped.append({"layer": li.name, "reason": reason})
+                continue
+            per_rank[li.name] = (li, ranks)
+        tag = 1 if self.method == "spatial" else 0
+        tasks = []
+        for name, (_, ranks) in per_rank.items():
+            picks = np.unique(np.geomspace(1, len(ranks), self.measured_levels).round().astype(int))
+            tasks += [(name, ranks[i - 1] * 2 + tag) for i in picks]
+        losses = measure_curves(model, x, tasks, _svd_loss, ["svd", self.method], self.executor,
+                                show_progress=show_progress)
+        for name, (_, ranks) in per_rank.items():
+            measured = {0: 0.0}
+            for i, r in enumerate(ranks, start=1):
+                if (name, r * 2 + tag) in losses:
+                    measured[i] = losses[(name, r * 2 + tag)]
+            units.append(Unit(name, [None] + ranks, interpolate(measured, len(ranks) + 1)))
+        saving = {name: [0] + [li.macs - _rank_macs(li, self.method, r) for r in ranks]
+                  for name, (li, ranks) in per_rank.items()}
+
+        def macs_of(choice: dict[str, int]) -> int:
+            return info.total_macs - sum(saving[n][i] for n, i in choice.items())
+
+        choice = allocate(units, macs_of, budget, floor)
+        new = copy.deepcopy(model)
+        layers = {}
+        for u in units:
+            i = choice[u.name]
+            if i == 0:
+                continue
+            rank = u.levels[i]
+            replace_module(new, u.name, decompose(self.method, new.get_submodule(u.name), rank))
+            layers[u.name] = {"rank": int(rank), "predicted_loss": round(float(u.loss[i]), 6)}
+        after = analyze(new, x[:1]).total_macs
+        details = {"mac_ratio_target": self.mac_ratio, "mac_ratio": after / base, "macs_before": info.total_macs,
+                   "macs_after": after, "layers": layers, "measurements": len(tasks)}
+        return StepResult(self.kind, new.eval(), details, skipped)
+
+
+@dataclass(frozen=True)
+class WeightSVD(_SVDStep):
+    """Weight SVD of Linear and 1x1 conv layers, ranks chosen to reach ``mac_ratio``.
+
+    Attributes:
+        mac_ratio: MACs after / MACs of the model the plan started from.
+        tolerance: The result lies in ``[mac_ratio - tolerance, mac_ratio]``.
+        exclude: Layer name patterns (fnmatch) left alone.
+        samples: Inputs used to measure each layer's curve.
+        measured_levels: Ranks measured per layer (the curve is interpolated between them).
+        executor: ``process`` (local pool), ``serial`` or ``ray``.
+    """
+
+    kind = "weight_svd"
+    method = "weight"
+
+
+@dataclass(frozen=True)
+class SpatialSVD(_SVDStep):
+    """Spatial SVD of k x k convs (k x 1 then 1 x k), ranks chosen to reach ``mac_ratio``.
+
+    Attributes: as :class:`WeightSVD`.
+    """
+
+    kind = "spatial_svd"
+    method = "spatial"

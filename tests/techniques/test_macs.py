@@ -1,0 +1,138 @@
+"""MAC reduction: Weight/Spatial SVD, channel pruning with reconstruction, allocation for a target."""
+
+import pytest
+import torch
+from torch import nn
+
+from nnshrink import analyze, zoo
+from nnshrink.errors import ConfigError
+from nnshrink.plan import Plan, compress
+from nnshrink.techniques import ChannelPrune, SpatialSVD, WeightSVD, spatial_svd, weight_svd
+from nnshrink.techniques.allocation import Unit, allocate
+from nnshrink.techniques.channels import prune_group
+from nnshrink.testing import ConcatNet
+
+
+def _x(n=64, shape=(1, 28, 28), seed=0):
+    return torch.rand((n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+def _randomized(name):
+    model = zoo.build(name)
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_full_rank_decompositions_are_exact():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1)
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(spatial_svd(conv, 12)(x), conv(x), rtol=1e-4, atol=1e-4)
+    lin = nn.Linear(10, 7)
+    v = torch.randn(3, 10)
+    torch.testing.assert_close(weight_svd(lin, 7)(v), lin(v), rtol=1e-4, atol=1e-4)
+    pw = nn.Conv2d(8, 5, 1, stride=2)
+    y = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(weight_svd(pw, 5)(y), pw(y), rtol=1e-4, atol=1e-4)
+
+
+def test_truncated_spatial_svd_is_the_best_rank_r_fit_and_saves_macs():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(4, 16, 8, 8)
+    with torch.no_grad():
+        errs = [float((spatial_svd(conv, r)(x) - conv(x)).norm()) for r in (2, 6, 12, 24)]
+    assert errs == sorted(errs, reverse=True)
+    small = analyze(nn.Sequential(spatial_svd(conv, 4)), x[:1]).total_macs
+    assert small < analyze(conv, x[:1]).total_macs / 2
+
+
+def test_allocation_meets_the_target_with_the_least_loss():
+    # two units, one cheap to compress (low loss), one expensive
+    units = [Unit("a", [0, 1, 2, 3], [0.0, 0.01, 0.02, 0.03]), Unit("b", [0, 1, 2, 3], [0.0, 0.5, 1.0, 1.5])]
+
+    def macs(choice):
+        return 100 - 10 * choice["a"] - 10 * choice["b"]
+
+    choice = allocate(units, macs, target=75, floor=70)
+    assert 70 <= macs(choice) <= 75 and choice == {"a": 3, "b": 0}
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        allocate(units, macs, target=30, floor=20)
+
+
+@pytest.mark.parametrize("step", [SpatialSVD(mac_ratio=0.6, executor="serial"),
+                                  ChannelPrune(mac_ratio=0.5, executor="serial")])
+def test_steps_hit_the_mac_target_on_a_resnet(step):
+    model, x = _randomized("resnet8"), _x()
+    base = analyze(model, x[:1]).total_macs
+    result = compress(model, Plan([step]), x[:2], calib=[x])
+    after = analyze(result.model, x[:1]).total_macs
+    assert step.mac_ratio - 0.01 <= after / base <= step.mac_ratio
+    assert result.steps[0].details["mac_ratio"] == pytest.approx(after / base)
+    out = result.model(x)
+    assert out.shape == (64, 10) and torch.isfinite(out).all()
+
+
+def test_channel_pruning_shrinks_residual_groups_and_depthwise_convs():
+    model, x = _randomized("mobilenet"), _x(32)
+    result = compress(model, Plan([ChannelPrune(mac_ratio=0.6, executor="serial")]), x[:2], calib=[x])
+    d = result.steps[0].details
+    assert 0.59 <= d["mac_ratio"] <= 0.6
+    before = {li.name: li.weight_shape for li in analyze(model, x[:1]).layers}
+    after = {li.name: li.weight_shape for li in analyze(result.model, x[:1]).layers}
+    assert before.keys() == after.keys()
+    shrunk = [n for n in before if before[n] != after[n]]
+    assert len(shrunk) >= len(before) // 2
+    # the model output is never pruned, and says so
+    assert any(s["layer"] == "fc" and "output" in s["reason"] for s in result.steps[0].skipped)
+
+
+def test_reconstruction_beats_plain_removal():
+    model, x = _randomized("resnet8"), _x(128)
+    with torch.no_grad():
+        ref = model(x)
+    errs = {}
+    for rec in (False, True):
+        m = zoo.build("resnet8")
+        m.load_state_dict(model.state_dict())
+        m.eval()
+        prune_group(m, x, "layer3.conv1", 24, reconstruct=rec)
+        with torch.no_grad():
+            errs[rec] = float((m(x) - ref).pow(2).mean())
+    assert errs[True] < errs[False]
+
+
+def test_concat_groups_are_pruned_at_their_offsets():
+    model, x = ConcatNet().eval(), _x(16, (3, 16, 16))
+    result = compress(model, Plan([ChannelPrune(mac_ratio=0.7, executor="serial")]), x[:2], calib=[x])
+    assert result.model(x).shape == model(x).shape
+    assert result.steps[0].details["mac_ratio"] <= 0.7
+
+
+def test_weight_svd_on_lenet300_and_bad_configs():
+    model, x = zoo.build("lenet300").eval(), _x(32)
+    result = compress(model, Plan([WeightSVD(mac_ratio=0.5, executor="serial")]), x[:2], calib=[x])
+    assert 0.49 <= result.steps[0].details["mac_ratio"] <= 0.5
+    with pytest.raises(ConfigError, match="mac_ratio"):
+        ChannelPrune(mac_ratio=1.5)
+    with pytest.raises(ConfigError, match="executor"):
+        SpatialSVD(executor="mpi")
+
+
+def test_process_pool_gives_the_serial_results_and_the_cache_makes_reruns_instant(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("NNSHRINK_CACHE_DIR", str(tmp_path))
+    model, x = _randomized("resnet8"), _x(32)
+    serial = compress(model, Plan([SpatialSVD(mac_ratio=0.7, executor="serial")]), x[:2], calib=[x])
+    monkeypatch.setenv("NNSHRINK_CACHE_DIR", str(tmp_path / "other"))
+    pooled = compress(model, Plan([SpatialSVD(mac_ratio=0.7, executor="process")]), x[:2], calib=[x])
+    assert serial.steps[0].details["layers"] == pooled.steps[0].details["layers"]
+    start = time.perf_counter()
+    again = compress(model, Plan([SpatialSVD(mac_ratio=0.7, executor="process")]), x[:2], calib=[x])
+    assert again.steps[0].details["layers"] == pooled.steps[0].details["layers"]
+    assert time.perf_counter() - start < 5
