@@ -64,8 +64,8 @@ def test_allocation_meets_the_target_with_the_least_loss():
         allocate(units, macs, target=30, floor=20)
 
 
-@pytest.mark.parametrize("step", [SpatialSVD(mac_ratio=0.6, executor="serial"),
-                                  ChannelPrune(mac_ratio=0.5, executor="serial")])
+@pytest.mark.parametrize("step", [SpatialSVD(mac_ratio=0.6, executor="serial", samples=32, measured_levels=4),
+                                  ChannelPrune(mac_ratio=0.5, executor="serial", samples=32, measured_levels=3)])
 def test_steps_hit_the_mac_target_on_a_resnet(step):
     model, x = _randomized("resnet8"), _x()
     base = analyze(model, x[:1]).total_macs
@@ -78,8 +78,9 @@ def test_steps_hit_the_mac_target_on_a_resnet(step):
 
 
 def test_channel_pruning_shrinks_residual_groups_and_depthwise_convs():
-    model, x = _randomized("mobilenet"), _x(32)
-    result = compress(model, Plan([ChannelPrune(mac_ratio=0.6, executor="serial")]), x[:2], calib=[x])
+    model, x = _randomized("mobilenet"), _x(16)
+    step = ChannelPrune(mac_ratio=0.6, executor="process", samples=16, measured_levels=2)
+    result = compress(model, Plan([step]), x[:2], calib=[x])
     d = result.steps[0].details
     assert 0.59 <= d["mac_ratio"] <= 0.6
     before = {li.name: li.weight_shape for li in analyze(model, x[:1]).layers}
@@ -108,7 +109,8 @@ def test_reconstruction_beats_plain_removal():
 
 def test_concat_groups_are_pruned_at_their_offsets():
     model, x = ConcatNet().eval(), _x(16, (3, 16, 16))
-    result = compress(model, Plan([ChannelPrune(mac_ratio=0.7, executor="serial")]), x[:2], calib=[x])
+    step = ChannelPrune(mac_ratio=0.7, executor="serial", samples=16, measured_levels=3)
+    result = compress(model, Plan([step]), x[:2], calib=[x])
     assert result.model(x).shape == model(x).shape
     assert result.steps[0].details["mac_ratio"] <= 0.7
 
@@ -136,3 +138,14 @@ def test_process_pool_gives_the_serial_results_and_the_cache_makes_reruns_instan
     again = compress(model, Plan([SpatialSVD(mac_ratio=0.7, executor="process")]), x[:2], calib=[x])
     assert again.steps[0].details["layers"] == pooled.steps[0].details["layers"]
     assert time.perf_counter() - start < 5
+
+
+def test_ray_executor_without_ray_says_how_to_get_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is not None:
+        pytest.skip("ray is installed")
+    monkeypatch.setenv("NNSHRINK_CACHE_DIR", str(tmp_path))
+    model, x = _randomized("resnet8"), _x(16)
+    with pytest.raises(ConfigError, match="nnshrink\\[ray\\]"):
+        compress(model, Plan([SpatialSVD(mac_ratio=0.7, executor="ray")]), x[:2], calib=[x])
