@@ -270,3 +270,19 @@ def test_sensitivity_finds_the_layer_that_was_broken():
     assert all(q.enabled for q in sim.aq.values())  # left fully quantized
     doc = sens.to_dict()
     assert doc["schema"] == "nnshrink.quant_sensitivity/1" and len(doc["layers"]) == 4
+
+
+def test_an_imported_onnx_model_quantizes_like_the_torch_one(tmp_path):
+    from nnshrink import export_onnx, load_model
+    from nnshrink.io.qdq import to_qdq_onnx
+
+    model = _quantized("resnet8")[0]
+    export_onnx(model, tmp_path / "r.onnx")
+    imported = load_model(tmp_path / "r.onnx")
+    x = _data(32)
+    sim = compress(imported, Plan([Quantize(cle=False, bias_correction=False)]), x[:2], calib=[x]).model
+    ref = compress(model, Plan([Quantize(cle=False, bias_correction=False)]), x[:2], calib=[x]).model
+    assert [op.kind for op in sim.ops] == [op.kind for op in ref.ops]
+    out = _session(to_qdq_onnx(sim)).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert (out.argmax(1) == ref(x).numpy().argmax(1)).mean() >= 0.9

@@ -94,6 +94,7 @@ class QuantSim(nn.Module):
                 self.aq[_key(op.name)] = ActQuantizer(act_bits, act_symmetric, est)
         self.float_layers: set[str] = set()
         self.bias_quant = True
+        self._index = {op.name: op for op in ops}
 
     # -- naming ---------------------------------------------------------------------------
     def layer(self, name: str) -> nn.Module:
@@ -111,7 +112,7 @@ class QuantSim(nn.Module):
         return self.aq[_key(tensor)]
 
     def _by_name(self) -> dict[str, Op]:
-        return {op.name: op for op in self.ops}
+        return self._index
 
     def layer_ops(self) -> list[Op]:
         return [op for op in self.ops if op.kind in ("conv", "linear")]
@@ -304,9 +305,30 @@ def lower(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Op], dict
             else:
                 bad.append(f"{target} ({type(mod).__name__})")
             continue
-        # functions and methods
+        # functions and methods; an imported ONNX model's helpers say what they do to channels
         name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-        if node.op == "call_function" and target in _ADD_FUNCS or node.op == "call_method" and target == "add":
+        rule = getattr(target, "_nnshrink_channel_rule", None) if node.op == "call_function" else None
+        if rule == "shape" or (node.op == "call_function" and shape is None and rule is not None):
+            continue  # shape arithmetic of an imported graph: plain Python values
+        if rule == "pass" and name == "global_pool" and node.args[1:2] == ("avg",):
+            add(node, Op(node.name, "gap", [a0]))
+        elif _is_spatial_mean(node, rule, name):
+            in_shape = node.args[0].meta.get("shape")
+            keep = shape is not None and len(shape) == len(in_shape)
+            if keep:
+                add(node, Op(node.name, "gap", [a0]))
+            else:  # mean without keepdim: pooling, then the (batch, channels) view of it
+                ops.append(Op(node.name + "_gap", "gap", [a0]))
+                by_name[node.name + "_gap"] = ops[-1]
+                add(node, Op(node.name, "flatten", [node.name + "_gap"], quantized_output=False))
+        elif rule == "reshape":
+            in_shape = node.args[0].meta.get("shape") if isinstance(node.args[0], fx.Node) else None
+            if shape is not None and in_shape is not None and len(shape) == 2 and shape[0] == in_shape[0]:
+                add(node, Op(node.name, "flatten", [a0], quantized_output=False))
+            else:
+                bad.append(f"{node.name} ({name} other than flattening to (batch, features))")
+        elif (node.op == "call_function" and (target in _ADD_FUNCS or (rule == "binary" and name == "add"))) \
+                or node.op == "call_method" and target == "add":
             b = node.args[1] if len(node.args) > 1 else None
             if isinstance(b, fx.Node):
                 add(node, Op(node.name, "add", [a0, src(b)]))
@@ -343,6 +365,22 @@ def lower(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Op], dict
     if output is None:
         raise UnsupportedModelError("the model has no output")
     return ops, layers, output
+
+
+def _is_spatial_mean(node: fx.Node, rule: str | None, name: str) -> bool:
+    """A mean over the two spatial axes of a 4-D tensor (``x.mean((2, 3))``, ONNX ReduceMean)."""
+    x = node.args[0] if node.args else None
+    in_shape = x.meta.get("shape") if isinstance(x, fx.Node) else None
+    if in_shape is None or len(in_shape) != 4:
+        return False
+    if rule == "reduce" and name == "reduce":
+        op, axes = node.args[1], node.args[2]
+    elif (node.op == "call_method" and node.target == "mean") or (node.op == "call_function" and node.target is torch.mean):
+        op, axes = "mean", node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    else:
+        return False
+    axes = [axes] if isinstance(axes, int) else list(axes or [])
+    return op == "mean" and sorted(a % 4 for a in axes) == [2, 3]
 
 
 def _pool_attrs(mod: nn.Module) -> dict:
