@@ -215,10 +215,10 @@ def allocate(units: list[Unit], macs_of: Callable[[dict[str, int]], int], target
             hi, best = mid, trial
         else:
             lo = mid
-    return _repair(units, best, macs_of, target, floor)
+    return repair(units, best, macs_of, target, floor)
 
 
-def _repair(units: list[Unit], choice: dict[str, int], macs_of, target: int, floor: int) -> dict[str, int]:
+def repair(units: list[Unit], choice: dict[str, int], macs_of, target: int, floor: int) -> dict[str, int]:
     """Single-unit moves: over budget, compress where it costs least per MAC saved; under the
     floor, relax where it gains most per MAC spent, never crossing the target."""
     by = {u.name: u for u in units}
