@@ -88,7 +88,7 @@ def test_channel_pruning_shrinks_residual_groups_and_depthwise_convs():
     assert before.keys() == after.keys()
     shrunk = [n for n in before if before[n] != after[n]]
     assert len(shrunk) >= len(before) // 2
-    odd = [k for k, v in d["groups"].items() if v["kept"] % 8]
+    odd = [k for k, v in d["groups"].items() if v["kept"] % d["round_to"]]
     assert odd == d["not_multiple_of_round_to"] and len(odd) <= 2
     # the model output is never pruned, and says so
     assert any(s["layer"] == "fc" and "output" in s["reason"] for s in result.steps[0].skipped)
