@@ -124,21 +124,27 @@ def acc(model, data):
     return zoo.accuracy(model, data, "test")
 
 
-def latency(model, x, folder, name):
+def latency_ratio(float_model, small, x, folder, name) -> tuple[float, float]:
+    """ONNX Runtime latency (batch 64, one thread, median of alternating runs) of both models."""
+    import numpy as np
     import onnxruntime as ort
 
-    path = os.path.join(folder, f"{name}.onnx")
-    export_onnx(model, path, x[:2])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    sessions = []
+    for tag, m in (("float", float_model), ("small", small)):
+        path = os.path.join(folder, f"{name}-{tag}.onnx")
+        export_onnx(m, path, x[:2])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.log_severity_level = 3
+        sessions.append(ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]))
     xb = x[:64].numpy()
-    sess.run(None, {"input": xb})
-    t = time.perf_counter()
-    for _ in range(30):
-        sess.run(None, {"input": xb})
-    return (time.perf_counter() - t) / 30
+    times = [[], []]
+    for _ in range(25):
+        for i, sess in enumerate(sessions):
+            t = time.perf_counter()
+            sess.run(None, {"input": xb})
+            times[i].append(time.perf_counter() - t)
+    return float(np.median(times[0])), float(np.median(times[1]))
 
 
 def main() -> int:
@@ -157,7 +163,6 @@ def main() -> int:
             x = sample(data)
             base = macs(model, x)
             f_acc = acc(model, data)
-            f_lat = latency(model, x, folder, f"{name}-float")
             for ratio in map(float, args.ratios.split(",")):
                 print(f"\n{name} (float {100 * f_acc:.2f}%, {base:,} MACs), target C = {ratio}, "
                       f"fine-tune {args.steps} steps, seeds 0-{args.seeds - 1}")
@@ -185,8 +190,8 @@ def main() -> int:
                           f"{secs:9.1f} {evals:6d} {shrunk:6d} of {len(convs):<3d}"
                           f"  ({', '.join(f'{100 * a:.1f}' for a in after)})")
                     if label == "nnshrink":
-                        q_lat = latency(small, x, folder, f"{name}-{ratio}")
-                        print(f"  {'':14s} ONNX Runtime latency (batch 64): float {1e3 * f_lat:.2f} ms, "
+                        f_lat, q_lat = latency_ratio(model, small, x, folder, f"{name}-{ratio}")
+                        print(f"  {'':14s} ONNX Runtime latency (batch 64, 1 thread): float {1e3 * f_lat:.2f} ms, "
                               f"pruned {1e3 * q_lat:.2f} ms, ratio {q_lat / f_lat:.2f}")
     return 0
 
