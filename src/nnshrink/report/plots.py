@@ -7,6 +7,18 @@ from pathlib import Path
 from nnshrink.cache import atomic_path
 
 
+def _write_png(fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it as PNG atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return target
+
+
 def frontier_plot(points: list, front: list, float_bytes: int, float_accuracy: float, path: str | Path,
                   title: str = "accuracy against compression", chosen=None) -> Path:
     """Held-out accuracy against compression ratio (log scale) with a frontier joined.
@@ -46,12 +58,7 @@ def frontier_plot(points: list, front: list, float_bytes: int, float_accuracy: f
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    target = Path(path)
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return target
+    return _write_png(fig, path)
 
 
 def quant_sensitivity_plot(sens: dict, path: str | Path, title: str = "quantization sensitivity per layer") -> Path:
@@ -81,9 +88,4 @@ def quant_sensitivity_plot(sens: dict, path: str | Path, title: str = "quantizat
     ax.set_title(title)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
-    target = Path(path)
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return target
+    return _write_png(fig, path)
