@@ -123,10 +123,57 @@ def test_structural_checks_behind_a_valid_checksum():
         decode(_reseal(bytes(huge)))
 
 
+def _smooth(n, rng=RNG, dtype=np.int8):
+    """Correlated neighbours, like the rows of a trained fully connected layer."""
+    x = np.convolve(rng.laplace(0, 30, n + 8), np.ones(8) / 3, mode="valid")[:n]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x), info.min, info.max).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8])
+@pytest.mark.parametrize("block_size", [64, 1024, 8192])
+def test_prediction_is_used_where_neighbours_correlate_and_round_trips(dtype, block_size):
+    array = _smooth(30_000, dtype=dtype) if dtype == np.int8 else (_smooth(30_000).astype(np.int16) + 128).astype(np.uint8)
+    array[5] = np.iinfo(dtype).min  # the largest residuals a block can hold
+    array[6] = np.iinfo(dtype).max
+    array[7] = np.iinfo(dtype).min
+    data = encode(array, CodecConfig(block_size=block_size))
+    info = stream_info(data)
+    assert info.predictor != 0 and data[2] == 2  # version 2 only when prediction is used
+    np.testing.assert_array_equal(decode(data), array)
+    plain = encode(array, CodecConfig(block_size=block_size, predict=False))
+    assert plain[2] == 1 and stream_info(plain).predictor == 0
+    assert len(data) < (0.9 if dtype == np.int8 else 0.98) * len(plain)  # uint8: no centring, so less
+    for mode in ("raw", "rice", "rans", "zero-run", "palette"):
+        forced = encode(array[:3000], CodecConfig(block_size=block_size, modes={mode}))
+        np.testing.assert_array_equal(decode(forced), array[:3000])
+
+
+def test_prediction_is_not_used_where_it_does_not_pay():
+    assert stream_info(encode(_laplace(50_000))).predictor == 0  # independent values
+    assert stream_info(encode(_smooth(50_000).astype(np.int16))).predictor == 0  # only 8-bit streams
+    sparse = _smooth(50_000)
+    sparse[RNG.random(sparse.size) < 0.5] = 0  # pruning breaks the neighbour correlation
+    assert stream_info(encode(sparse)).predictor == 0
+
+
+def test_bad_predictor_is_reported():
+    good = encode(_smooth(5000), CodecConfig(block_size=1024))
+    assert good[2] == 2
+    for bad in (0, 17, 0xEF):  # none, above 16, below -16
+        body = bytearray(good[:-4])
+        body[4] = bad
+        with pytest.raises(CorruptDataError, match="predictor"):
+            decode(_reseal(bytes(body)))
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.data())
-def test_fuzzed_streams_raise_only_our_errors(data):
-    base = bytearray(encode(_laplace(3000, 10, rng=np.random.default_rng(1)), CodecConfig(block_size=512)))
+@given(st.data(), st.booleans())
+def test_fuzzed_streams_raise_only_our_errors(data, predicted):
+    rng = np.random.default_rng(1)
+    array = _smooth(3000, rng=rng) if predicted else _laplace(3000, 10, rng=rng)
+    base = bytearray(encode(array, CodecConfig(block_size=512)))
+    assert (stream_info(bytes(base)).predictor != 0) == predicted
     body = base[:-4]
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(body) - 1))

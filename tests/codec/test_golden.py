@@ -40,3 +40,8 @@ def test_golden_streams_cover_every_block_mode_family():
     for name in NAMES:
         modes |= set(stream_info((GOLDEN / f"{name}.nsw").read_bytes()).block_modes)
     assert {"rans"} <= modes and len(modes) >= 3, modes
+
+
+def test_golden_streams_cover_both_stream_versions():
+    versions = {(GOLDEN / f"{name}.nsw").read_bytes()[2] for name in NAMES}
+    assert versions == {1, 2}

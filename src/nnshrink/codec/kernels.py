@@ -406,3 +406,32 @@ def read_levels(data, end, st, k, order, max_level, levels):
         prev2 = prev1
         prev1 = value
     return OK
+
+
+# -- prediction (stream version 2): each value minus a fraction of the one before -----------
+# Neighbouring weights along a row are correlated (a fully connected layer's row is an image of
+# smooth receptive fields; a conv kernel row is smooth too), so a stream may code residuals
+# r[i] = v[i] - ((t * v[i-1] + 8) >> 4) with t/16 in [-1, 1], the predecessor reset to 0 at
+# every block start so blocks still decode alone. Integer arithmetic only (>> floors).
+
+
+@njit(cache=True)
+def predict(values, block, t):
+    out = np.empty_like(values)
+    prev = 0
+    for i in range(values.shape[0]):
+        if i % block == 0:
+            prev = 0
+        out[i] = values[i] - ((t * prev + 8) >> 4)
+        prev = values[i]
+    return out
+
+
+@njit(cache=True)
+def unpredict(res, t):
+    """Undo :func:`predict` in place for one block."""
+    prev = 0
+    for i in range(res.shape[0]):
+        v = res[i] + ((t * prev + 8) >> 4)
+        res[i] = v
+        prev = v

@@ -3,6 +3,7 @@
 Layout (little endian; varint = unsigned LEB128)::
 
     "NW" | version u8 | packed u8 (dtype: bits 0-2, table flag: bit 3, ndim: bits 4-7)
+    | [predictor t, i8]                         version 2 only
     | shape: varint x ndim | log2(block size) u8
     | [table length varint | table]            if the table flag is set
     | byte length of every block but the last: varint x (n_blocks - 1)
@@ -11,6 +12,11 @@ Layout (little endian; varint = unsigned LEB128)::
 Each block starts with its mode byte. A decoder that has read the header knows where every block
 starts, so it can decode any block alone; the last block's values may be fewer than the block size.
 A stream of a tensor under 1K int8 weights costs at most 16 bytes more than the raw bytes.
+
+Version 2 adds prediction for 8-bit tensors: the blocks hold residuals
+``v[i] - ((t * v[i-1] + 8) >> 4)`` (the predecessor is 0 at each block start), with ``t`` in
+[-16, 16] fitted by least squares. A stream without prediction is still written as version 1,
+byte for byte as before, so older readers read every stream that does not need the new feature.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from nnshrink.codec import table as T
 from nnshrink.errors import ConfigError, CorruptDataError, FormatError
 
 MAGIC = b"NW"
-VERSION = 1
+VERSION = 2  # the newest version this module reads and writes; version 1 streams are still written
+VERSIONS = (1, 2)  # when they use no version-2 feature
 DTYPES = {1: np.int8, 2: np.uint8, 3: np.int16, 4: np.uint16}
 DTYPE_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 
@@ -37,6 +44,8 @@ _ALL_MODES = frozenset(MODE_NAMES.values())
 _FLAG_TABLE = 8
 _MIN_LOG, _MAX_LOG = 6, 20
 MAX_ELEMENTS = 1 << 31  # decode refuses larger tensors (a guard against crafted headers)
+_PREDICT_MIN = 1024  # values below which prediction is not tried
+_PREDICT_GAIN = 0.995  # residual entropy must be below this fraction of the values' to be used
 
 
 @dataclass(frozen=True)
@@ -48,10 +57,13 @@ class CodecConfig:
             random access and per-block mode choice; larger ones less overhead.
         modes: Block modes the encoder may choose from (``const`` and ``stored`` are always
             allowed, so every tensor can be written).
+        predict: Let the encoder code 8-bit tensors as residuals of a neighbour prediction
+            (stream version 2) where that is clearly smaller.
     """
 
     block_size: int = 8192
     modes: frozenset[str] = _ALL_MODES
+    predict: bool = True
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -75,6 +87,7 @@ class StreamInfo:
     block_modes: tuple[str, ...]
     block_bytes: tuple[int, ...]
     total_bytes: int
+    predictor: int = 0  # t of the version-2 prediction (value ~ t/16 x previous value); 0: none
 
 
 def _varint(v: int) -> bytes:
@@ -219,11 +232,14 @@ def encode(array: np.ndarray, config: CodecConfig | None = None) -> bytes:
     n = flat.shape[0]
     nblocks = -(-n // config.block_size) if n else 0
     scratch = np.empty(config.block_size * 8 + 1024, np.uint8)
+    itemsize = array.dtype.itemsize
+    t, residuals = _predictor(flat, config.block_size, itemsize) if config.predict else (0, None)
+    if t:  # residuals span twice the range: stored blocks take 16 bits per value
+        flat, itemsize = residuals, 2
+    chunks = [flat[i * config.block_size:(i + 1) * config.block_size] for i in range(nblocks)]
     table, table_blob = (None, b"")
     if n and "rans" in config.modes:
         table, table_blob = _make_table(flat)
-    itemsize = array.dtype.itemsize
-    chunks = [flat[i * config.block_size:(i + 1) * config.block_size] for i in range(nblocks)]
     options = [_choose(c, table, config.modes, itemsize) for c in chunks]
     choices = [r if r is not None and r[0] < b[0] else b for b, r in options]
     # the table pays off only if the blocks that use it save more than it costs
@@ -232,12 +248,39 @@ def encode(array: np.ndarray, config: CodecConfig | None = None) -> bytes:
         choices = [b for b, _ in options]
         table, table_blob = None, b""
     blocks = [_emit(c, choice, table, itemsize, scratch) for c, choice in zip(chunks, choices)]
-    return _assemble(array, config.block_size, table_blob, blocks)
+    return _assemble(array, config.block_size, table_blob, blocks, t)
 
 
-def _assemble(array: np.ndarray, block_size: int, table_blob: bytes, blocks: list[bytes]) -> bytes:
+def _entropy(values: np.ndarray) -> float:
+    counts = np.bincount(values - values.min())
+    counts = counts[counts > 0]
+    return float(-(counts * np.log2(counts / values.shape[0])).sum())
+
+
+def _predictor(flat: np.ndarray, block_size: int, itemsize: int) -> tuple[int, np.ndarray | None]:
+    """The prediction coefficient ``t`` (0: none) and the residuals, when their order-0 entropy
+    is clearly below the values' own (so the coded stream is smaller by about as much)."""
+    n = flat.shape[0]
+    if itemsize != 1 or n < _PREDICT_MIN:
+        return 0, None
+    within = (np.arange(1, n) % block_size) != 0  # pairs inside one block
+    prev, cur = flat[:-1][within], flat[1:][within]
+    den = int((prev * prev).sum())
+    if den == 0:
+        return 0, None
+    t = int(np.clip(np.round(16 * int((cur * prev).sum()) / den), -16, 16))
+    if t == 0:
+        return 0, None
+    residuals = K.predict(flat, block_size, t)
+    if _entropy(residuals) >= _PREDICT_GAIN * _entropy(flat):
+        return 0, None
+    return t, residuals
+
+
+def _assemble(array: np.ndarray, block_size: int, table_blob: bytes, blocks: list[bytes], predictor: int = 0) -> bytes:
     packed = DTYPE_CODES[array.dtype] | (_FLAG_TABLE if table_blob else 0) | (array.ndim << 4)
-    head = MAGIC + bytes([VERSION, packed]) + b"".join(_varint(d) for d in array.shape)
+    version = bytes([2, packed, predictor & 0xFF]) if predictor else bytes([1, packed])
+    head = MAGIC + version + b"".join(_varint(d) for d in array.shape)
     head += bytes([block_size.bit_length() - 1])
     if table_blob:
         head += _varint(len(table_blob)) + table_blob
@@ -257,6 +300,15 @@ class _Header:
     table: T.Table | None
     table_bytes: int
     header_bytes: int
+    predictor: int = 0
+
+    def block_range(self) -> tuple[int, int, np.dtype]:
+        """The range of the values a block holds, and the dtype of its stored form."""
+        info = np.iinfo(self.dtype)
+        lo, hi = int(info.min), int(info.max)
+        if self.predictor:
+            return lo - hi, hi - lo, np.dtype("<i2")
+        return lo, hi, np.dtype(self.dtype).newbyteorder("<")
 
 
 def _parse(data: bytes, name: str, max_elements: int = MAX_ELEMENTS) -> _Header:
@@ -268,13 +320,19 @@ def _parse(data: bytes, name: str, max_elements: int = MAX_ELEMENTS) -> _Header:
     if zlib.crc32(data[:-4]) != crc:
         raise CorruptDataError(f"{name}: checksum mismatch (the stream is truncated or damaged)")
     version, packed = data[2], data[3]
-    if version != VERSION:
-        raise FormatError(f"{name}: stream format version {version} is not supported (this reader: {VERSION})")
+    if version not in VERSIONS:
+        raise FormatError(f"{name}: stream format version {version} is not supported (this reader: "
+                          f"{', '.join(map(str, VERSIONS))})")
     dcode, ndim = packed & 7, packed >> 4
     if dcode not in DTYPES or ndim > 8:
         raise CorruptDataError(f"{name}: invalid header (dtype code {dcode}, ndim {ndim})")
     end = len(data) - 4
-    pos, shape = 4, []
+    pos, shape, predictor = 4, [], 0
+    if version == 2:
+        predictor = data[4] - 256 if data[4] > 127 else data[4]
+        pos = 5
+        if predictor == 0 or abs(predictor) > 16 or np.dtype(DTYPES[dcode]).itemsize != 1:
+            raise CorruptDataError(f"{name}: invalid predictor {predictor} for {np.dtype(DTYPES[dcode])} values")
     for _ in range(ndim):
         d, pos = _read_varint(data, pos, end, name)
         shape.append(d)
@@ -310,7 +368,7 @@ def _parse(data: bytes, name: str, max_elements: int = MAX_ELEMENTS) -> _Header:
     if any(e <= s for s, e in zip(starts, ends)) or (ends and ends[-1] != end) or (not nblocks and pos != end):
         raise CorruptDataError(f"{name}: block lengths do not add up to the stream length")
     return _Header(np.dtype(DTYPES[dcode]), tuple(shape), size, block_size, tuple(starts), tuple(ends),
-                   table, table_bytes, pos)
+                   table, table_bytes, pos, predictor)
 
 
 def decode(data: bytes, name: str = "stream", max_elements: int = MAX_ELEMENTS) -> np.ndarray:
@@ -334,15 +392,19 @@ def decode(data: bytes, name: str = "stream", max_elements: int = MAX_ELEMENTS) 
     for b, (start, end) in enumerate(zip(head.starts, head.ends)):
         lo_i, hi_i = b * head.block_size, min(head.size, (b + 1) * head.block_size)
         block = scratch[:hi_i - lo_i]
-        _decode_block(buf, start, end, block, head, info, f"{name}: block {b}")
+        _decode_block(buf, start, end, block, head, f"{name}: block {b}")
+        if head.predictor:
+            K.unpredict(block, head.predictor)
+            if block.shape[0] and (block.min() < info.min or block.max() > info.max):
+                raise CorruptDataError(f"{name}: block {b} predicts values outside {head.dtype}")
         out[lo_i:hi_i] = block
     return out.reshape(head.shape)
 
 
-def _decode_block(buf, start, end, out, head: _Header, info, where: str) -> None:
+def _decode_block(buf, start, end, out, head: _Header, where: str) -> None:
     mode = int(buf[start])
     n = out.shape[0]
-    lo, hi = int(info.min), int(info.max)
+    lo, hi, stored = head.block_range()
     if mode == CONST:
         st = K.reader_at(start + 1)
         v = int(K.unzigzag(K.get(buf, end, st, 17)))
@@ -351,10 +413,10 @@ def _decode_block(buf, start, end, out, head: _Header, info, where: str) -> None
             err = K.ERR_STATE
         out[:] = v
     elif mode == STORED:
-        size = info.bits // 8
+        size = stored.itemsize
         if end - start - 1 != n * size:
             raise CorruptDataError(f"{where} (stored) has {end - start - 1} bytes for {n} values")
-        out[:] = np.frombuffer(buf[start + 1:end].tobytes(), np.dtype(head.dtype).newbyteorder("<"))
+        out[:] = np.frombuffer(buf[start + 1:end].tobytes(), stored)
         err = K.OK
     elif mode == RAW:
         err = K.dec_raw(buf, start + 1, end, out, n, lo, hi)
@@ -386,4 +448,4 @@ def stream_info(data: bytes, name: str = "stream") -> StreamInfo:
     modes = tuple(MODE_NAMES.get(data[s], "?") for s in head.starts)
     sizes = tuple(e - s for s, e in zip(head.starts, head.ends))
     return StreamInfo(head.shape, head.dtype, head.block_size, head.table_bytes, head.header_bytes,
-                      modes, sizes, len(data))
+                      modes, sizes, len(data), head.predictor)

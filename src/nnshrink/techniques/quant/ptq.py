@@ -197,7 +197,7 @@ def bias_correction(sim: QuantSim, reference: QuantSim, batches: list[torch.Tens
             got = 0.0
             for x in batches:
                 cap = {op.name: None}
-                sim(x, capture=cap)
+                sim(x, capture=cap, stop_after=op.name)
                 got = got + _channel_mean(cap[op.name]) * len(x)
             delta = (want[op.name] - got) / n
             layer = sim.layer(op.name)
@@ -235,10 +235,10 @@ def adaround(sim: QuantSim, reference: QuantSim, batches: list[torch.Tensor], it
                 for i in range(0, len(x_all), 128):
                     xb = x_all[i:i + 128]
                     inp = {op.name: None}
-                    sim(xb, inputs=inp)
+                    sim(xb, inputs=inp, stop_after=op.name)
                     parts_in.append(inp[op.name])
                     tgt = {op.name: None}
-                    reference(xb, capture=tgt)
+                    reference(xb, capture=tgt, stop_after=op.name)
                     parts_out.append(QuantSim.activation(op, tgt[op.name]))
                 xin, yref = torch.cat(parts_in), torch.cat(parts_out)
             changed[op.name] = _adaround_layer(sim, op, xin, yref, iterations, batch_size, reg_weight, lr, gen, advance)

@@ -177,9 +177,11 @@ class QuantSim(nn.Module):
             return F.relu6(y)
         return y
 
-    def forward(self, x: torch.Tensor, capture: dict | None = None, inputs: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, capture: dict | None = None, inputs: dict | None = None,
+                stop_after: str | None = None) -> torch.Tensor | None:
         """Run the simulated model; ``capture`` (op name -> None) is filled with each named op's
-        output before its activation, ``inputs`` with the first tensor it reads."""
+        output before its activation, ``inputs`` with the first tensor it reads. With
+        ``stop_after`` the run ends after that op and returns None (for layer-by-layer passes)."""
         env = {"input": self.aq["input"](x)}
         for op in self.ops:
             xs = [env[i] for i in op.inputs]
@@ -190,6 +192,8 @@ class QuantSim(nn.Module):
                 capture[op.name] = y
             y = self.activation(op, y)
             env[op.name] = self.aq[_key(op.name)](y) if op.quantized_output else y
+            if op.name == stop_after:
+                return None
         return env[self.output]
 
     # -- switches -------------------------------------------------------------------------
