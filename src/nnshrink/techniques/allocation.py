@@ -53,6 +53,19 @@ class Unit:
     loss: list[float]
 
 
+def check_target_options(kind: str, mac_ratio: float, tolerance: float, executor: str, samples: int,
+                         measured_levels: int) -> None:
+    """Validate the options every MAC-target step shares; raises ConfigError naming the option."""
+    if not 0 < mac_ratio <= 1:
+        raise ConfigError(f"{kind}.mac_ratio must be in (0, 1], got {mac_ratio}")
+    if not 0 < tolerance < mac_ratio:
+        raise ConfigError(f"{kind}.tolerance must be in (0, mac_ratio), got {tolerance}")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"{kind}.executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if samples < 1 or measured_levels < 2:
+        raise ConfigError(f"{kind}.samples must be >= 1 and measured_levels >= 2, got {samples} and {measured_levels}")
+
+
 def output_loss(reference: torch.Tensor, out: torch.Tensor) -> float:
     """Normalised mean squared error of an output against the original one."""
     return float(((out - reference) ** 2).mean() / (reference ** 2).mean().clamp_min(1e-12))

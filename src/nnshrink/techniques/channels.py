@@ -38,8 +38,8 @@ from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import analyze
 from nnshrink.graph.groups import ChannelGroup, build_dependency_graph
 from nnshrink.plan.config import StepConfig, StepResult
-from nnshrink.techniques.allocation import (EXECUTORS, Unit, allocate, interpolate, measure_curves, output_loss,
-                                            repair, sample_inputs, target_macs)
+from nnshrink.techniques.allocation import (Unit, allocate, check_target_options, interpolate, measure_curves,
+                                            output_loss, repair, sample_inputs, target_macs)
 
 _PATCHES_PER_IMAGE = 16
 
@@ -240,16 +240,12 @@ class ChannelPrune(StepConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.mac_ratio <= 1:
-            raise ConfigError(f"channel_prune.mac_ratio must be in (0, 1], got {self.mac_ratio}")
-        if not 0 < self.tolerance < self.mac_ratio:
-            raise ConfigError(f"channel_prune.tolerance must be in (0, mac_ratio), got {self.tolerance}")
+        check_target_options(self.kind, self.mac_ratio, self.tolerance, self.executor, self.samples,
+                             self.measured_levels)
         if not 0 < self.min_keep <= 1:
             raise ConfigError(f"channel_prune.min_keep must be in (0, 1], got {self.min_keep}")
-        if self.executor not in EXECUTORS:
-            raise ConfigError(f"channel_prune.executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
-        if self.samples < 1 or self.measured_levels < 2 or (self.round_to is not None and self.round_to < 1):
-            raise ConfigError("channel_prune.samples and round_to must be >= 1 and measured_levels >= 2")
+        if self.round_to is not None and self.round_to < 1:
+            raise ConfigError(f"channel_prune.round_to must be >= 1, got {self.round_to}")
 
     def apply(self, model: nn.Module, ctx, show_progress: bool = True) -> StepResult:
         x = sample_inputs(ctx, self.samples)

@@ -22,12 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import analyze
 from nnshrink.graph.surgery import replace_module
 from nnshrink.plan.config import StepConfig, StepResult
-from nnshrink.techniques.allocation import (EXECUTORS, Unit, allocate, interpolate, measure_curves, output_loss,
-                                            sample_inputs, target_macs)
+from nnshrink.techniques.allocation import (Unit, allocate, check_target_options, interpolate, measure_curves,
+                                            output_loss, sample_inputs, target_macs)
 
 
 def _sqrt_split(u: torch.Tensor, s: torch.Tensor, vt: torch.Tensor, r: int):
@@ -137,14 +136,8 @@ class _SVDStep(StepConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.mac_ratio <= 1:
-            raise ConfigError(f"{self.kind}.mac_ratio must be in (0, 1], got {self.mac_ratio}")
-        if not 0 < self.tolerance < self.mac_ratio:
-            raise ConfigError(f"{self.kind}.tolerance must be in (0, mac_ratio), got {self.tolerance}")
-        if self.executor not in EXECUTORS:
-            raise ConfigError(f"{self.kind}.executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
-        if self.samples < 1 or self.measured_levels < 2:
-            raise ConfigError(f"{self.kind}.samples must be >= 1 and measured_levels >= 2")
+        check_target_options(self.kind, self.mac_ratio, self.tolerance, self.executor, self.samples,
+                             self.measured_levels)
 
     def apply(self, model: nn.Module, ctx, show_progress: bool = True) -> StepResult:
         x = sample_inputs(ctx, self.samples)
