@@ -141,7 +141,7 @@ def test_prediction_is_used_where_neighbours_correlate_and_round_trips(dtype, bl
     info = stream_info(data)
     assert info.predictor != 0 and data[2] == 2  # version 2 only when prediction is used
     np.testing.assert_array_equal(decode(data), array)
-    plain = encode(array, CodecConfig(block_size=block_size, predict=False))
+    plain = encode(array, CodecConfig(block_size=block_size, neighbours=False))
     assert plain[2] == 1 and stream_info(plain).predictor == 0
     assert len(data) < (0.9 if dtype == np.int8 else 0.98) * len(plain)  # uint8: no centring, so less
     for mode in ("raw", "rice", "rans", "zero-run", "palette"):
@@ -149,31 +149,56 @@ def test_prediction_is_used_where_neighbours_correlate_and_round_trips(dtype, bl
         np.testing.assert_array_equal(decode(forced), array[:3000])
 
 
-def test_prediction_is_not_used_where_it_does_not_pay():
-    assert stream_info(encode(_laplace(50_000))).predictor == 0  # independent values
-    assert stream_info(encode(_smooth(50_000).astype(np.int16))).predictor == 0  # only 8-bit streams
+def _pruned_runs(n, rng=RNG):
+    """Zeros in runs and signs that follow their neighbour, as in a pruned, trained layer."""
+    x = _smooth(n, rng=rng)
+    keep = np.repeat(rng.random(n // 16 + 1) < 0.4, 16)[:n]
+    return np.where(keep, x, 0).astype(np.int8)
+
+
+@pytest.mark.parametrize("block_size", [64, 1024, 8192])
+def test_sign_contexts_are_used_for_pruned_neighbours_and_round_trip(block_size):
+    array = _pruned_runs(40_000)
+    array[100:103] = (-128, 127, -128)
+    data = encode(array, CodecConfig(block_size=block_size))
+    info = stream_info(data)
+    assert info.sign_contexts and info.predictor == 0 and data[2] == 2 and "rans" in info.block_modes
+    np.testing.assert_array_equal(decode(data), array)
+    plain = encode(array, CodecConfig(block_size=block_size, neighbours=False))
+    assert len(data) < 0.95 * len(plain)
+    one_sign = np.abs(array)  # a context no value falls in (negative) still round-trips
+    np.testing.assert_array_equal(decode(encode(one_sign, CodecConfig(block_size=block_size))), one_sign)
+
+
+def test_neighbour_models_are_not_used_where_they_do_not_pay():
+    for array in (_laplace(50_000), _smooth(50_000).astype(np.int16), _smooth(500)):  # independent, 16-bit, small
+        info = stream_info(encode(array))
+        assert info.predictor == 0 and not info.sign_contexts
     sparse = _smooth(50_000)
-    sparse[RNG.random(sparse.size) < 0.5] = 0  # pruning breaks the neighbour correlation
+    sparse[RNG.random(sparse.size) < 0.5] = 0  # pruning at random breaks the prediction
     assert stream_info(encode(sparse)).predictor == 0
+    assert not stream_info(encode(_pruned_runs(40_000), CodecConfig(modes={"rice", "raw"}))).sign_contexts
 
 
-def test_bad_predictor_is_reported():
+def test_bad_model_byte_is_reported():
     good = encode(_smooth(5000), CodecConfig(block_size=1024))
     assert good[2] == 2
-    for bad in (0, 17, 0xEF):  # none, above 16, below -16
+    for bad in (0, 17, 0x2F, 0x80 | 4, 0x40 | 4):  # none, t > 16, t < -16, bit 7, prediction and contexts
         body = bytearray(good[:-4])
         body[4] = bad
-        with pytest.raises(CorruptDataError, match="predictor"):
+        with pytest.raises(CorruptDataError, match="model byte"):
             decode(_reseal(bytes(body)))
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.data(), st.booleans())
-def test_fuzzed_streams_raise_only_our_errors(data, predicted):
+@given(st.data(), st.sampled_from(["plain", "predicted", "sign contexts"]))
+def test_fuzzed_streams_raise_only_our_errors(data, model):
     rng = np.random.default_rng(1)
-    array = _smooth(3000, rng=rng) if predicted else _laplace(3000, 10, rng=rng)
+    array = {"plain": lambda: _laplace(3000, 10, rng=rng), "predicted": lambda: _smooth(3000, rng=rng),
+             "sign contexts": lambda: _pruned_runs(3000, rng=rng)}[model]()
     base = bytearray(encode(array, CodecConfig(block_size=512)))
-    assert (stream_info(bytes(base)).predictor != 0) == predicted
+    info = stream_info(bytes(base))
+    assert (info.predictor != 0, info.sign_contexts) == (model == "predicted", model == "sign contexts")
     body = base[:-4]
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(body) - 1))

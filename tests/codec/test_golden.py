@@ -45,3 +45,8 @@ def test_golden_streams_cover_every_block_mode_family():
 def test_golden_streams_cover_both_stream_versions():
     versions = {(GOLDEN / f"{name}.nsw").read_bytes()[2] for name in NAMES}
     assert versions == {1, 2}
+
+
+def test_golden_streams_cover_both_version_2_models():
+    infos = [stream_info((GOLDEN / f"{name}.nsw").read_bytes()) for name in NAMES]
+    assert any(i.predictor for i in infos) and any(i.sign_contexts for i in infos)

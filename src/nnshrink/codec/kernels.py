@@ -435,3 +435,82 @@ def unpredict(res, t):
         v = res[i] + ((t * prev + 8) >> 4)
         res[i] = v
         prev = v
+
+
+# -- sign contexts (stream version 2): three rANS tables, picked by the previous value's sign --
+# In pruned tensors a zero tends to follow a zero and a weight's sign its neighbour's; coding each
+# value with the table of its context (previous value < 0, = 0, > 0; 0 at a block start) takes
+# that up. The decoder knows the context before it decodes the value, as rANS needs.
+
+
+@njit(cache=True, inline="always")
+def sign_context(prev):
+    return 0 if prev < 0 else (1 if prev == 0 else 2)
+
+
+@njit(cache=True)
+def sign_contexts(values, block):
+    out = np.empty(values.shape[0], np.int64)
+    prev = 0
+    for i in range(values.shape[0]):
+        if i % block == 0:
+            prev = 0
+        out[i] = sign_context(prev)
+        prev = values[i]
+    return out
+
+
+@njit(cache=True)
+def enc_rans_ctx(out, values, n, tmins, freqs, cums):
+    """rANS with per-context tables; layout as :func:`enc_rans` without low bits."""
+    words = np.empty(n + 4, np.uint16)
+    nw = 0
+    x = np.uint64(RANS_L)
+    for i in range(n - 1, -1, -1):
+        c = sign_context(values[i - 1]) if i > 0 else 1
+        s = values[i] - tmins[c]
+        f = np.uint64(freqs[c, s])
+        x_max = np.uint64((RANS_L >> PROB_BITS) << 16) * f
+        while x >= x_max:
+            words[nw] = np.uint16(x & np.uint64(0xFFFF))
+            nw += 1
+            x >>= np.uint64(16)
+        x = ((x // f) << np.uint64(PROB_BITS)) + (x % f) + np.uint64(cums[c, s])
+    for b in range(4):
+        out[b] = np.uint8((x >> np.uint64(8 * b)) & np.uint64(0xFF))
+    pos = 4
+    for j in range(nw - 1, -1, -1):
+        w = words[j]
+        out[pos] = np.uint8(w & 0xFF)
+        out[pos + 1] = np.uint8(w >> 8)
+        pos += 2
+    return pos
+
+
+@njit(cache=True)
+def dec_rans_ctx(data, start, end, out, n, tmins, freqs, cums, syms):
+    if end - start < 4:
+        return ERR_OVERRUN
+    x = np.uint64(0)
+    for b in range(4):
+        x |= np.uint64(data[start + b]) << np.uint64(8 * b)
+    if x < np.uint64(RANS_L):
+        return ERR_STATE
+    pos = start + 4
+    mask = np.uint64((1 << PROB_BITS) - 1)
+    prev = 0
+    for i in range(n):
+        c = sign_context(prev)
+        slot = x & mask
+        s = syms[c, slot]
+        x = np.uint64(freqs[c, s]) * (x >> np.uint64(PROB_BITS)) + slot - np.uint64(cums[c, s])
+        while x < np.uint64(RANS_L):
+            if pos + 2 > end:
+                return ERR_OVERRUN
+            x = (x << np.uint64(16)) | np.uint64(data[pos]) | (np.uint64(data[pos + 1]) << np.uint64(8))
+            pos += 2
+        prev = tmins[c] + s
+        out[i] = prev
+    if x != np.uint64(RANS_L) or pos != end:
+        return ERR_STATE
+    return OK

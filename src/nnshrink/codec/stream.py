@@ -3,7 +3,7 @@
 Layout (little endian; varint = unsigned LEB128)::
 
     "NW" | version u8 | packed u8 (dtype: bits 0-2, table flag: bit 3, ndim: bits 4-7)
-    | [predictor t, i8]                         version 2 only
+    | [model u8: predictor t as signed bits 0-5, sign-context flag bit 6]   version 2 only
     | shape: varint x ndim | log2(block size) u8
     | [table length varint | table]            if the table flag is set
     | byte length of every block but the last: varint x (n_blocks - 1)
@@ -13,10 +13,13 @@ Each block starts with its mode byte. A decoder that has read the header knows w
 starts, so it can decode any block alone; the last block's values may be fewer than the block size.
 A stream of a tensor under 1K int8 weights costs at most 16 bytes more than the raw bytes.
 
-Version 2 adds prediction for 8-bit tensors: the blocks hold residuals
-``v[i] - ((t * v[i-1] + 8) >> 4)`` (the predecessor is 0 at each block start), with ``t`` in
-[-16, 16] fitted by least squares. A stream without prediction is still written as version 1,
-byte for byte as before, so older readers read every stream that does not need the new feature.
+Version 2 adds two models of the previous value for 8-bit tensors, at most one per stream:
+prediction (the blocks hold residuals ``v[i] - ((t * v[i-1] + 8) >> 4)``, ``t`` in [-16, 16]
+fitted by least squares) and sign contexts (three rANS tables, one per sign of the previous
+value; the table blob holds the three in that order: negative, zero, positive). The previous
+value is 0 at each block start, so blocks still decode alone. A stream that uses neither is still
+written as version 1, byte for byte as before, so older readers read every stream that does not
+need the new features.
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ _ALL_MODES = frozenset(MODE_NAMES.values())
 _FLAG_TABLE = 8
 _MIN_LOG, _MAX_LOG = 6, 20
 MAX_ELEMENTS = 1 << 31  # decode refuses larger tensors (a guard against crafted headers)
-_PREDICT_MIN = 1024  # values below which prediction is not tried
-_PREDICT_GAIN = 0.995  # residual entropy must be below this fraction of the values' to be used
+_MODEL_MIN = 1024  # values below which the version-2 models are not tried
+_MODEL_GAIN = 0.995  # a model's estimated bits must be below this fraction of plain coding's
+_CTX_TABLE_BITS = 400  # estimated cost of each extra table of the sign-context model
+_FLAG_CTX = 0x40
 
 
 @dataclass(frozen=True)
@@ -57,13 +62,13 @@ class CodecConfig:
             random access and per-block mode choice; larger ones less overhead.
         modes: Block modes the encoder may choose from (``const`` and ``stored`` are always
             allowed, so every tensor can be written).
-        predict: Let the encoder code 8-bit tensors as residuals of a neighbour prediction
-            (stream version 2) where that is clearly smaller.
+        neighbours: Let the encoder model each 8-bit value by the one before it (prediction or
+            sign contexts, stream version 2) where that is clearly smaller.
     """
 
     block_size: int = 8192
     modes: frozenset[str] = _ALL_MODES
-    predict: bool = True
+    neighbours: bool = True
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -88,6 +93,27 @@ class StreamInfo:
     block_bytes: tuple[int, ...]
     total_bytes: int
     predictor: int = 0  # t of the version-2 prediction (value ~ t/16 x previous value); 0: none
+    sign_contexts: bool = False  # version-2 sign contexts: rANS blocks use three tables
+
+
+@dataclass(frozen=True)
+class _SignTables:
+    """The three rANS tables of the sign-context model, stacked for the kernels."""
+
+    tables: tuple[T.Table, ...]
+    tmins: np.ndarray
+    freqs: np.ndarray
+    cums: np.ndarray
+    syms: np.ndarray
+
+    @classmethod
+    def of(cls, tables: list[T.Table]) -> _SignTables:
+        width = max(t.size for t in tables)
+        freqs, cums = np.zeros((3, width), np.int64), np.zeros((3, width), np.int64)
+        syms = np.empty((3, 1 << K.PROB_BITS), np.int32)
+        for c, t in enumerate(tables):
+            freqs[c, :t.size], cums[c, :t.size], syms[c] = t.freq, t.cum, t.sym
+        return cls(tuple(tables), np.array([t.tmin for t in tables], np.int64), freqs, cums, syms)
 
 
 def _varint(v: int) -> bytes:
@@ -122,7 +148,8 @@ def _check_input(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _choose(values: np.ndarray, table: T.Table | None, modes: frozenset[str], itemsize: int) -> tuple[tuple, tuple | None]:
+def _choose(values: np.ndarray, table: T.Table | _SignTables | None, modes: frozenset[str],
+            itemsize: int) -> tuple[tuple, tuple | None]:
     """The cheapest mode for one block without the shared table, and the rANS choice with it
     (None if the table cannot code the block). Each is ``(bits, mode, *parameters)``; bit
     counts are exact for every mode but rANS, whose estimate is the model's code length plus
@@ -153,6 +180,19 @@ def _choose(values: np.ndarray, table: T.Table | None, modes: frozenset[str], it
         pw = (len(distinct) - 1).bit_length()
         candidates.append((n * pw + 8 + 17 * len(distinct), PALETTE, (distinct + vmin).astype(np.int64), pw))
     best = min(candidates, key=lambda c: c[0])
+    if isinstance(table, _SignTables) and "rans" in modes:
+        contexts, bits = K.sign_contexts(values, n), 40.0
+        for c, t in enumerate(table.tables):
+            v = values[contexts == c] - t.tmin
+            if v.shape[0] == 0:
+                continue
+            if v.min() < 0 or v.max() >= t.size:
+                return best, None
+            hist = np.bincount(v, minlength=t.size).astype(np.int64)
+            if hist[t.freq == 0].any():
+                return best, None
+            bits += K.rans_cost_bits(hist, t.freq)
+        return best, (bits, RANS)
     if table is not None and "rans" in modes:
         lo_bin, hi_bin = (vmin - table.tmin) >> table.shift, (vmax - table.tmin) >> table.shift
         if lo_bin >= 0 and hi_bin < table.size:
@@ -163,13 +203,18 @@ def _choose(values: np.ndarray, table: T.Table | None, modes: frozenset[str], it
     return best, None
 
 
-def _emit(values: np.ndarray, choice: tuple, table: T.Table | None, itemsize: int, scratch: np.ndarray) -> bytes:
+def _emit(values: np.ndarray, choice: tuple, table: T.Table | _SignTables | None, itemsize: int,
+          scratch: np.ndarray) -> bytes:
     """Write one block in the chosen mode (mode byte included)."""
     n, mode = values.shape[0], choice[1]
     if mode == CONST:
         return bytes([CONST]) + _bits(lambda b, s: K.put(b, s, K.zigzag(choice[2]), 17), scratch)
     if mode == STORED:
         return bytes([STORED]) + _stored_bytes(values, itemsize)
+    if mode == RANS and isinstance(table, _SignTables):
+        out = np.empty(4 + 2 * n + 8, np.uint8)
+        size = K.enc_rans_ctx(out, values, n, table.tmins, table.freqs, table.cums)
+        return bytes([RANS]) + out[:size].tobytes()
     if mode == RANS:
         out = np.empty(4 + 2 * n + (n * table.shift + 7) // 8 + 8, np.uint8)
         size = K.enc_rans(out, values, n, table.tmin, table.shift, table.freq, table.cum)
@@ -216,6 +261,22 @@ def _make_table(flat: np.ndarray) -> tuple[T.Table | None, bytes]:
     return table, buf[:K.flush(buf, st)].tobytes()
 
 
+def _make_sign_tables(flat: np.ndarray, contexts: np.ndarray) -> tuple[_SignTables, bytes]:
+    tables = []
+    for c in range(3):
+        v = flat[contexts == c]
+        if v.shape[0] == 0:  # a context no value has: a one-symbol table (never used)
+            tables.append(T.build(np.ones(1, np.int64), 0)[0])
+            continue
+        lo = int(v.min())
+        tables.append(T.build(np.bincount(v - lo).astype(np.int64), lo)[0])
+    buf = np.empty(64 * 3 + 8 * 64 * sum(t.size for t in tables), np.uint8)
+    st = np.zeros(3, np.int64)
+    for t in tables:
+        T.write(buf, st, t)
+    return _SignTables.of(tables), buf[:K.flush(buf, st)].tobytes()
+
+
 def encode(array: np.ndarray, config: CodecConfig | None = None) -> bytes:
     """Encode an integer array losslessly into a self-describing stream.
 
@@ -233,12 +294,16 @@ def encode(array: np.ndarray, config: CodecConfig | None = None) -> bytes:
     nblocks = -(-n // config.block_size) if n else 0
     scratch = np.empty(config.block_size * 8 + 1024, np.uint8)
     itemsize = array.dtype.itemsize
-    t, residuals = _predictor(flat, config.block_size, itemsize) if config.predict else (0, None)
+    t, contexts, residuals = (0, None, None)
+    if config.neighbours:
+        t, contexts, residuals = _neighbour_model(flat, config.block_size, itemsize, "rans" in config.modes)
     if t:  # residuals span twice the range: stored blocks take 16 bits per value
         flat, itemsize = residuals, 2
     chunks = [flat[i * config.block_size:(i + 1) * config.block_size] for i in range(nblocks)]
     table, table_blob = (None, b"")
-    if n and "rans" in config.modes:
+    if contexts is not None:
+        table, table_blob = _make_sign_tables(flat, contexts)
+    elif n and "rans" in config.modes:
         table, table_blob = _make_table(flat)
     options = [_choose(c, table, config.modes, itemsize) for c in chunks]
     choices = [r if r is not None and r[0] < b[0] else b for b, r in options]
@@ -248,7 +313,8 @@ def encode(array: np.ndarray, config: CodecConfig | None = None) -> bytes:
         choices = [b for b, _ in options]
         table, table_blob = None, b""
     blocks = [_emit(c, choice, table, itemsize, scratch) for c, choice in zip(chunks, choices)]
-    return _assemble(array, config.block_size, table_blob, blocks, t)
+    model = (t & 0x3F) | (_FLAG_CTX if table_blob and contexts is not None else 0)
+    return _assemble(array, config.block_size, table_blob, blocks, model)
 
 
 def _entropy(values: np.ndarray) -> float:
@@ -257,29 +323,36 @@ def _entropy(values: np.ndarray) -> float:
     return float(-(counts * np.log2(counts / values.shape[0])).sum())
 
 
-def _predictor(flat: np.ndarray, block_size: int, itemsize: int) -> tuple[int, np.ndarray | None]:
-    """The prediction coefficient ``t`` (0: none) and the residuals, when their order-0 entropy
-    is clearly below the values' own (so the coded stream is smaller by about as much)."""
+def _neighbour_model(flat: np.ndarray, block_size: int, itemsize: int,
+                     rans: bool) -> tuple[int, np.ndarray | None, np.ndarray | None]:
+    """Which version-2 model to use, by estimated bits (order-0 entropies): returns the
+    prediction coefficient ``t`` (0: none) and the residuals, or the sign context of every value,
+    or neither when no model is clearly below plain coding."""
     n = flat.shape[0]
-    if itemsize != 1 or n < _PREDICT_MIN:
-        return 0, None
+    if itemsize != 1 or n < _MODEL_MIN:
+        return 0, None, None
+    plain = _entropy(flat)
+    best = (_MODEL_GAIN * plain, 0, None, None)
     within = (np.arange(1, n) % block_size) != 0  # pairs inside one block
     prev, cur = flat[:-1][within], flat[1:][within]
     den = int((prev * prev).sum())
-    if den == 0:
-        return 0, None
-    t = int(np.clip(np.round(16 * int((cur * prev).sum()) / den), -16, 16))
-    if t == 0:
-        return 0, None
-    residuals = K.predict(flat, block_size, t)
-    if _entropy(residuals) >= _PREDICT_GAIN * _entropy(flat):
-        return 0, None
-    return t, residuals
+    t = int(np.clip(np.round(16 * int((cur * prev).sum()) / den), -16, 16)) if den else 0
+    if t:
+        residuals = K.predict(flat, block_size, t)
+        bits = _entropy(residuals)
+        if bits < best[0]:
+            best = (bits, t, None, residuals)
+    if rans:  # the contexts only change how rANS blocks are coded
+        contexts = K.sign_contexts(flat, block_size)
+        bits = 2 * _CTX_TABLE_BITS + sum(_entropy(flat[contexts == c]) for c in range(3) if (contexts == c).any())
+        if bits < best[0]:
+            best = (bits, 0, contexts, None)
+    return best[1], best[2], best[3]
 
 
-def _assemble(array: np.ndarray, block_size: int, table_blob: bytes, blocks: list[bytes], predictor: int = 0) -> bytes:
+def _assemble(array: np.ndarray, block_size: int, table_blob: bytes, blocks: list[bytes], model: int = 0) -> bytes:
     packed = DTYPE_CODES[array.dtype] | (_FLAG_TABLE if table_blob else 0) | (array.ndim << 4)
-    version = bytes([2, packed, predictor & 0xFF]) if predictor else bytes([1, packed])
+    version = bytes([2, packed, model]) if model else bytes([1, packed])
     head = MAGIC + version + b"".join(_varint(d) for d in array.shape)
     head += bytes([block_size.bit_length() - 1])
     if table_blob:
@@ -301,6 +374,7 @@ class _Header:
     table_bytes: int
     header_bytes: int
     predictor: int = 0
+    signs: _SignTables | None = None
 
     def block_range(self) -> tuple[int, int, np.dtype]:
         """The range of the values a block holds, and the dtype of its stored form."""
@@ -327,12 +401,16 @@ def _parse(data: bytes, name: str, max_elements: int = MAX_ELEMENTS) -> _Header:
     if dcode not in DTYPES or ndim > 8:
         raise CorruptDataError(f"{name}: invalid header (dtype code {dcode}, ndim {ndim})")
     end = len(data) - 4
-    pos, shape, predictor = 4, [], 0
+    pos, shape, predictor, ctx = 4, [], 0, False
     if version == 2:
-        predictor = data[4] - 256 if data[4] > 127 else data[4]
+        model = data[4]
+        predictor = (model & 0x3F) - 64 if model & 0x20 else model & 0x3F
+        ctx = bool(model & _FLAG_CTX)
         pos = 5
-        if predictor == 0 or abs(predictor) > 16 or np.dtype(DTYPES[dcode]).itemsize != 1:
-            raise CorruptDataError(f"{name}: invalid predictor {predictor} for {np.dtype(DTYPES[dcode])} values")
+        if (model & 0x80 or abs(predictor) > 16 or bool(predictor) == ctx
+                or np.dtype(DTYPES[dcode]).itemsize != 1 or (ctx and not packed & _FLAG_TABLE)):
+            raise CorruptDataError(f"{name}: invalid model byte {model:#04x} (predictor {predictor}, "
+                                   f"sign contexts {ctx}) for {np.dtype(DTYPES[dcode])} values")
     for _ in range(ndim):
         d, pos = _read_varint(data, pos, end, name)
         shape.append(d)
@@ -343,15 +421,17 @@ def _parse(data: bytes, name: str, max_elements: int = MAX_ELEMENTS) -> _Header:
         raise CorruptDataError(f"{name}: invalid block size")
     block_size = 1 << data[pos]
     pos += 1
-    table, table_bytes = None, 0
+    table, table_bytes, signs = None, 0, None
     if packed & _FLAG_TABLE:
         table_bytes, pos = _read_varint(data, pos, end, name)
         if pos + table_bytes > end:
             raise CorruptDataError(f"{name}: truncated frequency table")
         st = K.reader_at(pos)
-        table = T.read(np.frombuffer(data, np.uint8), pos + table_bytes, st)
-        if table is None:
+        tables = [T.read(np.frombuffer(data, np.uint8), pos + table_bytes, st) for _ in range(3 if ctx else 1)]
+        if any(t is None for t in tables):
             raise CorruptDataError(f"{name}: invalid frequency table")
+        table = tables[0] if not ctx else None
+        signs = _SignTables.of(tables) if ctx else None
         pos += table_bytes
     nblocks = -(-size // block_size) if size else 0
     lengths = []
@@ -368,7 +448,7 @@ def _parse(data: bytes, name: str, max_elements: int = MAX_ELEMENTS) -> _Header:
     if any(e <= s for s, e in zip(starts, ends)) or (ends and ends[-1] != end) or (not nblocks and pos != end):
         raise CorruptDataError(f"{name}: block lengths do not add up to the stream length")
     return _Header(np.dtype(DTYPES[dcode]), tuple(shape), size, block_size, tuple(starts), tuple(ends),
-                   table, table_bytes, pos, predictor)
+                   table, table_bytes, pos, predictor, signs)
 
 
 def decode(data: bytes, name: str = "stream", max_elements: int = MAX_ELEMENTS) -> np.ndarray:
@@ -426,6 +506,11 @@ def _decode_block(buf, start, end, out, head: _Header, where: str) -> None:
         err = K.dec_zrun(buf, start + 1, end, out, n, lo, hi)
     elif mode == PALETTE:
         err = K.dec_palette(buf, start + 1, end, out, n, lo, hi)
+    elif mode == RANS and head.signs is not None:
+        sg = head.signs
+        err = K.dec_rans_ctx(buf, start + 1, end, out, n, sg.tmins, sg.freqs, sg.cums, sg.syms)
+        if not err and n and (out.min() < lo or out.max() > hi):
+            err = K.ERR_VALUE
     elif mode == RANS:
         t = head.table
         if t is None:
@@ -448,4 +533,4 @@ def stream_info(data: bytes, name: str = "stream") -> StreamInfo:
     modes = tuple(MODE_NAMES.get(data[s], "?") for s in head.starts)
     sizes = tuple(e - s for s, e in zip(head.starts, head.ends))
     return StreamInfo(head.shape, head.dtype, head.block_size, head.table_bytes, head.header_bytes,
-                      modes, sizes, len(data), head.predictor)
+                      modes, sizes, len(data), head.predictor, head.signs is not None)
