@@ -449,18 +449,6 @@ def sign_context(prev):
 
 
 @njit(cache=True)
-def sign_contexts(values, block):
-    out = np.empty(values.shape[0], np.int64)
-    prev = 0
-    for i in range(values.shape[0]):
-        if i % block == 0:
-            prev = 0
-        out[i] = sign_context(prev)
-        prev = values[i]
-    return out
-
-
-@njit(cache=True)
 def enc_rans_ctx(out, values, n, tmins, freqs, cums):
     """rANS with per-context tables; layout as :func:`enc_rans` without low bits."""
     words = np.empty(n + 4, np.uint16)
@@ -514,3 +502,55 @@ def dec_rans_ctx(data, start, end, out, n, tmins, freqs, cums, syms):
     if x != np.uint64(RANS_L) or pos != end:
         return ERR_STATE
     return OK
+
+
+@njit(cache=True)
+def neighbour_stats(values, block, vmin, width):
+    """One pass for the encoder's model choice: sums for the least-squares predictor over pairs
+    inside a block, and the histogram of values by sign context, shape (3, width)."""
+    hist = np.zeros((3, width), np.int64)
+    cross = 0
+    power = 0
+    prev = 0
+    for i in range(values.shape[0]):
+        if i % block == 0:
+            prev = 0
+        v = values[i]
+        hist[sign_context(prev), v - vmin] += 1
+        cross += v * prev
+        power += prev * prev
+        prev = v
+    return cross, power, hist
+
+
+@njit(cache=True)
+def residual_hist(values, block, t, lo, width):
+    """Histogram of the prediction residuals (offset ``lo``) without writing them out."""
+    hist = np.zeros(width, np.int64)
+    prev = 0
+    for i in range(values.shape[0]):
+        if i % block == 0:
+            prev = 0
+        hist[values[i] - ((t * prev + 8) >> 4) - lo] += 1
+        prev = values[i]
+    return hist
+
+
+@njit(cache=True)
+def context_hist(values, tmins, sizes):
+    """Per-context histograms of one block under given tables; -1 in [0, 0] if a value falls
+    outside its context's table."""
+    width = 0
+    for c in range(3):
+        width = max(width, sizes[c])
+    hist = np.zeros((3, width), np.int64)
+    prev = 0
+    for i in range(values.shape[0]):
+        c = sign_context(prev)
+        s = values[i] - tmins[c]
+        if s < 0 or s >= sizes[c]:
+            hist[0, 0] = -1
+            return hist
+        hist[c, s] += 1
+        prev = values[i]
+    return hist

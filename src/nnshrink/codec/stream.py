@@ -102,6 +102,7 @@ class _SignTables:
 
     tables: tuple[T.Table, ...]
     tmins: np.ndarray
+    sizes: np.ndarray
     freqs: np.ndarray
     cums: np.ndarray
     syms: np.ndarray
@@ -113,7 +114,8 @@ class _SignTables:
         syms = np.empty((3, 1 << K.PROB_BITS), np.int32)
         for c, t in enumerate(tables):
             freqs[c, :t.size], cums[c, :t.size], syms[c] = t.freq, t.cum, t.sym
-        return cls(tuple(tables), np.array([t.tmin for t in tables], np.int64), freqs, cums, syms)
+        return cls(tuple(tables), np.array([t.tmin for t in tables], np.int64),
+                   np.array([t.size for t in tables], np.int64), freqs, cums, syms)
 
 
 def _varint(v: int) -> bytes:
@@ -181,17 +183,13 @@ def _choose(values: np.ndarray, table: T.Table | _SignTables | None, modes: froz
         candidates.append((n * pw + 8 + 17 * len(distinct), PALETTE, (distinct + vmin).astype(np.int64), pw))
     best = min(candidates, key=lambda c: c[0])
     if isinstance(table, _SignTables) and "rans" in modes:
-        contexts, bits = K.sign_contexts(values, n), 40.0
+        hist, bits = K.context_hist(values, table.tmins, table.sizes), 40.0
+        if hist[0, 0] < 0:
+            return best, None
         for c, t in enumerate(table.tables):
-            v = values[contexts == c] - t.tmin
-            if v.shape[0] == 0:
-                continue
-            if v.min() < 0 or v.max() >= t.size:
+            if hist[c, t.size:].any() or hist[c, :t.size][t.freq == 0].any():
                 return best, None
-            hist = np.bincount(v, minlength=t.size).astype(np.int64)
-            if hist[t.freq == 0].any():
-                return best, None
-            bits += K.rans_cost_bits(hist, t.freq)
+            bits += K.rans_cost_bits(hist[c, :t.size], t.freq)
         return best, (bits, RANS)
     if table is not None and "rans" in modes:
         lo_bin, hi_bin = (vmin - table.tmin) >> table.shift, (vmax - table.tmin) >> table.shift
@@ -261,15 +259,16 @@ def _make_table(flat: np.ndarray) -> tuple[T.Table | None, bytes]:
     return table, buf[:K.flush(buf, st)].tobytes()
 
 
-def _make_sign_tables(flat: np.ndarray, contexts: np.ndarray) -> tuple[_SignTables, bytes]:
+def _make_sign_tables(hist: np.ndarray, vmin: int) -> tuple[_SignTables, bytes]:
+    """The three tables from the (3, width) histogram of values by context (offset ``vmin``)."""
     tables = []
     for c in range(3):
-        v = flat[contexts == c]
-        if v.shape[0] == 0:  # a context no value has: a one-symbol table (never used)
+        present = np.flatnonzero(hist[c])
+        if present.shape[0] == 0:  # a context no value has: a one-symbol table (never used)
             tables.append(T.build(np.ones(1, np.int64), 0)[0])
             continue
-        lo = int(v.min())
-        tables.append(T.build(np.bincount(v - lo).astype(np.int64), lo)[0])
+        lo, hi = int(present[0]), int(present[-1])
+        tables.append(T.build(hist[c, lo:hi + 1], vmin + lo)[0])
     buf = np.empty(64 * 3 + 8 * 64 * sum(t.size for t in tables), np.uint8)
     st = np.zeros(3, np.int64)
     for t in tables:
@@ -294,15 +293,15 @@ def encode(array: np.ndarray, config: CodecConfig | None = None) -> bytes:
     nblocks = -(-n // config.block_size) if n else 0
     scratch = np.empty(config.block_size * 8 + 1024, np.uint8)
     itemsize = array.dtype.itemsize
-    t, contexts, residuals = (0, None, None)
+    t, contexts = (0, None)
     if config.neighbours:
-        t, contexts, residuals = _neighbour_model(flat, config.block_size, itemsize, "rans" in config.modes)
+        t, contexts = _neighbour_model(flat, config.block_size, itemsize, "rans" in config.modes)
     if t:  # residuals span twice the range: stored blocks take 16 bits per value
-        flat, itemsize = residuals, 2
+        flat, itemsize = K.predict(flat, config.block_size, t), 2
     chunks = [flat[i * config.block_size:(i + 1) * config.block_size] for i in range(nblocks)]
     table, table_blob = (None, b"")
     if contexts is not None:
-        table, table_blob = _make_sign_tables(flat, contexts)
+        table, table_blob = _make_sign_tables(*contexts)
     elif n and "rans" in config.modes:
         table, table_blob = _make_table(flat)
     options = [_choose(c, table, config.modes, itemsize) for c in chunks]
@@ -317,37 +316,35 @@ def encode(array: np.ndarray, config: CodecConfig | None = None) -> bytes:
     return _assemble(array, config.block_size, table_blob, blocks, model)
 
 
-def _entropy(values: np.ndarray) -> float:
-    counts = np.bincount(values - values.min())
+def _entropy(counts: np.ndarray) -> float:
+    """Order-0 entropy in bits of a histogram, times its total."""
     counts = counts[counts > 0]
-    return float(-(counts * np.log2(counts / values.shape[0])).sum())
+    return float(-(counts * np.log2(counts / counts.sum())).sum()) if counts.shape[0] else 0.0
 
 
 def _neighbour_model(flat: np.ndarray, block_size: int, itemsize: int,
-                     rans: bool) -> tuple[int, np.ndarray | None, np.ndarray | None]:
+                     rans: bool) -> tuple[int, tuple[np.ndarray, int] | None]:
     """Which version-2 model to use, by estimated bits (order-0 entropies): returns the
-    prediction coefficient ``t`` (0: none) and the residuals, or the sign context of every value,
-    or neither when no model is clearly below plain coding."""
+    prediction coefficient ``t`` (0: none), or the histogram by sign context and its offset for
+    the sign-context tables, or neither when no model is clearly below plain coding."""
     n = flat.shape[0]
     if itemsize != 1 or n < _MODEL_MIN:
-        return 0, None, None
-    plain = _entropy(flat)
-    best = (_MODEL_GAIN * plain, 0, None, None)
-    within = (np.arange(1, n) % block_size) != 0  # pairs inside one block
-    prev, cur = flat[:-1][within], flat[1:][within]
-    den = int((prev * prev).sum())
-    t = int(np.clip(np.round(16 * int((cur * prev).sum()) / den), -16, 16)) if den else 0
+        return 0, None
+    vmin, vmax = int(flat.min()), int(flat.max())
+    cross, power, hist = K.neighbour_stats(flat, block_size, vmin, vmax - vmin + 1)
+    best = (_MODEL_GAIN * _entropy(hist.sum(axis=0)), 0, None)
+    t = int(np.clip(np.round(16 * cross / power), -16, 16)) if power else 0
     if t:
-        residuals = K.predict(flat, block_size, t)
-        bits = _entropy(residuals)
+        reach = max(abs(vmin), abs(vmax)) + 1  # |prediction| <= |previous value| <= reach
+        lo = vmin - reach
+        bits = _entropy(K.residual_hist(flat, block_size, t, lo, vmax + reach - lo + 1))
         if bits < best[0]:
-            best = (bits, t, None, residuals)
+            best = (bits, t, None)
     if rans:  # the contexts only change how rANS blocks are coded
-        contexts = K.sign_contexts(flat, block_size)
-        bits = 2 * _CTX_TABLE_BITS + sum(_entropy(flat[contexts == c]) for c in range(3) if (contexts == c).any())
+        bits = 2 * _CTX_TABLE_BITS + sum(_entropy(h) for h in hist)
         if bits < best[0]:
-            best = (bits, 0, contexts, None)
-    return best[1], best[2], best[3]
+            best = (bits, 0, (hist, vmin))
+    return best[1], best[2]
 
 
 def _assemble(array: np.ndarray, block_size: int, table_blob: bytes, blocks: list[bytes], model: int = 0) -> bytes:
