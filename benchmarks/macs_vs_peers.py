@@ -73,7 +73,7 @@ def ours_svd_cp(model, data, ratio, x):
     from nnshrink.techniques import SpatialSVD
 
     t = time.perf_counter()
-    r = compress(model, Plan([SpatialSVD(mac_ratio=(1 + ratio) / 2), FineTune(steps=FLOW_STEPS),
+    r = compress(model, Plan([SpatialSVD(mac_ratio=(1 + ratio) / 2, required=False), FineTune(steps=FLOW_STEPS),
                               ChannelPrune(mac_ratio=ratio)]), x[:2], calib=[x],
                  evaluate=zoo.make_evaluator(data, "val"), train=zoo.make_trainer(data, seed=100, show_progress=False))
     return r.model, time.perf_counter() - t, len(r.steps[2].details["candidates"])

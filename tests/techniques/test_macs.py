@@ -132,6 +132,18 @@ def test_weight_svd_on_lenet300_and_bad_configs():
         SpatialSVD(executor="mpi")
 
 
+def test_svd_stage_that_cannot_reach_its_target_raises_or_passes_on():
+    model, x = zoo.build("mobilenet").eval(), _x(16)  # its k x k convs are depthwise: little to decompose
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        compress(model, Plan([SpatialSVD(mac_ratio=0.75, executor="serial", samples=16)]), x[:2], calib=[x])
+    result = compress(model, Plan([SpatialSVD(mac_ratio=0.75, executor="serial", samples=16, required=False)]),
+                      x[:2], calib=[x])
+    step = result.steps[0]
+    assert "cannot reach" in step.details["not_applied"] and step.details["mac_ratio"] == 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x))
+
+
 def test_process_pool_gives_the_serial_results_and_the_cache_makes_reruns_instant(tmp_path, monkeypatch):
     import time
 

@@ -131,6 +131,7 @@ class _SVDStep(StepConfig):
     samples: int = 256
     measured_levels: int = 8
     executor: str = "process"
+    required: bool = True
 
     method = "weight"
 
@@ -163,6 +164,16 @@ class _SVDStep(StepConfig):
                     skipped.append({"layer": li.name, "reason": reason})
                 continue
             per_rank[li.name] = (li, ranks)
+        saving = {name: [0] + [li.macs - _rank_macs(li, self.method, r) for r in ranks]
+                  for name, (li, ranks) in per_rank.items()}
+        floor_macs = info.total_macs - sum(v[-1] for v in saving.values())
+        if floor_macs > budget and not self.required:  # a stage of a flow that has little to work on here
+            details = {"mac_ratio_target": self.mac_ratio, "mac_ratio": info.total_macs / base,
+                       "macs_before": info.total_macs, "macs_after": info.total_macs, "layers": {},
+                       "measurements": 0,
+                       "not_applied": f"the eligible layers cannot reach the target ({floor_macs:,} MACs at the "
+                                      f"lowest ranks, target {budget:,}); the model is passed on unchanged"}
+            return StepResult(self.kind, model, details, skipped)
         tag = 1 if self.method == "spatial" else 0
         tasks = []
         for name, (_, ranks) in per_rank.items():
@@ -176,8 +187,6 @@ class _SVDStep(StepConfig):
                 if (name, r * 2 + tag) in losses:
                     measured[i] = losses[(name, r * 2 + tag)]
             units.append(Unit(name, [None] + ranks, interpolate(measured, len(ranks) + 1)))
-        saving = {name: [0] + [li.macs - _rank_macs(li, self.method, r) for r in ranks]
-                  for name, (li, ranks) in per_rank.items()}
 
         def macs_of(choice: dict[str, int]) -> int:
             return info.total_macs - sum(saving[n][i] for n, i in choice.items())
@@ -209,6 +218,10 @@ class WeightSVD(_SVDStep):
         samples: Inputs used to measure each layer's curve.
         measured_levels: Ranks measured per layer (the curve is interpolated between them).
         executor: ``process`` (local pool), ``serial`` or ``ray``.
+        required: If the eligible layers cannot reach ``mac_ratio`` even at rank 1, raise
+            (True) or pass the model on unchanged and say so in the step's details (False, for
+            the SVD stage of an SVD-then-channel-pruning flow on a model with few such layers,
+            such as a MobileNet whose k x k convs are depthwise).
     """
 
     kind = "weight_svd"
