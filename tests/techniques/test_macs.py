@@ -168,3 +168,17 @@ def test_ray_executor_without_ray_says_how_to_get_it(tmp_path, monkeypatch):
     model, x = _randomized("resnet8"), _x(16)
     with pytest.raises(ConfigError, match="nnshrink\\[ray\\]"):
         compress(model, Plan([SpatialSVD(mac_ratio=0.7, executor="ray")]), x[:2], calib=[x])
+
+
+def test_ray_executor_gives_the_serial_results(tmp_path, monkeypatch):
+    """Runs where Ray is installed (not in CI: a local Ray start takes about a minute on 2 cores)."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("NNSHRINK_CACHE_DIR", str(tmp_path / "serial"))
+    model, x = _randomized("resnet8"), _x(32)
+    serial = compress(model, Plan([SpatialSVD(mac_ratio=0.7, executor="serial")]), x[:2], calib=[x])
+    monkeypatch.setenv("NNSHRINK_CACHE_DIR", str(tmp_path / "ray"))
+    try:
+        remote = compress(model, Plan([SpatialSVD(mac_ratio=0.7, executor="ray")]), x[:2], calib=[x])
+    finally:
+        ray.shutdown()
+    assert remote.steps[0].details["layers"] == serial.steps[0].details["layers"]
