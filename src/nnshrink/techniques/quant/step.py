@@ -139,16 +139,19 @@ class Quantize(StepConfig):
                 ref = model.eval()(held)
             options = [(c, b) for c in ((True, False) if self.cle is None else (self.cle,))
                        for b in ((True, False) if self.bias_correction is None else (self.bias_correction,))]
-            scored = {}
+            scored, runs = {}, {}
             for cle, bc in options:
-                sim, _ = self._ptq(model, ctx, batches, cle, bc, False, show_progress)
+                runs[(cle, bc)] = self._ptq(model, ctx, batches, cle, bc, False, show_progress)
                 with torch.no_grad():
-                    scored[(cle, bc)] = _sqnr(ref, sim(held))
+                    scored[(cle, bc)] = _sqnr(ref, runs[(cle, bc)][0](held))
             cle, bc = max(options, key=lambda o: scored[o])
             details["selection_sqnr_db"] = {f"cle={c},bias_correction={b}": round(v, 2) for (c, b), v in scored.items()}
         else:
-            cle, bc = self.cle, self.bias_correction
-        sim, more = self._ptq(model, ctx, batches, cle, bc, self.use_adaround, show_progress)
+            cle, bc, runs = self.cle, self.bias_correction, {}
+        if (cle, bc) in runs and not self.use_adaround:  # the chosen run is the result
+            sim, more = runs[(cle, bc)]
+        else:
+            sim, more = self._ptq(model, ctx, batches, cle, bc, self.use_adaround, show_progress)
         details.update(more)
         if ctx.evaluate is not None:
             details["val_ptq"] = ctx.evaluate(sim)
