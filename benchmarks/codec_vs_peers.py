@@ -87,6 +87,7 @@ def main() -> int:
                   "90% pruned": lambda label: "90%" in label, "int4": lambda label: label.endswith("int4"),
                   "every set": lambda label: True}
     cat_totals = {c: {n: 0 for n in [*names, "entropy"]} for c in categories}
+    per_model: dict[str, list[tuple[float, str]]] = {peer: [] for peer in coders}
     for label, arrays in sets.items():
         ent = sum(entropy_bits(a) for a in arrays) / 8
         row = {}
@@ -109,6 +110,8 @@ def main() -> int:
                 for n in names:
                     cat_totals[c][n] += row[n]
                 cat_totals[c]["entropy"] += ent
+        for peer in coders:
+            per_model[peer].append((1 - row["nnshrink"] / row[peer], label))
         cells = " ".join(f"{row[n]:>8,d} ({row[n] / ent:5.3f})" for n in names)
         print(f"{label:28s} {ent:>10,.0f} {cells}")
 
@@ -122,6 +125,12 @@ def main() -> int:
         ours = totals["nnshrink"]
         vs = ", ".join(f"{peer} {(1 - ours / totals[peer]) * 100:+5.1f}%" for peer in coders)
         print(f"    {c:11s} {ours:>10,d} B = {ours / totals['entropy']:.4f} x entropy; {vs}")
+    print("  each whole model (every row above), how much smaller nnshrink is than each peer:")
+    for peer, rows in per_model.items():
+        worst, label = min(rows)
+        wins = sum(1 for r, _ in rows if r > 0)
+        print(f"    {peer:8s} smaller on {wins} of {len(rows)} rows; least {100 * worst:+5.1f}% ({label}), "
+              f"median {100 * float(np.median([r for r, _ in rows])):+5.1f}%")
 
     big = sets["laplacian 1M"][0]
     raw = big.tobytes()

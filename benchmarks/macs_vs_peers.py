@@ -176,10 +176,13 @@ def main() -> int:
     parser.add_argument("--ratios", default="0.5,0.25")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--methods", default="", help="comma-separated subset of the method names (default: all)")
     args = parser.parse_args()
     data = load_dataset("mnist")
     methods = {"nnshrink": ours, "nnshrink SVD+CP": ours_svd_cp, "AIMET-style": aimet_style, "Torch-Pruning": torch_pruning,
                "uncompressed": uncompressed}
+    if args.methods:
+        methods = {k: v for k, v in methods.items() if k in args.methods.split(",")}
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
             model = zoo.pretrained(name, data.name, show_progress=False).eval()
