@@ -425,7 +425,7 @@ def _parse(data: bytes, name: str, max_elements: int = MAX_ELEMENTS) -> _Header:
             raise CorruptDataError(f"{name}: truncated frequency table")
         st = K.reader_at(pos)
         tables = [T.read(np.frombuffer(data, np.uint8), pos + table_bytes, st) for _ in range(3 if ctx else 1)]
-        if any(t is None for t in tables):
+        if any(t is None for t in tables) or (ctx and any(t.shift for t in tables)):
             raise CorruptDataError(f"{name}: invalid frequency table")
         table = tables[0] if not ctx else None
         signs = _SignTables.of(tables) if ctx else None
