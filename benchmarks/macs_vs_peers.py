@@ -9,8 +9,8 @@ number of steps (AdamW, one-cycle, lr 1e-3, batch 64; seeds 0..n-1); accuracy is
 held-out digits, before and after fine-tuning, averaged over the seeds. Methods:
 
 - **nnshrink**: ``ChannelPrune(mac_ratio=C)``: per-group sensitivity curves from the output
-  error on 256 sampled inputs (cached on disk), Lagrangian allocations on channel grids of 8, 4
-  and 2 checked with one validation evaluation each, ThiNet selection, least-squares
+  error on 256 sampled inputs (cached on disk), Lagrangian allocations on channel grids of 8
+  and 4 checked with one validation evaluation each, ThiNet selection, least-squares
   reconstruction, residual and depthwise groups included;
 - **nnshrink SVD+CP**: the recommended flow, ``SpatialSVD(mac_ratio=(1 + C) / 2)``, a
   300-step fine-tune, then ``ChannelPrune(mac_ratio=C)``; its "before FT" already includes that
