@@ -418,23 +418,29 @@ def read_levels(data, end, st, k, order, max_level, levels):
 @njit(cache=True)
 def predict(values, block, t):
     out = np.empty_like(values)
-    prev = 0
-    for i in range(values.shape[0]):
-        if i % block == 0:
-            prev = 0
-        out[i] = values[i] - ((t * prev + 8) >> 4)
-        prev = values[i]
+    n = values.shape[0]
+    for start in range(0, n, block):
+        prev = 0
+        for i in range(start, min(n, start + block)):
+            out[i] = values[i] - ((t * prev + 8) >> 4)
+            prev = values[i]
     return out
 
 
 @njit(cache=True)
-def unpredict(res, t):
-    """Undo :func:`predict` in place for one block."""
-    prev = 0
-    for i in range(res.shape[0]):
-        v = res[i] + ((t * prev + 8) >> 4)
-        res[i] = v
-        prev = v
+def unpredict_blocks(res, block, t, lo, hi):
+    """Undo :func:`predict` in place; returns the index of the first value outside
+    ``[lo, hi]`` (a corrupt stream), else -1."""
+    n = res.shape[0]
+    for start in range(0, n, block):  # nested loops: a modulo per value cost more than the work
+        prev = 0
+        for i in range(start, min(n, start + block)):
+            v = res[i] + ((t * prev + 8) >> 4)
+            if v < lo or v > hi:
+                return i
+            res[i] = v
+            prev = v
+    return -1
 
 
 # -- sign contexts (stream version 2): three rANS tables, picked by the previous value's sign --
@@ -511,15 +517,15 @@ def neighbour_stats(values, block, vmin, width):
     hist = np.zeros((3, width), np.int64)
     cross = 0
     power = 0
-    prev = 0
-    for i in range(values.shape[0]):
-        if i % block == 0:
-            prev = 0
-        v = values[i]
-        hist[sign_context(prev), v - vmin] += 1
-        cross += v * prev
-        power += prev * prev
-        prev = v
+    n = values.shape[0]
+    for start in range(0, n, block):
+        prev = 0
+        for i in range(start, min(n, start + block)):
+            v = values[i]
+            hist[sign_context(prev), v - vmin] += 1
+            cross += v * prev
+            power += prev * prev
+            prev = v
     return cross, power, hist
 
 
@@ -527,12 +533,12 @@ def neighbour_stats(values, block, vmin, width):
 def residual_hist(values, block, t, lo, width):
     """Histogram of the prediction residuals (offset ``lo``) without writing them out."""
     hist = np.zeros(width, np.int64)
-    prev = 0
-    for i in range(values.shape[0]):
-        if i % block == 0:
-            prev = 0
-        hist[values[i] - ((t * prev + 8) >> 4) - lo] += 1
-        prev = values[i]
+    n = values.shape[0]
+    for start in range(0, n, block):
+        prev = 0
+        for i in range(start, min(n, start + block)):
+            hist[values[i] - ((t * prev + 8) >> 4) - lo] += 1
+            prev = values[i]
     return hist
 
 

@@ -464,17 +464,22 @@ def decode(data: bytes, name: str = "stream", max_elements: int = MAX_ELEMENTS) 
     head = _parse(data, name, max_elements)
     info = np.iinfo(head.dtype)
     out = np.empty(head.size, head.dtype)
+    # predicted streams keep every residual, then undo the prediction in one call (a call per
+    # block cost 12% of decoding the zoo's weights)
+    residuals = np.empty(head.size, np.int64) if head.predictor else None
     scratch = np.empty(head.block_size, np.int64)
     buf = np.frombuffer(data, np.uint8)
     for b, (start, end) in enumerate(zip(head.starts, head.ends)):
         lo_i, hi_i = b * head.block_size, min(head.size, (b + 1) * head.block_size)
-        block = scratch[:hi_i - lo_i]
+        block = residuals[lo_i:hi_i] if residuals is not None else scratch[:hi_i - lo_i]
         _decode_block(buf, start, end, block, head, f"{name}: block {b}")
-        if head.predictor:
-            K.unpredict(block, head.predictor)
-            if block.shape[0] and (block.min() < info.min or block.max() > info.max):
-                raise CorruptDataError(f"{name}: block {b} predicts values outside {head.dtype}")
-        out[lo_i:hi_i] = block
+        if residuals is None:
+            out[lo_i:hi_i] = block
+    if residuals is not None and head.size:
+        bad = K.unpredict_blocks(residuals, head.block_size, head.predictor, int(info.min), int(info.max))
+        if bad >= 0:
+            raise CorruptDataError(f"{name}: block {bad // head.block_size} predicts values outside {head.dtype}")
+        out[:] = residuals
     return out.reshape(head.shape)
 
 
