@@ -192,20 +192,36 @@ def bias_correction(sim: QuantSim, reference: QuantSim, batches: list[torch.Tens
             want[k] = want[k] + _channel_mean(v) * len(x)
     n = sum(len(x) for x in batches)
     shifts = {}
+    # One pass, op by op over every batch: a layer's correction changes only what comes after
+    # it, so each layer is corrected when the pass reaches it and its output recomputed. The
+    # same arithmetic as re-running the model up to each layer (bit for bit), in one pass
+    # instead of one per layer; tensors are dropped after their last reader.
+    todo = {op.name for op in layer_ops}
+    last_read = {}
+    for i, op in enumerate(sim.ops):
+        for name in op.inputs:
+            last_read[name] = i
+    envs = [{"input": sim.aq["input"](x)} for x in batches]
     with progress_bar("bias correction", len(layer_ops), show_progress) as advance:
-        for op in layer_ops:
-            got = 0.0
-            for x in batches:
-                cap = {op.name: None}
-                sim(x, capture=cap, stop_after=op.name)
-                got = got + _channel_mean(cap[op.name]) * len(x)
-            delta = (want[op.name] - got) / n
-            layer = sim.layer(op.name)
-            if layer.bias is None:
-                layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
-            layer.bias.add_(delta)
-            shifts[op.name] = float(delta.abs().max())
-            advance(1)
+        for i, op in enumerate(sim.ops):
+            ys = [sim.run_op(op, [env[j] for j in op.inputs]) for env in envs]
+            if op.name in todo:
+                got = 0.0
+                for y, x in zip(ys, batches):
+                    got = got + _channel_mean(y) * len(x)
+                delta = (want[op.name] - got) / n
+                layer = sim.layer(op.name)
+                if layer.bias is None:
+                    layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
+                layer.bias.add_(delta)
+                shifts[op.name] = float(delta.abs().max())
+                ys = [sim.run_op(op, [env[j] for j in op.inputs]) for env in envs]
+                advance(1)
+            for env, y in zip(envs, ys):
+                sim.store(op, y, env)
+                for name in op.inputs:
+                    if last_read[name] == i:
+                        env.pop(name, None)
     return shifts
 
 

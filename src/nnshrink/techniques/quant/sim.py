@@ -190,11 +190,16 @@ class QuantSim(nn.Module):
             y = self.run_op(op, xs)
             if capture is not None and op.name in capture:
                 capture[op.name] = y
-            y = self.activation(op, y)
-            env[op.name] = self.aq[_key(op.name)](y) if op.quantized_output else y
+            self.store(op, y, env)
             if op.name == stop_after:
                 return None
         return env[self.output]
+
+    def store(self, op: Op, y: torch.Tensor, env: dict) -> None:
+        """Apply ``op``'s fused activation and output quantizer to its raw output ``y`` and put
+        the result in ``env`` (one step of :meth:`forward`, for passes that go op by op)."""
+        y = self.activation(op, y)
+        env[op.name] = self.aq[_key(op.name)](y) if op.quantized_output else y
 
     # -- switches -------------------------------------------------------------------------
     def set_observing(self, on: bool) -> None:
