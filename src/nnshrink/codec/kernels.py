@@ -230,15 +230,8 @@ def enc_rans(out, values, n, tmin, shift, freq, cum):
     x = np.uint64(RANS_L)
     for i in range(n - 1, -1, -1):
         s = (values[i] - tmin) >> shift
-        f = np.uint64(freq[s])
-        x_max = np.uint64((RANS_L >> PROB_BITS) << 16) * f
-        while x >= x_max:
-            words[nw] = np.uint16(x & np.uint64(0xFFFF))
-            nw += 1
-            x >>= np.uint64(16)
-        x = ((x // f) << np.uint64(PROB_BITS)) + (x % f) + np.uint64(cum[s])
-    for b in range(4):
-        out[b] = np.uint8((x >> np.uint64(8 * b)) & np.uint64(0xFF))
+        x, nw = _rans_put(x, freq[s], cum[s], words, nw)
+    _put_state(out, x)
     pos = 4
     if shift > 0:
         st = np.zeros(3, np.int64)
@@ -246,6 +239,30 @@ def enc_rans(out, values, n, tmin, shift, freq, cum):
         for i in range(n):
             put(out, st, (values[i] - tmin) & ((1 << shift) - 1), shift)
         pos = flush(out, st)
+    return _put_words(out, pos, words, nw)
+
+
+@njit(cache=True, inline="always")
+def _rans_put(x, freq, cum, words, nw):
+    """One rANS encoding step (renormalize, then push the symbol); returns state and word count."""
+    f = np.uint64(freq)
+    x_max = np.uint64((RANS_L >> PROB_BITS) << 16) * f
+    while x >= x_max:
+        words[nw] = np.uint16(x & np.uint64(0xFFFF))
+        nw += 1
+        x >>= np.uint64(16)
+    return ((x // f) << np.uint64(PROB_BITS)) + (x % f) + np.uint64(cum), nw
+
+
+@njit(cache=True, inline="always")
+def _put_state(out, x):
+    for b in range(4):
+        out[b] = np.uint8((x >> np.uint64(8 * b)) & np.uint64(0xFF))
+
+
+@njit(cache=True, inline="always")
+def _put_words(out, pos, words, nw):
+    """The 16-bit words in the order the decoder reads them (little endian); returns the end."""
     for j in range(nw - 1, -1, -1):
         w = words[j]
         out[pos] = np.uint8(w & 0xFF)
@@ -345,14 +362,20 @@ def dec_palette(data, start, end, out, n, lo, hi):
     return OK
 
 
+@njit(cache=True, inline="always")
+def _get_state(data, start):
+    x = np.uint64(0)
+    for b in range(4):
+        x |= np.uint64(data[start + b]) << np.uint64(8 * b)
+    return x
+
+
 @njit(cache=True)
 def dec_rans(data, start, end, out, n, tmin, shift, freq, cum, sym):
     low_bytes = (n * shift + 7) // 8
     if end - start < 4 + low_bytes:
         return ERR_OVERRUN
-    x = np.uint64(0)
-    for b in range(4):
-        x |= np.uint64(data[start + b]) << np.uint64(8 * b)
+    x = _get_state(data, start)
     if x < np.uint64(RANS_L):
         return ERR_STATE
     bits = reader_at(start + 4)
@@ -463,31 +486,16 @@ def enc_rans_ctx(out, values, n, tmins, freqs, cums):
     for i in range(n - 1, -1, -1):
         c = sign_context(values[i - 1]) if i > 0 else 1
         s = values[i] - tmins[c]
-        f = np.uint64(freqs[c, s])
-        x_max = np.uint64((RANS_L >> PROB_BITS) << 16) * f
-        while x >= x_max:
-            words[nw] = np.uint16(x & np.uint64(0xFFFF))
-            nw += 1
-            x >>= np.uint64(16)
-        x = ((x // f) << np.uint64(PROB_BITS)) + (x % f) + np.uint64(cums[c, s])
-    for b in range(4):
-        out[b] = np.uint8((x >> np.uint64(8 * b)) & np.uint64(0xFF))
-    pos = 4
-    for j in range(nw - 1, -1, -1):
-        w = words[j]
-        out[pos] = np.uint8(w & 0xFF)
-        out[pos + 1] = np.uint8(w >> 8)
-        pos += 2
-    return pos
+        x, nw = _rans_put(x, freqs[c, s], cums[c, s], words, nw)
+    _put_state(out, x)
+    return _put_words(out, 4, words, nw)
 
 
 @njit(cache=True)
 def dec_rans_ctx(data, start, end, out, n, tmins, freqs, cums, syms):
     if end - start < 4:
         return ERR_OVERRUN
-    x = np.uint64(0)
-    for b in range(4):
-        x |= np.uint64(data[start + b]) << np.uint64(8 * b)
+    x = _get_state(data, start)
     if x < np.uint64(RANS_L):
         return ERR_STATE
     pos = start + 4
