@@ -67,6 +67,9 @@ def ours(model, data, ratio, x):
     return r.model, time.perf_counter() - t, len(r.steps[0].details["candidates"])
 
 
+FLOW_STEPS = 300  # fine-tuning steps between the SVD and channel-pruning stages
+
+
 def ours_svd_cp(model, data, ratio, x):
     """The recommended flow: Spatial SVD to (1 + C) / 2, a fine-tune, channel pruning to C."""
     from nnshrink import FineTune
@@ -78,8 +81,6 @@ def ours_svd_cp(model, data, ratio, x):
                  evaluate=zoo.make_evaluator(data, "val"), train=zoo.make_trainer(data, seed=100, show_progress=False))
     return r.model, time.perf_counter() - t, len(r.steps[2].details["candidates"])
 
-
-FLOW_STEPS = 300
 
 
 def aimet_style(model, data, ratio, x):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -373,8 +374,10 @@ class _Header:
     predictor: int = 0
     signs: _SignTables | None = None
 
+    @cached_property
     def block_range(self) -> tuple[int, int, np.dtype]:
-        """The range of the values a block holds, and the dtype of its stored form."""
+        """The range of the values a block holds, and the dtype of its stored form (computed
+        once per stream, not once per block)."""
         info = np.iinfo(self.dtype)
         lo, hi = int(info.min), int(info.max)
         if self.predictor:
@@ -423,8 +426,8 @@ def _parse(data: bytes, name: str, max_elements: int = MAX_ELEMENTS) -> _Header:
         table_bytes, pos = _read_varint(data, pos, end, name)
         if pos + table_bytes > end:
             raise CorruptDataError(f"{name}: truncated frequency table")
-        st = K.reader_at(pos)
-        tables = [T.read(np.frombuffer(data, np.uint8), pos + table_bytes, st) for _ in range(3 if ctx else 1)]
+        st, raw = K.reader_at(pos), np.frombuffer(data, np.uint8)
+        tables = [T.read(raw, pos + table_bytes, st) for _ in range(3 if ctx else 1)]
         if any(t is None for t in tables) or (ctx and any(t.shift for t in tables)):
             raise CorruptDataError(f"{name}: invalid frequency table")
         table = tables[0] if not ctx else None
@@ -486,7 +489,7 @@ def decode(data: bytes, name: str = "stream", max_elements: int = MAX_ELEMENTS) 
 def _decode_block(buf, start, end, out, head: _Header, where: str) -> None:
     mode = int(buf[start])
     n = out.shape[0]
-    lo, hi, stored = head.block_range()
+    lo, hi, stored = head.block_range
     if mode == CONST:
         st = K.reader_at(start + 1)
         v = int(K.unzigzag(K.get(buf, end, st, 17)))

@@ -196,7 +196,6 @@ def bias_correction(sim: QuantSim, reference: QuantSim, batches: list[torch.Tens
     # it, so each layer is corrected when the pass reaches it and its output recomputed. The
     # same arithmetic as re-running the model up to each layer (bit for bit), in one pass
     # instead of one per layer; tensors are dropped after their last reader.
-    todo = {op.name for op in layer_ops}
     last_read = {}
     for i, op in enumerate(sim.ops):
         for name in op.inputs:
@@ -205,7 +204,7 @@ def bias_correction(sim: QuantSim, reference: QuantSim, batches: list[torch.Tens
     with progress_bar("bias correction", len(layer_ops), show_progress) as advance:
         for i, op in enumerate(sim.ops):
             ys = [sim.run_op(op, [env[j] for j in op.inputs]) for env in envs]
-            if op.name in todo:
+            if op.name in want:  # a layer to correct
                 got = 0.0
                 for y, x in zip(ys, batches):
                     got = got + _channel_mean(y) * len(x)
