@@ -5,6 +5,11 @@ a missing peer is reported as skipped). Prints, for each weight set, the bytes o
 each as a ratio to the order-0 entropy bound (headers included), and single-thread speeds in the
 same process, with our decode speed as a ratio to zstd's.
 
+Peers: zstd level 19, lzma (preset 9, extreme), Vela's codec on the flat tensor
+(``mlw_codec.encode``, its best case) and Vela's encoding for the Ethos-U55-128 weight decoder
+(``npu_encode_weights``, what Vela writes into a model; the Laplacian has no shape, so it gets
+the flat codec there too).
+
 Weight sets: the int8 weights of the four zoo models after PTQ (per-channel symmetric min-max,
 as nnshrink's ``quantize_weights`` step makes them), the same 50% and 90% magnitude-pruned, the
 same at 4 bits, and a synthetic Laplacian tensor of 1M values.
@@ -63,9 +68,24 @@ def peers():
         from ethosu import mlw_codec
 
         found["vela"] = (lambda b: bytes(mlw_codec.encode(np.frombuffer(b, np.int8).astype(int).tolist())), None)
+        found["vela-npu"] = (None, None)  # needs the tensor's shape: see vela_npu()
     except ImportError:
         print("vela: skipped (pip install ethos-u-vela)")
     return found
+
+
+def vela_npu(q: np.ndarray) -> int:
+    """Bytes of Vela's weight stream for the Ethos-U55-128 (``npu_encode_weights``: OHWI weights in
+    the NPU's brick order, depth-first, OFM blocks of 16), as Vela writes it into a model."""
+    from ethosu.vela.api import NpuAccelerator, NpuBlockTraversal, npu_encode_weights
+
+    if q.ndim == 2:  # a fully connected layer is a 1x1 convolution
+        ohwi = q[:, None, None, :]
+    else:
+        ohwi = q.reshape(q.shape[0], q.shape[1], q.shape[2], -1).transpose(0, 2, 3, 1)
+    depthwise = q.ndim == 4 and q.shape[1] == 1 and q.shape[0] > 1
+    return len(npu_encode_weights(NpuAccelerator.Ethos_U55_128, np.ascontiguousarray(ohwi, dtype=np.int16), (1, 1),
+                                  8, 16, depthwise, NpuBlockTraversal.DEPTH_FIRST))
 
 
 def main() -> int:
@@ -104,7 +124,10 @@ def main() -> int:
             if a.size < 1024:
                 small_excess = max(small_excess, len(data) - a.size)
             for peer, (enc, _) in coders.items():
-                row[peer] = row.get(peer, 0) + len(enc(a.tobytes()))
+                if peer == "vela-npu":
+                    row[peer] = row.get(peer, 0) + (vela_npu(a) if a.ndim >= 2 else len(coders["vela"][0](a.tobytes())))
+                else:
+                    row[peer] = row.get(peer, 0) + len(enc(a.tobytes()))
         for c, member in categories.items():
             if member(label):
                 for n in names:

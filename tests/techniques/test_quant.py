@@ -235,6 +235,23 @@ def test_w8a8_ptq_of_trained_lenet5_keeps_accuracy(lenet5_trained, mnist):
     assert q_acc >= float_acc - 0.006  # 3 of 500 images
 
 
+def test_automatic_choice_equals_its_chosen_settings_run_alone():
+    """The automatic CLE / bias-correction choice calibrates once per CLE setting and corrects a
+    copy; the model it keeps must be the one the chosen settings give when run by themselves."""
+    model = zoo.build("resnet8").eval()
+    x = _data(160 + 128)  # the last 128 are held out to score the options on
+    auto = compress(model, Plan([Quantize(calib_samples=160)]), x[:2], calib=[x])
+    details = auto.steps[0].details
+    assert len(details["selection_sqnr_db"]) == 4
+    chosen = Quantize(calib_samples=160, cle=details["cle"], bias_correction=details["bias_correction"])
+    alone = compress(model, Plan([chosen]), x[:2], calib=list(x[:160].split(64))).model
+    with torch.no_grad():
+        assert torch.equal(auto.model(x[:32]), alone(x[:32]))
+    for cle in (True, False):  # each corrected candidate differs from its uncorrected twin
+        key = f"cle={cle},bias_correction="
+        assert details["selection_sqnr_db"][key + "True"] != details["selection_sqnr_db"][key + "False"]
+
+
 def test_calibration_uses_at_most_the_requested_samples():
     sim = build_sim(zoo.build("lenet5").eval(), _data(2))
     init_weight_quantizers(sim)

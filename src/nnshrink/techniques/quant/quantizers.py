@@ -42,6 +42,11 @@ def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """``(clamp(round(x / scale) + zp, qmin, qmax) - zp) * scale`` with straight-through rounding."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+        # nothing to differentiate: the same arithmetic in place, without the STE's two extra
+        # passes (``x + (round(x) - x)`` is exactly ``round(x)``, so the result is bit-identical)
+        q = torch.round(x / scale).add_(zero_point).clamp_(qmin, qmax)
+        return q.sub_(zero_point).mul_(scale)
     q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
     return (q - zero_point) * scale
 

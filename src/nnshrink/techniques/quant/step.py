@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -105,10 +106,19 @@ class Quantize(StepConfig):
 
     def _ptq(self, model: nn.Module, ctx, batches, cle: bool, bias_corr: bool, use_adaround: bool,
              show_progress: bool) -> tuple[nn.Module, dict]:
+        sim, reference, details = self._calibrated(model, ctx, batches, cle, use_adaround, show_progress)
+        details["bias_correction"] = bias_corr
+        if bias_corr:
+            details["bias_shift"] = bias_correction(sim, reference, batches, show_progress)
+        return sim, details
+
+    def _calibrated(self, model: nn.Module, ctx, batches, cle: bool, use_adaround: bool,
+                    show_progress: bool) -> tuple[nn.Module, nn.Module, dict]:
+        """The sim up to (not including) bias correction, and the float reference it needs."""
         sim = self.build(model, ctx.example_input)
         for q in sim.aq.values():
             q.percentile = self.percentile
-        details: dict = {"cle": cle, "bias_correction": bias_corr, "adaround": use_adaround}
+        details: dict = {"cle": cle, "bias_correction": False, "adaround": use_adaround}
         if cle:
             details["cle_pairs"] = [list(p) for p in equalize(sim, batches)]
         init_weight_quantizers(sim)
@@ -117,9 +127,28 @@ class Quantize(StepConfig):
         if use_adaround:
             details["adaround_changed"] = adaround(sim, reference, batches, self.adaround_iterations,
                                                    show_progress=show_progress)
-        if bias_corr:
-            details["bias_shift"] = bias_correction(sim, reference, batches, show_progress)
-        return sim, details
+        return sim, reference, details
+
+    def _candidates(self, model: nn.Module, ctx, batches, options, held: torch.Tensor, ref: torch.Tensor,
+                    show_progress: bool) -> tuple[dict, dict]:
+        """Every ``(cle, bias_correction)`` option run and scored by output SQNR on ``held``.
+        Bias correction only adds to a calibrated sim, so the corrected candidate is a copy of the
+        uncorrected one, corrected: one calibration per CLE setting (same result as running each
+        option from scratch, which it used to do)."""
+        scored, runs = {}, {}
+        for cle in dict.fromkeys(c for c, _ in options):
+            sim, reference, details = self._calibrated(model, ctx, batches, cle, False, show_progress)
+            for bc in [b for c, b in options if c == cle]:
+                if bc:
+                    run = copy.deepcopy(sim) if (cle, False) in options else sim
+                    more = {**details, "bias_correction": True,
+                            "bias_shift": bias_correction(run, reference, batches, show_progress)}
+                else:
+                    run, more = sim, details
+                runs[(cle, bc)] = (run, more)
+                with torch.no_grad():
+                    scored[(cle, bc)] = _sqnr(ref, run(held))
+        return scored, runs
 
     def apply(self, model: nn.Module, ctx, show_progress: bool = True) -> StepResult:
         t0 = time.perf_counter()
@@ -139,11 +168,7 @@ class Quantize(StepConfig):
                 ref = model.eval()(held)
             options = [(c, b) for c in ((True, False) if self.cle is None else (self.cle,))
                        for b in ((True, False) if self.bias_correction is None else (self.bias_correction,))]
-            scored, runs = {}, {}
-            for cle, bc in options:
-                runs[(cle, bc)] = self._ptq(model, ctx, batches, cle, bc, False, show_progress)
-                with torch.no_grad():
-                    scored[(cle, bc)] = _sqnr(ref, runs[(cle, bc)][0](held))
+            scored, runs = self._candidates(model, ctx, batches, options, held, ref, show_progress)
             cle, bc = max(options, key=lambda o: scored[o])
             details["selection_sqnr_db"] = {f"cle={c},bias_correction={b}": round(v, 2) for (c, b), v in scored.items()}
         else:
