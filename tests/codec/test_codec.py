@@ -139,9 +139,9 @@ def test_prediction_is_used_where_neighbours_correlate_and_round_trips(dtype, bl
     array[7] = np.iinfo(dtype).min
     data = encode(array, CodecConfig(block_size=block_size))
     info = stream_info(data)
-    assert info.predictor != 0 and data[2] == 2  # version 2 only when prediction is used
+    assert info.predictor != 0 and data[2] == (3 if info.mirrored else 2)  # 2 or 3 only with a model
     np.testing.assert_array_equal(decode(data), array)
-    plain = encode(array, CodecConfig(block_size=block_size, neighbours=False))
+    plain = encode(array, CodecConfig(block_size=block_size, neighbours=False, mirror=False))
     assert plain[2] == 1 and stream_info(plain).predictor == 0
     assert len(data) < (0.9 if dtype == np.int8 else 0.98) * len(plain)  # uint8: no centring, so less
     for mode in ("raw", "rice", "rans", "zero-run", "palette"):
@@ -181,24 +181,75 @@ def test_neighbour_models_are_not_used_where_they_do_not_pay():
 
 
 def test_bad_model_byte_is_reported():
-    good = encode(_smooth(5000), CodecConfig(block_size=1024))
+    good = encode(_smooth(5000), CodecConfig(block_size=1024, mirror=False))
     assert good[2] == 2
-    for bad in (0, 17, 0x2F, 0x80 | 4, 0x40 | 4):  # none, t > 16, t < -16, bit 7, prediction and contexts
+    for bad in (0, 17, 0x2F, 0x80 | 4, 0x40 | 4):  # none, t > 16, t < -16, mirrored in v2, prediction and contexts
         body = bytearray(good[:-4])
         body[4] = bad
         with pytest.raises(CorruptDataError, match="model byte"):
             decode(_reseal(bytes(body)))
+    v3 = encode(_mirrorable(), CodecConfig(block_size=256))
+    assert v3[2] == 3
+    for bad in (0, 4, 0x80 | 0x40, 0x80 | 17):  # not mirrored, prediction alone, with contexts, t > 16
+        body = bytearray(v3[:-4])
+        body[4] = bad
+        with pytest.raises(CorruptDataError, match="model byte"):
+            decode(_reseal(bytes(body)))
+    as_uint8 = bytearray(v3[:-4])
+    as_uint8[3] = (as_uint8[3] & ~7) | 2  # a mirrored table is for int8 only
+    with pytest.raises(CorruptDataError, match="model byte"):
+        decode(_reseal(bytes(as_uint8)))
+
+
+def _mirrorable(rng=RNG):
+    """A small pruned tensor, symmetric about 0 (like a pruned depthwise conv): its table is the
+    stream's largest cost, and a mirrored one halves it."""
+    x = np.clip(np.round(rng.laplace(0, 30, 1200)), -127, 127)
+    x[np.abs(x) < 25] = 0
+    return x.astype(np.int8)
+
+
+@pytest.mark.parametrize("block_size", [256, 1024, 8192])
+def test_mirrored_table_is_used_where_it_is_smaller_and_round_trips(block_size):
+    array = _mirrorable()
+    array[:3] = (-128, 127, -127)  # the extremes: the mirrored table spans -128 .. 128
+    data = encode(array, CodecConfig(block_size=block_size))
+    info = stream_info(data)
+    assert info.mirrored and data[2] == 3 and "rans" in info.block_modes
+    np.testing.assert_array_equal(decode(data), array)
+    plain = encode(array, CodecConfig(block_size=block_size, mirror=False))
+    assert not stream_info(plain).mirrored and plain[2] == 1 and len(data) < len(plain)
+    for skewed in (np.abs(array), (array.astype(np.int16) + 128).astype(np.uint8)):  # one-sided, unsigned
+        assert not stream_info(encode(skewed, CodecConfig(block_size=block_size))).mirrored
+    assert not stream_info(encode(_laplace(1200, 4))).mirrored  # a Rice code beats any table here
+    predicted = _smooth(30_000)  # prediction residuals may use a mirrored table too
+    both = encode(predicted, CodecConfig(block_size=1024))
+    np.testing.assert_array_equal(decode(both), predicted)
+
+
+def test_corrupt_mirrored_table_is_reported():
+    data = encode(_mirrorable(), CodecConfig(block_size=256))
+    info = stream_info(data)
+    assert info.mirrored and info.shape == (1200,) and info.table_bytes < 128
+    # magic, version, packed, model byte, shape (2-byte varint), block size, table length: then
+    # the half table, whose first bits hold zigzag(tmin)
+    table_at = 2 + 1 + 1 + 1 + 2 + 1 + 1
+    body = bytearray(data[:-4])
+    body[table_at] ^= 0x02  # tmin becomes 1: a mirrored table must start at 0
+    with pytest.raises(CorruptDataError, match="frequency table"):
+        decode(_reseal(bytes(body)))
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.data(), st.sampled_from(["plain", "predicted", "sign contexts"]))
+@given(st.data(), st.sampled_from(["plain", "predicted", "sign contexts", "mirrored"]))
 def test_fuzzed_streams_raise_only_our_errors(data, model):
     rng = np.random.default_rng(1)
     array = {"plain": lambda: _laplace(3000, 10, rng=rng), "predicted": lambda: _smooth(3000, rng=rng),
-             "sign contexts": lambda: _pruned_runs(3000, rng=rng)}[model]()
+             "sign contexts": lambda: _pruned_runs(3000, rng=rng), "mirrored": lambda: _mirrorable(rng=rng)}[model]()
     base = bytearray(encode(array, CodecConfig(block_size=512)))
     info = stream_info(bytes(base))
     assert (info.predictor != 0, info.sign_contexts) == (model == "predicted", model == "sign contexts")
+    assert info.mirrored or model != "mirrored"
     body = base[:-4]
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(body) - 1))

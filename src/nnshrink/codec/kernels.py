@@ -146,6 +146,72 @@ def best_rice_k(counts, offset, kmax):
 
 
 @njit(cache=True)
+def level_rice_bits(levels, order, kmax):
+    """Cheapest Rice parameter and its bits for a table's zigzagged ``order``-th differences of
+    ``levels`` (zeros before the first); the same as :func:`best_rice_k` on their histogram."""
+    n = levels.shape[0]
+    u = np.empty(n, np.int64)
+    p1, p2 = 0, 0
+    for i in range(n):
+        v = levels[i]
+        u[i] = zigzag(v - p1 if order == 1 else v - 2 * p1 + p2)
+        p2, p1 = p1, v
+    best_k, best = 0, -1
+    for k in range(kmax + 1):
+        total = 0
+        for i in range(n):
+            total += rice_len(u[i], k)
+        if best < 0 or total < best:
+            best, best_k = total, k
+    return best_k, best
+
+
+@njit(cache=True)
+def freq_from_levels(levels, grid, exp2_eighths, prob_bits):
+    """Integer frequencies summing to ``2**prob_bits`` from a table's levels (see table.py)."""
+    n = levels.shape[0]
+    step = 8 // grid
+    top = 0
+    for i in range(n):
+        if levels[i] > 0:
+            top = max(top, (levels[i] - 1) * step)
+    top //= 8
+    w = np.zeros(n, np.int64)
+    total = 0
+    for i in range(n):
+        if levels[i] > 0:
+            e = (levels[i] - 1) * step
+            shift = e // 8 - top + 30
+            base = exp2_eighths[e % 8]
+            w[i] = base << shift if shift >= 0 else base >> min(-shift, 62)
+            total += w[i]
+    m = np.int64(1) << prob_bits
+    freq = np.zeros(n, np.int64)
+    fsum = 0
+    for i in range(n):
+        if levels[i] > 0:
+            freq[i] = max(1, (w[i] * m) // total)
+            fsum += freq[i]
+    diff = m - fsum
+    if diff > 0:  # to the largest, the first of equals
+        big = -1
+        for i in range(n):
+            if levels[i] > 0 and (big < 0 or freq[i] > freq[big]):
+                big = i
+        freq[big] += diff
+    elif diff < 0:  # taken from the largest first (ties by index), keeping each at least 1
+        idx = np.flatnonzero(levels > 0)
+        order = idx[np.argsort(-freq[idx], kind="mergesort")]
+        for i in order:
+            if diff == 0:
+                break
+            take = min(freq[i] - 1, -diff)
+            freq[i] -= take
+            diff += take
+    return freq
+
+
+@njit(cache=True)
 def zero_runs(values, n):
     """Runs of zeros before each nonzero value, and the trailing run (as the last entry)."""
     nnz = 0

@@ -36,8 +36,8 @@ from nnshrink.codec import table as T
 from nnshrink.errors import ConfigError, CorruptDataError, FormatError
 
 MAGIC = b"NW"
-VERSION = 2  # the newest version this module reads and writes; version 1 streams are still written
-VERSIONS = (1, 2)  # when they use no version-2 feature
+VERSION = 3  # the newest version this module reads and writes; older versions are still written
+VERSIONS = (1, 2, 3)  # when a stream uses none of the newer features
 DTYPES = {1: np.int8, 2: np.uint8, 3: np.int16, 4: np.uint16}
 DTYPE_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 
@@ -52,6 +52,8 @@ _MODEL_MIN = 1024  # values below which the version-2 models are not tried
 _MODEL_GAIN = 0.995  # a model's estimated bits must be below this fraction of plain coding's
 _CTX_TABLE_BITS = 400  # estimated cost of each extra table of the sign-context model
 _FLAG_CTX = 0x40
+_FLAG_MIRROR = 0x80  # version 3: the table is mirrored (sent for |v|, value -v has the level of v)
+_MIRROR_MARGIN_BITS = 8  # a mirrored table must save at least a byte to be used
 
 
 @dataclass(frozen=True)
@@ -65,11 +67,14 @@ class CodecConfig:
             allowed, so every tensor can be written).
         neighbours: Let the encoder model each 8-bit value by the one before it (prediction or
             sign contexts, stream version 2) where that is clearly smaller.
+        mirror: Let the encoder send an int8 stream's rANS table for ``|v|`` only (stream
+            version 3) where that is smaller: half the table, for a near-symmetric histogram.
     """
 
     block_size: int = 8192
     modes: frozenset[str] = _ALL_MODES
     neighbours: bool = True
+    mirror: bool = True
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -95,6 +100,7 @@ class StreamInfo:
     total_bytes: int
     predictor: int = 0  # t of the version-2 prediction (value ~ t/16 x previous value); 0: none
     sign_contexts: bool = False  # version-2 sign contexts: rANS blocks use three tables
+    mirrored: bool = False  # version-3 mirrored table (sent for |v|)
 
 
 @dataclass(frozen=True)
@@ -246,18 +252,50 @@ def _bits(write, scratch: np.ndarray) -> bytes:
     return scratch[:K.flush(scratch, st)].tobytes()
 
 
-def _make_table(flat: np.ndarray) -> tuple[T.Table | None, bytes]:
+def _serialize(tables: list[T.Table]) -> bytes:
+    buf = np.empty(64 * len(tables) + 8 * 64 * sum(t.size for t in tables), np.uint8)
+    st = np.zeros(3, np.int64)
+    for t in tables:
+        T.write(buf, st, t)
+    return buf[:K.flush(buf, st)].tobytes()
+
+
+def _asymmetry_bits(counts: np.ndarray, lo: int) -> float:
+    """Bits lost by coding ``counts`` (values ``lo ..``) with their histogram made symmetric
+    about 0 instead of with the histogram itself (ignoring both tables)."""
+    m = max(-lo, lo + counts.shape[0] - 1, 0)
+    full = np.zeros(2 * m + 1)
+    full[lo + m:lo + m + counts.shape[0]] = counts
+    sym = (full + full[::-1]) / 2
+    seen = full > 0
+    return float((full[seen] * np.log2(full[seen] / sym[seen])).sum())
+
+
+def _make_table(flat: np.ndarray, mirrorable: bool = False) -> tuple[T.Table | None, bytes, bool]:
+    """The stream's rANS table and its blob; with ``mirrorable`` also a mirrored table (version 3)
+    is tried and kept where table plus coded symbols come out smaller. Returns (table, blob,
+    mirrored)."""
     lo, hi = int(flat.min()), int(flat.max())
     if lo == hi:
-        return None, b""
+        return None, b"", False
     shift = 0
     while ((hi - lo) >> shift) >= T.MAX_RANGE:
         shift += 1
-    table, _ = T.build(np.bincount((flat - lo) >> shift).astype(np.int64), lo, shift)
-    buf = np.empty(64 + 8 * 64 * table.size, np.uint8)
-    st = np.zeros(3, np.int64)
-    T.write(buf, st, table)
-    return table, buf[:K.flush(buf, st)].tobytes()
+    counts = np.bincount((flat - lo) >> shift).astype(np.int64)
+    table, _ = T.build(counts, lo, shift)
+    blob = _serialize([table])
+    reach = max(-lo, hi)
+    if not mirrorable or shift or 2 * reach + 1 > T.MAX_RANGE or _asymmetry_bits(counts, lo) > 4 * len(blob):
+        return table, blob, False  # (a mirrored table saves at most about half the table's bits)
+    half, full = T.build_mirrored(counts, lo, table)
+    half_blob = _serialize([half])
+    full_counts = np.zeros(full.size, np.int64)
+    full_counts[lo - full.tmin:lo - full.tmin + counts.shape[0]] = counts
+    plain_bits = 8 * len(blob) + K.rans_cost_bits(counts, table.freq)
+    mirrored_bits = 8 * len(half_blob) + K.rans_cost_bits(full_counts, full.freq)
+    if mirrored_bits < plain_bits - _MIRROR_MARGIN_BITS:
+        return full, half_blob, True
+    return table, blob, False
 
 
 def _make_sign_tables(hist: np.ndarray, vmin: int) -> tuple[_SignTables, bytes]:
@@ -270,11 +308,7 @@ def _make_sign_tables(hist: np.ndarray, vmin: int) -> tuple[_SignTables, bytes]:
             continue
         lo, hi = int(present[0]), int(present[-1])
         tables.append(T.build(hist[c, lo:hi + 1], vmin + lo)[0])
-    buf = np.empty(64 * 3 + 8 * 64 * sum(t.size for t in tables), np.uint8)
-    st = np.zeros(3, np.int64)
-    for t in tables:
-        T.write(buf, st, t)
-    return _SignTables.of(tables), buf[:K.flush(buf, st)].tobytes()
+    return _SignTables.of(tables), _serialize(tables)
 
 
 def encode(array: np.ndarray, config: CodecConfig | None = None) -> bytes:
@@ -300,11 +334,11 @@ def encode(array: np.ndarray, config: CodecConfig | None = None) -> bytes:
     if t:  # residuals span twice the range: stored blocks take 16 bits per value
         flat, itemsize = K.predict(flat, config.block_size, t), 2
     chunks = [flat[i * config.block_size:(i + 1) * config.block_size] for i in range(nblocks)]
-    table, table_blob = (None, b"")
+    table, table_blob, mirrored = (None, b"", False)
     if contexts is not None:
         table, table_blob = _make_sign_tables(*contexts)
     elif n and "rans" in config.modes:
-        table, table_blob = _make_table(flat)
+        table, table_blob, mirrored = _make_table(flat, config.mirror and array.dtype == np.int8)
     options = [_choose(c, table, config.modes, itemsize) for c in chunks]
     choices = [r if r is not None and r[0] < b[0] else b for b, r in options]
     # the table pays off only if the blocks that use it save more than it costs
@@ -313,7 +347,8 @@ def encode(array: np.ndarray, config: CodecConfig | None = None) -> bytes:
         choices = [b for b, _ in options]
         table, table_blob = None, b""
     blocks = [_emit(c, choice, table, itemsize, scratch) for c, choice in zip(chunks, choices)]
-    model = (t & 0x3F) | (_FLAG_CTX if table_blob and contexts is not None else 0)
+    model = ((t & 0x3F) | (_FLAG_CTX if table_blob and contexts is not None else 0)
+             | (_FLAG_MIRROR if table_blob and mirrored else 0))
     return _assemble(array, config.block_size, table_blob, blocks, model)
 
 
@@ -350,7 +385,10 @@ def _neighbour_model(flat: np.ndarray, block_size: int, itemsize: int,
 
 def _assemble(array: np.ndarray, block_size: int, table_blob: bytes, blocks: list[bytes], model: int = 0) -> bytes:
     packed = DTYPE_CODES[array.dtype] | (_FLAG_TABLE if table_blob else 0) | (array.ndim << 4)
-    version = bytes([2, packed, model]) if model else bytes([1, packed])
+    if model:
+        version = bytes([3 if model & _FLAG_MIRROR else 2, packed, model])
+    else:
+        version = bytes([1, packed])
     head = MAGIC + version + b"".join(_varint(d) for d in array.shape)
     head += bytes([block_size.bit_length() - 1])
     if table_blob:
@@ -373,6 +411,7 @@ class _Header:
     header_bytes: int
     predictor: int = 0
     signs: _SignTables | None = None
+    mirrored: bool = False
 
     @cached_property
     def block_range(self) -> tuple[int, int, np.dtype]:
@@ -401,16 +440,21 @@ def _parse(data: bytes, name: str, max_elements: int = MAX_ELEMENTS) -> _Header:
     if dcode not in DTYPES or ndim > 8:
         raise CorruptDataError(f"{name}: invalid header (dtype code {dcode}, ndim {ndim})")
     end = len(data) - 4
-    pos, shape, predictor, ctx = 4, [], 0, False
-    if version == 2:
+    pos, shape, predictor, ctx, mirrored = 4, [], 0, False, False
+    if version >= 2:
         model = data[4]
         predictor = (model & 0x3F) - 64 if model & 0x20 else model & 0x3F
-        ctx = bool(model & _FLAG_CTX)
+        ctx, mirrored = bool(model & _FLAG_CTX), bool(model & _FLAG_MIRROR)
         pos = 5
-        if (model & 0x80 or abs(predictor) > 16 or bool(predictor) == ctx
-                or np.dtype(DTYPES[dcode]).itemsize != 1 or (ctx and not packed & _FLAG_TABLE)):
+        if version == 2:  # exactly one of prediction and sign contexts
+            bad = mirrored or bool(predictor) == ctx
+        else:  # a mirrored int8 table, with or without prediction
+            bad = not mirrored or ctx or DTYPES[dcode] is not np.int8 or not packed & _FLAG_TABLE
+        if (bad or abs(predictor) > 16 or np.dtype(DTYPES[dcode]).itemsize != 1
+                or (ctx and not packed & _FLAG_TABLE)):
             raise CorruptDataError(f"{name}: invalid model byte {model:#04x} (predictor {predictor}, "
-                                   f"sign contexts {ctx}) for {np.dtype(DTYPES[dcode])} values")
+                                   f"sign contexts {ctx}, mirrored {mirrored}) in a version {version} "
+                                   f"stream of {np.dtype(DTYPES[dcode])} values")
     for _ in range(ndim):
         d, pos = _read_varint(data, pos, end, name)
         shape.append(d)
@@ -427,9 +471,9 @@ def _parse(data: bytes, name: str, max_elements: int = MAX_ELEMENTS) -> _Header:
         if pos + table_bytes > end:
             raise CorruptDataError(f"{name}: truncated frequency table")
         st, raw = K.reader_at(pos), np.frombuffer(data, np.uint8)
-        tables = [T.read(raw, pos + table_bytes, st) for _ in range(3 if ctx else 1)]
+        tables = [T.read(raw, pos + table_bytes, st, mirrored) for _ in range(3 if ctx else 1)]
         if any(t is None for t in tables) or (ctx and any(t.shift for t in tables)):
-            raise CorruptDataError(f"{name}: invalid frequency table")
+            raise CorruptDataError(f"{name}: invalid {'mirrored ' if mirrored else ''}frequency table")
         table = tables[0] if not ctx else None
         signs = _SignTables.of(tables) if ctx else None
         pos += table_bytes
@@ -448,7 +492,7 @@ def _parse(data: bytes, name: str, max_elements: int = MAX_ELEMENTS) -> _Header:
     if any(e <= s for s, e in zip(starts, ends)) or (ends and ends[-1] != end) or (not nblocks and pos != end):
         raise CorruptDataError(f"{name}: block lengths do not add up to the stream length")
     return _Header(np.dtype(DTYPES[dcode]), tuple(shape), size, block_size, tuple(starts), tuple(ends),
-                   table, table_bytes, pos, predictor, signs)
+                   table, table_bytes, pos, predictor, signs, mirrored)
 
 
 def decode(data: bytes, name: str = "stream", max_elements: int = MAX_ELEMENTS) -> np.ndarray:
@@ -538,4 +582,4 @@ def stream_info(data: bytes, name: str = "stream") -> StreamInfo:
     modes = tuple(MODE_NAMES.get(data[s], "?") for s in head.starts)
     sizes = tuple(e - s for s, e in zip(head.starts, head.ends))
     return StreamInfo(head.shape, head.dtype, head.block_size, head.table_bytes, head.header_bytes,
-                      modes, sizes, len(data), head.predictor, head.signs is not None)
+                      modes, sizes, len(data), head.predictor, head.signs is not None, head.mirrored)

@@ -50,32 +50,12 @@ class Table:
 
 
 def _freq_from_levels(levels: np.ndarray, grid: int) -> np.ndarray:
-    """Integer frequencies summing to 2**16 from levels; integer arithmetic only."""
-    present = levels > 0
-    e = (levels - 1) * (8 // grid)
-    top = int(e[present].max()) // 8
-    # 2**(e/8) relative to the top octave, scaled so the largest is below 2**47 and the sum of
-    # 1024 of them below 2**57: products with 2**16 stay inside int64
-    shift = e // 8 - top + 30
-    base = _EXP2_EIGHTHS[e % 8]
-    w = np.where(shift >= 0, base << np.maximum(shift, 0), base >> np.minimum(-shift, 62))
-    w = np.where(present, w, 0)
-    total = int(w.sum())
-    m = 1 << K.PROB_BITS
-    freq = np.where(present, np.maximum(1, (w * m) // total), 0).astype(np.int64)
-    diff = m - int(freq.sum())
-    idx = np.flatnonzero(present)
-    order = idx[np.lexsort((idx, -freq[idx]))]  # largest first, ties by index
-    if diff > 0:
-        freq[order[0]] += diff
-    else:
-        for i in order:
-            if diff == 0:
-                break
-            take = min(int(freq[i]) - 1, -diff)
-            freq[i] -= take
-            diff += take
-    return freq
+    """Integer frequencies summing to 2**16 from levels; integer arithmetic only: each present
+    level ``l`` weighs ``2**((l - 1) / grid)`` (from the fixed eighths table and shifts), the
+    weights are scaled to 2**16 with floors (at least 1 each), and the remainder goes to the
+    largest (or is taken from the largest first, ties by index). A compiled loop: the encoder
+    evaluates a dozen candidate tables per stream."""
+    return K.freq_from_levels(levels.astype(np.int64), grid, _EXP2_EIGHTHS, K.PROB_BITS)
 
 
 def _finish(tmin: int, shift: int, grid: int, order: int, levels: np.ndarray) -> Table:
@@ -107,13 +87,21 @@ def build(counts: np.ndarray, tmin: int, shift: int = 0) -> tuple[Table, int]:
     Returns:
         The table and its serialized size in bits.
     """
+    table, bits, _ = _search(counts, tmin, shift, _WIDTHS, GRIDS)
+    return table, bits
+
+
+_WIDTHS = (0, 1.0, 2.5)
+
+
+def _search(counts: np.ndarray, tmin: int, shift: int, widths, grids) -> tuple[Table, int, float]:
     best = None
     counts = counts.astype(np.int64)
-    for width in (0, 1.0, 2.5):
+    for width in widths:
         smooth = _smooth(counts, width)
         present = (smooth >= 0.25) | (counts > 0)
         logc = np.log2(np.maximum(smooth, 0.25))
-        for grid in GRIDS:
+        for grid in grids:
             raw = np.round(grid * logc).astype(np.int64)
             levels = np.where(present, raw - raw[present].min() + 1, 0)
             freq = _freq_from_levels(levels, grid)
@@ -121,9 +109,38 @@ def build(counts: np.ndarray, tmin: int, shift: int = 0) -> tuple[Table, int]:
             for order in (1, 2):
                 bits = table_bits(levels, order)
                 if best is None or bits + coded < best[0]:
-                    best = (bits + coded, levels, grid, order, bits)
-    _, levels, grid, order, bits = best
-    return _finish(tmin, shift, grid, order, levels), bits
+                    best = (bits + coded, levels, grid, order, bits, width)
+    _, levels, grid, order, bits, width = best
+    return _finish(tmin, shift, grid, order, levels), bits, width
+
+
+def _mirror_levels(half_levels: np.ndarray) -> np.ndarray:
+    return np.concatenate([half_levels[:0:-1], half_levels])
+
+
+def mirror(half: Table) -> Table:
+    """The full table of a mirrored one: ``half`` covers ``|v|`` = 0 .. size-1 (``tmin`` 0, no
+    shift); value ``-v`` gets the level of ``v``. Integer-only, like every table."""
+    return _finish(-(half.size - 1), 0, half.grid, half.order, _mirror_levels(half.levels))
+
+
+def build_mirrored(counts: np.ndarray, tmin: int, like: Table) -> tuple[Table, Table]:
+    """A mirrored table for ``counts`` over values ``tmin ..`` (no shift): the half table to
+    transmit and the full table it stands for. Weight histograms are close to symmetric about 0,
+    and half the levels cost half the bits, which pays on small tensors.
+
+    The half table is built on ``c(v) + c(-v)`` with the zero bin doubled, so every bin counts
+    two values' worth and the levels stay on one scale. It uses the grid of ``like`` (the plain
+    table of the same values) and searches only the smoothing, so trying it costs a fraction of
+    building the plain table."""
+    m = max(-tmin, tmin + counts.shape[0] - 1, 0)
+    full = np.zeros(2 * m + 1, np.int64)
+    full[tmin + m:tmin + m + counts.shape[0]] = counts
+    half = full[m:].copy()
+    half[1:] += full[:m][::-1]
+    half[0] *= 2
+    table, _, _ = _search(half, 0, 0, _WIDTHS, (like.grid,))
+    return table, mirror(table)
 
 
 def _deltas(levels: np.ndarray, order: int) -> np.ndarray:
@@ -136,8 +153,7 @@ def _header_bits() -> int:
 
 
 def table_bits(levels: np.ndarray, order: int) -> int:
-    counts = np.bincount(_deltas(levels, order), minlength=1).astype(np.int64)
-    _, bits = K.best_rice_k(counts, 0, 12)
+    _, bits = K.level_rice_bits(levels, order, 12)
     return _header_bits() + int(bits)
 
 
@@ -153,8 +169,9 @@ def write(buf: np.ndarray, st: np.ndarray, table: Table) -> None:
     K.write_levels(buf, st, u, k)
 
 
-def read(data: np.ndarray, end: int, st: np.ndarray) -> Table | None:
-    """Parse a table; None if the bits are inconsistent (the caller reports corruption)."""
+def read(data: np.ndarray, end: int, st: np.ndarray, mirrored: bool = False) -> Table | None:
+    """Parse a table (with ``mirrored``: a half table, returned as the full table it stands
+    for); None if the bits are inconsistent (the caller reports corruption)."""
     tmin = int(K.unzigzag(K.get(data, end, st, 17)))
     shift = int(K.get(data, end, st, 4))
     size = int(K.get(data, end, st, 11)) + 1
@@ -168,4 +185,8 @@ def read(data: np.ndarray, end: int, st: np.ndarray) -> Table | None:
         return None
     if not (levels > 0).any():
         return None
+    if mirrored:
+        if tmin or shift or 2 * size - 1 > MAX_RANGE:
+            return None
+        tmin, levels = -(size - 1), _mirror_levels(levels)
     return _finish(tmin, shift, grid, order, levels)
