@@ -176,6 +176,8 @@ def freq_from_levels(levels, grid, exp2_eighths, prob_bits):
         if levels[i] > 0:
             top = max(top, (levels[i] - 1) * step)
     top //= 8
+    # 2**(e/8) relative to the top octave, scaled so the largest is below 2**47 and the sum of
+    # 1024 of them below 2**57: products with 2**16 stay inside int64
     w = np.zeros(n, np.int64)
     total = 0
     for i in range(n):

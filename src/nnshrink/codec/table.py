@@ -87,14 +87,13 @@ def build(counts: np.ndarray, tmin: int, shift: int = 0) -> tuple[Table, int]:
     Returns:
         The table and its serialized size in bits.
     """
-    table, bits, _ = _search(counts, tmin, shift, _WIDTHS, GRIDS)
-    return table, bits
+    return _search(counts, tmin, shift, _WIDTHS, GRIDS)
 
 
 _WIDTHS = (0, 1.0, 2.5)
 
 
-def _search(counts: np.ndarray, tmin: int, shift: int, widths, grids) -> tuple[Table, int, float]:
+def _search(counts: np.ndarray, tmin: int, shift: int, widths, grids) -> tuple[Table, int]:
     best = None
     counts = counts.astype(np.int64)
     for width in widths:
@@ -109,9 +108,9 @@ def _search(counts: np.ndarray, tmin: int, shift: int, widths, grids) -> tuple[T
             for order in (1, 2):
                 bits = table_bits(levels, order)
                 if best is None or bits + coded < best[0]:
-                    best = (bits + coded, levels, grid, order, bits, width)
-    _, levels, grid, order, bits, width = best
-    return _finish(tmin, shift, grid, order, levels), bits, width
+                    best = (bits + coded, levels, grid, order, bits)
+    _, levels, grid, order, bits = best
+    return _finish(tmin, shift, grid, order, levels), bits
 
 
 def _mirror_levels(half_levels: np.ndarray) -> np.ndarray:
@@ -139,7 +138,7 @@ def build_mirrored(counts: np.ndarray, tmin: int, like: Table) -> tuple[Table, T
     half = full[m:].copy()
     half[1:] += full[:m][::-1]
     half[0] *= 2
-    table, _, _ = _search(half, 0, 0, _WIDTHS, (like.grid,))
+    table, _ = _search(half, 0, 0, _WIDTHS, (like.grid,))
     return table, mirror(table)
 
 
