@@ -132,9 +132,9 @@ class Quantize(StepConfig):
     def _candidates(self, model: nn.Module, ctx, batches, options, held: torch.Tensor, ref: torch.Tensor,
                     show_progress: bool) -> tuple[dict, dict]:
         """Every ``(cle, bias_correction)`` option run and scored by output SQNR on ``held``.
-        Bias correction only adds to a calibrated sim, so the corrected candidate is a copy of the
-        uncorrected one, corrected: one calibration per CLE setting (same result as running each
-        option from scratch, which it used to do)."""
+        Bias correction only adds to a calibrated sim, so the corrected candidate is a corrected
+        copy of the uncorrected one: one calibration per CLE setting, and the same models as
+        running each option from scratch (tested)."""
         scored, runs = {}, {}
         for cle in dict.fromkeys(c for c, _ in options):
             sim, reference, details = self._calibrated(model, ctx, batches, cle, False, show_progress)
