@@ -163,6 +163,7 @@ def test_sign_contexts_are_used_for_pruned_neighbours_and_round_trip(block_size)
     data = encode(array, CodecConfig(block_size=block_size))
     info = stream_info(data)
     assert info.sign_contexts and info.predictor == 0 and data[2] == 2 and "rans" in info.block_modes
+    assert info.models == ("sign contexts",)
     np.testing.assert_array_equal(decode(data), array)
     plain = encode(array, CodecConfig(block_size=block_size, neighbours=False))
     assert len(data) < 0.95 * len(plain)
@@ -216,6 +217,7 @@ def test_mirrored_table_is_used_where_it_is_smaller_and_round_trips(block_size):
     data = encode(array, CodecConfig(block_size=block_size))
     info = stream_info(data)
     assert info.mirrored and data[2] == 3 and "rans" in info.block_modes
+    assert info.models == ("mirrored table",)
     np.testing.assert_array_equal(decode(data), array)
     plain = encode(array, CodecConfig(block_size=block_size, mirror=False))
     assert not stream_info(plain).mirrored and plain[2] == 1 and len(data) < len(plain)

@@ -51,6 +51,8 @@ def test_quantized_streams_are_near_their_entropy(lenet5_nsz):
     big = reports["fc1.weight"]
     assert big.kind == "quantized" and big.ratio_to_entropy <= 1.01
     assert "rans" in big.modes
+    assert set(big.models) <= {"prediction", "sign contexts", "mirrored table"}
+    assert big.to_dict()["models"] == list(big.models)
     overhead = path.stat().st_size - sum(r.stored_bytes for r in reports.values())
     assert 0 < overhead < 2048  # graph, index and headers together
 

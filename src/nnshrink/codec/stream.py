@@ -102,6 +102,14 @@ class StreamInfo:
     sign_contexts: bool = False  # version-2 sign contexts: rANS blocks use three tables
     mirrored: bool = False  # version-3 mirrored table (sent for |v|)
 
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The stream-wide models besides the block modes: ``prediction`` and ``sign contexts``
+        (version 2), ``mirrored table`` (version 3)."""
+        flags = (("prediction", bool(self.predictor)), ("sign contexts", self.sign_contexts),
+                 ("mirrored table", self.mirrored))
+        return tuple(name for name, on in flags if on)
+
 
 @dataclass(frozen=True)
 class _SignTables:

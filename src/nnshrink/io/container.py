@@ -60,6 +60,8 @@ class StreamReport:
         entropy_bits: Order-0 entropy of the integers, in bits per weight (quantized only).
         ratio_to_entropy: Stream bytes over the entropy bound (quantized only).
         modes: Block modes used (quantized only).
+        models: Stream-wide models used besides them (``prediction``, ``sign contexts``,
+            ``mirrored table``; see ``StreamInfo.models``).
     """
 
     name: str
@@ -70,9 +72,10 @@ class StreamReport:
     entropy_bits: float | None
     ratio_to_entropy: float | None
     modes: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "modes": list(self.modes)}
+        return {**self.__dict__, "modes": list(self.modes), "models": list(self.models)}
 
 
 def _crc(data: bytes) -> int:
@@ -90,13 +93,14 @@ def _integer_records(model: nn.Module) -> dict[str, tuple[WeightQuant | Codebook
     return out
 
 
-def _stream_report(name: str, kind: str, ints: np.ndarray, stream_bytes: int, side_bytes: int,
-                   modes: tuple[str, ...] = ()) -> StreamReport:
+def _stream_report(name: str, kind: str, ints: np.ndarray, stream: bytes, side_bytes: int) -> StreamReport:
     count = max(1, ints.size)
     ent = entropy_bits(ints) / count
-    stored = stream_bytes + side_bytes
+    stored = len(stream) + side_bytes
+    info = stream_info(stream, name)
     return StreamReport(name, kind, ints.size, stored, stored * 8 / count, ent,
-                        stream_bytes * 8 / count / ent if ent > 0 else None, modes)
+                        len(stream) * 8 / count / ent if ent > 0 else None,
+                        tuple(sorted(set(info.block_modes))), info.models)
 
 
 def save(model: nn.Module, path: str | Path, example_input: torch.Tensor | None = None,
@@ -140,15 +144,13 @@ def save(model: nn.Module, path: str | Path, example_input: torch.Tensor | None 
             side_bytes = np.ascontiguousarray(side, dtype="<f4").tobytes()
             index[init.name] = {"kind": kind, "shape": list(array.shape), **entry,
                                 "stream": put(stream), side_key: put(side_bytes)}
-            reports.append(_stream_report(init.name, kind, ints, len(stream), len(side_bytes),
-                                          tuple(sorted(set(stream_info(stream).block_modes)))))
+            reports.append(_stream_report(init.name, kind, ints, stream, len(side_bytes)))
         elif array.dtype in _CODED and array.size >= _CODED_MIN:
             # integer tensors of a QDQ graph (int8 weights): entropy-coded as they are
             stream = encode(array, codec)
             index[init.name] = {"kind": "int", "shape": list(array.shape), "dtype": str(array.dtype),
                                 "stream": put(stream)}
-            reports.append(_stream_report(init.name, "int", array, len(stream), 0,
-                                          tuple(sorted(set(stream_info(stream).block_modes)))))
+            reports.append(_stream_report(init.name, "int", array, stream, 0))
         else:
             dtype = str(array.dtype)
             if dtype not in _DTYPES:
@@ -315,6 +317,5 @@ def describe(path: str | Path) -> list[StreamReport]:
         stream = _part(blob, entry["stream"], path, name)
         side_key = {"quantized": "scale", "codebook": "codebook"}.get(entry["kind"])
         side = entry[side_key][1] if side_key else 0
-        reports.append(_stream_report(name, entry["kind"], decode(stream, name=f"{path}: {name}"), len(stream), side,
-                                      tuple(sorted(set(stream_info(stream).block_modes)))))
+        reports.append(_stream_report(name, entry["kind"], decode(stream, name=f"{path}: {name}"), stream, side))
     return reports

@@ -39,7 +39,8 @@ def layer_rows(before: Analysis, after: Analysis, streams: list | None = None) -
         if stream is not None:
             out["storage"] = {"kind": stream.kind, "stored_bytes": stream.stored_bytes,
                               "bits_per_weight": stream.bits_per_weight, "entropy_bits": stream.entropy_bits,
-                              "ratio_to_entropy": stream.ratio_to_entropy, "modes": list(stream.modes)}
+                              "ratio_to_entropy": stream.ratio_to_entropy, "modes": list(stream.modes),
+                              "models": list(stream.models)}
         return out
 
     after_by_name = {i.name: i for i in after.layers}
@@ -95,7 +96,8 @@ def streams_table(streams: list) -> Table:
     table.add_column("entropy bits", justify="right")
     table.add_column("/ entropy", justify="right")
     for s in streams:
-        table.add_row(s.name, s.kind if s.kind == "raw" else f"{s.kind} ({', '.join(s.modes)})", f"{s.count:,}",
+        coding = ", ".join(s.modes) + "".join(f"; {m}" for m in s.models)
+        table.add_row(s.name, s.kind if s.kind == "raw" else f"{s.kind} ({coding})", f"{s.count:,}",
                       f"{s.stored_bytes:,}", f"{s.bits_per_weight:.3f}",
                       "-" if s.entropy_bits is None else f"{s.entropy_bits:.3f}",
                       "-" if s.ratio_to_entropy is None else f"{s.ratio_to_entropy:.4f}")
