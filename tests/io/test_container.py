@@ -152,3 +152,32 @@ def test_index_is_compressed_json_with_checksummed_parts(lenet5_nsz):
     assert meta["format"] == "nnshrink.nsz" and meta["version"] == "2"
     entry = index["weights"]["conv2.weight"]
     assert entry["kind"] == "quantized" and entry["bits"] == 8 and len(entry["stream"]) == 3
+
+
+class _PrunedDepthwise(torch.nn.Module):
+    """A stem, a 50%-pruned depthwise conv (a small, symmetric, zero-heavy tensor) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 96, 3, padding=1)
+        self.dw = torch.nn.Conv2d(96, 96, 3, padding=1, groups=96)
+        self.head = torch.nn.Linear(96 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.dw(torch.relu(self.stem(x)))).flatten(1))
+
+
+def test_a_mirrored_table_stream_round_trips_through_the_container(tmp_path):
+    torch.manual_seed(0)
+    model = _PrunedDepthwise().eval()
+    with torch.no_grad():
+        w = torch.distributions.Laplace(0.0, 0.1).sample(model.dw.weight.shape)
+        model.dw.weight.copy_(torch.where(w.abs() < 0.08, torch.zeros_like(w), w))
+    x = torch.rand(2, 1, 8, 8)
+    quantized = compress(model, Plan([QuantizeWeights()]), x).model
+    save(quantized, tmp_path / "dw.nsz", x)
+    reports = {r.name: r for r in describe(tmp_path / "dw.nsz")}
+    assert reports["dw.weight"].models == ("mirrored table",)  # stream version 3
+    back = load(tmp_path / "dw.nsz")
+    assert torch.equal(dict(back.named_parameters())["dw.weight"], quantized.dw.weight)
+    torch.testing.assert_close(back(x), quantized(x), atol=1e-5, rtol=1e-5)
