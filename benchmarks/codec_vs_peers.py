@@ -55,20 +55,20 @@ def model_tensors(name: str) -> list[tuple[str, np.ndarray]]:
 
 
 def peers():
+    """Each peer's encoder, from an integer array to its encoded size in bytes."""
     found = {}
     try:
         import zstandard
 
-        found["zstd-19"] = (lambda b: zstandard.ZstdCompressor(level=19).compress(b),
-                            lambda b: zstandard.ZstdDecompressor().decompress(b))
+        found["zstd-19"] = lambda a: len(zstandard.ZstdCompressor(level=19).compress(a.tobytes()))
     except ImportError:
         print("zstd: skipped (pip install zstandard)")
-    found["lzma"] = (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress)
+    found["lzma"] = lambda a: len(lzma.compress(a.tobytes(), preset=9 | lzma.PRESET_EXTREME))
     try:
         from ethosu import mlw_codec
 
-        found["vela"] = (lambda b: bytes(mlw_codec.encode(np.frombuffer(b, np.int8).astype(int).tolist())), None)
-        found["vela-npu"] = (None, None)  # needs the tensor's shape: see vela_npu()
+        found["vela"] = lambda a: len(mlw_codec.encode(a.reshape(-1).astype(int).tolist()))
+        found["vela-npu"] = lambda a: vela_npu(a) if a.ndim >= 2 else found["vela"](a)
     except ImportError:
         print("vela: skipped (pip install ethos-u-vela)")
     return found
@@ -123,11 +123,8 @@ def main() -> int:
                     worst_dense = max(worst_dense, ratio)
             if a.size < 1024:
                 small_excess = max(small_excess, len(data) - a.size)
-            for peer, (enc, _) in coders.items():
-                if peer == "vela-npu":
-                    row[peer] = row.get(peer, 0) + (vela_npu(a) if a.ndim >= 2 else len(coders["vela"][0](a.tobytes())))
-                else:
-                    row[peer] = row.get(peer, 0) + len(enc(a.tobytes()))
+            for peer, size in coders.items():
+                row[peer] = row.get(peer, 0) + size(a)
         for c, member in categories.items():
             if member(label):
                 for n in names:
