@@ -83,6 +83,8 @@ def test_bad_arguments():
         encode(np.zeros(4, np.float32))
     with pytest.raises(ConfigError, match="power of two"):
         CodecConfig(block_size=1000)
+    with pytest.raises(ConfigError, match="mirror must be True or False"):
+        CodecConfig(mirror="no")
     with pytest.raises(ConfigError, match="unknown codec modes"):
         CodecConfig(modes={"huffman"})
 

@@ -80,6 +80,9 @@ class CodecConfig:
         bs = self.block_size
         if not isinstance(bs, int) or bs < (1 << _MIN_LOG) or bs > (1 << _MAX_LOG) or bs & (bs - 1):
             raise ConfigError(f"block_size must be a power of two from {1 << _MIN_LOG} to {1 << _MAX_LOG}, got {bs!r}")
+        for flag in ("neighbours", "mirror"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"CodecConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
         object.__setattr__(self, "modes", frozenset(self.modes))
         unknown = self.modes - _ALL_MODES
         if unknown:
