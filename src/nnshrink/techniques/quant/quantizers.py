@@ -42,7 +42,7 @@ def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """``(clamp(round(x / scale) + zp, qmin, qmax) - zp) * scale`` with straight-through rounding."""
-    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+    if not (torch.is_grad_enabled() and (x.requires_grad or getattr(scale, "requires_grad", False))):
         # nothing to differentiate: the same arithmetic in place, without the STE's two extra
         # passes (``x + (round(x) - x)`` is exactly ``round(x)``, so the result is bit-identical)
         q = torch.round(x / scale).add_(zero_point).clamp_(qmin, qmax)
