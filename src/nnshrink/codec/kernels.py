@@ -147,23 +147,21 @@ def best_rice_k(counts, offset, kmax):
 
 @njit(cache=True)
 def level_rice_bits(levels, order, kmax):
-    """Cheapest Rice parameter and its bits for a table's zigzagged ``order``-th differences of
-    ``levels`` (zeros before the first); the same as :func:`best_rice_k` on their histogram."""
+    """:func:`best_rice_k` for a table's zigzagged ``order``-th differences of ``levels`` (zeros
+    before the first), histogrammed here without a numpy round trip per candidate table."""
     n = levels.shape[0]
     u = np.empty(n, np.int64)
     p1, p2 = 0, 0
+    top = 0
     for i in range(n):
         v = levels[i]
         u[i] = zigzag(v - p1 if order == 1 else v - 2 * p1 + p2)
+        top = max(top, u[i])
         p2, p1 = p1, v
-    best_k, best = 0, -1
-    for k in range(kmax + 1):
-        total = 0
-        for i in range(n):
-            total += rice_len(u[i], k)
-        if best < 0 or total < best:
-            best, best_k = total, k
-    return best_k, best
+    counts = np.zeros(top + 1, np.int64)
+    for i in range(n):
+        counts[u[i]] += 1
+    return best_rice_k(counts, 0, kmax)
 
 
 @njit(cache=True)

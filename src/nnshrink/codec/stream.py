@@ -3,7 +3,8 @@
 Layout (little endian; varint = unsigned LEB128)::
 
     "NW" | version u8 | packed u8 (dtype: bits 0-2, table flag: bit 3, ndim: bits 4-7)
-    | [model u8: predictor t as signed bits 0-5, sign-context flag bit 6]   version 2 only
+    | [model u8: predictor t as signed bits 0-5, sign-context flag bit 6,
+    |  mirrored-table flag bit 7]                                          versions 2 and 3
     | shape: varint x ndim | log2(block size) u8
     | [table length varint | table]            if the table flag is set
     | byte length of every block but the last: varint x (n_blocks - 1)
@@ -20,6 +21,10 @@ value; the table blob holds the three in that order: negative, zero, positive). 
 value is 0 at each block start, so blocks still decode alone. A stream that uses neither is still
 written as version 1, byte for byte as before, so older readers read every stream that does not
 need the new features.
+
+Version 3 adds mirrored tables for int8 streams: the table blob holds one table over ``|v|`` and
+value ``-v`` gets the level of ``v``, half the table bytes for a near-symmetric histogram (with or
+without prediction, never with sign contexts). Streams without one keep their version 1 or 2 bytes.
 """
 
 from __future__ import annotations
@@ -271,12 +276,9 @@ def _serialize(tables: list[T.Table]) -> bytes:
     return buf[:K.flush(buf, st)].tobytes()
 
 
-def _asymmetry_bits(counts: np.ndarray, lo: int) -> float:
-    """Bits lost by coding ``counts`` (values ``lo ..``) with their histogram made symmetric
-    about 0 instead of with the histogram itself (ignoring both tables)."""
-    m = max(-lo, lo + counts.shape[0] - 1, 0)
-    full = np.zeros(2 * m + 1)
-    full[lo + m:lo + m + counts.shape[0]] = counts
+def _asymmetry_bits(full: np.ndarray) -> float:
+    """Bits lost by coding the :func:`~nnshrink.codec.table.centred` counts ``full`` with their
+    histogram made symmetric about 0 instead of with the histogram itself (ignoring both tables)."""
     sym = (full + full[::-1]) / 2
     seen = full > 0
     return float((full[seen] * np.log2(full[seen] / sym[seen])).sum())
@@ -295,13 +297,14 @@ def _make_table(flat: np.ndarray, mirrorable: bool = False) -> tuple[T.Table | N
     counts = np.bincount((flat - lo) >> shift).astype(np.int64)
     table, _ = T.build(counts, lo, shift)
     blob = _serialize([table])
-    reach = max(-lo, hi)
-    if not mirrorable or shift or 2 * reach + 1 > T.MAX_RANGE or _asymmetry_bits(counts, lo) > 4 * len(blob):
-        return table, blob, False  # (a mirrored table saves at most about half the table's bits)
-    half, full = T.build_mirrored(counts, lo, table)
+    if not mirrorable or shift:
+        return table, blob, False
+    full_counts = T.centred(counts, lo)
+    # a mirrored table saves at most about half the table's bits
+    if full_counts.shape[0] > T.MAX_RANGE or _asymmetry_bits(full_counts) > 4 * len(blob):
+        return table, blob, False
+    half, full = T.build_mirrored(full_counts, table)
     half_blob = _serialize([half])
-    full_counts = np.zeros(full.size, np.int64)
-    full_counts[lo - full.tmin:lo - full.tmin + counts.shape[0]] = counts
     plain_bits = 8 * len(blob) + K.rans_cost_bits(counts, table.freq)
     mirrored_bits = 8 * len(half_blob) + K.rans_cost_bits(full_counts, full.freq)
     if mirrored_bits < plain_bits - _MIRROR_MARGIN_BITS:

@@ -123,18 +123,26 @@ def mirror(half: Table) -> Table:
     return _finish(-(half.size - 1), 0, half.grid, half.order, _mirror_levels(half.levels))
 
 
-def build_mirrored(counts: np.ndarray, tmin: int, like: Table) -> tuple[Table, Table]:
-    """A mirrored table for ``counts`` over values ``tmin ..`` (no shift): the half table to
-    transmit and the full table it stands for. Weight histograms are close to symmetric about 0,
-    and half the levels cost half the bits, which pays on small tensors.
+def centred(counts: np.ndarray, tmin: int) -> np.ndarray:
+    """``counts`` over values ``tmin ..`` placed on ``-m .. m`` (index ``v + m``), with ``m`` the
+    largest magnitude present: the value range a mirrored table spans."""
+    m = max(-tmin, tmin + counts.shape[0] - 1, 0)
+    full = np.zeros(2 * m + 1, np.int64)
+    full[tmin + m:tmin + m + counts.shape[0]] = counts
+    return full
+
+
+def build_mirrored(full: np.ndarray, like: Table) -> tuple[Table, Table]:
+    """A mirrored table for the :func:`centred` counts ``full``: the half table to transmit and
+    the full table it stands for (spanning the same values as ``full``). Weight histograms are
+    close to symmetric about 0, and half the levels cost half the bits, which pays on small
+    tensors.
 
     The half table is built on ``c(v) + c(-v)`` with the zero bin doubled, so every bin counts
     two values' worth and the levels stay on one scale. It uses the grid of ``like`` (the plain
     table of the same values) and searches only the smoothing, so trying it costs a fraction of
     building the plain table."""
-    m = max(-tmin, tmin + counts.shape[0] - 1, 0)
-    full = np.zeros(2 * m + 1, np.int64)
-    full[tmin + m:tmin + m + counts.shape[0]] = counts
+    m = full.shape[0] // 2
     half = full[m:].copy()
     half[1:] += full[:m][::-1]
     half[0] *= 2
