@@ -19,8 +19,12 @@ five calibration draws; both cut the noise of one-image differences). Printed pe
   activations) with its MinMax and Percentile calibrators, run by ONNX Runtime;
 - ours minus each peer's accuracy with a 95% paired bootstrap interval over the images (a gap
   whose interval holds 0 is not told apart from which images were held out);
+- each weight layout of the ``quantize`` step's ``target``, run by ONNX Runtime: ``ort-x86``
+  (the default: 8-bit weights as uint8, exact on every x86 CPU), ``reduce_range`` (7-bit int8
+  weights, also exact everywhere) and ``npu`` (full-range int8 weights: exact only where the CPU
+  has VNNI; ``benchmarks/x86_int8.py`` measures the CPUs without it);
 - PTQ wall time of each (one process, two threads), and ONNX Runtime latency of our int8 model
-  against the float model (batch 1 and 64, ratio).
+  against the float model (batch 1 and 64, ratio), and of each weight layout against the default.
 
 ``--w4`` adds W4A8 on LeNet-5: nearest rounding, AdaRound, and QAT (LSQ, 600 steps), averaged
 over seeds 0-2. A peer that is not installed is reported as skipped.
@@ -179,12 +183,17 @@ def run_model(name, data, folder, seeds, which="test", ablations=True):
         correct.setdefault(label, []).append(logits.argmax(1) == yn)
 
     sess = None
+    layouts = {}  # weight layout -> ONNX Runtime session (last calibration draw), for latency
     for seed in seeds:
         calib = calib_batches(data, seed=seed)
         sim, secs = ours(model, data, calib)
         add("nnshrink W8A8 default (simulated)", torch_logits(sim, x), secs)
         sess = _ort(to_qdq_onnx(sim).SerializeToString())
         add("nnshrink W8A8 default, in ONNX Runtime", ort_logits(sess, xn), secs)
+        for label, cfg in TARGETS:
+            s, t = ours(model, data, calib, **cfg)
+            layouts[label] = _ort(to_qdq_onnx(s).SerializeToString())
+            add(label, ort_logits(layouts[label], xn), t)
         for label, cfg in ABLATIONS if ablations else ():
             if "AdaRound" in label and seed != seeds[0]:
                 continue
@@ -207,7 +216,8 @@ def run_model(name, data, folder, seeds, which="test", ablations=True):
     lat = {}
     for batch, reps in ((1, 300), (64, 30)):
         xb = xn[:batch]
-        lat[batch] = (_latency(fsess, xb, reps), _latency(sess, xb, reps))
+        lat[batch] = (_latency(fsess, xb, reps), _latency(sess, xb, reps),
+                      {label: _latency(ls, xb, reps) for label, ls in layouts.items()})
     return float((ref.argmax(1) == yn).mean()), results, lat, correct
 
 
@@ -223,6 +233,9 @@ def paired_interval(ours: list[np.ndarray], peer: list[np.ndarray], resamples: i
     means = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(resamples)])
     return 100 * float(diff.mean()), 100 * float(np.quantile(means, 0.025)), 100 * float(np.quantile(means, 0.975))
 
+
+TARGETS = (("  target npu (int8 weights), in ORT", {"target": "npu"}),
+           ("  reduce_range (7-bit weights), in ORT", {"reduce_range": True}))
 
 ABLATIONS = (("  per-channel, no CLE, no bias corr.", {"cle": False, "bias_correction": False}),
              ("  per-channel + CLE", {"cle": True, "bias_correction": False}),
@@ -286,9 +299,10 @@ def main() -> int:
             for label in [k for k in correct if k.startswith(("NNCF", "ORT"))]:
                 d, lo, hi = paired_interval(mine, correct[label])
                 print(f"  ours - {label:34s} {d:+6.2f} points, 95% interval [{lo:+.2f}, {hi:+.2f}]")
-            for batch, (f_lat, q_lat) in lat.items():
+            for batch, (f_lat, q_lat, by_layout) in lat.items():
                 print(f"  ORT latency batch {batch:3d}: float {1e3 * f_lat:.3f} ms, int8 {1e3 * q_lat:.3f} ms, "
-                      f"int8/float {q_lat / f_lat:.2f}")
+                      f"int8/float {q_lat / f_lat:.2f}; against the default: "
+                      + ", ".join(f"{label.strip().split(' (')[0]} {t / q_lat:.2f}" for label, t in by_layout.items()))
     if args.w4:
         w4_lenet5(data)
     return 0

@@ -184,6 +184,118 @@ def test_integer_reference_equals_onnx_runtime_on_every_element(name):
         assert np.abs(y - ort_ints[op.name]).max() <= 1, op.name
 
 
+def _ort_ints(proto, x, precision_mode=False):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    if precision_mode:
+        so.add_session_config_entry("session.x64quantprecision", "1")
+    outs = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    return [o.astype(np.int64) - 128 for o in outs]  # ORT holds uint8
+
+
+def test_weights_are_written_for_the_target():
+    from onnx import numpy_helper
+
+    from nnshrink.io.qdq import to_qdq_onnx
+
+    def dtypes(**cfg):
+        sim = _quantized("lenet5", n=8, **cfg)[1]
+        inits = {i.name: numpy_helper.to_array(i) for i in to_qdq_onnx(sim).graph.initializer}
+        return sim, {k: str(v.dtype) for k, v in inits.items() if k.endswith("weight_quantized")}, inits
+
+    sim, got, inits = dtypes()  # default ort-x86: 8-bit weights as uint8, zero point 128
+    assert sim.target == "ort-x86" and set(got.values()) == {"uint8"}
+    assert set(inits["conv1.weight_zero_point"].tolist()) == {128}
+    ints = sim.weight_quantizer("conv1").integers(sim.layer("conv1").weight).numpy()
+    np.testing.assert_array_equal(inits["conv1.weight_quantized"].astype(np.int64) - 128, ints)
+    assert set(dtypes(target="npu")[1].values()) == {"int8"}
+    sim, got, inits = dtypes(reduce_range=True)  # 7 bits: u8 x s8 is exact, int8 is kept
+    assert set(got.values()) == {"int8"} and max(np.abs(inits[k]).max() for k in got) <= 63
+    assert set(dtypes(weight_bits=4, adaround=False)[1].values()) == {"int8"}
+    with pytest.raises(ConfigError, match="target"):
+        Quantize(target="gpu")
+    with pytest.raises(ConfigError, match="act_type='uint8'"):
+        to_qdq_onnx(_quantized("lenet5", n=8)[1], act_type="int8")
+
+
+def test_int8_weights_in_onnx_runtime_on_this_cpu_behave_as_documented():
+    """Full-range int8 weights (target ``npu``) against uint8 activations: exact where the CPU
+    has VNNI; on AVX2 without it, ONNX Runtime's VPMADDUBSW kernels saturate pairs of products
+    to int16, so results differ unless its precision mode is set (docs/ARCHITECTURE.md)."""
+    from nnshrink.io.qdq import int_tensor_names, to_qdq_onnx, x86_int8_kernel
+
+    _, sim, x = _quantized("lenet5", n=16, target="npu")
+    proto = to_qdq_onnx(sim, int_outputs=int_tensor_names(sim))
+    env = IntegerModel(sim, "float").run(x.numpy())
+    want = [env[n] for n in int_tensor_names(sim)]
+    exact = [np.array_equal(a, b) for a, b in zip(_ort_ints(proto, x.numpy()), want)]
+    kernel = x86_int8_kernel()
+    if kernel == "other":
+        pytest.skip("not an x86 CPU with AVX2: ONNX Runtime's int8 kernels here are not measured")
+    if kernel == "vnni":
+        assert all(exact)
+    else:
+        assert not all(exact)  # the first conv already differs
+        assert all(np.array_equal(a, b) for a, b in zip(_ort_ints(proto, x.numpy(), True), want))
+
+
+_EMULATED = """
+import sys, llvmlite.binding as llvm, numpy as np, onnxruntime as ort
+folder = sys.argv[1]
+cpu = llvm.get_host_cpu_features()  # CPUID as the emulated CPU answers it (not importing torch is 20 s faster)
+out = {"cpu": np.array([cpu.get(f, False) for f in ("avx2", "avx512vnni", "avxvnni")])}
+x = np.load(folder + "/x.npy")
+for name in sys.argv[2:]:
+    for prec in (0, 1):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.log_severity_level = 3
+        if prec:
+            so.add_session_config_entry("session.x64quantprecision", "1")
+        sess = ort.InferenceSession(f"{folder}/{name}.onnx", so, providers=["CPUExecutionProvider"])
+        for i, o in enumerate(sess.run(None, {"input": x})):
+            out[f"{name}/{prec}/{i}"] = o
+np.savez(folder + "/out.npz", **out)
+"""
+
+
+@pytest.mark.parametrize("name", ["lenet5", "mobilenet"])
+def test_on_an_emulated_avx2_only_cpu(name, tmp_path):
+    """ONNX Runtime in an AMD EPYC (Zen 2: AVX2, no VNNI) emulated by QEMU, whatever the host: the
+    default ``ort-x86`` model and a ``reduce_range`` one equal the integer reference on every
+    element; a ``npu`` model differs there, and equals it in ONNX Runtime's precision mode."""
+    import shutil
+    import subprocess
+    import sys
+
+    from nnshrink.io.qdq import int_tensor_names, to_qdq_onnx
+
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-x86_64 is not installed (Debian's qemu-user; .ci/run installs it)")
+    want = {}
+    for cfg in ("ort-x86", "reduce_range", "npu"):
+        opts = {"reduce_range": True} if cfg == "reduce_range" else {"target": cfg}
+        _, sim, x = _quantized(name, n=4, **opts)
+        names = int_tensor_names(sim)
+        (tmp_path / f"{cfg}.onnx").write_bytes(to_qdq_onnx(sim, int_outputs=names).SerializeToString())
+        env = IntegerModel(sim, "float").run(x.numpy())
+        want[cfg] = [env[n] for n in names]
+    np.save(tmp_path / "x.npy", x.numpy())
+    run = subprocess.run([qemu, "-cpu", "EPYC-Rome", sys.executable, "-c", _EMULATED, str(tmp_path), *want],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = np.load(tmp_path / "out.npz")
+    assert got["cpu"].tolist() == [True, False, False]  # AVX2, neither VNNI
+
+    def exact(cfg, prec):
+        return all(np.array_equal(got[f"{cfg}/{prec}/{i}"].astype(np.int64) - 128, w) for i, w in enumerate(want[cfg]))
+
+    assert exact("ort-x86", 0) and exact("reduce_range", 0)
+    assert not exact("npu", 0) and exact("npu", 1)
+
+
 def test_integer_reference_is_close_to_the_simulation():
     _, sim, x = _quantized("resnet8")
     with torch.no_grad():

@@ -9,7 +9,11 @@ the layout is then exactly the one ONNX Runtime's QDQ fusions turn into integer 
   their input's scale (``DQ -> MaxPool -> Q`` with one scale, which ONNX Runtime runs on the
   integers);
 - weights are int8 initializers with per-channel scales (axis 0) behind a ``DequantizeLinear``;
-  biases are int32 at scale ``s_in * s_w`` (computed in float32, as the kernels recompute it);
+  for the ``ort-x86`` target, weights wider than 7 bits are uint8 (``q + 128``, zero point
+  ``+ 128``: the same integers), because ONNX Runtime's u8 x s8 kernels on x86 CPUs without VNNI
+  add two products into a saturating int16 and its u8 x u8 kernels do not (see
+  :func:`x86_int8_kernel`); biases are int32 at scale ``s_in * s_w`` (computed in float32, as
+  the kernels recompute it);
 - a fused ReLU/ReLU6 sits between the layer and its ``QuantizeLinear``; its output range makes
   it redundant, and ONNX Runtime removes it.
 
@@ -81,6 +85,18 @@ class _Writer:
     def _owner(self, tensor: str) -> str:
         return self.owner.get(tensor, tensor)
 
+    def unsigned_weights(self, wq) -> bool:
+        """Whether a layer's weights are written as uint8: for ONNX Runtime on x86, where its
+        u8 x s8 kernels would saturate (weights beyond +-64 against uint8 activations)."""
+        wide = wq.qmin < -64 or wq.qmax > 64
+        if not (wide and self.sim.target == "ort-x86"):
+            return False
+        if self.act_dtype != np.uint8:
+            raise ConfigError("the ort-x86 target writes 8-bit weights as uint8, which ONNX Runtime pairs only "
+                              "with uint8 activations; export with act_type='uint8', or quantize with "
+                              "target 'npu' or reduce_range")
+        return True
+
     # -- ops ------------------------------------------------------------------------------
     def layer(self, op) -> str:
         sim = self.sim
@@ -91,15 +107,19 @@ class _Writer:
             b = self.init(f"{op.name}.bias", _f32(layer.bias)) if layer.bias is not None else ""
         else:
             wq = sim.weight_quantizer(op.name)
-            q = wq.integers(layer.weight).numpy().astype(np.int8)
+            q = wq.integers(layer.weight).numpy()
             scale = _f32(wq.scale).reshape(-1)
-            zp = wq.zero_point.numpy().astype(np.int8).reshape(-1)
+            zp = wq.zero_point.numpy().astype(np.int32).reshape(-1)
+            if self.unsigned_weights(wq):
+                q, zp = (q + 128).astype(np.uint8), (zp + 128).astype(np.uint8)
+            else:
+                q, zp = q.astype(np.int8), zp.astype(np.int8)
             per_channel = scale.size > 1
             if not per_channel:
                 scale, zp = scale.reshape(()), zp.reshape(())
             qi = self.init(f"{op.name}.weight_quantized", q)
             si = self.init(f"{op.name}.weight_scale", scale)
-            zi = self.init(f"{op.name}.weight_zero_point", zp if per_channel else zp.reshape(()))
+            zi = self.init(f"{op.name}.weight_zero_point", zp)
             attrs = {"axis": 0} if per_channel else {}
             w = self.node("DequantizeLinear", [qi, si, zi], f"{op.name}.weight", **attrs)
             b = ""
@@ -217,6 +237,20 @@ def to_qdq_onnx(sim: nn.Module, int_outputs: list[str] | None = None, act_type: 
     if any(q.observing for q in sim.aq.values()):
         raise ConfigError("the model is still calibrating")
     return _Writer(sim, act_type).run(int_outputs)
+
+
+def x86_int8_kernel() -> str:
+    """Which int8 dot product ONNX Runtime's x86 kernels use on this CPU, from CPUID (through
+    LLVM, which numba brings): ``vnni`` (AVX512-VNNI or AVX-VNNI: u8 x s8 products summed into
+    int32, exact), ``avx2`` (VPMADDUBSW: each two u8 x s8 products summed into a saturating
+    int16 first, so full-range int8 weights can differ from exact arithmetic), or ``other``
+    (not an AVX2 x86 CPU; not measured here)."""
+    import llvmlite.binding as llvm
+
+    features = llvm.get_host_cpu_features()
+    if features.get("avx512vnni", False) or features.get("avxvnni", False):
+        return "vnni"
+    return "avx2" if features.get("avx2", False) else "other"
 
 
 def int_tensor_names(sim: nn.Module) -> list[str]:

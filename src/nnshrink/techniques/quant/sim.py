@@ -33,6 +33,13 @@ from nnshrink.graph.fx import shape_propagate, trace
 from nnshrink.graph.surgery import fold_batchnorms
 from nnshrink.techniques.quant.quantizers import ActQuantizer, WeightQuantizer
 
+# Where the integer graph runs, which decides how its weights are written (``Quantize.target``):
+# ``ort-x86``: ONNX Runtime on any x86 CPU. Its u8 x s8 kernels on CPUs without VNNI add two
+# products into a saturating int16 (VPMADDUBSW), so weights wider than 7 bits are written as
+# uint8 (zero point + 128: the same integers), which its u8 x u8 kernels sum exactly on every
+# CPU. ``npu``: integer NPUs and TFLite (Ethos-U, DRP-AI): int8 weights as they are.
+TARGETS = ("ort-x86", "npu")
+
 _RELU_FUNCS = {F.relu, torch.relu, torch.nn.functional.relu}
 _RELU6_FUNCS = {F.relu6}
 _ADD_FUNCS = {operator.add, torch.add, operator.iadd}
@@ -73,6 +80,7 @@ class QuantSim(nn.Module):
         wq: Weight quantizers by layer key.
         aq: Activation quantizers by tensor key (``input`` and every op with its own output).
         output: Name of the op whose output is the model's output.
+        target: Where the integer graph runs (one of ``TARGETS``): how its weights are written.
     """
 
     is_quant_sim = True
@@ -94,6 +102,7 @@ class QuantSim(nn.Module):
                 self.aq[_key(op.name)] = ActQuantizer(act_bits, act_symmetric, est)
         self.float_layers: set[str] = set()
         self.bias_quant = True
+        self.target = "ort-x86"  # one of TARGETS
         self._index = {op.name: op for op in ops}
 
     # -- naming ---------------------------------------------------------------------------

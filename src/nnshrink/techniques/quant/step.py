@@ -15,6 +15,7 @@ from nnshrink.plan.config import StepConfig, StepResult
 from nnshrink.techniques.quant.ptq import (adaround, bias_correction, build_sim, calibrate, calibration_batches,
                                            equalize, finish_qat, float_copy, init_weight_quantizers, prepare_qat)
 from nnshrink.techniques.quant.quantizers import ESTIMATORS
+from nnshrink.techniques.quant.sim import TARGETS
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,14 @@ class Quantize(StepConfig):
         lsq: Learn the quantizers' step sizes during QAT (else fixed, straight-through only).
         keep_float: Layers whose weights stay float (their inputs and outputs stay 8-bit).
         layer_bits: Per-layer weight bits overriding ``weight_bits``.
+        target: Where the integer model runs. ``ort-x86`` (default): ONNX Runtime on any x86
+            CPU, with the same integers on every one: 8-bit weights are written as uint8 (zero
+            point 128), which its u8 x u8 kernels sum exactly; its faster u8 x s8 kernels saturate
+            on CPUs without VNNI (see docs/ARCHITECTURE.md). ``npu``: integer NPUs and TFLite
+            (Ethos-U, DRP-AI): int8 weights; ONNX Runtime runs that file exactly only on CPUs
+            with VNNI, or with its session option ``session.x64quantprecision`` set to 1.
+        reduce_range: 7-bit weights (at most), as ONNX Runtime's ``reduce_range``: exact in its
+            u8 x s8 kernels on every x86 CPU (faster than u8 x u8), at one bit of weight precision.
     """
 
     kind = "quantize"
@@ -70,9 +79,13 @@ class Quantize(StepConfig):
     lsq: bool = True
     keep_float: tuple[str, ...] = ()
     layer_bits: dict = field(default_factory=dict)
+    target: str = "ort-x86"
+    reduce_range: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.target not in TARGETS:
+            raise ConfigError(f"quantize.target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if not 2 <= self.weight_bits <= 8:
             raise ConfigError(f"quantize.weight_bits must be from 2 to 8, got {self.weight_bits}")
         if self.act_bits not in (8, 16):
@@ -90,7 +103,7 @@ class Quantize(StepConfig):
                 raise ConfigError(f"quantize.layer_bits maps layer names to bits from 2 to 8, got {k!r}: {v!r}")
 
     def __hash__(self) -> int:
-        return hash((self.kind, self.weight_bits, self.act_bits, self.qat_steps))
+        return hash((self.kind, self.weight_bits, self.act_bits, self.qat_steps, self.target))
 
     @property
     def use_adaround(self) -> bool:
@@ -102,7 +115,7 @@ class Quantize(StepConfig):
         est = self.weight_estimator or ("mse" if self.weight_bits < 8 else "minmax")
         return build_sim(model, example_input, self.weight_bits, self.act_bits, self.per_channel,
                          self.weight_symmetric, self.act_symmetric, self.act_estimator, est,
-                         self.layer_bits, self.keep_float)
+                         self.layer_bits, self.keep_float, self.target, self.reduce_range)
 
     def _ptq(self, model: nn.Module, ctx, batches, cle: bool, bias_corr: bool, use_adaround: bool,
              show_progress: bool) -> tuple[nn.Module, dict]:
@@ -152,7 +165,8 @@ class Quantize(StepConfig):
 
     def apply(self, model: nn.Module, ctx, show_progress: bool = True) -> StepResult:
         t0 = time.perf_counter()
-        details: dict = {"weight_bits": self.weight_bits, "act_bits": self.act_bits}
+        details: dict = {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "target": self.target,
+                         "reduce_range": self.reduce_range}
         auto = self.cle is None or self.bias_correction is None
         batches = calibration_batches(ctx.calib, self.calib_samples + (_SELECT if auto else 0))
         if auto:  # hold out the last inputs to choose CLE / bias correction on
