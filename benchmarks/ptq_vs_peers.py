@@ -20,8 +20,8 @@ five calibration draws; both cut the noise of one-image differences). Printed pe
 - ours minus each peer's accuracy with a 95% paired bootstrap interval over the images (a gap
   whose interval holds 0 is not told apart from which images were held out);
 - each weight layout of the ``quantize`` step's ``target``, run by ONNX Runtime: ``ort-x86``
-  (the default: 8-bit weights as uint8, exact on every x86 CPU), ``reduce_range`` (7-bit int8
-  weights, also exact everywhere) and ``npu`` (full-range int8 weights: exact only where the CPU
+  (the default: 7-bit int8 weights, exact on every x86 CPU), ``ort-x86-u8`` (8-bit weights as
+  uint8, also exact everywhere) and ``npu`` (full-range int8 weights: exact only where the CPU
   has VNNI; ``benchmarks/x86_int8.py`` measures the CPUs without it);
 - PTQ wall time of each (one process, two threads), and ONNX Runtime latency of our int8 model
   against the float model (batch 1 and 64, ratio), and of each weight layout against the default.
@@ -234,8 +234,8 @@ def paired_interval(ours: list[np.ndarray], peer: list[np.ndarray], resamples: i
     return 100 * float(diff.mean()), 100 * float(np.quantile(means, 0.025)), 100 * float(np.quantile(means, 0.975))
 
 
-TARGETS = (("  target npu (int8 weights), in ORT", {"target": "npu"}),
-           ("  reduce_range (7-bit weights), in ORT", {"reduce_range": True}))
+TARGETS = (("  target ort-x86-u8 (uint8 weights), in ORT", {"target": "ort-x86-u8"}),
+           ("  target npu (int8 weights), in ORT", {"target": "npu"}))
 
 ABLATIONS = (("  per-channel, no CLE, no bias corr.", {"cle": False, "bias_correction": False}),
              ("  per-channel + CLE", {"cle": True, "bias_correction": False}),

@@ -4,9 +4,9 @@ Run: ``python benchmarks/x86_int8.py [--models lenet300,lenet5,resnet8,mobilenet
 Needs ``qemu-x86_64`` (Debian's ``qemu-user``) for the CPU without VNNI.
 
 Each trained zoo model is quantized (W8A8 PTQ, the default settings, 256 training images) for
-each weight layout of the ``quantize`` step: ``target: ort-x86`` (the default: 8-bit weights
-written as uint8, u8 x u8 kernels), ``reduce_range`` (7-bit int8 weights, u8 x s8 kernels) and
-``target: npu`` (full-range int8 weights, u8 x s8 kernels). Its QDQ model, with every integer
+each ``target`` of the ``quantize`` step: ``ort-x86`` (the default: 7-bit int8 weights, u8 x s8
+kernels), ``ort-x86-u8`` (8-bit weights written as uint8, u8 x u8 kernels) and ``npu``
+(full-range int8 weights, u8 x s8 kernels). Its QDQ model, with every integer
 tensor made an output, runs in ONNX Runtime twice on the same held-out digits: natively on this
 CPU, and on an AMD EPYC Zen 2 (AVX2, no VNNI) emulated by QEMU, which answers CPUID as that CPU
 does, so ONNX Runtime picks the kernels it would pick there. Printed per model and layout:
@@ -37,8 +37,8 @@ from nnshrink.io.qdq import int_tensor_names, to_qdq_onnx, x86_int8_kernel  # no
 from nnshrink.techniques import Quantize  # noqa: E402
 from nnshrink.techniques.quant.reference import IntegerModel  # noqa: E402
 
-LAYOUTS = {"ort-x86 (default, uint8 weights)": {}, "reduce_range (7-bit int8 weights)": {"reduce_range": True},
-           "npu (int8 weights)": {"target": "npu"}}
+LAYOUTS = {"ort-x86 (default, 7-bit int8 weights)": {}, "ort-x86-u8 (8-bit uint8 weights)": {"target": "ort-x86-u8"},
+           "npu (8-bit int8 weights)": {"target": "npu"}}
 
 _RUNNER = """
 import sys, numpy as np, onnxruntime as ort
@@ -108,7 +108,7 @@ def main() -> int:
             if qemu:
                 runs["avx2 emulated"] = _run(folder, list(files.values()), qemu)
             print(f"\n{name} ({args.images} test digits): integer tensors differing from the reference")
-            print(f"  {'layout':36s} {'CPU':14s} {'differ':>16s} {'max LSB':>8s}  {'first layer that differs':32s} {'ORT acc':>8s}")
+            print(f"  {'target':38s} {'CPU':14s} {'differ':>16s} {'max LSB':>8s}  {'first layer that differs':32s} {'ORT acc':>8s}")
             for label, (names, want, sim) in refs.items():
                 for cpu, out in runs.items():
                     got = [out[f"{files[label]}/{i}"].astype(np.int64) - 128 for i in range(len(names))]
@@ -120,7 +120,7 @@ def main() -> int:
                     t = refs[label][2].aq[refs[label][2].output.replace(".", "__")]
                     logits = (got[names.index(sim.output)] - int(t.zero_point)) * float(t.scale)
                     acc = float((logits.argmax(1) == y.numpy()).mean())
-                    print(f"  {label:36s} {cpu:14s} {f'{bad:,}/{total:,}':>16s} {lsb:8d}  {first:32s} {100 * acc:7.2f}%")
+                    print(f"  {label:38s} {cpu:14s} {f'{bad:,}/{total:,}':>16s} {lsb:8d}  {first:32s} {100 * acc:7.2f}%")
             if args.latency:
                 base = None
                 for label, (names, _, sim) in refs.items():
@@ -129,7 +129,7 @@ def main() -> int:
                         f.write(to_qdq_onnx(sim).SerializeToString())
                     lat = [_latency(path, x.numpy()[:b], r) for b, r in ((1, 300), (64, 30))]
                     base = base or lat
-                    print(f"  latency {label:36s} batch 1 {1e3 * lat[0]:.3f} ms ({lat[0] / base[0]:.2f}x), "
+                    print(f"  latency {label:38s} batch 1 {1e3 * lat[0]:.3f} ms ({lat[0] / base[0]:.2f}x), "
                           f"batch 64 {1e3 * lat[1]:.3f} ms ({lat[1] / base[1]:.2f}x)")
     return 0
 

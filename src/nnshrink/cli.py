@@ -231,6 +231,8 @@ def quant_sensitivity(model: Annotated[str, typer.Argument(help="Zoo name or mod
                       data: DataOpt = "mnist",
                       weight_bits: Annotated[int, typer.Option(help="Weight bits (2-8).")] = 8,
                       act_bits: Annotated[int, typer.Option(help="Activation bits (8 or 16).")] = 8,
+                      target: Annotated[str, typer.Option(
+                          help="ort-x86 (7-bit weight grid), ort-x86-u8 or npu: the quantize step's target.")] = "ort-x86",
                       plot: Annotated[Path | None, typer.Option(help="Bar chart (PNG) to write.")] = None,
                       json_out: Annotated[Path | None, typer.Option("--json", help="Table as JSON.")] = None,
                       seed: int = 0) -> None:
@@ -251,7 +253,7 @@ def quant_sensitivity(model: Annotated[str, typer.Argument(help="Zoo name or mod
     x = torch.zeros((2, *dataset.input_shape))
     evaluate = zoo.make_evaluator(dataset, "val")
     ctx = Context(x, None, None, dataset.loader("train", batch_size=64, shuffle=True, seed=seed))
-    sim = Quantize(weight_bits=weight_bits, act_bits=act_bits, adaround=False).apply(m, ctx).model
+    sim = Quantize(weight_bits=weight_bits, act_bits=act_bits, adaround=False, target=target).apply(m, ctx).model
     sens = measure(sim, evaluate, dataset.tensors("val", 256)[0])
     doc = sens.to_dict()
     table = Table(title=f"{model}: W{weight_bits}A{act_bits}, float {sens.float_accuracy:.2%}, "

@@ -204,19 +204,22 @@ def test_weights_are_written_for_the_target():
         inits = {i.name: numpy_helper.to_array(i) for i in to_qdq_onnx(sim).graph.initializer}
         return sim, {k: str(v.dtype) for k, v in inits.items() if k.endswith("weight_quantized")}, inits
 
-    sim, got, inits = dtypes()  # default ort-x86: 8-bit weights as uint8, zero point 128
-    assert sim.target == "ort-x86" and set(got.values()) == {"uint8"}
-    assert set(inits["conv1.weight_zero_point"].tolist()) == {128}
+    sim, got, inits = dtypes()  # default ort-x86: 7-bit int8 weights, exact in u8 x s8 kernels
+    assert sim.target == "ort-x86" and set(got.values()) == {"int8"}
+    assert max(int(np.abs(inits[k]).max()) for k in got) == 63
+    sim, got, inits = dtypes(target="ort-x86-u8")  # 8-bit weights as uint8, zero point 128
+    assert set(got.values()) == {"uint8"} and set(inits["conv1.weight_zero_point"].tolist()) == {128}
     ints = sim.weight_quantizer("conv1").integers(sim.layer("conv1").weight).numpy()
+    assert np.abs(ints).max() == 127
     np.testing.assert_array_equal(inits["conv1.weight_quantized"].astype(np.int64) - 128, ints)
-    assert set(dtypes(target="npu")[1].values()) == {"int8"}
-    sim, got, inits = dtypes(reduce_range=True)  # 7 bits: u8 x s8 is exact, int8 is kept
-    assert set(got.values()) == {"int8"} and max(np.abs(inits[k]).max() for k in got) <= 63
-    assert set(dtypes(weight_bits=4, adaround=False)[1].values()) == {"int8"}
+    _, got, inits = dtypes(target="npu")
+    assert set(got.values()) == {"int8"} and max(int(np.abs(inits[k]).max()) for k in got) == 127
+    # below 8 bits u8 x s8 is exact anyway: int8 on every target
+    assert set(dtypes(weight_bits=4, adaround=False, target="ort-x86-u8")[1].values()) == {"int8"}
     with pytest.raises(ConfigError, match="target"):
         Quantize(target="gpu")
     with pytest.raises(ConfigError, match="act_type='uint8'"):
-        to_qdq_onnx(_quantized("lenet5", n=8)[1], act_type="int8")
+        to_qdq_onnx(_quantized("lenet5", n=8, target="ort-x86-u8")[1], act_type="int8")
 
 
 def test_int8_weights_in_onnx_runtime_on_this_cpu_behave_as_documented():
@@ -263,8 +266,8 @@ np.savez(folder + "/out.npz", **out)
 @pytest.mark.parametrize("name", ["lenet5", "mobilenet"])
 def test_on_an_emulated_avx2_only_cpu(name, tmp_path):
     """ONNX Runtime in an AMD EPYC (Zen 2: AVX2, no VNNI) emulated by QEMU, whatever the host: the
-    default ``ort-x86`` model and a ``reduce_range`` one equal the integer reference on every
-    element; a ``npu`` model differs there, and equals it in ONNX Runtime's precision mode."""
+    ``ort-x86`` (default) and ``ort-x86-u8`` models equal the integer reference on every element;
+    a ``npu`` model differs there, and equals it in ONNX Runtime's precision mode."""
     import shutil
     import subprocess
     import sys
@@ -275,9 +278,8 @@ def test_on_an_emulated_avx2_only_cpu(name, tmp_path):
     if qemu is None:
         pytest.skip("qemu-x86_64 is not installed (Debian's qemu-user; .ci/run installs it)")
     want = {}
-    for cfg in ("ort-x86", "reduce_range", "npu"):
-        opts = {"reduce_range": True} if cfg == "reduce_range" else {"target": cfg}
-        _, sim, x = _quantized(name, n=4, **opts)
+    for cfg in ("ort-x86", "ort-x86-u8", "npu"):
+        _, sim, x = _quantized(name, n=4, target=cfg)
         names = int_tensor_names(sim)
         (tmp_path / f"{cfg}.onnx").write_bytes(to_qdq_onnx(sim, int_outputs=names).SerializeToString())
         env = IntegerModel(sim, "float").run(x.numpy())
@@ -292,7 +294,7 @@ def test_on_an_emulated_avx2_only_cpu(name, tmp_path):
     def exact(cfg, prec):
         return all(np.array_equal(got[f"{cfg}/{prec}/{i}"].astype(np.int64) - 128, w) for i, w in enumerate(want[cfg]))
 
-    assert exact("ort-x86", 0) and exact("reduce_range", 0)
+    assert exact("ort-x86", 0) and exact("ort-x86-u8", 0)
     assert not exact("npu", 0) and exact("npu", 1)
 
 

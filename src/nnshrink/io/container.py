@@ -146,7 +146,7 @@ def save(model: nn.Module, path: str | Path, example_input: torch.Tensor | None 
                                 "stream": put(stream), side_key: put(side_bytes)}
             reports.append(_stream_report(init.name, kind, ints, stream, len(side_bytes)))
         elif array.dtype in _CODED and array.size >= _CODED_MIN:
-            # integer tensors of a QDQ graph (int8 weights): entropy-coded as they are
+            # integer tensors of a QDQ graph (int8 or uint8 weights): entropy-coded as they are
             stream = encode(array, codec)
             index[init.name] = {"kind": "int", "shape": list(array.shape), "dtype": str(array.dtype),
                                 "stream": put(stream)}

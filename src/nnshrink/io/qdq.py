@@ -9,7 +9,7 @@ the layout is then exactly the one ONNX Runtime's QDQ fusions turn into integer 
   their input's scale (``DQ -> MaxPool -> Q`` with one scale, which ONNX Runtime runs on the
   integers);
 - weights are int8 initializers with per-channel scales (axis 0) behind a ``DequantizeLinear``;
-  for the ``ort-x86`` target, weights wider than 7 bits are uint8 (``q + 128``, zero point
+  for the ``ort-x86-u8`` target, weights wider than 7 bits are uint8 (``q + 128``, zero point
   ``+ 128``: the same integers), because ONNX Runtime's u8 x s8 kernels on x86 CPUs without VNNI
   add two products into a saturating int16 and its u8 x u8 kernels do not (see
   :func:`x86_int8_kernel`); biases are int32 at scale ``s_in * s_w`` (computed in float32, as
@@ -89,12 +89,12 @@ class _Writer:
         """Whether a layer's weights are written as uint8: for ONNX Runtime on x86, where its
         u8 x s8 kernels would saturate (weights beyond +-64 against uint8 activations)."""
         wide = wq.qmin < -64 or wq.qmax > 64
-        if not (wide and self.sim.target == "ort-x86"):
+        if not (wide and self.sim.target == "ort-x86-u8"):
             return False
         if self.act_dtype != np.uint8:
-            raise ConfigError("the ort-x86 target writes 8-bit weights as uint8, which ONNX Runtime pairs only "
+            raise ConfigError("the ort-x86-u8 target writes 8-bit weights as uint8, which ONNX Runtime pairs only "
                               "with uint8 activations; export with act_type='uint8', or quantize with "
-                              "target 'npu' or reduce_range")
+                              "target 'ort-x86' or 'npu'")
         return True
 
     # -- ops ------------------------------------------------------------------------------

@@ -27,18 +27,18 @@ from torch import nn
 from nnshrink.errors import ConfigError
 from nnshrink.progress import progress_bar
 from nnshrink.techniques.quant.quantizers import WeightQuantizer
-from nnshrink.techniques.quant.sim import TARGETS, Op, QuantSim, _key, lower
+from nnshrink.techniques.quant.sim import TARGETS, X86_WEIGHT_BITS, Op, QuantSim, _key, lower
 
 
 def build_sim(model: nn.Module, example_input: torch.Tensor, weight_bits: int = 8, act_bits: int = 8,
               per_channel: bool = True, weight_symmetric: bool = True, act_symmetric: bool = False,
               act_estimator: str = "mse", weight_estimator: str = "minmax",
               layer_bits: dict[str, int] | None = None, keep_float: Iterable[str] = (),
-              target: str = "ort-x86", reduce_range: bool = False) -> QuantSim:
+              target: str = "ort-x86") -> QuantSim:
     """Lower ``model`` to a :class:`QuantSim` with uncalibrated quantizers (float weights kept).
 
-    ``target`` and ``reduce_range`` are the :class:`~nnshrink.techniques.quant.step.Quantize`
-    options of the same names: ``reduce_range`` caps every layer's weights at 7 bits."""
+    ``target`` is :class:`~nnshrink.techniques.quant.step.Quantize`'s: ``ort-x86`` caps every
+    layer's weights at 7 bits."""
     if target not in TARGETS:
         raise ConfigError(f"quantize target must be one of {', '.join(TARGETS)}, got {target!r}")
     ops, layers, output = lower(model, example_input)
@@ -53,7 +53,7 @@ def build_sim(model: nn.Module, example_input: torch.Tensor, weight_bits: int = 
                           f"layers: {', '.join(sorted(names))}")
     for op in sim.layer_ops():
         bits = int(layer_bits.get(op.name, weight_bits))
-        bits = min(bits, 7) if reduce_range else bits
+        bits = min(bits, X86_WEIGHT_BITS) if target == "ort-x86" else bits
         sim.wq[_key(op.name)] = WeightQuantizer(bits, weight_symmetric, per_channel, weight_estimator)
     sim.float_layers = set(keep_float)
     return sim

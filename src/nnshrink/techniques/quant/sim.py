@@ -33,12 +33,15 @@ from nnshrink.graph.fx import shape_propagate, trace
 from nnshrink.graph.surgery import fold_batchnorms
 from nnshrink.techniques.quant.quantizers import ActQuantizer, WeightQuantizer
 
-# Where the integer graph runs, which decides how its weights are written (``Quantize.target``):
-# ``ort-x86``: ONNX Runtime on any x86 CPU. Its u8 x s8 kernels on CPUs without VNNI add two
-# products into a saturating int16 (VPMADDUBSW), so weights wider than 7 bits are written as
-# uint8 (zero point + 128: the same integers), which its u8 x u8 kernels sum exactly on every
-# CPU. ``npu``: integer NPUs and TFLite (Ethos-U, DRP-AI): int8 weights as they are.
-TARGETS = ("ort-x86", "npu")
+# Where the integer graph runs, which decides its weight grid and how weights are written
+# (``Quantize.target``). ONNX Runtime's u8 x s8 kernels on x86 CPUs without VNNI add each two
+# products into a saturating int16 (VPMADDUBSW), which weights within +-64 never reach:
+# ``ort-x86``: weights capped at 7 bits, int8 (u8 x s8 kernels, exact on every x86 CPU);
+# ``ort-x86-u8``: 8-bit weights written as uint8 (zero point + 128: the same integers), which the
+# u8 x u8 kernels sum exactly on every CPU, 1.4-3.6x slower (measured, docs/ARCHITECTURE.md);
+# ``npu``: integer NPUs and TFLite (Ethos-U, DRP-AI): full-range int8 weights.
+TARGETS = ("ort-x86", "ort-x86-u8", "npu")
+X86_WEIGHT_BITS = 7  # the widest weight grid ONNX Runtime's u8 x s8 x86 kernels sum exactly
 
 _RELU_FUNCS = {F.relu, torch.relu, torch.nn.functional.relu}
 _RELU6_FUNCS = {F.relu6}

@@ -51,14 +51,14 @@ class Quantize(StepConfig):
         lsq: Learn the quantizers' step sizes during QAT (else fixed, straight-through only).
         keep_float: Layers whose weights stay float (their inputs and outputs stay 8-bit).
         layer_bits: Per-layer weight bits overriding ``weight_bits``.
-        target: Where the integer model runs. ``ort-x86`` (default): ONNX Runtime on any x86
-            CPU, with the same integers on every one: 8-bit weights are written as uint8 (zero
-            point 128), which its u8 x u8 kernels sum exactly; its faster u8 x s8 kernels saturate
-            on CPUs without VNNI (see docs/ARCHITECTURE.md). ``npu``: integer NPUs and TFLite
-            (Ethos-U, DRP-AI): int8 weights; ONNX Runtime runs that file exactly only on CPUs
-            with VNNI, or with its session option ``session.x64quantprecision`` set to 1.
-        reduce_range: 7-bit weights (at most), as ONNX Runtime's ``reduce_range``: exact in its
-            u8 x s8 kernels on every x86 CPU (faster than u8 x u8), at one bit of weight precision.
+        target: Where the integer model runs. ONNX Runtime's fast u8 x s8 kernels saturate on
+            x86 CPUs without VNNI when weights exceed +-64 (see docs/ARCHITECTURE.md), so:
+            ``ort-x86`` (default): ONNX Runtime on any x86 CPU, the same integers on every one,
+            with weights of at most 7 bits (as its ``reduce_range``) in its fast kernels;
+            ``ort-x86-u8``: the same with full 8-bit weights, written as uint8 (zero point 128)
+            for its exact but slower u8 x u8 kernels; ``npu``: integer NPUs and TFLite
+            (Ethos-U, DRP-AI): full-range int8 weights, which ONNX Runtime runs exactly only on
+            CPUs with VNNI or with its session option ``session.x64quantprecision`` set to 1.
     """
 
     kind = "quantize"
@@ -80,7 +80,6 @@ class Quantize(StepConfig):
     keep_float: tuple[str, ...] = ()
     layer_bits: dict = field(default_factory=dict)
     target: str = "ort-x86"
-    reduce_range: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,7 +114,7 @@ class Quantize(StepConfig):
         est = self.weight_estimator or ("mse" if self.weight_bits < 8 else "minmax")
         return build_sim(model, example_input, self.weight_bits, self.act_bits, self.per_channel,
                          self.weight_symmetric, self.act_symmetric, self.act_estimator, est,
-                         self.layer_bits, self.keep_float, self.target, self.reduce_range)
+                         self.layer_bits, self.keep_float, self.target)
 
     def _ptq(self, model: nn.Module, ctx, batches, cle: bool, bias_corr: bool, use_adaround: bool,
              show_progress: bool) -> tuple[nn.Module, dict]:
@@ -165,8 +164,7 @@ class Quantize(StepConfig):
 
     def apply(self, model: nn.Module, ctx, show_progress: bool = True) -> StepResult:
         t0 = time.perf_counter()
-        details: dict = {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "target": self.target,
-                         "reduce_range": self.reduce_range}
+        details: dict = {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "target": self.target}
         auto = self.cle is None or self.bias_correction is None
         batches = calibration_batches(ctx.calib, self.calib_samples + (_SELECT if auto else 0))
         if auto:  # hold out the last inputs to choose CLE / bias correction on
