@@ -176,3 +176,41 @@ def _plan(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("version: 1\nsteps:\n  - shrink: {}\n")
     return p
+
+
+def _console(*argv, env=None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import sys; from nnshrink.entry import main; sys.exit(main())",
+                             *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def test_version_and_help_answer_without_importing_torch(capsys):
+    import subprocess
+    import sys
+
+    from nnshrink import __version__
+
+    code, out, _ = _run(capsys, "--version")
+    assert code == 0 and out.strip() == f"nnshrink {__version__}"
+    probe = ("import sys; from nnshrink.cli import main; code = main(['compress', '--help']); "
+             "print(code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split()[-2:] == ["0", "False"], done.stderr
+    assert "--plan" in done.stdout
+
+
+@pytest.mark.parametrize("after", [0.2, 6.0], ids=["while-starting", "while-training"])
+def test_ctrl_c_exits_130_with_one_line(tmp_path, after):
+    import signal
+    import time
+
+    proc = _console("train", "lenet5", "--retrain", env={"NNSHRINK_CACHE_DIR": str(tmp_path)})
+    time.sleep(after)  # whenever it lands, the answer is the same
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted"

@@ -4,9 +4,15 @@
 >>> model = ns.zoo.build("lenet5")
 >>> ns.analyze(model, ns.zoo.example_input(model)).total_macs
 2293000
+
+The names below are imported on first use (PEP 562), so ``import nnshrink`` and the command
+line's ``--help`` and ``--version`` do not load torch.
 """
 
-from nnshrink import data, zoo
+from __future__ import annotations
+
+import importlib
+
 from nnshrink.errors import (
     ConfigError,
     CorruptDataError,
@@ -18,12 +24,18 @@ from nnshrink.errors import (
     UnsupportedModelError,
     UnsupportedOpError,
 )
-from nnshrink.graph import analyze, build_dependency_graph, fold_batchnorms, replace_module
-from nnshrink.io import export_onnx, load, load_model, save
-from nnshrink.plan import FineTune, FoldBatchNorm, Plan, compress
-from nnshrink.techniques import Pruner, QuantizeWeights, ShareWeights, Sparsify
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "data": "nnshrink.data", "zoo": "nnshrink.zoo",
+    "analyze": "nnshrink.graph", "build_dependency_graph": "nnshrink.graph", "fold_batchnorms": "nnshrink.graph",
+    "replace_module": "nnshrink.graph",
+    "export_onnx": "nnshrink.io", "load": "nnshrink.io", "load_model": "nnshrink.io", "save": "nnshrink.io",
+    "FineTune": "nnshrink.plan", "FoldBatchNorm": "nnshrink.plan", "Plan": "nnshrink.plan", "compress": "nnshrink.plan",
+    "Pruner": "nnshrink.techniques", "QuantizeWeights": "nnshrink.techniques", "ShareWeights": "nnshrink.techniques",
+    "Sparsify": "nnshrink.techniques",
+}
 
 __all__ = [
     "ConfigError", "CorruptDataError", "DataError", "FineTune", "FoldBatchNorm", "FormatError",
@@ -32,3 +44,17 @@ __all__ = [
     "Pruner", "QuantizeWeights", "ShareWeights", "Sparsify", "fold_batchnorms", "load", "load_model",
     "replace_module", "save", "zoo",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nnshrink' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    value = mod if module.endswith("." + name) else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

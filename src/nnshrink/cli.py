@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.console import Console
 
@@ -28,15 +27,20 @@ out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
 def _errors(fn):
-    """Turn errors a user can cause into one line on stderr and exit status 2."""
+    """Turn errors a user can cause into one line on stderr and exit status 2 (Ctrl-C: 130)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            import torch  # here, not at the top: --help and --version answer without it
+
+            torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
             return fn(*args, **kwargs)
         except (NnshrinkError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
             err.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None  # main() says so, for every Ctrl-C
 
     return wrapper
 
@@ -57,7 +61,9 @@ def _resolve(spec: str, data: str, show_progress: bool = True):
     return load_model(path)
 
 
-def _input_for(model, dataset_shape, input_shape: str | None) -> torch.Tensor:
+def _input_for(model, dataset_shape, input_shape: str | None):
+    import torch
+
     if input_shape:
         try:
             dims = tuple(int(d) for d in input_shape.split(","))
@@ -199,6 +205,8 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
     dataset = load_dataset(data)
     m = _resolve(model, data)
     _check_fits(m, dataset)
+    import torch
+
     x = torch.zeros((1, *dataset.input_shape))
     before_info = run_analysis(m, x)
     before = summary(before_info, zoo.accuracy(m, dataset, "test"), before_info.total_bytes)
@@ -250,6 +258,8 @@ def quant_sensitivity(model: Annotated[str, typer.Argument(help="Zoo name or mod
     dataset = load_dataset(data)
     m = _resolve(model, data)
     _check_fits(m, dataset)
+    import torch
+
     x = torch.zeros((2, *dataset.input_shape))
     evaluate = zoo.make_evaluator(dataset, "val")
     ctx = Context(x, None, None, dataset.loader("train", batch_size=64, shuffle=True, seed=seed))
@@ -305,6 +315,8 @@ def demo(data: DataOpt = "mnist",
     from nnshrink.plan import Plan, compress as run_plan
     from nnshrink.report import print_analysis, streams_table
     from nnshrink.techniques import QuantizeWeights
+
+    import torch
 
     dataset = load_dataset(data)
     out.rule("nnshrink demo: LeNet-5 (Caffe) on bundled MNIST")
@@ -436,14 +448,33 @@ def _demo_deep_compression(model, dataset, x, f32: int, acc: float, plot: Path) 
     out.print(f"plot: {plot} ({time.perf_counter() - start:.0f} s)")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from nnshrink import __version__
+
+        out.print(f"nnshrink {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                     help="Print the version and exit.")] = False) -> None:
+    """Make trained networks small and fast for edge accelerators, and prove it."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 for a usage error or an error of ours)."""
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    """Entry point; returns the exit status (2 for a usage error or an error of ours, 130 when
+    interrupted). torch is imported by the commands that need it, not for ``--help``."""
     try:
         app(args=argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return 0
+        code = 0
+    except SystemExit as exc:  # typer also turns a Ctrl-C outside our commands into exit 130
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        code = 130
+    if code == 130:
+        err.print("interrupted", style="red", highlight=False)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover
