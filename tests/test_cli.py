@@ -84,6 +84,9 @@ def test_int8_ptq_plan_gives_a_qdq_model_onnx_runtime_runs_as_accurate(capsys, t
                         "--out", str(out_file), "--report", str(report))
     assert code == 0, err
     doc = json.loads(report.read_text())
+    import hashlib
+
+    assert doc["container_sha256"] == hashlib.sha256(out_file.read_bytes()).hexdigest()
     assert doc["after"]["accuracy"] >= doc["before"]["accuracy"] - 0.003
     assert doc["sizes"]["container"] < doc["sizes"]["int8"]
     conv2 = next(r for r in doc["layers"] if r["name"] == "conv2")["after"]["storage"]
@@ -156,7 +159,28 @@ def test_compress_never_overwrites_its_input(capsys, tmp_path):
     before = path.read_bytes()
     line = _one_line_error(capsys, "compress", str(path), "--plan", str(PLANS / "fold-bn.yaml"),
                            "--out", str(path), "--report", str(tmp_path / "r.json"))
-    assert "is the input model" in line and path.read_bytes() == before
+    assert "--out" in line and "is an input" in line and path.read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["same-file", "folder", "no-folder", "plan"])
+def test_compress_checks_every_output_before_any_work(capsys, tmp_path, case):
+    plan = tmp_path / "p.yaml"
+    plan.write_text((PLANS / "fold-bn.yaml").read_text())
+    out, report = tmp_path / "o.nsz", tmp_path / "r.json"
+    if case == "same-file":
+        report = out
+    elif case == "folder":
+        report = tmp_path
+    elif case == "no-folder":
+        report = tmp_path / "missing" / "r.json"
+    else:
+        report = plan
+    want = {"same-file": "are the same file", "folder": "is a folder", "no-folder": "does not exist",
+            "plan": "is an input"}[case]
+    line = _one_line_error(capsys, "compress", "lenet300", "--plan", str(plan), "--out", str(out),
+                           "--report", str(report))
+    assert want in line
+    assert not out.exists() and plan.read_text() == (PLANS / "fold-bn.yaml").read_text()
 
 
 def test_unsupported_onnx_op_is_one_line(capsys, tmp_path):
@@ -214,3 +238,12 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, after):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted"
+
+
+def test_a_plan_that_shrinks_nothing_says_so(capsys, tmp_path):
+    plan = tmp_path / "empty.yaml"
+    plan.write_text("version: 1\nsteps: []\n")
+    code, out, err = _run(capsys, "compress", "lenet300", "--plan", str(plan), "--out", str(tmp_path / "o.nsz"),
+                          "--report", str(tmp_path / "r.json"))
+    assert code == 0, err
+    assert "not smaller" in out and "x smaller" not in out

@@ -168,19 +168,41 @@ def export(model: Annotated[str, typer.Argument(help="Zoo name or model file.")]
     from nnshrink.data import load_dataset
     from nnshrink.io import export_onnx
 
+    _check_outputs([model], out=out_path)
     m = _resolve(model, data)
-    _refuse_overwrite_input(model, out_path)
     example = _input_for(m, load_dataset(data).input_shape, None)
     with spinner(f"exporting {out_path.name}"):
         export_onnx(m, out_path, example.repeat(2, *([1] * (example.dim() - 1))))
     out.print(f"wrote {out_path} ({out_path.stat().st_size:,} bytes)")
 
 
-def _refuse_overwrite_input(model: str, *paths: Path) -> None:
-    src = Path(model)
-    for p in paths:
-        if src.exists() and p.exists() and src.resolve() == p.resolve():
-            raise ConfigError(f"{p} is the input model; choose another output path")
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_outputs(inputs: list[str | Path], **outputs: Path | None) -> None:
+    """Before any work: every output can be written, none is an input, no two are the same file.
+
+    ``outputs`` maps option names (``out``, ``report``, ...) to paths (None: not asked for)."""
+    given = {f"--{k.replace('_', '-')}": Path(v) for k, v in outputs.items() if v is not None}
+    sources = {Path(i).resolve(): str(i) for i in inputs if i is not None and Path(i).exists()}
+    seen: dict[Path, str] = {}
+    for opt, path in given.items():
+        full = path.resolve()
+        if full in sources:
+            raise ConfigError(f"{opt} {path} is an input ({sources[full]}); choose another output path")
+        if full in seen:
+            raise ConfigError(f"{seen[full]} and {opt} are the same file ({path}); choose two paths")
+        seen[full] = opt
+        if path.is_dir():
+            raise ConfigError(f"{opt} {path} is a folder; give a file name")
+        folder = full.parent
+        if not folder.is_dir():
+            raise ConfigError(f"{opt} {path}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise ConfigError(f"{opt} {path} cannot be written (no write permission or a read-only file system)")
 
 
 @app.command()
@@ -198,8 +220,8 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
     from nnshrink.plan import Plan, compress as run_plan
     from nnshrink.report import compress_report, layer_rows, summary, write_json
 
+    _check_outputs([model, plan, data], out=out_path, report=report)
     the_plan = Plan.from_yaml(plan)
-    _refuse_overwrite_input(model, out_path, report)
     if out_path.suffix.lower() != ".nsz":
         raise ConfigError(f"--out must be an .nsz container, got {out_path.name} (use 'nnshrink export' for ONNX)")
     dataset = load_dataset(data)
@@ -216,20 +238,28 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
     # the report is measured from the file written, read back from disk, never from memory
     with spinner(f"writing {out_path.name}"):
         save(result.model, out_path, x.repeat(2, *([1] * (x.dim() - 1))))
+        digest = _sha256(out_path)
         written = load(out_path)
         streams = describe(out_path)
     after_info = run_analysis(written, x)
     after = summary(after_info, zoo.accuracy(written, dataset, "test"), out_path.stat().st_size)
+    if _sha256(out_path) != digest:  # another run wrote the same --out meanwhile
+        raise ConfigError(f"{out_path} changed while this run measured it (another run writing the same --out?); "
+                          "the report was not written")
     steps = [{"step": r.step, "details": r.details, "skipped": r.skipped} for r in result.steps]
     doc = compress_report(model, the_plan.to_dict(), dataset.name, before, after,
                           layer_rows(before_info, after_info, streams), steps, str(out_path), "nsz",
                           streams)
+    doc["container_sha256"] = digest
     write_json(report, doc)
     sizes = doc["sizes"]
     out.print(f"{model}: accuracy {before['accuracy']:.2%} -> {after['accuracy']:.2%}, "
               f"MACs {before['macs']:,} -> {after['macs']:,}")
+    ratio = sizes["float32"] / sizes["container"]
+    than = f"{ratio:.1f}x smaller than float32" if ratio >= 1.05 else \
+        f"{sizes['container'] / sizes['float32']:.3f}x the float32 bytes: not smaller"
     out.print(f"size: float32 {sizes['float32']:,} B, int8 {sizes['int8']:,} B, container {sizes['container']:,} B "
-              f"({sizes['float32'] / sizes['container']:.1f}x smaller than float32)")
+              f"({than})")
     out.print(f"wrote {out_path} and {report}")
 
 
@@ -255,6 +285,7 @@ def quant_sensitivity(model: Annotated[str, typer.Argument(help="Zoo name or mod
     from nnshrink.techniques import Quantize
     from nnshrink.techniques.quant.sensitivity import quant_sensitivity as measure
 
+    _check_outputs([model, data], json=json_out, plot=plot)
     dataset = load_dataset(data)
     m = _resolve(model, data)
     _check_fits(m, dataset)
@@ -293,7 +324,7 @@ def decode(container: Annotated[Path, typer.Argument(help="An .nsz container.")]
     from nnshrink.cache import atomic_write_bytes
     from nnshrink.io import read_onnx_from_container
 
-    _refuse_overwrite_input(str(container), onnx_out)
+    _check_outputs([container], onnx=onnx_out)
     proto = read_onnx_from_container(container)
     atomic_write_bytes(onnx_out, proto.SerializeToString())
     out.print(f"wrote {onnx_out} ({onnx_out.stat().st_size:,} bytes) from {container} "
@@ -318,6 +349,7 @@ def demo(data: DataOpt = "mnist",
 
     import torch
 
+    _check_outputs([data], plot=None if quick else plot)
     dataset = load_dataset(data)
     out.rule("nnshrink demo: LeNet-5 (Caffe) on bundled MNIST")
     out.print(f"data: {dataset.name}, {len(dataset.arrays('train')[1])} train / "
