@@ -97,7 +97,28 @@ def compress(model: nn.Module, plan: Plan, example_input: torch.Tensor,
              evaluate: Callable[[nn.Module], float] | None = None,
              train: Callable[[nn.Module, int], nn.Module] | None = None,
              calib: object | None = None) -> CompressResult:
-    """Run ``plan`` on a copy of ``model``; the input model is never changed."""
+    """Run ``plan`` on a copy of ``model``; the input model is never changed.
+
+    Args:
+        model: A torch module, or a model imported by :func:`nnshrink.load_model`.
+        plan: The steps, in order (``Plan([...])`` or ``Plan.from_yaml(path)``).
+        example_input: One input the model accepts, batch first; its shape is recorded on the
+            result (``input_shape``) where the model had no fixed one, so ``ns.save`` and
+            ``ns.export_onnx`` need no second example.
+        evaluate: ``evaluate(model) -> float``, higher is better, on validation data: steps that
+            choose between candidates score them with it.
+        train: ``train(model, steps) -> model``, for steps that fine-tune or retrain.
+        calib: Batches of inputs (or ``(input, label)`` pairs) for calibration and for the
+            activations that sensitivity curves and reconstruction sample.
+
+    Returns:
+        The compressed model (``.model``) and each step's result (``.steps``: details and the
+        layers it left alone, with the reason).
+
+    Raises:
+        ConfigError: A step needs something that was not given (``calib``, ``train``), or a
+            setting does not fit the model.
+    """
     current = copy.deepcopy(model).eval()
     ctx = Context(example_input, evaluate, train, calib, copy.deepcopy(current))
     results = []
@@ -105,6 +126,9 @@ def compress(model: nn.Module, plan: Plan, example_input: torch.Tensor,
         result = step.apply(current, ctx)
         current = result.model
         results.append(result)
+    shape = getattr(current, "input_shape", None)
+    if not shape or not all(isinstance(d, int) for d in shape):
+        current.input_shape = tuple(example_input.shape[1:])
     return CompressResult(current.eval(), results)
 
 

@@ -1,0 +1,127 @@
+"""Every Python block of the README runs as written, in order, in one namespace (as a reader
+pastes them), and every example plan does what its comment says on a zoo model."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch, lenet5_trained):
+    import nnshrink as ns
+
+    assert len(BLOCKS) >= 4
+    monkeypatch.chdir(tmp_path)
+    ns.export_onnx(ns.zoo.build("lenet5").eval(), tmp_path / "model.onnx")  # "your" model file
+    namespace: dict = {}
+    for i, block in enumerate(BLOCKS):
+        try:
+            exec(compile(block, f"README.md python block {i}", "exec"), namespace)
+        except Exception as exc:  # noqa: BLE001 - name the block that fails
+            pytest.fail(f"README python block {i} fails: {type(exc).__name__}: {exc}")
+    assert (tmp_path / "small.nsz").is_file() and (tmp_path / "q.nsz").is_file()
+
+
+PLANS = ROOT / "examples" / "plans"
+
+
+def _distinct_per_row(w):
+    return max(len(set(row.tolist())) for row in w.detach().reshape(w.shape[0], -1))
+
+
+def _run_plan(name, model, data, **kw):
+    import torch
+
+    import nnshrink as ns
+
+    x = torch.zeros((2, *data.input_shape))
+    plan = ns.Plan.from_yaml(PLANS / name)
+    return ns.compress(model, plan, x, evaluate=ns.zoo.make_evaluator(data, "val"),
+                       train=ns.zoo.make_trainer(data, show_progress=False),
+                       calib=data.loader("train", batch_size=64, shuffle=True), **kw)
+
+
+def test_every_example_plan_is_checked_below():
+    assert {p.name for p in PLANS.glob("*.yaml")} == set(_CHECKS)
+
+
+def _fold_bn(result, model, data):
+    import torch
+    from torch import nn
+
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
+    x = data.tensors("val", 16)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)  # the same outputs
+
+
+def _finetune(result, model, data):
+    from torch import nn
+
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
+    assert [r.step for r in result.steps] == ["fold_batchnorm", "finetune"]
+
+
+def _weights(bits):
+    def check(result, model, data):
+        from nnshrink.techniques.sparsity import prunable_layers
+
+        for name, layer in prunable_layers(result.model).items():
+            assert _distinct_per_row(layer.weight) <= 2 ** bits - 1, name
+    return check
+
+
+def _int8(result, model, data):
+    sim = result.model
+    assert sim.is_quant_sim and sim.target == "ort-x86"
+    assert all(sim.weight_quantizer(op.name).qmax == 63 for op in sim.layer_ops())  # capped at 7 bits
+
+
+def _w4a8(result, model, data):
+    sim = result.model
+    assert all(sim.weight_quantizer(op.name).qmax == 7 for op in sim.layer_ops())
+    assert result.steps[0].details["adaround"] and "val_qat" in result.steps[0].details
+
+
+def _deep_compression(result, model, data):
+    from nnshrink.techniques import sparsity_of
+
+    assert abs(sparsity_of(result.model) - 0.92) < 0.01
+    for layer in (m for m in result.model.modules() if hasattr(m, "weight") and m.weight is not None and m.weight.dim() > 1):
+        assert len(set(layer.weight.detach().flatten().tolist())) <= 8  # 3 bits: 8 centroids, zero one of them
+
+
+def _svd_cp(result, model, data):
+    import torch
+
+    import nnshrink as ns
+
+    x = torch.zeros((1, *data.input_shape))
+    ratio = ns.analyze(result.model, x).total_macs / ns.analyze(model, x).total_macs
+    assert 0.49 <= ratio <= 0.50
+
+
+_CHECKS = {"fold-bn.yaml": ("resnet8", _fold_bn), "finetune.yaml": ("resnet8", _finetune),
+           "int4-weights.yaml": ("lenet300", _weights(4)), "int8-weights.yaml": ("lenet300", _weights(8)),
+           "int8.yaml": ("lenet300", _int8), "w4a8-qat.yaml": ("lenet300", _w4a8),
+           "deep-compression.yaml": ("lenet300", _deep_compression), "svd-cp-0.5.yaml": ("lenet300", _svd_cp)}
+
+
+@pytest.mark.parametrize("name", sorted(_CHECKS))
+def test_example_plan_does_what_its_comment_says(name, mnist):
+    import torch
+
+    import nnshrink as ns
+    from nnshrink.testing import randomize_batchnorm
+
+    arch, check = _CHECKS[name]
+    if arch == "resnet8":  # batch norms to fold: untrained, with non-trivial statistics
+        torch.manual_seed(0)
+        model = randomize_batchnorm(ns.zoo.build(arch)).eval()
+    else:
+        model = ns.zoo.pretrained(arch, "mnist", show_progress=False)
+    check(_run_plan(name, model, mnist), model, mnist)
