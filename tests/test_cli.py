@@ -247,3 +247,13 @@ def test_a_plan_that_shrinks_nothing_says_so(capsys, tmp_path):
                           "--report", str(tmp_path / "r.json"))
     assert code == 0, err
     assert "not smaller" in out and "x smaller" not in out
+
+
+def test_labels_the_model_cannot_score_are_one_line(capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (60, 28, 28), dtype=np.uint8), y=np.arange(60) % 12)
+    path = export_onnx(zoo.build("lenet5").eval(), tmp_path / "m.onnx")
+    line = _one_line_error(capsys, "evaluate", str(path), "--data", str(tmp_path / "d.npz"))
+    assert "labels up to 11" in line and "scores 10 classes" in line
+    line = _one_line_error(capsys, "evaluate", "lenet5", "--data", str(tmp_path / "d.npz"))
+    assert "nnshrink train lenet5 --data" in line  # never trained behind the user's back

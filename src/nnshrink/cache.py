@@ -13,6 +13,17 @@ import numpy as np
 _CACHE_ENV = "NNSHRINK_CACHE_DIR"
 
 
+def code_fingerprint(*modules) -> str:
+    """A hash of the source files of ``modules``: part of every cache key, so an entry made by
+    other code (a changed recipe, model or measurement) is never reused."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for module in modules:
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_dir() -> Path:
     """The cache folder: ``$NNSHRINK_CACHE_DIR`` if set, else the platform's user cache dir."""
     env = os.environ.get(_CACHE_ENV)

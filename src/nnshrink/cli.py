@@ -53,8 +53,10 @@ def _resolve(spec: str, data: str, show_progress: bool = True):
     from nnshrink import zoo
     from nnshrink.io import load_model
 
-    if spec in zoo.NAMES:
-        return zoo.pretrained(spec, data, show_progress=show_progress)
+    if spec in zoo.NAMES:  # trained on first use on bundled data; on the user's only by 'train'
+        from nnshrink.data import BUNDLED
+
+        return zoo.pretrained(spec, data, show_progress=show_progress, train_missing=data in BUNDLED)
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"MODEL {spec!r} is neither a zoo model ({', '.join(zoo.NAMES)}) nor an existing file")
@@ -77,10 +79,21 @@ def _input_for(model, dataset_shape, input_shape: str | None):
 
 
 def _check_fits(model, dataset) -> None:
+    """The data fits the model: input shape, and a score for every label (before any work)."""
+    import torch
+
+    from nnshrink.graph.analysis import run_forward
+
     shape = getattr(model, "input_shape", None)
     if shape and all(isinstance(d, int) for d in shape) and tuple(shape) != tuple(dataset.input_shape):
         raise InputShapeError(f"the model takes inputs of shape {tuple(shape)} but dataset {dataset.name!r} "
-                              f"has images of shape {tuple(dataset.input_shape)}")
+                              f"has inputs of shape {tuple(dataset.input_shape)}")
+    was_training = model.training
+    y = run_forward(model.eval(), torch.from_numpy(dataset.arrays("val")[0][:2]))
+    model.train(was_training)
+    if isinstance(y, torch.Tensor) and y.dim() == 2 and y.shape[1] < dataset.num_classes:
+        raise ConfigError(f"dataset {dataset.name!r} has labels up to {dataset.num_classes - 1} but the model "
+                          f"scores {y.shape[1]} classes")
 
 
 @app.command()

@@ -54,15 +54,52 @@ def test_user_npz_with_x_and_y(tmp_path):
     assert d.arrays("train")[0].max() <= 1.0
 
 
+_NAN = np.full((20, 2, 2), 0.5)
+_NAN[3, 1, 1] = np.nan
+
+
 @pytest.mark.parametrize("arrays, message", [
     ({"images": np.zeros((4, 2, 2))}, "needs arrays 'x' and 'y'"),
-    ({"x": np.zeros((4, 4)), "y": np.zeros(4, int)}, r"images must be"),
+    ({"x": np.zeros((4, 4)), "y": np.zeros(4, int)}, r"images must be .* layout='raw'"),
     ({"x": np.zeros((4, 2, 2)), "y": np.zeros(4)}, "labels"),
+    ({"x": _NAN, "y": np.zeros(20, int)}, "1 values that are NaN or infinite"),
+    ({"x": np.linspace(-1.5, 2.8, 80).reshape(20, 2, 2), "y": np.zeros(20, int)},
+     r"span \[-1.5, 2.8\].*\[0, 1\] or 8-bit 0..255"),  # standardized images are not divided by 255
+    ({"x": np.zeros((20, 2, 2)), "y": np.zeros(19, int)}, "20 samples but 'y' has 19 labels"),
+    ({"x": np.zeros((20, 2, 2)), "y": np.arange(20) % 3, "classes": np.array(["a", "b"])},
+     "labels go up to 2 but 'classes' names 2"),
+    ({"x": np.zeros((20, 2, 2)), "y": np.zeros(20, int), "layout": np.array("nchw")}, "'layout' must be"),
 ])
 def test_bad_npz_is_a_clear_error(tmp_path, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(DataError, match=message):
         load_dataset(tmp_path / "bad.npz")
+
+
+def test_float_images_in_0_255_are_8_bit_and_raw_inputs_keep_any_rank(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(50, 4, 4)).astype(np.float64)
+    np.savez(tmp_path / "f.npz", x=x, y=np.arange(50) % 5)
+    np.testing.assert_allclose(np.sort(load_dataset(tmp_path / "f.npz").arrays("train")[0].ravel())[-1], 1.0, atol=1 / 255)
+    signal = rng.normal(size=(50, 2, 64))  # 1-D signals, standardized: fed as saved
+    np.savez(tmp_path / "s.npz", x=signal, y=np.arange(50) % 5, layout=np.array("raw"))
+    d = load_dataset(tmp_path / "s.npz")
+    assert d.input_shape == (2, 64) and d.arrays("train")[0].min() < 0
+    np.savez(tmp_path / "v.npz", x=rng.normal(size=(50, 7)), y=np.arange(50) % 5, layout=np.array("raw"))
+    assert load_dataset(tmp_path / "v.npz").input_shape == (7,)
+
+
+def test_fingerprint_is_the_content_not_the_path(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, size=(60, 6, 6), dtype=np.uint8), np.arange(60) % 3
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    (tmp_path / "other").mkdir()
+    np.savez(tmp_path / "other" / "a.npz", x=x, y=y)
+    same = load_dataset(tmp_path / "a.npz").fingerprint
+    assert load_dataset(tmp_path / "other" / "a.npz").fingerprint == same
+    x[0, 0, 0] ^= 1  # one pixel
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    assert load_dataset(tmp_path / "a.npz").fingerprint != same
 
 
 def test_image_folder(tmp_path):

@@ -64,6 +64,29 @@ def test_damaged_checkpoint_is_rebuilt(tmp_path, monkeypatch, mnist):
     assert accuracy(model, mnist, "val") > 0.8 and path.stat().st_size > 1_000_000
 
 
+def test_checkpoints_are_keyed_by_content_recipe_and_code(tmp_path, monkeypatch):
+    import numpy as np
+
+    from nnshrink.data import load_dataset
+
+    monkeypatch.setenv("NNSHRINK_CACHE_DIR", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, size=(60, 28, 28), dtype=np.uint8), np.arange(60) % 10
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        np.savez(tmp_path / folder / "d.npz", x=x, y=y)
+    one, two = load_dataset(tmp_path / "one" / "d.npz"), load_dataset(tmp_path / "two" / "d.npz")
+    assert zoo.checkpoint_path("lenet300", one) == zoo.checkpoint_path("lenet300", two)  # same content
+    np.savez(tmp_path / "two" / "d.npz", x=255 - x, y=y)  # other data at the same path
+    assert zoo.checkpoint_path("lenet300", tmp_path / "two" / "d.npz") != zoo.checkpoint_path("lenet300", one)
+    base = zoo.checkpoint_path("lenet300", one)
+    monkeypatch.setitem(zoo.RECIPES, "lenet300", Recipe(epochs=1, shift=1))
+    assert zoo.checkpoint_path("lenet300", one) != base  # another recipe
+    with pytest.raises(ConfigError, match="run 'nnshrink train lenet300 --data"):
+        zoo.pretrained("lenet300", str(tmp_path / "one" / "d.npz"), train_missing=False)
+    assert not (tmp_path / "cache" / "models").exists()  # nothing was trained
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, bar", [("resnet8", 0.975), ("mobilenet", 0.975)])
 def test_cnn_recipes_reach_their_bar(name, bar, mnist):

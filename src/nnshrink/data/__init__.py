@@ -8,11 +8,17 @@ or ``val``; ``test`` is held out for reporting.
 Preprocessing (the same for every source): images become ``float32`` arrays of shape
 ``(N, C, H, W)`` with values in ``[0, 1]`` (8-bit images are divided by 255, sklearn's 0..16
 digits by 16); labels become ``int64`` class indices. No mean/std normalization is applied: the
-zoo models learn on ``[0, 1]`` inputs.
+zoo models learn on ``[0, 1]`` inputs, and user images outside that range (other than 8-bit
+values) are refused rather than guessed at. An ``.npz`` saved with ``layout='raw'`` holds inputs
+that are not images, of any rank, fed as saved. Every user file is validated once, on load:
+finite values, labels that are class indices (within ``classes`` when given), as many labels as
+samples.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import shutil
 import subprocess
@@ -50,9 +56,24 @@ class Dataset:
     classes: tuple[str, ...]
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """Shape of one image: ``(C, H, W)``."""
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input: ``(C, H, W)`` for images, as saved for raw arrays."""
         return tuple(self.splits["train"][0].shape[1:])
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A hash of the arrays of every split (and the split recipe): what caches built from
+        this dataset are keyed by, never its name or path."""
+        h = hashlib.sha256(f"split{SPLIT_VERSION}".encode())
+        for s in _SPLITS:
+            for a in self.splits[s]:
+                h.update(f"{s}{a.dtype}{a.shape}".encode())
+                h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+    @property
+    def bundled(self) -> bool:
+        return self.name in BUNDLED
 
     @property
     def num_classes(self) -> int:
@@ -84,10 +105,14 @@ def _stratified_split(x: np.ndarray, y: np.ndarray, sizes: tuple[int, int, int])
     n_train, n_val, n_test = sizes
     if n_train + n_val + n_test > len(x):
         raise DataError(f"cannot split {len(x)} samples into {sizes}")
-    x_rest, x_test, y_rest, y_test = train_test_split(
-        x, y, test_size=n_test, stratify=y, random_state=SPLIT_SEED)
-    x_train, x_val, y_train, y_val = train_test_split(
-        x_rest, y_rest, train_size=n_train, test_size=n_val, stratify=y_rest, random_state=SPLIT_SEED)
+    try:
+        x_rest, x_test, y_rest, y_test = train_test_split(
+            x, y, test_size=n_test, stratify=y, random_state=SPLIT_SEED)
+        x_train, x_val, y_train, y_val = train_test_split(
+            x_rest, y_rest, train_size=n_train, test_size=n_val, stratify=y_rest, random_state=SPLIT_SEED)
+    except ValueError as exc:  # sklearn: a class too small for a stratified split
+        raise DataError(f"cannot split {len(x)} samples of {len(np.unique(y))} classes into train/val/test "
+                        f"stratified ({exc}); give more samples per class or ready x_train/x_val/x_test splits") from exc
     return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
 
 
@@ -140,6 +165,7 @@ def _from_npz(path: Path) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as f:
             files = set(f.files)
+            layout = str(f["layout"]) if "layout" in files else "image"
             if {"x", "y"} <= files:
                 x, y = f["x"], f["y"]
                 splits = None
@@ -151,35 +177,71 @@ def _from_npz(path: Path) -> Dataset:
             classes = tuple(str(c) for c in f["classes"]) if "classes" in files else None
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
+    if layout not in ("image", "raw"):
+        raise DataError(f"{path}: 'layout' must be 'image' or 'raw', got {layout!r}")
+    prepare = _normalize_images if layout == "image" else _raw_inputs
     if splits is None:
-        x, y = _normalize_images(x, path), _labels(y, path)
-        n = len(x)
-        n_test = max(1, n // 5)
-        n_val = max(1, n // 10)
+        if len(x) != len(y):
+            raise DataError(f"{path}: 'x' has {len(x)} samples but 'y' has {len(y)} labels")
+        x, y = prepare(x, path), _labels(y, path)
+        n, k = len(x), len(np.unique(y))
+        n_test, n_val = max(k, n // 5), max(k, n // 10)  # every class in every split
         splits = _stratified_split(x, y, (n - n_test - n_val, n_val, n_test))
     else:
-        splits = {s: (_normalize_images(a, path), _labels(b, path)) for s, (a, b) in splits.items()}
-    n_classes = int(max(int(s[1].max()) for s in splits.values())) + 1
+        splits = {s: (prepare(a, path), _labels(b, path)) for s, (a, b) in splits.items()}
+    n_classes = int(max(int(s[1].max()) if len(s[1]) else -1 for s in splits.values())) + 1
+    if classes is not None and n_classes > len(classes):
+        raise DataError(f"{path}: labels go up to {n_classes - 1} but 'classes' names {len(classes)} classes")
+    for s, (a, b) in splits.items():
+        if len(a) != len(b):
+            raise DataError(f"{path}: split {s!r} has {len(a)} inputs but {len(b)} labels")
     return Dataset(str(path), splits, classes or tuple(str(i) for i in range(n_classes)))
 
 
 def _labels(y: np.ndarray, path: Path) -> np.ndarray:
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
-        raise DataError(f"{path}: labels 'y' must be a 1-D array of non-negative integers")
+        raise DataError(f"{path}: labels 'y' must be a 1-D array of non-negative integers (class indices)")
     return y.astype(np.int64)
 
 
+def _finite(x: np.ndarray, path: Path) -> np.ndarray:
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise DataError(f"{path}: inputs 'x' must be numbers, got dtype {x.dtype}")
+    bad = int(x.size - np.isfinite(x).sum()) if np.issubdtype(x.dtype, np.floating) else 0
+    if bad:
+        raise DataError(f"{path}: 'x' holds {bad:,} values that are NaN or infinite")
+    return x
+
+
 def _normalize_images(x: np.ndarray, path: Path) -> np.ndarray:
-    """To float32 ``(N, C, H, W)`` in [0, 1]: (N, H, W) gains a channel axis; 8-bit is / 255."""
+    """To float32 ``(N, C, H, W)`` in [0, 1], the preprocessing every zoo model and recipe
+    assumes: (N, H, W) gains a channel axis; 8-bit values (uint8, or whole numbers up to 255)
+    are divided by 255; anything else outside [0, 1] (standardized images, say) is refused."""
+    x = _finite(x, path)
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 2:
-        raise DataError(f"{path}: images must be (N, H, W) or (N, C, H, W), got {x.shape}; "
-                        "reshape flat vectors before saving")
+        raise DataError(f"{path}: images must be (N, H, W) or (N, C, H, W), got {x.shape}; for inputs that "
+                        "are not images save layout='raw' in the .npz")
     if x.ndim != 4:
-        raise DataError(f"{path}: images must be (N, H, W) or (N, C, H, W), got {x.shape}")
-    if x.dtype == np.uint8 or (np.issubdtype(x.dtype, np.number) and x.size and x.max() > 1.0):
-        x = x / 255.0
+        raise DataError(f"{path}: images must be (N, H, W) or (N, C, H, W), got {x.shape}; for inputs that "
+                        "are not images save layout='raw' in the .npz")
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if x.dtype == np.uint8 or (lo >= 0 and hi <= 255 and hi > 1 and np.array_equal(x, np.round(x))):
+        return (x / 255.0).astype(np.float32)
+    if lo < 0 or hi > 1:
+        raise DataError(f"{path}: image values span [{lo:.3g}, {hi:.3g}]; nnshrink's preprocessing takes images "
+                        "in [0, 1] or 8-bit 0..255 (divided by 255), with no mean/std normalization: save "
+                        "them before normalizing, or save layout='raw' to feed the values as they are")
+    return x.astype(np.float32)
+
+
+def _raw_inputs(x: np.ndarray, path: Path) -> np.ndarray:
+    """``layout='raw'``: inputs of any rank (signals ``(N, C, L)``, features ``(N, F)``), fed to
+    the model as saved, as float32; only checked to be finite numbers."""
+    x = _finite(x, path)
+    if x.ndim < 2:
+        raise DataError(f"{path}: raw inputs 'x' need a sample axis and at least one more, got {x.shape}")
     return x.astype(np.float32)
 
 

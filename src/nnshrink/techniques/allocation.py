@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnshrink.cache import atomic_write_bytes, cache_dir
+from nnshrink.cache import atomic_write_bytes, cache_dir, code_fingerprint
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import analyze
 from nnshrink.progress import progress_bar
@@ -116,7 +117,8 @@ def measure_curves(model: nn.Module, x: torch.Tensor, tasks: Sequence[tuple[str,
     model = model.eval()
     with torch.no_grad():
         reference = model(x)
-    path = cache_dir() / "sensitivity" / f"{_fingerprint(model, x, [key, fn.__module__, fn.__name__])}.json"
+    code = code_fingerprint(sys.modules[__name__], sys.modules[fn.__module__])
+    path = cache_dir() / "sensitivity" / f"{_fingerprint(model, x, [key, fn.__module__, fn.__name__, code])}.json"
     done: dict[tuple[str, int], float] = {}
     if path.is_file():
         try:
