@@ -182,3 +182,31 @@ def test_ray_executor_gives_the_serial_results(tmp_path, monkeypatch):
     finally:
         ray.shutdown()
     assert remote.steps[0].details["layers"] == serial.steps[0].details["layers"]
+
+
+@pytest.mark.parametrize("name", ["lenet300", "lenet5", "resnet8", "mobilenet", "concat"])
+def test_structural_steps_on_an_imported_onnx_graph_match_the_torch_module(name, tmp_path):
+    """conv -> flatten/reshape -> linear, global pooling -> reshape, residual adds, concatenation:
+    the exporter writes the feature count as a constant; channel pruning and SVD of the imported
+    graph give what they give on the torch module the file came from, at any batch size."""
+    from nnshrink import export_onnx, load_model
+    from nnshrink.testing import ConcatNet
+
+    torch.manual_seed(0)
+    model = ConcatNet().eval() if name == "concat" else zoo.build(name).eval()
+    shape = getattr(model, "input_shape", (1, 28, 28))
+    export_onnx(model, tmp_path / "m.onnx", torch.zeros((2, *shape)))
+    imported = load_model(tmp_path / "m.onnx")
+    x = torch.rand((64, *shape), generator=torch.Generator().manual_seed(1))
+    steps = [ChannelPrune(mac_ratio=0.6, samples=64, measured_levels=4, round_to=4, executor="serial")]
+    if name == "lenet300":  # Linear layers behind the imported graph's MatMul/Gemm
+        steps.append(WeightSVD(mac_ratio=0.4, samples=64, measured_levels=4, executor="serial"))
+    results = [compress(m, Plan(steps), x[:2], calib=[x]) for m in (model, imported)]
+    for a, b in zip(*(r.steps for r in results)):
+        assert a.details["groups" if a.step == "channel_prune" else "layers"] == \
+            b.details["groups" if b.step == "channel_prune" else "layers"]
+        assert a.details["mac_ratio"] == pytest.approx(b.details["mac_ratio"])
+    with torch.no_grad():
+        for batch in (1, 3):
+            xb = x[:batch]
+            torch.testing.assert_close(results[1].model(xb), results[0].model(xb), rtol=1e-3, atol=1e-3)

@@ -108,6 +108,7 @@ class _Converter:
         self.unsupported: dict[str, list[str]] = defaultdict(list)
         self.ranks: dict[str, int] = {}
         self.static_shapes: dict[str, tuple[int, ...]] = {}
+        self.partial_shapes: dict[str, tuple[int | None, ...]] = {}  # None: a dynamic dim
         self.elem_types: dict[str, int] = {}
         for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
             t = vi.type.tensor_type
@@ -116,6 +117,7 @@ class _Converter:
             if t.HasField("shape"):
                 self.ranks[vi.name] = len(t.shape.dim)
                 dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+                self.partial_shapes[vi.name] = tuple(dims)
                 if all(d is not None for d in dims):
                     self.static_shapes[vi.name] = tuple(dims)
         self.uses = Counter(i for n in model.graph.node for i in n.input if i)
@@ -599,8 +601,27 @@ class _Converter:
             self._unsupported(node, "Reshape (shape from a tensor value)")
             return
         kind = "shape" if self.env[node.input[0]].kind == "shape" else "tensor"
+        if kind == "tensor" and self._flattens(node.input[0], node.input[1]):
+            # written with the feature count as a constant ([-1, 800]); as a flatten it follows
+            # the channels a structural edit removes, where the constant would break the graph
+            self.emit(node, ops.flatten, self.arg(node.input[0]), 1)
+            return
         self.emit(node, ops.reshape, self.arg(node.input[0]), self.arg(node.input[1]), a.get("allowzero", 0),
                   kind=kind)
+
+    def _flattens(self, data: str, shape: str) -> bool:
+        """Whether ``Reshape(data, shape)`` is ``(N, C, ...) -> (N, C * ...)`` with a constant shape."""
+        target, dims = self.env.get(shape), self.partial_shapes.get(data)
+        if target is None or target.kind != "const" or dims is None or len(dims) < 3:
+            return False
+        if any(d is None for d in dims[1:]):
+            return False
+        out = [int(v) for v in target.const.reshape(-1)]
+        features = int(np.prod(dims[1:]))
+        if len(out) != 2:
+            return False
+        batch_ok = out[0] in (-1, 0) or (dims[0] is not None and out[0] == dims[0])
+        return (out[1] == features and batch_ok) or (out[1] == -1 and (out[0] == 0 or out[0] == dims[0]))
 
     def op_Shape(self, node, a) -> None:
         start, end = a.get("start", 0), a.get("end")
