@@ -26,14 +26,16 @@ def _user_frame(exc: BaseException) -> str | None:
 def trace(model: nn.Module) -> fx.GraphModule:
     """Capture ``model`` as a torch.fx graph.
 
-    A model that already is a ``GraphModule`` (an imported ONNX model, say) is returned as it is.
+    A model that already is a ``GraphModule`` (an imported ONNX model, say) is returned as it is,
+    except that calls of an ``nn.Sequential`` which a structural edit put into it (Spatial SVD's
+    two convs) are shown as calls of its layers, as tracing the torch module shows them.
 
     Raises:
         UnsupportedModelError: fx cannot trace the model; the message names the failing
             operation and the line of the model's code where it happened.
     """
     if isinstance(model, fx.GraphModule):
-        return model
+        return _inline_sequentials(model)
     try:
         return fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
@@ -43,6 +45,34 @@ def trace(model: nn.Module) -> fx.GraphModule:
         if where:
             msg += f" (at {where})"
         raise UnsupportedModelError(msg) from exc
+
+
+def _inline_sequentials(gm: fx.GraphModule) -> fx.GraphModule:
+    modules = dict(gm.named_modules())
+
+    def container(node: fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(modules.get(node.target), nn.Sequential)
+
+    if not any(container(n) for n in gm.graph.nodes):
+        return gm
+    graph, env = fx.Graph(), {}
+
+    def expand(target: str, value):
+        for child, mod in modules[target].named_children():
+            name = f"{target}.{child}"
+            value = expand(name, value) if isinstance(mod, nn.Sequential) else graph.call_module(name, (value,))
+        return value
+
+    for node in gm.graph.nodes:
+        if container(node) and len(node.args) == 1 and not node.kwargs:
+            env[node] = expand(node.target, env[node.args[0]])
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    out = fx.GraphModule(gm, graph)
+    for attr in ("input_shape",):
+        if hasattr(gm, attr):
+            setattr(out, attr, getattr(gm, attr))
+    return out
 
 
 def shape_propagate(gm: fx.GraphModule, example_input: torch.Tensor | tuple) -> None:
