@@ -125,3 +125,15 @@ def test_example_plan_does_what_its_comment_says(name, mnist):
     else:
         model = ns.zoo.pretrained(arch, "mnist", show_progress=False)
     check(_run_plan(name, model, mnist), model, mnist)
+
+
+def test_the_json_and_yaml_blocks_of_the_docs_are_what_nnshrink_reads_and_writes():
+    import json
+
+    import nnshrink as ns
+
+    text = (ROOT / "docs" / "cli.md").read_text()
+    docs = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", text, re.S)]
+    assert {d["schema"] for d in docs} >= {"nnshrink.analysis/1", "nnshrink.report/1"}
+    plans = [ns.Plan.from_dict(yaml.safe_load(b)) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    assert plans and all(p.steps for p in plans)
