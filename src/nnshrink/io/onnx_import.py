@@ -601,23 +601,30 @@ class _Converter:
             self._unsupported(node, "Reshape (shape from a tensor value)")
             return
         kind = "shape" if self.env[node.input[0]].kind == "shape" else "tensor"
-        if kind == "tensor" and self._flattens(node.input[0], node.input[1]):
-            # written with the feature count as a constant ([-1, 800]); as a flatten it follows
-            # the channels a structural edit removes, where the constant would break the graph
+        if kind == "tensor" and self._flattens(node):
+            # written with the feature count as a number ([-1, 800], or [batch, 800] from shape
+            # arithmetic); as a flatten it follows the channels a structural edit removes, where
+            # the number would break the graph
             self.emit(node, ops.flatten, self.arg(node.input[0]), 1)
             return
         self.emit(node, ops.reshape, self.arg(node.input[0]), self.arg(node.input[1]), a.get("allowzero", 0),
                   kind=kind)
 
-    def _flattens(self, data: str, shape: str) -> bool:
-        """Whether ``Reshape(data, shape)`` is ``(N, C, ...) -> (N, C * ...)`` with a constant shape."""
-        target, dims = self.env.get(shape), self.partial_shapes.get(data)
-        if target is None or target.kind != "const" or dims is None or len(dims) < 3:
+    def _flattens(self, node) -> bool:
+        """Whether ``Reshape`` is ``(N, C, ...) -> (N, C * ...)``: from ONNX's inferred output
+        shape (``(N, features)``: then the rows can only be the batch), else from a constant
+        target shape."""
+        dims = self.partial_shapes.get(node.input[0])
+        if dims is None or len(dims) < 3 or any(d is None for d in dims[1:]):
             return False
-        if any(d is None for d in dims[1:]):
+        features = int(np.prod(dims[1:]))
+        inferred = self.partial_shapes.get(node.output[0])
+        if inferred is not None and len(inferred) == 2 and inferred[1] is not None:
+            return inferred[1] == features
+        target = self.env.get(node.input[1])
+        if target is None or target.kind != "const":
             return False
         out = [int(v) for v in target.const.reshape(-1)]
-        features = int(np.prod(dims[1:]))
         if len(out) != 2:
             return False
         batch_ok = out[0] in (-1, 0) or (dims[0] is not None and out[0] == dims[0])

@@ -38,7 +38,7 @@ from nnshrink.techniques.quant.quantizers import ActQuantizer, WeightQuantizer
 # products into a saturating int16 (VPMADDUBSW), which weights within +-64 never reach:
 # ``ort-x86``: weights capped at 7 bits, int8 (u8 x s8 kernels, exact on every x86 CPU);
 # ``ort-x86-u8``: 8-bit weights written as uint8 (zero point + 128: the same integers), which the
-# u8 x u8 kernels sum exactly on every CPU, 1.4-3.6x slower (measured, docs/ARCHITECTURE.md);
+# u8 x u8 kernels sum exactly on every CPU, 1.3-3.9x slower (measured, docs/ARCHITECTURE.md);
 # ``npu``: integer NPUs and TFLite (Ethos-U, DRP-AI): full-range int8 weights.
 TARGETS = ("ort-x86", "ort-x86-u8", "npu")
 X86_WEIGHT_BITS = 7  # the widest weight grid ONNX Runtime's u8 x s8 x86 kernels sum exactly
