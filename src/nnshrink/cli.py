@@ -153,9 +153,10 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name.")], data: Da
 
     start = time.perf_counter()
     model = zoo.pretrained(name, data, seed=seed, retrain=retrain)
-    acc = zoo.accuracy(model, load_dataset(data), "test")
+    dataset = load_dataset(data)
+    acc = zoo.accuracy(model, dataset, "test")
     out.print(f"{name} on {data}: held-out accuracy {acc:.2%} "
-              f"({time.perf_counter() - start:.1f} s; checkpoint {zoo.checkpoint_path(name, data, seed)})")
+              f"({time.perf_counter() - start:.1f} s; checkpoint {zoo.checkpoint_path(name, dataset, seed)})")
 
 
 @app.command()
@@ -369,7 +370,7 @@ def demo(data: DataOpt = "mnist",
               f"{len(dataset.arrays('val')[1])} validation / {len(dataset.arrays('test')[1])} held-out test images")
     start = time.perf_counter()
     model = zoo.pretrained("lenet5", data)
-    out.print(f"model ready in {time.perf_counter() - start:.1f} s (cached at {zoo.checkpoint_path('lenet5', data)})")
+    out.print(f"model ready in {time.perf_counter() - start:.1f} s (cached at {zoo.checkpoint_path('lenet5', dataset)})")
     x = torch.zeros((1, *dataset.input_shape))
     info = run_analysis(model, x)
     print_analysis(out, info, "LeNet-5 layers")
