@@ -702,18 +702,27 @@ class _Converter:
             axes = a.get("axes", list(range(len(starts))))
             steps = [1] * len(starts)
         else:
-            vals = [self.const(node.input[i]) if len(node.input) > i and node.input[i] else None
-                    for i in range(1, 5)]
-            if vals[0] is None or vals[1] is None or (len(node.input) > 3 and node.input[3] and vals[2] is None) \
-                    or (len(node.input) > 4 and node.input[4] and vals[3] is None):
-                self._unsupported(node, "Slice (non-constant bounds)")
+            vals = []
+            for i in range(1, 5):
+                name = node.input[i] if len(node.input) > i else ""
+                c = self.const(name)
+                if not name:
+                    vals.append(None)
+                elif c is not None:
+                    vals.append(c.reshape(-1).tolist())
+                elif self.is_shape(name):  # bounds computed from a shape at run time
+                    vals.append(self.arg(name))
+                else:
+                    self._unsupported(node, "Slice (bounds from a tensor value)")
+                    return
+            starts, ends = vals[0], vals[1]
+            if (vals[2] is not None and not isinstance(vals[2], list)) or \
+                    (vals[3] is not None and not isinstance(vals[3], list)):
+                self._unsupported(node, "Slice (axes or steps from a tensor value)")
                 return
-            starts, ends = vals[0].tolist(), vals[1].tolist()
-            axes = vals[2].tolist() if vals[2] is not None else list(range(len(starts)))
-            steps = vals[3].tolist() if vals[3] is not None else [1] * len(starts)
-        big = 2 ** 62
-        ends = [None if e >= big else e for e in ends]
-        starts = [None if s <= -big else s for s in starts]
+            n = len(starts) if isinstance(starts, list) else len(vals[2] or [0])
+            axes = vals[2] if vals[2] is not None else list(range(n))
+            steps = vals[3] if vals[3] is not None else [1] * n
         kind = "shape" if self.env[node.input[0]].kind == "shape" else "tensor"
         self.emit(node, ops.slice_, self.arg(node.input[0]), starts, ends, axes, steps, kind=kind)
 
@@ -782,6 +791,295 @@ class _Converter:
         dtype = torch.from_numpy(arr.reshape(-1)[:1].copy()).dtype
         self.emit(node, ops.constant_of_shape, self.arg(node.input[0]), float(arr.reshape(-1)[0]), dtype)
 
+    # -- operators: comparisons and selection (mostly in shape arithmetic) ---------------------
+    def _compare(self, node, op: str) -> None:
+        kind = "shape" if self.is_shape(node.input[0]) and self.is_shape(node.input[1]) else "tensor"
+        self.emit(node, ops.binary, self.arg(node.input[0]), self.arg(node.input[1]), op, kind=kind)
+
+    def op_Equal(self, node, a) -> None:
+        self._compare(node, "eq")
+
+    def op_Less(self, node, a) -> None:
+        self._compare(node, "lt")
+
+    def op_Greater(self, node, a) -> None:
+        self._compare(node, "gt")
+
+    def op_LessOrEqual(self, node, a) -> None:
+        self._compare(node, "le")
+
+    def op_GreaterOrEqual(self, node, a) -> None:
+        self._compare(node, "ge")
+
+    def op_Max(self, node, a) -> None:
+        self._variadic(node, "maximum")
+
+    def op_Min(self, node, a) -> None:
+        self._variadic(node, "minimum")
+
+    def _variadic(self, node, op: str) -> None:
+        names = [i for i in node.input if i]
+        kind = "shape" if all(self.is_shape(i) for i in names) else "tensor"
+        out = self.arg(names[0])
+        for name in names[1:]:
+            out = self.graph.call_function(ops.binary, (out, self.arg(name), op))
+        self.env[node.output[0]] = _Value(kind, node=out) if names[1:] else self.env[names[0]]
+
+    def op_Sum(self, node, a) -> None:
+        names = [i for i in node.input if i]
+        out = self.arg(names[0])
+        for name in names[1:]:
+            out = self.graph.call_function(ops.add, (out, self.arg(name)))
+        self.env[node.output[0]] = _Value("tensor", node=out) if names[1:] else self.env[names[0]]
+
+    def op_Where(self, node, a) -> None:
+        self.emit(node, ops.where, *[self.arg(i) for i in node.input])
+
+    def op_Not(self, node, a) -> None:
+        self.emit(node, ops.logical_not, self.arg(node.input[0]))
+
+    def op_Log(self, node, a) -> None:
+        self._unary(node, "log")
+
+    def op_Floor(self, node, a) -> None:
+        self._unary(node, "floor")
+
+    def op_Ceil(self, node, a) -> None:
+        self._unary(node, "ceil")
+
+    def op_Sin(self, node, a) -> None:
+        self._unary(node, "sin")
+
+    def op_Cos(self, node, a) -> None:
+        self._unary(node, "cos")
+
+    def op_Tile(self, node, a) -> None:
+        self.emit(node, ops.tile, self.arg(node.input[0]), self.arg(node.input[1]))
+
+    def op_Range(self, node, a) -> None:
+        kind = "shape" if all(self.is_shape(i) for i in node.input) else "tensor"
+        self.emit(node, ops.range_, *[self.arg(i) for i in node.input], kind=kind)
+
+    # -- operators: activations with parameters -------------------------------------------------
+    def op_PRelu(self, node, a) -> None:
+        slope = self.const(node.input[1])
+        if slope is None:
+            self._unsupported(node, "PRelu (non-constant slope)")
+            return
+        rank = self.ranks.get(node.input[0])
+        squeezed = slope.reshape(slope.shape[next((i for i, d in enumerate(slope.shape) if d != 1), slope.ndim):]) \
+            if slope.ndim else slope.reshape(1)
+        # torch's exporter writes nn.PReLU(C) as a (C, 1, 1) slope; ONNX broadcasts from the last
+        # axis, so only a slope whose trailing axes are 1 is a per-channel one
+        per_channel = (rank is not None and slope.size > 1 and squeezed.ndim == rank - 1
+                       and all(d == 1 for d in squeezed.shape[1:]))
+        if slope.size == 1 or per_channel:
+            prelu = nn.PReLU(slope.size)
+            with torch.no_grad():
+                prelu.weight.copy_(_tensor(slope.reshape(-1)))
+            self.module(node, prelu, "prelu", self.arg(node.input[0]))
+            return
+        self.emit(node, ops.prelu, self.arg(node.input[0]), self._const_tensor(node.input[1]))
+
+    def op_Gelu(self, node, a) -> None:
+        approx = a.get("approximate", b"none")
+        approx = approx.decode() if isinstance(approx, bytes) else approx
+        self.module(node, nn.GELU(approximate=approx), "gelu", self.arg(node.input[0]))
+
+    def op_LayerNormalization(self, node, a) -> None:
+        if len(node.output) > 1 and any(self.uses[o] for o in node.output[1:] if o):
+            self._unsupported(node, "LayerNormalization (mean or inverse deviation outputs used)")
+            return
+        scale = self.const(node.input[1])
+        bias = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        axis, eps = a.get("axis", -1), a.get("epsilon", 1e-5)
+        rank = self.ranks.get(node.input[0])
+        last = axis == -1 or (rank is not None and axis == rank - 1)
+        if scale is not None and scale.ndim == 1 and last and (bias is None or bias.shape == scale.shape):
+            ln = nn.LayerNorm(scale.shape[0], eps=eps, bias=bias is not None)
+            with torch.no_grad():
+                ln.weight.copy_(_tensor(scale))
+                if bias is not None:
+                    ln.bias.copy_(_tensor(bias))
+            self.module(node, ln, "layernorm", self.arg(node.input[0]))
+            return
+        args = [self.arg(i) if i else None for i in list(node.input[1:3]) + [""] * (3 - len(node.input))]
+        self.emit(node, ops.layer_norm, self.arg(node.input[0]), axis, args[0], args[1], eps)
+
+    # -- operators: resampling and transposed convolution -----------------------------------------
+    def op_Resize(self, node, a) -> None:
+        self._resize(node, a, scales_at=2 if self.opset >= 11 else 1, sizes_at=3)
+
+    def op_Upsample(self, node, a) -> None:
+        self._resize(node, {**a, "coordinate_transformation_mode": b"asymmetric", "nearest_mode": b"floor"},
+                     scales_at=1, sizes_at=None)
+
+    def _resize(self, node, a, scales_at: int, sizes_at: int | None) -> None:
+        def text(key, default):
+            v = a.get(key, default)
+            return v.decode() if isinstance(v, bytes) else v
+
+        mode = text("mode", "nearest")
+        coord = text("coordinate_transformation_mode", "half_pixel")
+        nearest = text("nearest_mode", "round_prefer_floor")
+        inputs = list(node.input) + [""] * 4
+        scales = inputs[scales_at] if inputs[scales_at] else None
+        sizes = inputs[sizes_at] if sizes_at is not None and inputs[sizes_at] else None
+        if scales is not None and self.const(scales) is not None and self.const(scales).size == 0:
+            scales = None
+        rank = self.ranks.get(node.input[0], 4)
+        if "scales" in a and scales is None and sizes is None:  # opset 7-9 Upsample attribute
+            factors = list(a["scales"])
+            scale_arg = factors
+        else:
+            scale_arg = None
+            if scales is not None:
+                c = self.const(scales)
+                if c is None:
+                    self._unsupported(node, "Resize (scales from a tensor value)")
+                    return
+                scale_arg = c.astype(float).tolist()
+        if sizes is not None and not self.is_shape(sizes):
+            self._unsupported(node, "Resize (sizes from a tensor value)")
+            return
+        if a.get("antialias", 0) or text("keep_aspect_ratio_policy", "stretch") != "stretch" or "axes" in a:
+            self._unsupported(node, "Resize (antialias, axes or aspect-ratio policy)")
+            return
+        if scale_arg is not None and any(float(s) != 1.0 for s in scale_arg[:2]):
+            self._unsupported(node, "Resize (of the batch or channel axis)")
+            return
+        spatial = rank - 2
+        if mode == "nearest":
+            # torch's nearest is ONNX's asymmetric + floor; integer upscaling with half_pixel and
+            # round_prefer_floor or _ceil picks the same pixels ((i + 0.5) / s - 0.5 never ties)
+            upscale = scale_arg is not None and all(float(s).is_integer() and s >= 1 for s in scale_arg[2:])
+            ok = (coord == "asymmetric" and nearest == "floor") or (
+                upscale and coord in ("half_pixel", "pytorch_half_pixel") and nearest.startswith("round_prefer"))
+            torch_mode, align = "nearest", None
+        elif mode in ("linear", "cubic"):
+            ok = coord in ("half_pixel", "pytorch_half_pixel", "align_corners") and spatial in (1, 2) and (
+                mode == "linear" or (spatial == 2 and float(a.get("cubic_coeff_a", -0.75)) == -0.75))
+            torch_mode = {("linear", 1): "linear", ("linear", 2): "bilinear", ("cubic", 2): "bicubic"}.get(
+                (mode, spatial), "bilinear")
+            align = coord == "align_corners"
+        else:
+            ok = False
+        if not ok:
+            self._unsupported(node, f"Resize ({mode}, {coord}, {nearest})")
+            return
+        self.emit(node, ops.resize, self.arg(node.input[0]), scale_arg,
+                  self.arg(sizes) if sizes is not None else None, torch_mode, align)
+
+    def op_ConvTranspose(self, node, a) -> None:
+        w = self.const(node.input[1])
+        b = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if w is None or w.ndim not in (3, 4) or "output_shape" in a:
+            self._unsupported(node, "ConvTranspose (non-constant weight, 3-D or output_shape)")
+            return
+        auto = a.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        if auto not in ("NOTSET", "VALID"):
+            self._unsupported(node, f"ConvTranspose (auto_pad {auto})")
+            return
+        nd = w.ndim - 2
+        groups = a.get("group", 1)
+        strides = a.get("strides", [1] * nd)
+        dilations = a.get("dilations", [1] * nd)
+        pads = list(a.get("pads", [0] * 2 * nd))
+        out_pad = list(a.get("output_padding", [0] * nd))
+        begin, end = pads[:nd], pads[nd:]
+        sym = [min(p, q) for p, q in zip(begin, end)]
+        cls = nn.ConvTranspose1d if nd == 1 else nn.ConvTranspose2d
+        conv = cls(w.shape[0], w.shape[1] * groups, list(w.shape[2:]), stride=strides, padding=sym,
+                   output_padding=out_pad, groups=groups, bias=b is not None, dilation=dilations)
+        with torch.no_grad():
+            conv.weight.copy_(_tensor(w))
+            if b is not None:
+                conv.bias.copy_(_tensor(b))
+        out = self.module(node, conv, "convtranspose", self.arg(node.input[0]))
+        if begin != end:  # crop what the symmetric padding left on one side
+            starts = [p - s for p, s in zip(begin, sym)]
+            ends = [-(q - s) if q > s else None for q, s in zip(end, sym)]
+            self.env[node.output[0]] = _Value("tensor", node=self.graph.call_function(
+                ops.slice_, (out, starts, ends, list(range(2, 2 + nd)), [1] * nd)))
+
+    # -- operators: recurrent layers -----------------------------------------------------------
+    def op_LSTM(self, node, a) -> None:
+        self._rnn(node, a, "LSTM")
+
+    def op_GRU(self, node, a) -> None:
+        self._rnn(node, a, "GRU")
+
+    def _rnn(self, node, a, kind: str) -> None:
+        inputs = list(node.input) + [""] * 8
+        w, r = self.const(inputs[1]), self.const(inputs[2])
+        b = self.const(inputs[3]) if inputs[3] else None
+        direction = a.get("direction", b"forward")
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        acts = [v.decode() if isinstance(v, bytes) else v for v in a.get("activations", [])]
+        default_acts = ["Sigmoid", "Tanh", "Tanh"] if kind == "LSTM" else ["Sigmoid", "Tanh"]
+        problems = []
+        if w is None or r is None or (inputs[3] and b is None):
+            problems.append("non-constant weights")
+        if inputs[4] and self.const(inputs[4]) is None:
+            problems.append("sequence lengths from a tensor")
+        if kind == "LSTM" and inputs[7]:
+            problems.append("peepholes")
+        if acts and acts != default_acts * (2 if direction == "bidirectional" else 1):
+            problems.append(f"activations {acts}")
+        if "clip" in a or a.get("input_forget", 0):
+            problems.append("clip or coupled input-forget gate")
+        if kind == "GRU" and not a.get("linear_before_reset", 0):
+            problems.append("linear_before_reset=0")
+        if direction == "reverse":
+            problems.append("reverse-only direction")
+        if problems:
+            self._unsupported(node, f"{kind} ({', '.join(problems)})")
+            return
+        hidden = int(a["hidden_size"])
+        dirs = 2 if direction == "bidirectional" else 1
+        gates = 4 if kind == "LSTM" else 3
+        # ONNX gate order: LSTM i, o, f, c and GRU z, r, h; torch's: i, f, g(=c), o and r, z, n
+        order = [0, 2, 3, 1] if kind == "LSTM" else [1, 0, 2]
+
+        def reorder(m: np.ndarray) -> np.ndarray:
+            blocks = np.split(m, gates, axis=0)
+            return np.concatenate([blocks[i] for i in order], axis=0)
+
+        layout = a.get("layout", 0)
+        cls = nn.LSTM if kind == "LSTM" else nn.GRU
+        rnn = cls(w.shape[2], hidden, bidirectional=dirs == 2, batch_first=bool(layout), bias=True)
+        with torch.no_grad():
+            for d in range(dirs):
+                sfx = "_reverse" if d else ""
+                bias = b[d] if b is not None else np.zeros(2 * gates * hidden, np.float32)
+                getattr(rnn, f"weight_ih_l0{sfx}").copy_(_tensor(reorder(w[d])))
+                getattr(rnn, f"weight_hh_l0{sfx}").copy_(_tensor(reorder(r[d])))
+                getattr(rnn, f"bias_ih_l0{sfx}").copy_(_tensor(reorder(bias[: gates * hidden])))
+                getattr(rnn, f"bias_hh_l0{sfx}").copy_(_tensor(reorder(bias[gates * hidden:])))
+        states = [self.arg(i) if i else None for i in (inputs[5], inputs[6] if kind == "LSTM" else "")]
+        name = self.add_module(node, OnnxRNN(rnn, layout), kind.lower())
+        out = self.graph.call_module(name, (self.arg(node.input[0]), *states))
+        for i, o in enumerate(node.output):
+            if o:
+                self.env[o] = _Value("tensor", node=self.graph.call_function(_getitem, (out, i)))
+
+    # -- operators: control flow ---------------------------------------------------------------
+    def op_If(self, node, a) -> None:
+        cond = self.const(node.input[0])
+        if cond is None:
+            self._unsupported(node, "If (condition from a tensor value)")
+            return
+        branch = a["then_branch"] if bool(np.asarray(cond).reshape(-1)[0]) else a["else_branch"]
+        for init in branch.initializer:
+            self.env[init.name] = _Value("const", const=self.numpy_helper.to_array(init))
+        for inner in branch.node:
+            self.uses.update(i for i in inner.input if i)
+        for inner in branch.node:
+            self.convert(inner)
+        for out, inner in zip(node.output, branch.output):
+            self.env[out] = self.env[inner.name]
+
 
 def _name_from_weight(onnx_node, module: nn.Module) -> str | None:
     """``layer1.conv1`` when the node's weight initializer is ``layer1.conv1.weight``, as torch's
@@ -835,6 +1133,37 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
 
 def _getitem(seq, i: int):
     return seq[i]
+
+
+class OnnxRNN(nn.Module):
+    """A torch ``nn.LSTM``/``nn.GRU`` with ONNX's input and output layout: returns ``Y``
+    (``(seq, directions, batch, hidden)``, or batch first for ``layout=1``), ``Y_h`` and, for an
+    LSTM, ``Y_c``."""
+
+    def __init__(self, rnn: nn.LSTM | nn.GRU, layout: int = 0) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.layout = layout
+
+    def forward(self, x, h0=None, c0=None):
+        dirs = 2 if self.rnn.bidirectional else 1
+        if self.layout and h0 is not None:
+            h0 = h0.transpose(0, 1)
+            c0 = c0.transpose(0, 1) if c0 is not None else None
+        if isinstance(self.rnn, nn.LSTM):
+            state = None if h0 is None else (h0, c0 if c0 is not None else torch.zeros_like(h0))
+            y, (h, c) = self.rnn(x, state)
+        else:
+            y, h = self.rnn(x, h0)
+            c = None
+        a, b = y.shape[0], y.shape[1]
+        y = y.reshape(a, b, dirs, self.rnn.hidden_size)
+        if not self.layout:
+            y = y.permute(0, 2, 1, 3)  # (seq, dirs, batch, hidden)
+        else:
+            h = h.transpose(0, 1)
+            c = c.transpose(0, 1) if c is not None else None
+        return (y, h, c) if c is not None else (y, h)
 
 
 def _same_pads(size, kernel, strides, dilations, upper: bool) -> list[int]:

@@ -191,6 +191,9 @@ def gather(data, indices, axis: int):
 
 
 def slice_(x, starts, ends, axes, steps):
+    big = 2 ** 62  # INT64_MAX / INT64_MIN stand for "to the end"
+    starts = [None if s <= -big else s for s in _as_list(starts)]
+    ends = [None if e >= big else e for e in _as_list(ends)]
     if _is_shape(x):
         return _as_list(x)[starts[0]:ends[0]:steps[0]]
     index = [slice(None)] * x.dim()
@@ -273,3 +276,68 @@ def dequantize_linear(q, scale, zero_point, axis: int):
     """ONNX DequantizeLinear of integers held in a float tensor."""
     scale, zero_point = _per_axis(scale, q, axis), _per_axis(zero_point, q, axis)
     return (q - zero_point) * scale
+
+
+@_rule("binary")
+def binary(a, b, op: str):
+    """Elementwise ``torch.<op>(a, b)`` for the comparison and min/max operators (shape lists
+    included, as shape arithmetic uses them)."""
+    if _is_shape(a) and _is_shape(b):
+        fn = {"maximum": max, "minimum": min, "eq": lambda x, y: int(x == y), "lt": lambda x, y: int(x < y),
+              "gt": lambda x, y: int(x > y), "le": lambda x, y: int(x <= y), "ge": lambda x, y: int(x >= y),
+              "fmod": lambda x, y: x % y}[op]
+        return _elementwise_list(a, b, fn)
+    if not isinstance(a, torch.Tensor):
+        a = torch.as_tensor(a, dtype=b.dtype if isinstance(b, torch.Tensor) else None)
+    return getattr(torch, op)(a, b)
+
+
+@_rule("binary")
+def where(cond, a, b):
+    return torch.where(cond.bool() if isinstance(cond, torch.Tensor) else torch.as_tensor(cond).bool(), a, b)
+
+
+@_rule("pass")
+def logical_not(x):
+    return torch.logical_not(x)
+
+
+@_rule("pass")
+def prelu(x, slope):
+    """ONNX PRelu with a slope that broadcasts from the last axis (not the channel axis)."""
+    return torch.where(x >= 0, x, x * slope)
+
+
+@_rule("pass")
+def gelu(x, approximate: str):
+    return F.gelu(x, approximate=approximate)
+
+
+@_rule("pass")
+def layer_norm(x, axis: int, weight, bias, eps: float):
+    """ONNX LayerNormalization over the axes from ``axis`` to the last."""
+    if axis < 0:
+        axis += x.dim()
+    return F.layer_norm(x, tuple(x.shape[axis:]), weight, bias, eps)
+
+
+@_rule("pass")
+def resize(x, scales, sizes, mode: str, align_corners: bool | None):
+    """ONNX Resize of the spatial axes, as F.interpolate computes it (the importer checks that the
+    coordinate and rounding modes are ones torch has)."""
+    if sizes is not None:
+        size = [int(s) for s in _as_list(sizes)[2:]]
+        return F.interpolate(x, size=size, mode=mode, align_corners=align_corners)
+    factors = [float(s) for s in _as_list(scales)[2:]]
+    return F.interpolate(x, scale_factor=factors, mode=mode, align_corners=align_corners,
+                         recompute_scale_factor=False)
+
+
+def tile(x, repeats):
+    return x.repeat(*[int(r) for r in _as_list(repeats)])
+
+
+def range_(start, limit, delta):
+    if all(isinstance(v, int) for v in (start, limit, delta)):
+        return list(range(start, limit, delta))
+    return torch.arange(start, limit, delta)
