@@ -69,6 +69,7 @@ def _inline_sequentials(gm: fx.GraphModule) -> fx.GraphModule:
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
     out = fx.GraphModule(gm, graph)
+    out.meta.update(gm.meta)
     for attr in ("input_shape",):
         if hasattr(gm, attr):
             setattr(out, attr, getattr(gm, attr))

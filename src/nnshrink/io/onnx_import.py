@@ -29,6 +29,8 @@ from torch import fx, nn
 
 from nnshrink.errors import FormatError, UnsupportedOpError
 from nnshrink.io import onnx_ops as ops
+from nnshrink.io import signature
+from nnshrink.io.onnx_rnn import OnnxRNN, reorder
 
 _SMALL_INT = 64  # int constants up to this many elements become Python literals
 
@@ -110,6 +112,7 @@ class _Converter:
         self.static_shapes: dict[str, tuple[int, ...]] = {}
         self.partial_shapes: dict[str, tuple[int | None, ...]] = {}  # None: a dynamic dim
         self.elem_types: dict[str, int] = {}
+        self.zeros: set[str] = set()  # outputs of ConstantOfShape with value 0
         for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
             t = vi.type.tensor_type
             if t.elem_type:
@@ -192,6 +195,7 @@ class _Converter:
         gm = fx.GraphModule(self.root, self.graph, class_name="OnnxModel")
         gm.input_shape = self._input_shape(inputs[0]) if inputs else None
         gm.onnx_input_names = [i.name for i in inputs]
+        signature.attach(gm, signature.from_proto(self.model, inputs))
         gm.eval()
         return gm
 
@@ -789,6 +793,8 @@ class _Converter:
         value = a.get("value")
         arr = self.numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
         dtype = torch.from_numpy(arr.reshape(-1)[:1].copy()).dtype
+        if float(arr.reshape(-1)[0]) == 0.0:
+            self.zeros.add(node.output[0])
         self.emit(node, ops.constant_of_shape, self.arg(node.input[0]), float(arr.reshape(-1)[0]), dtype)
 
     # -- operators: comparisons and selection (mostly in shape arithmetic) ---------------------
@@ -1039,25 +1045,23 @@ class _Converter:
         hidden = int(a["hidden_size"])
         dirs = 2 if direction == "bidirectional" else 1
         gates = 4 if kind == "LSTM" else 3
-        # ONNX gate order: LSTM i, o, f, c and GRU z, r, h; torch's: i, f, g(=c), o and r, z, n
-        order = [0, 2, 3, 1] if kind == "LSTM" else [1, 0, 2]
-
-        def reorder(m: np.ndarray) -> np.ndarray:
-            blocks = np.split(m, gates, axis=0)
-            return np.concatenate([blocks[i] for i in order], axis=0)
-
         layout = a.get("layout", 0)
         cls = nn.LSTM if kind == "LSTM" else nn.GRU
-        rnn = cls(w.shape[2], hidden, bidirectional=dirs == 2, batch_first=bool(layout), bias=True)
+        rnn = cls(w.shape[2], hidden, bidirectional=dirs == 2, batch_first=True, bias=True)
         with torch.no_grad():
             for d in range(dirs):
                 sfx = "_reverse" if d else ""
                 bias = b[d] if b is not None else np.zeros(2 * gates * hidden, np.float32)
-                getattr(rnn, f"weight_ih_l0{sfx}").copy_(_tensor(reorder(w[d])))
-                getattr(rnn, f"weight_hh_l0{sfx}").copy_(_tensor(reorder(r[d])))
-                getattr(rnn, f"bias_ih_l0{sfx}").copy_(_tensor(reorder(bias[: gates * hidden])))
-                getattr(rnn, f"bias_hh_l0{sfx}").copy_(_tensor(reorder(bias[gates * hidden:])))
-        states = [self.arg(i) if i else None for i in (inputs[5], inputs[6] if kind == "LSTM" else "")]
+                getattr(rnn, f"weight_ih_l0{sfx}").copy_(_tensor(reorder(w[d], kind, "torch")))
+                getattr(rnn, f"weight_hh_l0{sfx}").copy_(_tensor(reorder(r[d], kind, "torch")))
+                getattr(rnn, f"bias_ih_l0{sfx}").copy_(_tensor(reorder(bias[: gates * hidden], kind, "torch")))
+                getattr(rnn, f"bias_hh_l0{sfx}").copy_(_tensor(reorder(bias[gates * hidden:], kind, "torch")))
+        # zero initial states (exporters write ConstantOfShape zeros) are torch's default: leave
+        # them out, so the LSTM exports back without fixing the sequence length
+        states = [self.arg(i) if i and i not in self.zeros else None
+                  for i in (inputs[5], inputs[6] if kind == "LSTM" else "")]
+        while states and states[-1] is None:
+            states.pop()
         name = self.add_module(node, OnnxRNN(rnn, layout), kind.lower())
         out = self.graph.call_module(name, (self.arg(node.input[0]), *states))
         for i, o in enumerate(node.output):
@@ -1133,37 +1137,6 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
 
 def _getitem(seq, i: int):
     return seq[i]
-
-
-class OnnxRNN(nn.Module):
-    """A torch ``nn.LSTM``/``nn.GRU`` with ONNX's input and output layout: returns ``Y``
-    (``(seq, directions, batch, hidden)``, or batch first for ``layout=1``), ``Y_h`` and, for an
-    LSTM, ``Y_c``."""
-
-    def __init__(self, rnn: nn.LSTM | nn.GRU, layout: int = 0) -> None:
-        super().__init__()
-        self.rnn = rnn
-        self.layout = layout
-
-    def forward(self, x, h0=None, c0=None):
-        dirs = 2 if self.rnn.bidirectional else 1
-        if self.layout and h0 is not None:
-            h0 = h0.transpose(0, 1)
-            c0 = c0.transpose(0, 1) if c0 is not None else None
-        if isinstance(self.rnn, nn.LSTM):
-            state = None if h0 is None else (h0, c0 if c0 is not None else torch.zeros_like(h0))
-            y, (h, c) = self.rnn(x, state)
-        else:
-            y, h = self.rnn(x, h0)
-            c = None
-        a, b = y.shape[0], y.shape[1]
-        y = y.reshape(a, b, dirs, self.rnn.hidden_size)
-        if not self.layout:
-            y = y.permute(0, 2, 1, 3)  # (seq, dirs, batch, hidden)
-        else:
-            h = h.transpose(0, 1)
-            c = c.transpose(0, 1) if c is not None else None
-        return (y, h, c) if c is not None else (y, h)
 
 
 def _same_pads(size, kernel, strides, dilations, upper: bool) -> list[int]:

@@ -207,11 +207,12 @@ def transpose(x, perm):
 
 
 def softmax(x, axis: int, log: bool, legacy: bool):
-    if legacy:  # opset < 13: coerce to 2-D at `axis`, softmax over the flattened tail
-        shape = x.shape
-        flat = x.reshape(shape[:axis].numel(), -1)
-        out = torch.log_softmax(flat, dim=1) if log else torch.softmax(flat, dim=1)
-        return out.reshape(shape)
+    if axis < 0:
+        axis += x.dim()
+    if legacy and axis < x.dim() - 1:  # opset < 13: coerce to 2-D at `axis`, softmax over the tail
+        flat = x.flatten(axis) if axis else x.reshape(1, -1)
+        out = torch.log_softmax(flat, dim=axis) if log else torch.softmax(flat, dim=axis)
+        return out.reshape(x.shape)
     return torch.log_softmax(x, dim=axis) if log else torch.softmax(x, dim=axis)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnshrink.io import signature
 from nnshrink.errors import ConfigError
 from nnshrink.techniques.quant.sim import Op
 
@@ -213,6 +214,8 @@ class _Writer:
         opset = _OPSET if self.act_dtype == np.int8 else 21
         model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], producer_name="nnshrink")
         model.ir_version = 8 if opset == _OPSET else 10
+        if int_outputs is None:
+            signature.apply(model, signature.get(self.sim))
         return model
 
     def sim_input_shape(self) -> list:

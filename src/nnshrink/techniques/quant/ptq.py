@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnshrink.io import signature
 from nnshrink.errors import ConfigError
 from nnshrink.progress import progress_bar
 from nnshrink.techniques.quant.quantizers import WeightQuantizer
@@ -45,6 +46,7 @@ def build_sim(model: nn.Module, example_input: torch.Tensor, weight_bits: int = 
     sim = QuantSim(ops, layers, output, getattr(model, "input_shape", tuple(example_input.shape[1:])),
                    act_bits, act_symmetric, act_estimator)
     sim.target = target
+    signature.attach(sim, signature.get(model))  # the QDQ file keeps an imported model's interface
     names = {op.name for op in sim.layer_ops()}
     layer_bits = dict(layer_bits or {})
     unknown = sorted((set(layer_bits) | set(keep_float)) - names)
