@@ -149,9 +149,10 @@ def test_index_is_compressed_json_with_checksummed_parts(lenet5_nsz):
     with safe_open(str(path), "np") as f:
         meta = f.metadata()
         index = json.loads(zlib.decompress(f.get_tensor("__index__").tobytes()))
-    assert meta["format"] == "nnshrink.nsz" and meta["version"] == "2"
+    assert meta["format"] == "nnshrink.nsz" and meta["version"] == "3"
     entry = index["weights"]["conv2.weight"]
-    assert entry["kind"] == "quantized" and entry["bits"] == 8 and len(entry["stream"]) == 3
+    assert entry["kind"] == "quantized" and entry["fields"]["bits"] == 8
+    assert len(entry["parts"]["q"]["coded"]) == 3 and entry["parts"]["scale"]["dtype"] == "float32"
 
 
 class _PrunedDepthwise(torch.nn.Module):

@@ -32,7 +32,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def fold_bn(conv: nn.Conv1d | nn.Conv2d | nn.Linear, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+def fold_bn(conv: nn.Conv1d | nn.Conv2d | nn.Linear | nn.ConvTranspose2d, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
     """Return a new layer computing ``bn(conv(x))`` in inference mode.
 
     ``w' = w * gamma / sqrt(var + eps)`` per output channel and
@@ -56,6 +56,8 @@ def fold_bn(conv: nn.Conv1d | nn.Conv2d | nn.Linear, bn: nn.modules.batchnorm._B
         beta = bn.bias.double() if bn.bias is not None else 0.0
         new_bias = (bias - bn.running_mean.double()) * scale + beta
         shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+        if isinstance(conv, nn.modules.conv._ConvTransposeNd):  # weight (in, out, k...): outputs on axis 1
+            shape = (1, -1) + (1,) * (conv.weight.dim() - 2)
         fused.weight.copy_((conv.weight.double() * scale.reshape(shape)).to(conv.weight.dtype))
         if fused.bias is None:
             fused.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
@@ -65,7 +67,7 @@ def fold_bn(conv: nn.Conv1d | nn.Conv2d | nn.Linear, bn: nn.modules.batchnorm._B
 
 
 def fold_batchnorms(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
-    """Fold every batch norm that directly follows a conv or linear layer.
+    """Fold every batch norm that directly follows a conv, linear or (ungrouped) transposed conv.
 
     A pair is folded only when the layer's output feeds the batch norm alone; the batch norm is
     replaced by ``nn.Identity`` so module names stay stable. The input model is not changed.
@@ -84,7 +86,8 @@ def fold_batchnorms(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]
         if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
             continue
         layer = modules[src.target]
-        if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+        if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)) and not (
+                isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)) and layer.groups == 1):
             continue
         bn = modules[node.target]
         fused = fold_bn(layer, bn).train(layer.training)

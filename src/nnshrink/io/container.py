@@ -32,19 +32,18 @@ from nnshrink.codec import CodecConfig, decode, encode, entropy_bits, stream_inf
 from nnshrink.errors import CorruptDataError, FormatError
 from nnshrink.io.onnx_export import to_onnx
 from nnshrink.io.onnx_import import onnx_to_torch
-from nnshrink.techniques.cluster import CodebookRecord
-from nnshrink.techniques.records import record_of
-from nnshrink.techniques.weights import WeightQuant
+from nnshrink.techniques.records import Record, SparseRecord, kind_class, records_of
 
 FORMAT = "nnshrink.nsz"
-VERSION = 2  # 2: adds the "int" kind (integer tensors of QDQ graphs, entropy-coded)
-_READABLE = ("1", "2")
+VERSION = 3  # 2: adds the "int" kind (integer tensors of QDQ graphs); 3: records store themselves
+_READABLE = ("1", "2", "3")
 _GRAPH, _INDEX, _BLOB = "__graph__", "__index__", "__blob__"
 _DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64,
            "int32": np.int32, "int16": np.int16, "uint16": np.uint16, "int8": np.int8, "uint8": np.uint8,
            "bool": np.bool_}
 _CODED = (np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.uint16))
 _CODED_MIN = 64  # smaller integer tensors (zero points) are stored raw
+_SPARSE_MIN = 256  # float weights at least this large are tried as sparse when they hold zeros
 
 
 @dataclass(frozen=True)
@@ -82,14 +81,14 @@ def _crc(data: bytes) -> int:
     return zlib.crc32(data)
 
 
-def _integer_records(model: nn.Module) -> dict[str, tuple[WeightQuant | CodebookRecord, np.ndarray]]:
-    """Weight name -> (record, float weight) for every layer stored as integers: quantized
-    (:class:`WeightQuant`) or shared (:class:`CodebookRecord`), whose record still holds."""
+def _records(model: nn.Module) -> dict[str, tuple[Record, np.ndarray]]:
+    """Parameter name -> (record, float value) for every parameter stored as a record (quantized,
+    shared, ...), whose record still holds."""
     out = {}
     for name, module in model.named_modules():
-        record = record_of(module)
-        if record is not None:
-            out[f"{name}.weight" if name else "weight"] = (record, module.weight.detach().cpu().numpy())
+        for param, record in records_of(module).items():
+            key = f"{name}.{param}" if name else param
+            out[key] = (record, getattr(module, param).detach().cpu().numpy())
     return out
 
 
@@ -103,14 +102,63 @@ def _stream_report(name: str, kind: str, ints: np.ndarray, stream: bytes, side_b
                         tuple(sorted(set(info.block_modes))), info.models)
 
 
+def _view(array: np.ndarray, perm: list[int] | None) -> np.ndarray:
+    return array if perm is None else np.ascontiguousarray(array.transpose(perm))
+
+
+class _Blob:
+    def __init__(self, codec: CodecConfig | None) -> None:
+        self.data = bytearray()
+        self.codec = codec
+
+    def put(self, data: bytes) -> list[int]:
+        part = [len(self.data), len(data), _crc(data)]
+        self.data.extend(data)
+        return part
+
+    def put_array(self, array: np.ndarray) -> tuple[dict, bytes | None]:
+        """Integer arrays entropy-coded (returned as the stream), others raw little-endian."""
+        array = np.asarray(array)
+        if array.dtype in _CODED and array.size >= _CODED_MIN:
+            stream = encode(array, self.codec)
+            return {"coded": self.put(stream)}, stream
+        dtype = str(array.dtype)
+        if dtype not in _DTYPES:
+            raise FormatError(f"arrays of dtype {dtype} cannot be stored")
+        raw = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+        return {"raw": self.put(raw), "dtype": dtype, "shape": list(array.shape)}, None
+
+
+def _put_record(blob: _Blob, name: str, record: Record, shape, perm) -> tuple[dict, StreamReport]:
+    fields, arrays = record.to_parts()
+    parts, stream, ints, side = {}, None, None, 0
+    for key, array in arrays.items():
+        parts[key], coded = blob.put_array(array)
+        if coded is not None and stream is None:
+            stream, ints = coded, np.asarray(array)
+        else:
+            side += (parts[key].get("coded") or parts[key]["raw"])[1]
+    entry = {"kind": record.kind, "shape": list(shape), "fields": fields, "parts": parts}
+    if perm is not None:
+        entry["perm"] = perm
+    if stream is None:
+        report = StreamReport(name, record.kind, int(np.prod(shape)), side, side * 8 / max(1, int(np.prod(shape))),
+                              None, None)
+    else:
+        report = _stream_report(name, record.kind, ints, stream, side)
+    return entry, report
+
+
 def save(model: nn.Module, path: str | Path, example_input: torch.Tensor | None = None,
          codec: CodecConfig | None = None) -> list[StreamReport]:
     """Write ``model`` as an ``.nsz`` container, atomically.
 
-    Quantized layers (with a :class:`~nnshrink.techniques.weights.WeightQuant` record) are stored
-    as entropy-coded integer streams plus scales, shared layers (with a
-    :class:`~nnshrink.techniques.cluster.CodebookRecord`) as index streams plus codebooks; every
-    other weight as its raw tensor.
+    Every parameter with a record (:mod:`nnshrink.techniques.records`: quantized, shared, ...)
+    is stored as the record's parts, integer ones entropy-coded; it is found by name, or by value
+    where the exporter renamed or transposed it (a ``Linear`` on a sequence becomes a ``MatMul``
+    with the transposed weight). Integer tensors of a QDQ graph are entropy-coded as they are; a
+    float weight with enough exact zeros (a pruned layer left in float) is stored sparse
+    (positions coded, the non-zeros as they are) where that is smaller; the rest raw.
 
     Returns:
         Per-weight storage figures, measured from the bytes written.
@@ -119,56 +167,66 @@ def save(model: nn.Module, path: str | Path, example_input: torch.Tensor | None 
     from safetensors.numpy import save as st_save
 
     proto = to_onnx(model, example_input)
-    records = _integer_records(model)
-    by_value = {(w.shape, w.tobytes()): r for r, w in records.values()}
-    blob = bytearray()
+    records = _records(model)
+    by_value: dict[tuple, tuple[Record, list[int] | None]] = {}
+    for record, w in records.values():
+        by_value.setdefault((w.shape, w.tobytes()), (record, None))
+        if w.ndim == 2:
+            by_value.setdefault((w.T.shape, np.ascontiguousarray(w.T).tobytes()), (record, [1, 0]))
+    blob = _Blob(codec)
     index: dict[str, dict] = {}
     reports = []
-
-    def put(data: bytes) -> list[int]:
-        part = [len(blob), len(data), _crc(data)]
-        blob.extend(data)
-        return part
-
     for init in proto.graph.initializer:
         array = numpy_helper.to_array(init)
-        record = records.get(init.name, (None,))[0] or by_value.get((array.shape, array.tobytes()))
-        if record is not None and np.array_equal(record.dequantize(), array):
-            if isinstance(record, CodebookRecord):
-                kind, ints, side_key, side = "codebook", record.indices, "codebook", record.codebook
-                entry = {"bits": record.bits}
-            else:
-                kind, ints, side_key, side = "quantized", record.q, "scale", record.scale
-                entry = {"bits": record.bits, "axis": record.axis, "zero_point": record.zero_point}
-            stream = encode(ints, codec)
-            side_bytes = np.ascontiguousarray(side, dtype="<f4").tobytes()
-            index[init.name] = {"kind": kind, "shape": list(array.shape), **entry,
-                                "stream": put(stream), side_key: put(side_bytes)}
-            reports.append(_stream_report(init.name, kind, ints, stream, len(side_bytes)))
-        elif array.dtype in _CODED and array.size >= _CODED_MIN:
+        found = (records[init.name][0], None) if init.name in records else \
+            by_value.get((array.shape, array.tobytes()), (None, None))
+        record, perm = found
+        if record is not None and np.array_equal(_view(record.dequantize(), perm), array):
+            index[init.name], report = _put_record(blob, init.name, record, array.shape, perm)
+            reports.append(report)
+            continue
+        if array.dtype in _CODED and array.size >= _CODED_MIN:
             # integer tensors of a QDQ graph (int8 or uint8 weights): entropy-coded as they are
             stream = encode(array, codec)
             index[init.name] = {"kind": "int", "shape": list(array.shape), "dtype": str(array.dtype),
-                                "stream": put(stream)}
+                                "stream": blob.put(stream)}
             reports.append(_stream_report(init.name, "int", array, stream, 0))
-        else:
-            dtype = str(array.dtype)
-            if dtype not in _DTYPES:
-                raise FormatError(f"weight {init.name!r} has dtype {dtype}, which the container does not store")
-            raw = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
-            index[init.name] = {"kind": "raw", "shape": list(array.shape), "dtype": dtype, "data": put(raw)}
-            reports.append(StreamReport(init.name, "raw", array.size, len(raw), len(raw) * 8 / max(1, array.size),
-                                        None, None))
+            continue
+        if array.dtype == np.float32 and array.size >= _SPARSE_MIN and np.count_nonzero(array) < 0.8 * array.size:
+            trial = _Blob(codec)
+            entry, report = _put_record(trial, init.name, SparseRecord.of(array), array.shape, None)
+            if len(trial.data) < array.nbytes:
+                entry["parts"] = {k: _shift(v, len(blob.data)) for k, v in entry["parts"].items()}
+                blob.data.extend(trial.data)
+                index[init.name] = entry
+                reports.append(report)
+                continue
+        dtype = str(array.dtype)
+        if dtype not in _DTYPES:
+            raise FormatError(f"weight {init.name!r} has dtype {dtype}, which the container does not store")
+        raw = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+        index[init.name] = {"kind": "raw", "shape": list(array.shape), "dtype": dtype, "data": blob.put(raw)}
+        reports.append(StreamReport(init.name, "raw", array.size, len(raw), len(raw) * 8 / max(1, array.size),
+                                    None, None))
     del proto.graph.initializer[:]
     del proto.graph.value_info[:]  # shapes of intermediates: optional, and a third of the graph
     graph = zlib.compress(proto.SerializeToString(), 9)
     index_bytes = zlib.compress(json.dumps({"weights": index}, sort_keys=True, separators=(",", ":")).encode(), 9)
+    data = bytes(blob.data)
     tensors = {_GRAPH: np.frombuffer(graph, np.uint8), _INDEX: np.frombuffer(index_bytes, np.uint8),
-               _BLOB: np.frombuffer(bytes(blob), np.uint8)}
+               _BLOB: np.frombuffer(data, np.uint8)}
     metadata = {"format": FORMAT, "version": str(VERSION), "index_crc": str(_crc(index_bytes)),
-                "graph_crc": str(_crc(graph)), "blob_bytes": str(len(blob))}
+                "graph_crc": str(_crc(graph)), "blob_bytes": str(len(data))}
     atomic_write_bytes(path, st_save(tensors, metadata=metadata))
     return reports
+
+
+def _shift(part_entry: dict, offset: int) -> dict:
+    out = dict(part_entry)
+    for key in ("coded", "raw"):
+        if key in out:
+            out[key] = [out[key][0] + offset, *out[key][1:]]
+    return out
 
 
 def _open(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -232,38 +290,61 @@ def _check(path: Path, meta: dict, tensors: dict[str, np.ndarray]) -> tuple[dict
     return weights, graph, blob
 
 
+def _array(blob: bytes, part: dict, path: Path, what: str) -> np.ndarray:
+    if "coded" in part:
+        return decode(_part(blob, part["coded"], path, what), name=f"{path}: {what}")
+    dtype = np.dtype(_DTYPES[part["dtype"]]).newbyteorder("<")
+    shape = tuple(int(d) for d in part["shape"])
+    raw = _part(blob, part["raw"], path, what)
+    if len(raw) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+        raise CorruptDataError(f"{path}: {what} has {len(raw)} bytes for shape {shape}")
+    return np.frombuffer(raw, dtype).astype(dtype.newbyteorder("=")).reshape(shape)
+
+
+def _legacy_parts(entry: dict) -> tuple[dict, dict]:
+    """A version 1-2 entry of kind quantized or codebook, as fields and part locations."""
+    if entry["kind"] == "quantized":
+        fields = {k: entry[k] for k in ("bits", "axis", "zero_point")}
+        return fields, {"q": {"coded": entry["stream"]}, "scale": {"raw": entry["scale"], "dtype": "float32",
+                                                                    "shape": [entry["scale"][1] // 4]}}
+    return {"bits": entry["bits"]}, {"indices": {"coded": entry["stream"]},
+                                      "codebook": {"raw": entry["codebook"], "dtype": "float32",
+                                                   "shape": [entry["codebook"][1] // 4]}}
+
+
+def _record(path: Path, name: str, entry: dict, blob: bytes) -> Record:
+    cls = kind_class(entry["kind"])
+    if cls is None:
+        raise CorruptDataError(f"{path}: weight {name!r} has unknown kind {entry['kind']!r}")
+    if "parts" in entry:
+        fields, parts = entry["fields"], entry["parts"]
+    else:
+        fields, parts = _legacy_parts(entry)
+    arrays = {key: _array(blob, part, path, f"{key} of {name!r}") for key, part in parts.items()}
+    try:
+        return cls.from_parts(fields, arrays)
+    except ValueError as exc:
+        raise CorruptDataError(f"{path}: stored parts of {name!r} do not fit together ({exc})") from exc
+
+
 def _weights(path: Path, index: dict, blob: bytes) -> dict[str, np.ndarray]:
     out = {}
     for name, entry in index.items():
         try:
             shape = tuple(int(d) for d in entry["shape"])
-            if entry["kind"] == "raw":
-                dtype = np.dtype(_DTYPES[entry["dtype"]]).newbyteorder("<")
-                raw = _part(blob, entry["data"], path, f"weight {name!r}")
-                if len(raw) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-                    raise CorruptDataError(f"{path}: weight {name!r} has {len(raw)} bytes for shape {shape}")
-                array = np.frombuffer(raw, dtype).astype(dtype.newbyteorder("=")).reshape(shape)
-            elif entry["kind"] == "codebook":
-                idx = decode(_part(blob, entry["stream"], path, f"stream {name!r}"), name=f"{path}: {name}")
-                book = np.frombuffer(_part(blob, entry["codebook"], path, f"codebook of {name!r}"), "<f4").astype(np.float32)
-                if idx.shape != shape or idx.dtype != np.uint8 or (idx.size and int(idx.max()) >= book.size):
-                    raise CorruptDataError(f"{path}: stream {name!r} does not match its codebook or shape {shape}")
-                array = CodebookRecord(idx, book, int(entry["bits"])).dequantize()
-            elif entry["kind"] == "int":
+            kind = entry["kind"]
+            if kind == "raw":
+                array = _array(blob, {"raw": entry["data"], "dtype": entry["dtype"], "shape": shape}, path,
+                               f"weight {name!r}")
+            elif kind == "int":
                 array = decode(_part(blob, entry["stream"], path, f"stream {name!r}"), name=f"{path}: {name}")
-                if array.shape != shape or str(array.dtype) != entry["dtype"]:
-                    raise CorruptDataError(f"{path}: stream {name!r} does not match its recorded shape {shape} "
-                                           f"and type {entry['dtype']}")
-            elif entry["kind"] == "quantized":
-                q = decode(_part(blob, entry["stream"], path, f"stream {name!r}"), name=f"{path}: {name}")
-                scale = np.frombuffer(_part(blob, entry["scale"], path, f"scales of {name!r}"), "<f4").astype(np.float32)
-                axis = int(entry["axis"])
-                if q.shape != shape or not 0 <= axis < q.ndim or scale.shape != (q.shape[axis],):
-                    raise CorruptDataError(f"{path}: stream {name!r} does not match its recorded shape {shape}")
-                array = WeightQuant(q, scale, int(entry["zero_point"]), int(entry["bits"]), axis).dequantize()
+                if str(array.dtype) != entry["dtype"]:
+                    raise CorruptDataError(f"{path}: stream {name!r} does not match its recorded type {entry['dtype']}")
             else:
-                raise CorruptDataError(f"{path}: weight {name!r} has unknown kind {entry['kind']!r}")
-        except (KeyError, TypeError, ValueError) as exc:
+                array = _view(_record(path, name, entry, blob).dequantize(), entry.get("perm"))
+            if array.shape != shape:
+                raise CorruptDataError(f"{path}: stream {name!r} does not match its recorded shape {shape}")
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise CorruptDataError(f"{path}: the index entry of {name!r} is malformed ({exc})") from exc
         out[name] = array
     return out
@@ -310,12 +391,21 @@ def describe(path: str | Path) -> list[StreamReport]:
     reports = []
     for name, entry in index.items():
         count = int(np.prod(entry["shape"], dtype=np.int64))
-        if entry["kind"] == "raw":
+        kind = entry["kind"]
+        if kind == "raw":
             n = entry["data"][1]
             reports.append(StreamReport(name, "raw", count, n, n * 8 / max(1, count), None, None))
             continue
-        stream = _part(blob, entry["stream"], path, name)
-        side_key = {"quantized": "scale", "codebook": "codebook"}.get(entry["kind"])
-        side = entry[side_key][1] if side_key else 0
-        reports.append(_stream_report(name, entry["kind"], decode(stream, name=f"{path}: {name}"), stream, side))
+        if kind == "int":
+            stream = _part(blob, entry["stream"], path, name)
+            reports.append(_stream_report(name, kind, decode(stream, name=f"{path}: {name}"), stream, 0))
+            continue
+        parts = entry["parts"] if "parts" in entry else _legacy_parts(entry)[1]
+        coded = [p["coded"] for p in parts.values() if "coded" in p]
+        side = sum((p.get("coded") or p["raw"])[1] for p in parts.values()) - (coded[0][1] if coded else 0)
+        if not coded:
+            reports.append(StreamReport(name, kind, count, side, side * 8 / max(1, count), None, None))
+            continue
+        stream = _part(blob, coded[0], path, name)
+        reports.append(_stream_report(name, kind, decode(stream, name=f"{path}: {name}"), stream, side))
     return reports

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -20,11 +21,12 @@ from torch.nn.utils import parametrize
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import is_compressible
 from nnshrink.plan.config import StepConfig, StepResult
-from nnshrink.techniques.records import attach, record_of
+from nnshrink.techniques.records import attach, record_of, register
 
 INITS = ("linear", "density")
 
 
+@register
 @dataclass(frozen=True)
 class CodebookRecord:
     """``weight == codebook[indices]`` exactly.
@@ -39,8 +41,20 @@ class CodebookRecord:
     codebook: np.ndarray
     bits: int
 
+    kind: ClassVar[str] = "codebook"
+
     def dequantize(self) -> np.ndarray:
         return self.codebook[self.indices.astype(np.int64)].astype(np.float32)
+
+    def to_parts(self) -> tuple[dict, dict[str, np.ndarray]]:
+        return {"bits": self.bits}, {"indices": self.indices, "codebook": self.codebook.astype(np.float32)}
+
+    @classmethod
+    def from_parts(cls, fields: dict, arrays: dict[str, np.ndarray]) -> CodebookRecord:
+        idx, book = arrays["indices"], arrays["codebook"]
+        if idx.dtype != np.uint8 or (idx.size and int(idx.max()) >= book.size):
+            raise ValueError("the indices do not match the codebook")
+        return cls(idx, book.astype(np.float32), int(fields["bits"]))
 
 
 def codebook_record(module: nn.Module) -> CodebookRecord | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from torch import nn
@@ -18,8 +19,9 @@ from nnshrink.errors import ConfigError, UnsupportedModelError
 from nnshrink.graph.analysis import is_compressible
 from nnshrink.graph.surgery import fold_batchnorms
 from nnshrink.plan.config import StepConfig, StepResult
-from nnshrink.techniques.records import attach, record_of
+from nnshrink.techniques.records import attach, record_of, register
 
+@register
 @dataclass(frozen=True)
 class WeightQuant:
     """Integer form of a layer's weight: ``weight == (q - zero_point) * scale`` along ``axis``.
@@ -38,10 +40,23 @@ class WeightQuant:
     bits: int
     axis: int = 0
 
+    kind: ClassVar[str] = "quantized"
+
     def dequantize(self) -> np.ndarray:
         shape = [1] * self.q.ndim
         shape[self.axis] = -1
         return ((self.q.astype(np.int32) - self.zero_point).astype(np.float32) * self.scale.reshape(shape)).astype(np.float32)
+
+    def to_parts(self) -> tuple[dict, dict[str, np.ndarray]]:
+        return {"bits": self.bits, "axis": self.axis, "zero_point": self.zero_point}, \
+            {"q": self.q, "scale": self.scale.astype(np.float32)}
+
+    @classmethod
+    def from_parts(cls, fields: dict, arrays: dict[str, np.ndarray]) -> WeightQuant:
+        q, scale, axis = arrays["q"], arrays["scale"], int(fields["axis"])
+        if not 0 <= axis < q.ndim or scale.shape != (q.shape[axis],):
+            raise ValueError(f"{scale.size} scales do not fit integers of shape {q.shape} along axis {axis}")
+        return cls(q, scale.astype(np.float32), int(fields["zero_point"]), int(fields["bits"]), axis)
 
 
 def weight_quant(module: nn.Module) -> WeightQuant | None:
@@ -50,15 +65,30 @@ def weight_quant(module: nn.Module) -> WeightQuant | None:
     return record if isinstance(record, WeightQuant) else None
 
 
-def quantize_weights(layer: nn.Module, bits: int) -> WeightQuant:
-    """Quantize ``layer.weight`` in place per output channel, symmetric; return the record."""
-    w = layer.weight.detach().cpu().numpy().astype(np.float32)
+def quantize_weights(layer: nn.Module, bits: int, param: str = "weight", axis: int = 0) -> WeightQuant:
+    """Quantize ``layer.<param>`` in place per slice along ``axis`` (output channels), symmetric;
+    return the record."""
+    w = getattr(layer, param).detach().cpu().numpy().astype(np.float32)
     qmax = 2 ** (bits - 1) - 1
-    flat = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
+    flat = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
     scale = np.where(flat > 0, flat / qmax, 1.0).astype(np.float32)
-    shape = (-1,) + (1,) * (w.ndim - 1)
+    shape = [1] * w.ndim
+    shape[axis] = -1
     q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
-    return attach(layer, WeightQuant(q, scale, 0, bits, 0))
+    return attach(layer, WeightQuant(q, scale, 0, bits, axis), param)
+
+
+def weight_params(module: nn.Module) -> list[tuple[str, int]]:
+    """The ``(parameter, output axis)`` pairs weight-only quantization stores as integers:
+    ``weight`` of Conv/Linear (axis 0) and ConvTranspose (axis 1, its output channels), and the
+    input and recurrent matrices of LSTM/GRU layers (per gate row)."""
+    if is_compressible(module):
+        return [("weight", 0)]
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return [("weight", 1)]
+    if isinstance(module, nn.RNNBase):
+        return [(n, 0) for n, _ in module.named_parameters(recurse=False) if n.startswith("weight_")]
+    return []
 
 
 @dataclass(frozen=True)
@@ -86,11 +116,15 @@ class QuantizeWeights(StepConfig):
             new, folded = copy.deepcopy(model), []
         layers, skipped = {}, []
         for name, module in new.named_modules():
-            if not is_compressible(module):
+            params = weight_params(module)
+            if not params:
                 continue
             if name in self.exclude:
                 skipped.append({"layer": name, "reason": "excluded by the plan"})
                 continue
-            record = quantize_weights(module, self.bits)
-            layers[name] = {"bits": self.bits, "distinct_values": int(np.unique(record.q).size)}
+            records = [quantize_weights(module, self.bits, p, axis) for p, axis in params]
+            layers[name] = {"bits": self.bits,
+                            "distinct_values": max(int(np.unique(r.q).size) for r in records)}
+            if len(params) > 1:
+                layers[name]["params"] = [p for p, _ in params]
         return StepResult(self.kind, new, {"layers": layers, "folded": [list(p) for p in folded]}, skipped)
