@@ -58,6 +58,16 @@ def _paper(shape, rng: np.random.Generator) -> np.ndarray:
     return (base + grad + rng.normal(0, 0.03, shape)).astype(np.float32)
 
 
+def _blur(img: np.ndarray, radius: float) -> np.ndarray:
+    """Gaussian blur (a scanned or photographed line is never sharp)."""
+    from PIL import Image, ImageFilter
+
+    if radius < 0.3:
+        return img
+    pil = Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8))
+    return np.asarray(pil.filter(ImageFilter.GaussianBlur(radius)), np.float32) / 255.0
+
+
 def text_lines(n: int, seed: int, width: int | None = 128, min_len: int = 3, max_len: int = 8):
     """``n`` rendered digit strings as ``(n, 1, 32, width)`` images in [0, 1] (ink dark), the
     labels as ``(n, max_len)`` int64 class ids 1..10 padded with 0, and their lengths.
@@ -79,9 +89,10 @@ def text_lines(n: int, seed: int, width: int | None = 128, min_len: int = 3, max
                              np.float32) / 255.0
         canvas = _paper((LINE_HEIGHT, w), rng)
         x0 = int(rng.integers(0, w - ink.shape[1] + 1))
-        darkness = rng.uniform(0.5, 1.0)
+        darkness = rng.uniform(0.25, 1.0)
         canvas[:, x0:x0 + ink.shape[1]] -= (1.0 - ink) * darkness
-        images.append(np.clip(canvas, 0, 1)[None])
+        canvas = _blur(canvas, rng.uniform(0.0, 1.3)) + rng.normal(0, rng.uniform(0.02, 0.12), canvas.shape)
+        images.append(np.clip(canvas, 0, 1).astype(np.float32)[None])
         labels[i, :k] = [ALPHABET.index(c) + 1 for c in text]
         lengths[i] = k
     x = np.stack(images) if width else images
