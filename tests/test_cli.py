@@ -257,3 +257,83 @@ def test_labels_the_model_cannot_score_are_one_line(capsys, tmp_path):
     assert "labels up to 11" in line and "scores 10 classes" in line
     line = _one_line_error(capsys, "evaluate", "lenet5", "--data", str(tmp_path / "d.npz"))
     assert "nnshrink train lenet5 --data" in line  # never trained behind the user's back
+
+
+@pytest.fixture(scope="module")
+def dbnet_onnx(tmp_path_factory):
+    """An untrained DB-style detector as a third-party ONNX file (symbolic batch, height, width)."""
+    import onnx
+
+    from nnshrink.zoo import realistic
+    from nnshrink.zoo.realistic import exports
+
+    t = realistic.task("dbnet", scale=0.02)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("dbnet")
+    onnx.save(exports.export(t.build().eval(), t, "ts13"), str(folder / "dbnet.onnx"))
+    np.savez(folder / "calib.npz", input=t.calibration(24).numpy())
+    return folder
+
+
+def test_compress_with_unlabelled_calibration_reports_fidelity(capsys, tmp_path, dbnet_onnx):
+    out_path, report = tmp_path / "d.nsz", tmp_path / "d.json"
+    code, out, err = _run(capsys, "compress", str(dbnet_onnx / "dbnet.onnx"), "--plan", str(PLANS / "int8-weights.yaml"),
+                          "--out", str(out_path), "--report", str(report), "--calib", str(dbnet_onnx / "calib.npz"))
+    assert code == 0, err
+    doc = json.loads(report.read_text())
+    assert doc["before"]["accuracy"] is None and doc["after"]["metric"]["name"].startswith("output SQNR")
+    assert doc["after"]["metric"]["value"] > 30 and doc["after"]["fidelity"]["max_abs_error"] < 0.05
+    assert doc["sizes"]["float32"] / doc["sizes"]["container"] > 3.5 and "fidelity on 6 held-out" in out
+
+
+def test_compress_with_the_users_metric_and_a_folder_of_varying_inputs(capsys, tmp_path, dbnet_onnx):
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(64, 64), (48, 96), (64, 40)]):
+        np.save(folder / f"{i}.npy", np.random.default_rng(i).random((1, h, w), dtype=np.float32))  # one sample each
+    user = tmp_path / "metric.py"
+    user.write_text("import torch\n\ndef score(model):\n"
+                    "    with torch.no_grad():\n        return float(model(torch.full((1, 1, 32, 32), 0.5)).mean())\n")
+    out_path, report = tmp_path / "d.nsz", tmp_path / "d.json"
+    code, out, err = _run(capsys, "compress", str(dbnet_onnx / "dbnet.onnx"), "--plan", str(PLANS / "int8-weights.yaml"),
+                          "--out", str(out_path), "--report", str(report), "--calib", str(folder),
+                          "--eval", f"{user}:score")
+    assert code == 0, err
+    doc = json.loads(report.read_text())
+    assert doc["before"]["metric"]["name"] == f"{user}:score (yours)"
+    assert abs(doc["after"]["metric"]["value"] - doc["before"]["metric"]["value"]) < 0.01
+
+
+@pytest.mark.parametrize("case", ["eval-spec", "eval-missing", "npz-keys", "npy-rank", "calib-missing"])
+def test_calibration_and_metric_mistakes_are_one_line(capsys, tmp_path, dbnet_onnx, case):
+    args = ["compress", str(dbnet_onnx / "dbnet.onnx"), "--plan", str(PLANS / "int8-weights.yaml"),
+            "--out", str(tmp_path / "o.nsz"), "--report", str(tmp_path / "r.json")]
+    calib = str(dbnet_onnx / "calib.npz")
+    if case == "eval-spec":
+        args += ["--calib", calib, "--eval", "no_colon_here"]
+        expected = "module:function"
+    elif case == "eval-missing":
+        args += ["--calib", calib, "--eval", "json:no_such_function"]
+        expected = "has no function"
+    elif case == "npz-keys":
+        np.savez(tmp_path / "two.npz", a=np.zeros((2, 1, 8, 8), np.float32), b=np.zeros((2, 1, 8, 8), np.float32))
+        args += ["--calib", str(tmp_path / "two.npz")]
+        expected = "one key per input"
+    elif case == "npy-rank":
+        (tmp_path / "f").mkdir()
+        np.save(tmp_path / "f" / "x.npy", np.zeros((8, 8), np.float32))
+        args += ["--calib", str(tmp_path / "f")]
+        expected = "does not fit a model input of rank 4"
+    else:
+        args += ["--calib", str(tmp_path / "nothing.npz")]
+        expected = "no such file"
+    code, out, err = _run(capsys, *args)
+    assert code == 2 and expected in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2
+    assert not (tmp_path / "o.nsz").exists()
+
+
+def test_analyze_of_a_model_with_symbolic_sizes_names_input_shape(capsys, dbnet_onnx):
+    code, _, err = _run(capsys, "analyze", str(dbnet_onnx / "dbnet.onnx"))
+    assert code == 2 and "--input-shape" in err and "[N, 1, ?, ?]" in err
+    code, out, _ = _run(capsys, "analyze", str(dbnet_onnx / "dbnet.onnx"), "--input-shape", "1,64,96")
+    assert code == 0 and "(1, 1, 64, 96)" in out

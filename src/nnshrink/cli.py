@@ -101,15 +101,19 @@ def _check_fits(model, dataset) -> None:
 def analyze(model: Annotated[str, typer.Argument(help="Zoo name or model file.")],
             json_out: Annotated[bool, typer.Option("--json", help="Print the analysis as JSON (schema nnshrink.analysis/1).")] = False,
             groups: Annotated[bool, typer.Option("--groups", help="Also list channel dependency groups.")] = False,
-            input_shape: Annotated[str | None, typer.Option(help="C,H,W of one input, for models with dynamic dims.")] = None,
+            input_shape: Annotated[str | None, typer.Option(
+                help="One sample's shape (like 3,48,320), for models whose input has symbolic sizes.")] = None,
             data: DataOpt = "mnist") -> None:
     """Per-layer parameters, MACs and bytes of MODEL."""
     from nnshrink.data import load_dataset
     from nnshrink.graph import analyze as run_analysis, build_dependency_graph
 
     m = _resolve(model, data, show_progress=not json_out)
-    shape = load_dataset(data).input_shape if not input_shape and not _fixed(m) else None
-    x = _input_for(m, shape, input_shape)
+    if input_shape or _fixed(m) or model in _zoo_names():
+        shape = load_dataset(data).input_shape if not input_shape and not _fixed(m) else None
+        x = _input_for(m, shape, input_shape)
+    else:
+        x = _example_for(m, None)
     result = run_analysis(m, x)
     deps = build_dependency_graph(m, x) if groups else None
     if json_out:
@@ -123,6 +127,12 @@ def analyze(model: Annotated[str, typer.Argument(help="Zoo name or model file.")
     print_analysis(out, result, f"{model}: input {tuple(x.shape)}")
     if deps is not None:
         _print_groups(deps)
+
+
+def _zoo_names() -> tuple[str, ...]:
+    from nnshrink import zoo
+
+    return zoo.NAMES
 
 
 def _fixed(model) -> bool:
@@ -219,36 +229,123 @@ def _check_outputs(inputs: list[str | Path], **outputs: Path | None) -> None:
             raise ConfigError(f"{opt} {path} cannot be written (no write permission or a read-only file system)")
 
 
+def _declared(model) -> tuple[str | None, tuple | None]:
+    """The name and per-sample shape (None where symbolic) of the model's input, as declared."""
+    from nnshrink.io import signature
+
+    sig = signature.get(model)
+    if sig is not None and sig.inputs:
+        name, dims = sig.inputs[0]
+        return name, (tuple(d if isinstance(d, int) else None for d in dims[1:]) if dims else None)
+    shape = getattr(model, "input_shape", None)
+    return None, tuple(shape) if shape else None
+
+
+def _example_for(model, input_shape: str | None, batches=None, dataset=None):
+    """One input for MODEL: --input-shape, else the shape the model declares, else the
+    calibration data's or the dataset's; a model with symbolic dims and nothing else to go by
+    is an error that names --input-shape."""
+    import torch
+
+    if input_shape:
+        return _input_for(model, None, input_shape)
+    _, dims = _declared(model)
+    if dims and all(isinstance(d, int) for d in dims):
+        return torch.zeros((1, *dims))
+    if batches:
+        return batches[0][:1].clone()
+    if dataset is not None:
+        return torch.zeros((1, *dataset.input_shape))
+    shown = "[N, " + ", ".join(str(d) if d is not None else "?" for d in dims or ()) + "]"
+    raise InputShapeError(f"the model declares its input as {shown}, with symbolic sizes; pass --input-shape "
+                          f"with one sample's shape (like --input-shape {','.join(str(d or 64) for d in dims or (1,))})")
+
+
+def _split_held_out(batches: list) -> tuple[list, list]:
+    """Calibration batches and the held-out quarter (at least one) that fidelity is measured on."""
+    if len(batches) == 1:
+        x = batches[0]
+        if len(x) < 2:
+            return batches, batches
+        k = max(1, len(x) // 4)
+        return [x[:-k]], [x[-k:]]
+    k = max(1, len(batches) // 4)
+    return batches[:-k], batches[-k:]
+
+
 @app.command()
 @_errors
 def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file.")],
              plan: Annotated[Path, typer.Option("--plan", help="Plan YAML (see examples/plans/).")],
              out_path: Annotated[Path, typer.Option("--out", help="Container (.nsz) to write.")],
              report: Annotated[Path, typer.Option("--report", help="Report JSON to write.")],
-             data: DataOpt = "mnist", seed: int = 0) -> None:
-    """Run PLAN on MODEL, write the container OUT and a report measured from OUT to REPORT."""
+             data: DataOpt = "mnist",
+             calib: Annotated[Path | None, typer.Option(
+                 "--calib", help="Unlabelled inputs instead of --data: an .npz (one key per model input) or a "
+                                 "folder of .npy files; shapes may vary.")] = None,
+             eval_spec: Annotated[str | None, typer.Option(
+                 "--eval", help="Your metric, module:function or file.py:function, evaluate(model) -> float, "
+                                "higher is better.")] = None,
+             input_shape: Annotated[str | None, typer.Option(
+                 help="One sample's shape (like 3,48,320), where the model's is symbolic.")] = None,
+             seed: int = 0) -> None:
+    """Run PLAN on MODEL, write the container OUT and a report measured from OUT to REPORT.
+
+    With --data (labelled images) the metric is top-1 accuracy on its test split; with --eval it is
+    yours; with --calib and no --eval it is fidelity to MODEL on held-out calibration inputs."""
     from nnshrink import zoo
     from nnshrink.data import load_dataset
+    from nnshrink.data.calib import fidelity, load_calib, load_evaluator, sqnr_evaluator
     from nnshrink.graph import analyze as run_analysis
     from nnshrink.io import describe, load, save
     from nnshrink.plan import Plan, compress as run_plan
     from nnshrink.report import compress_report, layer_rows, summary, write_json
 
-    _check_outputs([model, plan, data], out=out_path, report=report)
+    _check_outputs([model, plan, data if calib is None else calib, eval_spec.rpartition(":")[0] if eval_spec else None],
+                   out=out_path, report=report)
     the_plan = Plan.from_yaml(plan)
     if out_path.suffix.lower() != ".nsz":
         raise ConfigError(f"--out must be an .nsz container, got {out_path.name} (use 'nnshrink export' for ONNX)")
-    dataset = load_dataset(data)
+    user_eval = load_evaluator(eval_spec) if eval_spec else None
+    dataset = load_dataset(data) if calib is None else None
     m = _resolve(model, data)
-    _check_fits(m, dataset)
+    held = fit = None
+    if dataset is not None:
+        _check_fits(m, dataset)
+        x = _example_for(m, input_shape, dataset=dataset)
+        metric_name = f"top-1 accuracy (test split of {dataset.name})"
+        evaluate = user_eval or zoo.make_evaluator(dataset, "val")
+        train = zoo.make_trainer(dataset, seed=seed)
+        calib_source = dataset.loader("train", batch_size=64, shuffle=True, seed=seed)
+
+        def score(model_):
+            return user_eval(model_) if user_eval else zoo.accuracy(model_, dataset, "test")
+    else:
+        name, dims = _declared(m)
+        batches = load_calib(calib, name, None if dims is None else len(dims) + 1)
+        x = _example_for(m, input_shape, batches)
+        fit, held = _split_held_out(batches)
+        metric_name = "output SQNR (dB) against MODEL on held-out --calib inputs"
+        import copy as _copy
+
+        reference = _copy.deepcopy(m).eval()
+        evaluate = user_eval or sqnr_evaluator(reference, held)
+        train, calib_source = None, fit
+
+        def score(model_):
+            if user_eval:
+                return user_eval(model_)
+            return None if model_ is m else fidelity(reference, model_, held)["output_sqnr_db"]
+    if user_eval:
+        metric_name = f"{eval_spec} (yours)"
     import torch
 
-    x = torch.zeros((1, *dataset.input_shape))
     before_info = run_analysis(m, x)
-    before = summary(before_info, zoo.accuracy(m, dataset, "test"), before_info.total_bytes)
-    result = run_plan(m, the_plan, x, evaluate=zoo.make_evaluator(dataset, "val"),
-                      train=zoo.make_trainer(dataset, seed=seed),
-                      calib=dataset.loader("train", batch_size=64, shuffle=True, seed=seed))
+    before_value = score(m)
+    labelled = dataset is not None and not user_eval  # "accuracy" keeps its meaning in the report
+    before = summary(before_info, before_value if labelled else None, before_info.total_bytes)
+    before["metric"] = {"name": metric_name, "value": before_value}
+    result = run_plan(m, the_plan, x, evaluate=evaluate, train=train, calib=calib_source)
     # the report is measured from the file written, read back from disk, never from memory
     with spinner(f"writing {out_path.name}"):
         save(result.model, out_path, x.repeat(2, *([1] * (x.dim() - 1))))
@@ -256,19 +353,32 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
         written = load(out_path)
         streams = describe(out_path)
     after_info = run_analysis(written, x)
-    after = summary(after_info, zoo.accuracy(written, dataset, "test"), out_path.stat().st_size)
+    after_value = score(written)
+    after = summary(after_info, after_value if labelled else None, out_path.stat().st_size)
+    after["metric"] = {"name": metric_name, "value": after_value}
+    if held is not None:
+        after["fidelity"] = fidelity(reference, written, held)
     if _sha256(out_path) != digest:  # another run wrote the same --out meanwhile
         raise ConfigError(f"{out_path} changed while this run measured it (another run writing the same --out?); "
                           "the report was not written")
     steps = [{"step": r.step, "details": r.details, "skipped": r.skipped} for r in result.steps]
-    doc = compress_report(model, the_plan.to_dict(), dataset.name, before, after,
-                          layer_rows(before_info, after_info, streams), steps, str(out_path), "nsz",
+    doc = compress_report(model, the_plan.to_dict(), dataset.name if dataset is not None else str(calib),
+                          before, after, layer_rows(before_info, after_info, streams), steps, str(out_path), "nsz",
                           streams)
     doc["container_sha256"] = digest
     write_json(report, doc)
     sizes = doc["sizes"]
-    out.print(f"{model}: accuracy {before['accuracy']:.2%} -> {after['accuracy']:.2%}, "
+
+    def shown(v):
+        return "n/a" if v is None else (f"{v:.2%}" if labelled else f"{v:.4g}")
+
+    out.print(f"{model}: {metric_name} {shown(before['metric']['value'])} -> {shown(after_value)}, "
               f"MACs {before['macs']:,} -> {after['macs']:,}")
+    if held is not None:
+        f = after["fidelity"]
+        agree = "n/a" if f["top1_agreement"] is None else f"{f['top1_agreement']:.2%}"
+        out.print(f"fidelity on {sum(len(b) for b in held)} held-out inputs: top-1 agreement {agree}, "
+                  f"max abs error {f['max_abs_error']:.3g}")
     ratio = sizes["float32"] / sizes["container"]
     than = f"{ratio:.1f}x smaller than float32" if ratio >= 1.05 else \
         f"{sizes['container'] / sizes['float32']:.3f}x the float32 bytes: not smaller"

@@ -108,8 +108,9 @@ def compress(model: nn.Module, plan: Plan, example_input: torch.Tensor,
         evaluate: ``evaluate(model) -> float``, higher is better, on validation data: steps that
             choose between candidates score them with it.
         train: ``train(model, steps) -> model``, for steps that fine-tune or retrain.
-        calib: Batches of inputs (or ``(input, label)`` pairs) for calibration and for the
-            activations that sensitivity curves and reconstruction sample.
+        calib: Inputs for calibration and for the activations that sensitivity curves and
+            reconstruction sample: a tensor, a list of tensors or of ``(input, target)`` tuples
+            (batches may differ in shape), a DataLoader, or a callable returning one of these.
 
     Returns:
         The compressed model (``.model``) and each step's result (``.steps``: details and the
@@ -119,8 +120,10 @@ def compress(model: nn.Module, plan: Plan, example_input: torch.Tensor,
         ConfigError: A step needs something that was not given (``calib``, ``train``), or a
             setting does not fit the model.
     """
+    from nnshrink.data.calib import as_source
+
     current = copy.deepcopy(model).eval()
-    ctx = Context(example_input, evaluate, train, calib, copy.deepcopy(current))
+    ctx = Context(example_input, evaluate, train, as_source(calib), copy.deepcopy(current))
     results = []
     for step in plan.steps:
         result = step.apply(current, ctx)
