@@ -157,3 +157,29 @@ def test_metrics_score_what_they_name():
     assert R.mask_iou(torch.tensor([0.9, 0.9, 0.1]), torch.tensor([1.0, 0.0, 0.0])) == 0.5
     with pytest.raises(ns.ConfigError, match="unknown realistic-zoo model"):
         R.task("resnet")
+
+
+def test_imported_models_survive_torch_save_and_ns_save(tmp_path):
+    import io
+
+    t = R.task("crnn", scale=0.01)
+    torch.manual_seed(0)
+    gm = onnx_to_torch(E.export(t.build().eval(), t, "ts13"))
+    x = torch.rand(2, 1, 32, 72)
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)  # a whole module: only from a trusted file
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), gm(x), rtol=0, atol=0)
+    assert ns.io.signature.get(back) == ns.io.signature.get(gm)
+    buf = io.BytesIO()
+    torch.save(gm.state_dict(), buf)
+    buf.seek(0)
+    fresh = onnx_to_torch(E.export(t.build().eval(), t, "ts13"))
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    ns.save(gm, tmp_path / "m.nsz", E.example(t))
+    again = ns.load(tmp_path / "m.nsz")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), gm(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fresh(x), gm(x), rtol=0, atol=0)

@@ -23,8 +23,34 @@ def _user_frame(exc: BaseException) -> str | None:
     return None
 
 
+def concrete_args(model: nn.Module) -> dict | None:
+    """``forward``'s arguments after the first, at their defaults (a ``forward(x, flag=False)``
+    traces as ``flag=False``, the branch the model runs when called as ``model(x)``, as every
+    technique and the exporter call it); None if it takes one input.
+
+    To compress the model as it runs with other values, wrap it in a module whose ``forward(x)``
+    passes them: the trace and every call then agree.
+    """
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    out = {}
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is not p.empty:
+            out[p.name] = p.default
+    return out or None
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Capture ``model`` as a torch.fx graph.
+
+    Arguments of ``forward`` after the first are traced as constants, at their defaults
+    (:func:`concrete_args`).
 
     A model that already is a ``GraphModule`` (an imported ONNX model, say) is returned as it is,
     except that calls of an ``nn.Sequential`` which a structural edit put into it (Spatial SVD's
@@ -37,7 +63,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule):
         return _inline_sequentials(model)
     try:
-        return fx.symbolic_trace(model)
+        return fx.symbolic_trace(model, concrete_args=concrete_args(model))
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
         where = _user_frame(exc)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -95,3 +95,57 @@ def fold_batchnorms(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]
         replace_module(new, node.target, nn.Identity())
         folded.append((src.target, node.target))
     return new, folded
+
+
+def fold_batchnorms_eager(model: nn.Module, example_input) -> tuple[nn.Module, list[tuple[str, str]]]:
+    """:func:`fold_batchnorms` for models torch.fx cannot trace: pairs found by running the model
+    once with hooks (a batch norm whose input is exactly a conv/linear layer's output tensor),
+    each fold kept only if the model's outputs on ``example_input`` stay the same (a conv output
+    that something else also reads would change them)."""
+    import torch
+
+    from nnshrink.graph.analysis import run_forward
+
+    new = copy.deepcopy(model).eval()
+    names = {m: n for n, m in new.named_modules()}
+    produced: dict[int, str] = {}
+    pairs: list[tuple[str, str]] = []
+    layer_types = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d)
+
+    def hook(module, args, output):
+        if isinstance(module, layer_types) and isinstance(output, torch.Tensor):
+            produced[id(output)] = names[module]
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and args and id(args[0]) in produced:
+            pairs.append((produced[id(args[0])], names[module]))
+
+    handles = [m.register_forward_hook(hook) for m in new.modules() if m is not new]
+    try:
+        with torch.no_grad():
+            reference = run_forward(new, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    modules = dict(new.named_modules())
+    folded = []
+    for layer_name, bn_name in dict.fromkeys(pairs):
+        layer, bn = modules[layer_name], modules[bn_name]
+        if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)) and layer.groups != 1:
+            continue
+        replace_module(new, layer_name, fold_bn(layer, bn).train(layer.training))
+        replace_module(new, bn_name, nn.Identity())
+        with torch.no_grad():
+            now = run_forward(new, example_input)
+        if _same(reference, now):
+            folded.append((layer_name, bn_name))
+        else:  # the layer's output is read elsewhere too: undo
+            replace_module(new, layer_name, layer)
+            replace_module(new, bn_name, bn)
+    return new, folded
+
+
+def _same(a, b) -> bool:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    return all(_same(x, y) for x, y in zip(a, b))

@@ -1135,6 +1135,7 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
 
 
+@ops._leaf
 def _getitem(seq, i: int):
     return seq[i]
 

@@ -342,3 +342,34 @@ def range_(start, limit, delta):
     if all(isinstance(v, int) for v in (start, limit, delta)):
         return list(range(start, limit, delta))
     return torch.arange(start, limit, delta)
+
+
+# -- leaves for torch.fx --------------------------------------------------------------------------
+# torch.load of a GraphModule traces its generated code again (fx's KeepModules tracer); these
+# helpers run Python logic on shapes and cannot be traced through, so each one, called with an fx
+# Proxy, records itself as one call instead (what torch.fx.wrap does for a module's globals,
+# which does not reach the globals of a GraphModule's generated code).
+def _leaf(fn):
+    import functools
+
+    from torch import fx
+
+    @functools.wraps(fn)
+    def helper(*args, **kwargs):
+        for a in (*args, *kwargs.values(), *(x for a in args if isinstance(a, (list, tuple)) for x in a)):
+            if isinstance(a, fx.Proxy):
+                return a.tracer.create_proxy("call_function", helper, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return helper
+
+
+def _wrap_helpers(names: dict) -> None:
+    import types
+
+    for key, value in list(names.items()):
+        if isinstance(value, types.FunctionType) and value.__module__ == __name__ and not key.startswith("_"):
+            names[key] = _leaf(value)
+
+
+_wrap_helpers(globals())

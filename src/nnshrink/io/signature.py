@@ -3,8 +3,9 @@ drops in where the source ran: input and output names, symbolic dimensions, opse
 ``metadata_props`` (where OCR models keep their vocabulary, detectors their labels).
 
 The signature rides on the model: in ``GraphModule.meta`` for imported graphs (which
-``copy.deepcopy`` keeps, unlike plain attributes) and as an attribute of other modules (a
-quantized model built from an imported one).
+``copy.deepcopy`` keeps, unlike plain attributes) and as an attribute (which ``torch.save``
+keeps, unlike ``meta``), and as an attribute of other modules (a quantized model built from an
+imported one).
 """
 
 from __future__ import annotations
@@ -57,8 +58,7 @@ def attach(model: nn.Module, sig: Signature | None) -> None:
     meta = getattr(model, "meta", None)
     if isinstance(meta, dict):
         meta[KEY] = sig
-    else:
-        setattr(model, KEY, sig)
+    setattr(model, KEY, sig)  # torch.save keeps attributes of a GraphModule, but not its meta
 
 
 def get(model: nn.Module) -> Signature | None:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from nnshrink.errors import ConfigError
-from nnshrink.graph.surgery import fold_batchnorms
+from nnshrink.errors import ConfigError, UnsupportedModelError
+from nnshrink.graph.surgery import fold_batchnorms, fold_batchnorms_eager
 from nnshrink.plan.config import StepConfig, StepResult
 
 
@@ -19,10 +19,15 @@ class FoldBatchNorm(StepConfig):
     kind = "fold_batchnorm"
 
     def apply(self, model: nn.Module, ctx) -> StepResult:
-        new, folded = fold_batchnorms(model)
+        try:
+            new, folded = fold_batchnorms(model)
+            how = "graph"
+        except UnsupportedModelError:  # untraceable: pairs found by running it once, each fold checked
+            new, folded = fold_batchnorms_eager(model, ctx.example_input)
+            how = "eager (torch.fx cannot trace the model; each fold checked on the example input)"
         skipped = [{"layer": name, "reason": "batch norm does not directly follow a single-use conv/linear"}
                    for name, m in new.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        return StepResult(self.kind, new, {"folded": [list(p) for p in folded]}, skipped)
+        return StepResult(self.kind, new, {"folded": [list(p) for p in folded], "found_by": how}, skipped)
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,9 @@ def export(model: nn.Module, t: Task, form: str):
     model = model.eval()
     x = example(t)
     outputs = OUTPUTS.get(t.name, ["output"])
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    from nnshrink.io.onnx_export import _quiet_exporter
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_exporter():
         warnings.simplefilter("ignore")
         if form == "dynamo18":
             dims = {0: torch.export.Dim.DYNAMIC, **{k: torch.export.Dim.DYNAMIC for k in t.dynamic}}
