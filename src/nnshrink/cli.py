@@ -60,7 +60,15 @@ def _resolve(spec: str, data: str, show_progress: bool = True):
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"MODEL {spec!r} is neither a zoo model ({', '.join(zoo.NAMES)}) nor an existing file")
-    return load_model(path)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_model(path)
+    for w in caught:  # one line each, not Python's warning format
+        if "kept as they are" in str(w.message):
+            err.print(f"note: {w.message}", markup=False, highlight=False, soft_wrap=True)
+    return model
 
 
 def _input_for(model, dataset_shape, input_shape: str | None):

@@ -185,3 +185,56 @@ def test_export_is_atomic_and_leaves_no_partial_file(tmp_path):
         export_onnx(zoo.build("lenet5"), target, torch.zeros(1, 3, 28, 28))
     assert target.read_bytes() == b"keep me"
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_ops_without_a_converter_are_kept_and_run_by_onnx_runtime(tmp_path):
+    """An ONNX Runtime contrib op and a standard op nnshrink has no converter for sit between two
+    convs: the convs are still compressed, the nodes are written back as they were."""
+    import io
+    import warnings
+
+    import onnxruntime as ort
+
+    import nnshrink as ns
+    from nnshrink.io import to_onnx
+    from nnshrink.plan import Plan
+    from nnshrink.techniques import QuantizeWeights
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "c1.weight"),
+             numpy_helper.from_array(rng.normal(size=(4, 8, 1, 1)).astype(np.float32), "c2.weight")]
+    nodes = [helper.make_node("Conv", ["x", "c1.weight"], ["a"], pads=[1, 1, 1, 1], name="c1"),
+             helper.make_node("Gelu", ["a"], ["b"], domain="com.microsoft", name="gelu_ms"),
+             helper.make_node("Einsum", ["b", "b"], ["c"], equation="nchw,nchw->nchw", name="square"),
+             helper.make_node("Conv", ["c", "c2.weight"], ["y"], name="c2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "H", "W"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = load_model(path)
+    kept = [str(w.message) for w in caught if "kept as they are" in str(w.message)]
+    assert kept == ["kept as they are, run by ONNX Runtime (not compressed, no gradients): "
+                    "Einsum (1 node), com.microsoft.Gelu (1 node)"]
+    source = ort.InferenceSession(str(path))
+    for shape in [(2, 3, 10, 12), (1, 3, 5, 7)]:
+        x = torch.rand(shape)
+        with torch.no_grad():
+            np.testing.assert_allclose(gm(x).numpy(), source.run(None, {"x": x.numpy()})[0], atol=1e-4)
+    x = torch.rand(2, 3, 10, 12)
+    back = to_onnx(gm, x)
+    assert [(n.op_type, n.domain) for n in back.graph.node] == [("Conv", ""), ("Gelu", "com.microsoft"),
+                                                                ("Einsum", ""), ("Conv", "")]
+    again = ort.InferenceSession(back.SerializeToString())
+    x2 = torch.rand(3, 3, 7, 9)
+    np.testing.assert_allclose(again.run(None, {"x": x2.numpy()})[0], source.run(None, {"x": x2.numpy()})[0], atol=1e-4)
+    result = ns.compress(gm, Plan([QuantizeWeights(bits=8)]), x)
+    kinds = {r.name: r.kind for r in ns.save(result.model, tmp_path / "m.nsz", x)}
+    assert kinds == {"c1.weight": "quantized", "c2.weight": "quantized"}
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    with torch.no_grad():
+        assert torch.equal(torch.load(buf, weights_only=False)(x), gm(x))

@@ -16,7 +16,7 @@ from nnshrink.cache import atomic_write_bytes
 from nnshrink.errors import ConfigError, UnsupportedModelError
 from nnshrink.graph.analysis import run_forward
 from nnshrink.io import signature
-from nnshrink.io.onnx_rnn import TRANSLATIONS
+from nnshrink.io import onnx_opaque, onnx_rnn
 
 
 def to_onnx(model: nn.Module, example_input: torch.Tensor | None = None, dynamic_batch: bool = True,
@@ -67,7 +67,8 @@ def to_onnx(model: nn.Module, example_input: torch.Tensor | None = None, dynamic
                                         dynamic_shapes=(dims,) if dims else None,
                                         opset_version=opset, input_names=names,
                                         output_names=outputs or ["output"], external_data=False, verbose=False,
-                                        custom_translation_table=TRANSLATIONS)
+                                        custom_translation_table={**onnx_rnn.TRANSLATIONS,
+                                                                          **onnx_opaque.TRANSLATIONS})
     except Exception as exc:  # the exporter raises a wide variety of internal errors
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UnsupportedModelError(f"ONNX export of {type(model).__name__} failed: {first}") from exc

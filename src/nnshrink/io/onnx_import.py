@@ -101,6 +101,9 @@ class _Converter:
             model = onnx.shape_inference.infer_shapes(model)
         except Exception:  # shape inference is a help for ranks, never a requirement
             pass
+        if any(n.domain not in ("", "ai.onnx") or not hasattr(self, f"op_{n.op_type}") for n in model.graph.node
+               if n.op_type != "Constant"):
+            model = _ort_shapes(model)  # nodes kept as they are need output shapes ONNX may not infer
         self.model = model
         self.graph = fx.Graph()
         self.root: dict[str, nn.Module | torch.Tensor] = {}  # qualified name -> module or buffer
@@ -113,6 +116,8 @@ class _Converter:
         self.partial_shapes: dict[str, tuple[int | None, ...]] = {}  # None: a dynamic dim
         self.elem_types: dict[str, int] = {}
         self.zeros: set[str] = set()  # outputs of ConstantOfShape with value 0
+        self.opaque: Counter = Counter()  # op type -> nodes kept as they are
+        self.dim_names: dict[str, tuple] = {}  # value -> dims: int, symbol name, or None
         for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
             t = vi.type.tensor_type
             if t.elem_type:
@@ -121,6 +126,8 @@ class _Converter:
                 self.ranks[vi.name] = len(t.shape.dim)
                 dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
                 self.partial_shapes[vi.name] = tuple(dims)
+                self.dim_names[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                                for d in t.shape.dim)
                 if all(d is not None for d in dims):
                     self.static_shapes[vi.name] = tuple(dims)
         self.uses = Counter(i for n in model.graph.node for i in n.input if i)
@@ -196,6 +203,12 @@ class _Converter:
         gm.input_shape = self._input_shape(inputs[0]) if inputs else None
         gm.onnx_input_names = [i.name for i in inputs]
         signature.attach(gm, signature.from_proto(self.model, inputs))
+        gm.nnshrink_opaque = dict(self.opaque)
+        if self.opaque:
+            import warnings
+
+            warnings.warn(f"kept as they are, run by ONNX Runtime (not compressed, no gradients): {opaque_summary(gm)}",
+                          stacklevel=3)
         gm.eval()
         return gm
 
@@ -226,7 +239,8 @@ class _Converter:
                 self.env[o] = _Value("bad")
             return
         if node.domain not in ("", "ai.onnx"):
-            self._unsupported(node, f"{node.domain}.{node.op_type}")
+            if not self._opaque(node):
+                self._unsupported(node, f"{node.domain}.{node.op_type}")
             return
         if node.op_type == "Constant":
             self.env[node.output[0]] = _Value("const", const=self._constant(node))
@@ -241,9 +255,54 @@ class _Converter:
                     self.env[o] = _Value("const", const=arr)
                 return
         if handler is None:
-            self._unsupported(node, node.op_type)
+            if not self._opaque(node):
+                self._unsupported(node, node.op_type)
             return
         handler(node, self.attrs(node))
+
+    def _opaque(self, node) -> bool:
+        """Keep a node without a converter as it is, run by ONNX Runtime (:mod:`onnx_opaque`);
+        False where that cannot be done (subgraph attributes, shape values, unknown ranks)."""
+        onnx = self.onnx
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return False
+        names = list(node.input)
+        while names and not names[-1]:
+            names.pop()
+        if any(not n for n in names) or any(self.env[n].kind == "shape" for n in names):
+            return False
+        in_dims = [self.dim_names.get(n) for n in names]
+        outputs = []
+        for o in node.output:
+            dims = self.dim_names.get(o)
+            if dims is None:
+                return False
+            meta = []
+            for d in dims:
+                if isinstance(d, int):
+                    meta.append(d)
+                    continue
+                hit = next(((i, j) for i, ds in enumerate(in_dims) if ds for j, e in enumerate(ds)
+                            if isinstance(d, str) and e == d), None)
+                meta.append(list(hit) if hit else None)
+            elem = self.elem_types.get(o) or (self.elem_types.get(names[0]) if names else 1) or 1
+            outputs.append((int(elem), meta))
+        opsets = {o.domain or "": o.version for o in self.model.opset_import}
+        opsets.setdefault(node.domain, 1)
+        from nnshrink.io.onnx_opaque import OpaqueNode, OpaqueSpec
+
+        module = OpaqueNode(OpaqueSpec(node.SerializeToString(), opsets, outputs))
+        args = [self._const_tensor(n) if self.env[n].kind == "const" else self.arg(n) for n in names]
+        name = self.unique(_sanitize(node.name, "opaque") if node.name else "opaque")
+        self.root[name] = module
+        out = self.graph.call_module(name, tuple(args))
+        if len(node.output) == 1:
+            self.env[node.output[0]] = _Value("tensor", node=out)
+        else:
+            for i, o in enumerate(node.output):
+                self.env[o] = _Value("tensor", node=self.graph.call_function(_getitem, (out, i)))
+        self.opaque[module.op_type] += 1
+        return True
 
     def _unsupported(self, node, op: str) -> None:
         self.unsupported[op].append(node.name or node.output[0])
@@ -1149,6 +1208,24 @@ def _same_pads(size, kernel, strides, dilations, upper: bool) -> list[int]:
         begin.append(small if upper else large)
         end.append(large if upper else small)
     return begin + end
+
+
+def _ort_shapes(model):
+    """Shapes from ONNX Runtime's symbolic shape inference, which knows its contrib operators
+    (``com.microsoft``) as ONNX's does not; the model unchanged where it cannot run."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    except Exception:  # noqa: BLE001 - a help, never a requirement
+        return model
+    return inferred if inferred is not None else model
+
+
+def opaque_summary(model) -> str:
+    """``Einsum (2 nodes), com.microsoft.Gelu (1 node)``: the nodes an import kept as they are."""
+    kept = getattr(model, "nnshrink_opaque", {}) or {}
+    return ", ".join(f"{op} ({n} node{'s' if n > 1 else ''})" for op, n in sorted(kept.items()))
 
 
 def onnx_to_torch(model) -> fx.GraphModule:
