@@ -17,7 +17,7 @@ ALLOWED = {
     "codec": {"errors"},
     "techniques": {"cache", "errors", "graph", "plan", "progress"},
     "io": {"cache", "codec", "errors", "graph", "techniques", "zoo"},
-    "plan": {"errors", "graph"},
+    "plan": {"data", "errors", "graph"},
     "search": {"io", "plan", "progress", "techniques"},
     "report": {"cache", "graph"},
     "testing": set(),

@@ -239,7 +239,7 @@ def _check_outputs(inputs: list[str | Path], **outputs: Path | None) -> None:
 
 def _declared(model) -> tuple[str | None, tuple | None]:
     """The name and per-sample shape (None where symbolic) of the model's input, as declared."""
-    from nnshrink.io import signature
+    from nnshrink.graph import signature
 
     sig = signature.get(model)
     if sig is not None and sig.inputs:

@@ -3,7 +3,7 @@ import shutil
 import numpy as np
 import pytest
 
-from nnshrink import DataError
+from nnshrink import ConfigError, DataError
 from nnshrink.data import load_dataset
 
 
@@ -130,3 +130,26 @@ def test_mnist10k_from_the_npm_package():
     d = load_dataset("mnist10k")
     assert [len(d.arrays(s)[1]) for s in ("train", "val", "test")] == [7000, 1000, 2000]
     assert d.input_shape == (1, 28, 28)
+
+
+def test_calibration_sources_take_every_form_a_caller_has():
+    import torch
+
+    from nnshrink.data.calib import as_source, fidelity
+
+    lines = [torch.rand(2, 1, 32, w) for w in (40, 64, 96)]  # variable widths
+    for calib, n in ((lines[0], 1), (lines, 3), ([(x, None) for x in lines], 3), (lambda: iter(lines), 3),
+                     (np.zeros((4, 1, 8, 8), np.float32), 1),
+                     (torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(10, 3)), batch_size=4), 3)):
+        batches = list(as_source(calib))
+        assert len(batches) == n and all(isinstance(b if not isinstance(b, tuple) else b[0], torch.Tensor) for b in batches)
+        assert len(list(as_source(calib))) == n  # re-iterable, a callable included
+    with pytest.raises(ConfigError, match="calib must be"):
+        list(as_source(42))
+    with pytest.raises(ConfigError, match="calibration batch 1"):
+        list(as_source([torch.zeros(1), "text"]))
+    with pytest.raises(DataError, match="NaN"):
+        list(as_source([torch.tensor([float("nan")])]))
+    net = torch.nn.Linear(3, 4)
+    same = fidelity(net, net, [torch.rand(5, 3)])
+    assert same["output_sqnr_db"] is None and same["top1_agreement"] == 1.0 and same["max_abs_error"] == 0.0

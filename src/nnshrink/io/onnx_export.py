@@ -15,7 +15,7 @@ from torch import nn
 from nnshrink.cache import atomic_write_bytes
 from nnshrink.errors import ConfigError, UnsupportedModelError
 from nnshrink.graph.analysis import run_forward
-from nnshrink.io import signature
+from nnshrink.graph import signature
 from nnshrink.io import onnx_opaque, onnx_rnn
 
 
@@ -23,7 +23,7 @@ def to_onnx(model: nn.Module, example_input: torch.Tensor | None = None, dynamic
             opset: int | None = None, dynamic_axes: list[int] | None = None):
     """Export ``model`` to an in-memory ``onnx.ModelProto`` (see :func:`export_onnx`).
 
-    A model imported from ONNX is written with the source's interface (:mod:`nnshrink.io.signature`):
+    A model imported from ONNX is written with the source's interface (:mod:`nnshrink.graph.signature`):
     its input and output names, every axis that was symbolic there symbolic again under the same
     name, its ``metadata_props``, and its opset where that is 18 or newer (the exporter's conversion to older ones is not
     safe).

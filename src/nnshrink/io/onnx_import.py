@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from nnshrink.errors import FormatError, UnsupportedOpError
 from nnshrink.io import onnx_ops as ops
-from nnshrink.io import signature
+from nnshrink.graph import signature
 from nnshrink.io.onnx_rnn import OnnxRNN, reorder
 
 _SMALL_INT = 64  # int constants up to this many elements become Python literals

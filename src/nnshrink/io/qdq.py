@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnshrink.io import signature
+from nnshrink.graph import signature
 from nnshrink.errors import ConfigError
 from nnshrink.techniques.quant.sim import Op
 

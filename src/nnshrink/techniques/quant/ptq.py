@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnshrink.io import signature
+from nnshrink.graph import signature
 from nnshrink.errors import ConfigError
 from nnshrink.progress import progress_bar
 from nnshrink.techniques.quant.quantizers import WeightQuantizer

@@ -33,6 +33,22 @@ def example(t: Task, batch: int = 2) -> torch.Tensor:
     return t.inputs[:batch].clone()
 
 
+@contextlib.contextmanager
+def _quiet():
+    """The exporters log progress and notes (torchvision missing...) at INFO/WARNING."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _output_axes(t: Task) -> dict[int, str]:
     if t.name == "crnn":
         return {0: "batch", 1: "time"}
@@ -50,9 +66,7 @@ def export(model: nn.Module, t: Task, form: str):
     model = model.eval()
     x = example(t)
     outputs = OUTPUTS.get(t.name, ["output"])
-    from nnshrink.io.onnx_export import _quiet_exporter
-
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_exporter():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet():
         warnings.simplefilter("ignore")
         if form == "dynamo18":
             dims = {0: torch.export.Dim.DYNAMIC, **{k: torch.export.Dim.DYNAMIC for k in t.dynamic}}
