@@ -187,13 +187,17 @@ def test_unsupported_onnx_op_is_one_line(capsys, tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["o"])], "b", [],
+                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch, name="choose")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              initializer=[onnx.numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")])
-    path = tmp_path / "resize.onnx"
+                              initializer=[onnx.numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    path = tmp_path / "if.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
-    assert "Resize" in _one_line_error(capsys, "analyze", str(path))
+    assert "If (condition from a tensor value)" in _one_line_error(capsys, "analyze", str(path))
 
 
 def _plan(tmp_path):
