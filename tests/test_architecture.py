@@ -16,7 +16,7 @@ ALLOWED = {
     "zoo": {"cache", "data", "errors", "progress"},
     "codec": {"errors"},
     "techniques": {"cache", "errors", "graph", "plan", "progress"},
-    "io": {"cache", "codec", "errors", "graph", "techniques", "zoo"},
+    "io": {"cache", "codec", "errors", "graph", "progress", "techniques", "zoo"},
     "plan": {"data", "errors", "graph"},
     "search": {"io", "plan", "progress", "techniques"},
     "report": {"cache", "graph"},

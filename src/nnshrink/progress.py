@@ -1,4 +1,5 @@
-"""One progress bar helper, so every long loop shows progress the same way."""
+"""One progress bar helper, so every long loop shows progress the same way, and the exporters'
+log chatter kept off the console."""
 
 from __future__ import annotations
 
@@ -31,3 +32,21 @@ def spinner(description: str, enabled: bool = True) -> Iterator[None]:
 
     with Console(stderr=True).status(description):
         yield
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """torch's ONNX exporter and torch.export log progress lines (and notes such as "torchvision
+    is not installed") at INFO/WARNING; raise those loggers to ERROR for the block."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.__trace",
+                                              "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

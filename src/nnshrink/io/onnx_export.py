@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import logging
 import warnings
 from pathlib import Path
 
@@ -14,9 +13,10 @@ from torch import nn
 
 from nnshrink.cache import atomic_write_bytes
 from nnshrink.errors import ConfigError, UnsupportedModelError
-from nnshrink.graph.analysis import run_forward
 from nnshrink.graph import signature
+from nnshrink.graph.analysis import run_forward
 from nnshrink.io import onnx_opaque, onnx_rnn
+from nnshrink.progress import quiet_exporter
 
 
 def to_onnx(model: nn.Module, example_input: torch.Tensor | None = None, dynamic_batch: bool = True,
@@ -61,7 +61,7 @@ def to_onnx(model: nn.Module, example_input: torch.Tensor | None = None, dynamic
         opset = max(18, sig.opset) if sig is not None else 18
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()), _quiet_exporter():
+                contextlib.redirect_stderr(io.StringIO()), quiet_exporter():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(model, (example_input,), dynamo=True,
                                         dynamic_shapes=(dims,) if dims else None,
@@ -138,17 +138,3 @@ def _inference_form(model: nn.Module) -> nn.Module:
 def _strip_metadata(ir_model) -> None:
     for node in ir_model.graph.all_nodes():
         node.metadata_props.clear()
-
-
-@contextlib.contextmanager
-def _quiet_exporter():
-    """The exporter logs progress lines at INFO/WARNING; keep the CLI's output clean."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.__trace", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)

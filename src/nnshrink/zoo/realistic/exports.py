@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnshrink.progress import quiet_exporter
 from nnshrink.zoo.realistic import Task
 
 FORMS = ("ts11", "ts13", "ts17", "dynamo18", "quirks")
@@ -31,22 +32,6 @@ METADATA = {"crnn": {"vocabulary": "0123456789", "blank": "0"}}
 
 def example(t: Task, batch: int = 2) -> torch.Tensor:
     return t.inputs[:batch].clone()
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The exporters log progress and notes (torchvision missing...) at INFO/WARNING."""
-    import logging
-
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _output_axes(t: Task) -> dict[int, str]:
@@ -66,7 +51,7 @@ def export(model: nn.Module, t: Task, form: str):
     model = model.eval()
     x = example(t)
     outputs = OUTPUTS.get(t.name, ["output"])
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_exporter():
         warnings.simplefilter("ignore")
         if form == "dynamo18":
             dims = {0: torch.export.Dim.DYNAMIC, **{k: torch.export.Dim.DYNAMIC for k in t.dynamic}}
