@@ -341,3 +341,15 @@ def test_analyze_of_a_model_with_symbolic_sizes_names_input_shape(capsys, dbnet_
     assert code == 2 and "--input-shape" in err and "[N, 1, ?, ?]" in err
     code, out, _ = _run(capsys, "analyze", str(dbnet_onnx / "dbnet.onnx"), "--input-shape", "1,64,96")
     assert code == 0 and "(1, 1, 64, 96)" in out
+
+
+def test_export_of_an_imported_model_keeps_its_interface(capsys, tmp_path, dbnet_onnx):
+    import onnx
+
+    target = tmp_path / "back.onnx"
+    code, _, err = _run(capsys, "export", str(dbnet_onnx / "dbnet.onnx"), "--out", str(target))
+    assert code == 2 and "--input-shape" in err and not target.exists()
+    code, _, err = _run(capsys, "export", str(dbnet_onnx / "dbnet.onnx"), "--out", str(target), "--input-shape", "1,64,64")
+    assert code == 0, err
+    dims = [d.dim_param or d.dim_value for d in onnx.load(str(target)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 1, "height", "width"]

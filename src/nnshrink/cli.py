@@ -195,14 +195,20 @@ def evaluate(model: Annotated[str, typer.Argument(help="Zoo name or model file."
 @app.command()
 @_errors
 def export(model: Annotated[str, typer.Argument(help="Zoo name or model file.")],
-           out_path: Annotated[Path, typer.Option("--out", help="Output .onnx file.")], data: DataOpt = "mnist") -> None:
-    """Write MODEL as an ONNX file (dynamic batch) that ONNX Runtime runs."""
+           out_path: Annotated[Path, typer.Option("--out", help="Output .onnx file.")], data: DataOpt = "mnist",
+           input_shape: Annotated[str | None, typer.Option(
+               help="One sample's shape (like 3,48,320), where the model's is symbolic.")] = None) -> None:
+    """Write MODEL as an ONNX file (dynamic batch; a model imported from ONNX keeps its source's
+    names, symbolic dims and metadata) that ONNX Runtime runs."""
     from nnshrink.data import load_dataset
     from nnshrink.io import export_onnx
 
     _check_outputs([model], out=out_path)
     m = _resolve(model, data)
-    example = _input_for(m, load_dataset(data).input_shape, None)
+    if model in _zoo_names():
+        example = _input_for(m, load_dataset(data).input_shape, input_shape)
+    else:
+        example = _example_for(m, input_shape)
     with spinner(f"exporting {out_path.name}"):
         export_onnx(m, out_path, example.repeat(2, *([1] * (example.dim() - 1))))
     out.print(f"wrote {out_path} ({out_path.stat().st_size:,} bytes)")
