@@ -12,11 +12,12 @@ from nnshrink.io.onnx_export import export_onnx, to_onnx
 from nnshrink.io.onnx_import import load_onnx, onnx_to_torch, read_onnx
 
 
-def load_model(path: str | Path) -> nn.Module:
+def load_model(path: str | Path, constant_inputs: dict | None = None) -> nn.Module:
     """Load a model file as a torch module the techniques can work on.
 
     ``.onnx`` files are converted to a torch.fx ``GraphModule`` whose outputs match ONNX
     Runtime's; ``.nsz`` containers are decoded (checksums verified) and converted the same way.
+    ``constant_inputs`` pins ONNX inputs that are constant in use (see :func:`load_onnx`).
 
     Raises:
         FileNotFoundError: No such file.
@@ -30,7 +31,7 @@ def load_model(path: str | Path) -> nn.Module:
         return load(path)
     if suffix != ".onnx":
         raise FormatError(f"{path}: unknown model file type {path.suffix!r}; expected .onnx or .nsz")
-    return load_onnx(path)
+    return load_onnx(path, constant_inputs)
 
 
 __all__ = ["describe", "export_onnx", "load", "load_model", "load_onnx", "onnx_to_torch", "read_onnx",

@@ -69,15 +69,19 @@ def read_onnx(path: str | Path):
     return model
 
 
-def load_onnx(path: str | Path) -> fx.GraphModule:
+def load_onnx(path: str | Path, constant_inputs: dict | None = None) -> fx.GraphModule:
     """Read an ``.onnx`` file and convert it to a torch.fx ``GraphModule``.
+
+    ``constant_inputs`` pins graph inputs that are constant in use (``{"sr": 16000}``, a sample
+    rate that chooses an ``If`` branch): they become constants, so the branch they choose is
+    converted, and the imported model no longer takes them.
 
     Raises:
         FileNotFoundError: The file does not exist.
         FormatError: The file is not ONNX.
         UnsupportedOpError: The graph holds operators with no converter (all are listed).
     """
-    return onnx_to_torch(read_onnx(path))
+    return onnx_to_torch(read_onnx(path), constant_inputs)
 
 
 def _sanitize(name: str, fallback: str, keep_dots: bool = False) -> str:
@@ -92,7 +96,8 @@ def _sanitize(name: str, fallback: str, keep_dots: bool = False) -> str:
 
 
 class _Converter:
-    def __init__(self, model) -> None:
+    def __init__(self, model, constant_inputs: dict | None = None) -> None:
+        self.constant_inputs = dict(constant_inputs or {})
         onnx = _onnx()
         self.onnx = onnx
         self.numpy_helper = onnx.numpy_helper
@@ -183,6 +188,15 @@ class _Converter:
         g = self.model.graph
         for init in g.initializer:
             self.env[init.name] = _Value("const", const=self.numpy_helper.to_array(init))
+        names = {i.name for i in g.input}
+        unknown = sorted(set(self.constant_inputs) - names)
+        if unknown:
+            raise FormatError(f"constant_inputs names {', '.join(unknown)}, which the graph has no input called "
+                              f"(its inputs: {', '.join(sorted(names - set(self.env)))})")
+        for name, value in self.constant_inputs.items():
+            elem = self.elem_types.get(name)
+            dtype = self.onnx.helper.tensor_dtype_to_np_dtype(elem) if elem else None
+            self.env[name] = _Value("const", const=np.asarray(value, dtype=dtype))
         inputs = [i for i in g.input if i.name not in self.env]
         for inp in inputs:
             node = self.graph.placeholder(self.unique(_sanitize(inp.name, "input")))
@@ -1131,7 +1145,9 @@ class _Converter:
     def op_If(self, node, a) -> None:
         cond = self.const(node.input[0])
         if cond is None:
-            self._unsupported(node, "If (condition from a tensor value)")
+            # an input that is constant in use can be pinned: load_model(path, constant_inputs={...})
+            self._unsupported(node, "If (condition from a tensor value; pin an input that is constant in use "
+                                    "with constant_inputs)")
             return
         branch = a["then_branch"] if bool(np.asarray(cond).reshape(-1)[0]) else a["else_branch"]
         for init in branch.initializer:
@@ -1228,6 +1244,6 @@ def opaque_summary(model) -> str:
     return ", ".join(f"{op} ({n} node{'s' if n > 1 else ''})" for op, n in sorted(kept.items()))
 
 
-def onnx_to_torch(model) -> fx.GraphModule:
+def onnx_to_torch(model, constant_inputs: dict | None = None) -> fx.GraphModule:
     """Convert an in-memory ``onnx.ModelProto`` to a ``GraphModule`` (see :func:`load_onnx`)."""
-    return _Converter(model).run()
+    return _Converter(model, constant_inputs).run()
