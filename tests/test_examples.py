@@ -75,6 +75,17 @@ def _weights(bits):
     return check
 
 
+def _int3_gptq(result, model, data):
+    from nnshrink.techniques.weights import GroupQuant
+
+    records = [m.nnshrink_records["weight"] for m in result.model.modules() if hasattr(m, "nnshrink_records")]
+    assert records and all(isinstance(r, GroupQuant) and r.group_size == 32 and r.q.min() >= -3 and r.q.max() <= 3
+                           for r in records)
+    import nnshrink as ns
+
+    assert ns.zoo.accuracy(result.model, data, "test") >= ns.zoo.accuracy(model, data, "test") - 0.006
+
+
 def _int8(result, model, data):
     sim = result.model
     assert sim.is_quant_sim and sim.target == "ort-x86"
@@ -106,7 +117,7 @@ def _svd_cp(result, model, data):
 
 
 _CHECKS = {"fold-bn.yaml": ("resnet8", _fold_bn), "finetune.yaml": ("resnet8", _finetune),
-           "int4-weights.yaml": ("lenet300", _weights(4)), "int8-weights.yaml": ("lenet300", _weights(8)),
+           "int4-weights.yaml": ("lenet300", _weights(4)), "int3-gptq.yaml": ("lenet300", _int3_gptq), "int8-weights.yaml": ("lenet300", _weights(8)),
            "int8.yaml": ("lenet300", _int8), "w4a8-qat.yaml": ("lenet300", _w4a8),
            "deep-compression.yaml": ("lenet300", _deep_compression), "svd-cp-0.5.yaml": ("lenet300", _svd_cp)}
 

@@ -182,3 +182,21 @@ def test_a_mirrored_table_stream_round_trips_through_the_container(tmp_path):
     back = load(tmp_path / "dw.nsz")
     assert torch.equal(dict(back.named_parameters())["dw.weight"], quantized.dw.weight)
     torch.testing.assert_close(back(x), quantized(x), atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_low_bit_weights_round_trip_exactly(tmp_path, lenet5_trained, mnist):
+    """GPTQ-rounded 3-bit weights with one scale per 32 columns (ragged last groups: LeNet-5's
+    conv1 has 25 columns) come back bit-identical, stored as their own kind."""
+    import nnshrink as ns
+    from nnshrink.plan import Plan
+    from nnshrink.techniques import QuantizeWeights
+
+    plan = Plan([QuantizeWeights(bits=3, scales="mse", rounding="gptq", group_size=32, calib_samples=128)])
+    result = ns.compress(lenet5_trained, plan, torch.zeros(1, 1, 28, 28),
+                         calib=mnist.loader("train", batch_size=64, shuffle=True, seed=0))
+    kinds = {r.name: r.kind for r in ns.save(result.model, tmp_path / "g.nsz")}
+    assert kinds["conv1.weight"] == kinds["fc1.weight"] == "grouped"
+    back = ns.load(tmp_path / "g.nsz")
+    for name, p in result.model.named_parameters():
+        assert torch.equal(dict(back.named_parameters())[name], p), name
+    assert result.steps[0].details["layers"]["fc1"]["method"] == "per-group 32 mse, gptq"

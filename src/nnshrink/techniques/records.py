@@ -41,7 +41,8 @@ R = TypeVar("R", bound=Record)
 
 _KINDS: dict[str, type] = {}
 # kinds whose classes live in technique modules, imported when a container names them
-_MODULES = {"quantized": "nnshrink.techniques.weights", "codebook": "nnshrink.techniques.cluster"}
+_MODULES = {"quantized": "nnshrink.techniques.weights", "grouped": "nnshrink.techniques.weights",
+            "codebook": "nnshrink.techniques.cluster"}
 
 
 def register(cls: type) -> type:
