@@ -133,3 +133,38 @@ def test_per_layer_targets():
         Sparsify(layer_sparsity=("fc1:0.95",))
     with pytest.raises(ConfigError, match="unknown"):
         compress(model, Plan([Sparsify(layer_sparsity=("fc9=0.5",))]), x)
+
+
+def test_one_shot_pruning_with_sparsegpt_reconstruction_holds_where_magnitude_collapses(mnist, lenet5_trained):
+    import nnshrink as ns
+    from nnshrink.plan import Plan
+    from nnshrink.techniques import Sparsify
+
+    x = torch.zeros(1, 1, 28, 28)
+    calib = mnist.loader("train", batch_size=64, shuffle=True, seed=0)
+    float_acc = ns.zoo.accuracy(lenet5_trained, mnist, "val")
+
+    def run(**kw):
+        result = ns.compress(lenet5_trained, Plan([Sparsify(scope="layer", **kw)]), x, calib=calib)
+        return result, ns.zoo.accuracy(result.model, mnist, "val")
+
+    _, magnitude = run(sparsity=0.7)
+    result, rebuilt = run(sparsity=0.7, reconstruct="sparsegpt", calib_samples=256)
+    assert magnitude < 0.8 and rebuilt > float_acc - 0.02
+    assert result.steps[0].details["sparsity"] >= 0.695 and result.steps[0].details["reconstructed"]
+    result, acc = run(pattern="2:4", exclude=("conv1",), reconstruct="sparsegpt")
+    w = result.model.fc1.weight.detach().reshape(500, -1, 4)
+    assert int((w != 0).sum(-1).max()) <= 2 and acc > float_acc - 0.01
+
+
+def test_reconstruction_needs_one_shot_and_calibration(lenet5_trained):
+    import nnshrink as ns
+    from nnshrink.plan import Plan
+    from nnshrink.techniques import Sparsify
+
+    with pytest.raises(ns.ConfigError, match="one-shot"):
+        Sparsify(steps=100, reconstruct="sparsegpt")
+    with pytest.raises(ns.ConfigError, match="reconstruct must be none or sparsegpt"):
+        Sparsify(reconstruct="obs")
+    with pytest.raises(ns.ConfigError, match="needs calibration inputs"):
+        ns.compress(lenet5_trained, Plan([Sparsify(reconstruct="sparsegpt")]), torch.zeros(1, 1, 28, 28))

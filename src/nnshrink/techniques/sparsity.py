@@ -20,6 +20,7 @@ from torch import nn
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import is_compressible
 from nnshrink.plan.config import StepConfig, StepResult
+from nnshrink.techniques.calibration import calibration_inputs, inverse_hessian_factor, layer_hessians
 
 SCOPES = ("global", "layer")
 
@@ -240,6 +241,10 @@ class Sparsify(StepConfig):
         pattern: ``unstructured``, ``2:4`` or ``4:8``.
         layer_sparsity: ``"name=fraction"`` per-layer targets (then every layer is pruned to its
             own fraction, ``sparsity`` for the layers not named), as a sensitivity search sets them.
+        reconstruct: ``none``, or ``sparsegpt`` for one-shot pruning without retraining: each
+            layer's fraction as magnitude pruning (and ``scope``) sets it, the weights to prune and
+            the refit of the kept ones chosen layer by layer from calibration inputs (no labels).
+        calib_samples: Calibration inputs for ``sparsegpt``.
     """
 
     kind = "sparsify"
@@ -250,6 +255,8 @@ class Sparsify(StepConfig):
     exclude: tuple[str, ...] = ()
     pattern: str = "unstructured"
     layer_sparsity: tuple[str, ...] = ()
+    reconstruct: str = "none"
+    calib_samples: int = 256
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -261,6 +268,10 @@ class Sparsify(StepConfig):
             raise ConfigError(f"sparsify.scope must be one of {SCOPES}, got {self.scope!r}")
         if self.pattern not in ("unstructured", "2:4", "4:8"):
             raise ConfigError(f"sparsify.pattern must be unstructured, 2:4 or 4:8, got {self.pattern!r}")
+        if self.reconstruct not in ("none", "sparsegpt"):
+            raise ConfigError(f"sparsify.reconstruct must be none or sparsegpt, got {self.reconstruct!r}")
+        if self.reconstruct != "none" and self.steps:
+            raise ConfigError("sparsify.reconstruct is for one-shot pruning (steps: 0); retraining recovers otherwise")
 
     def overrides(self) -> dict[str, float]:
         out = {}
@@ -293,9 +304,28 @@ class Sparsify(StepConfig):
             if ctx.train is None:
                 raise ConfigError("gradual sparsify needs a train(model, steps) function or bundled data")
             new = ctx.train(new, self.steps) or new
-        pruner.finalize()
+        reconstructed = []
+        if self.reconstruct == "sparsegpt":
+            batches = calibration_inputs(ctx.calib, self.calib_samples, "sparsify with reconstruct sparsegpt")
+            pruner.finalize()  # the magnitude pass sets each layer's fraction; SparseGPT starts from the dense weights
+            fractions = {n: float((m.weight == 0).float().mean()) for n, m in pruner.layers.items()}
+            dense = copy.deepcopy(model)
+            dense_layers = prunable_layers(dense, self.exclude)
+            targets = {n: m for n, m in dense_layers.items() if getattr(m, "groups", 1) == 1}
+            hessians = layer_hessians(dense, targets, batches)
+            for name, layer in pruner.layers.items():
+                if name not in targets:
+                    continue  # grouped (depthwise) convs keep their magnitude pruning
+                with torch.no_grad():
+                    layer.weight.copy_(dense_layers[name].weight)
+                sparsegpt(layer, hessians[name], fractions[name], n_m)
+                reconstructed.append(name)
+        else:
+            pruner.finalize()
         details = {"sparsity": pruner.sparsity(), "layers": pruner.layer_sparsity(), "pattern": self.pattern,
                    "steps": self.steps, "val_after": ctx.evaluate(new) if ctx.evaluate else None}
+        if self.reconstruct != "none":
+            details["reconstructed"] = reconstructed
         return StepResult(self.kind, new.eval(), details)
 
 
@@ -304,3 +334,46 @@ def sparsity_of(model: nn.Module) -> float:
     layers = prunable_layers(model)
     return sum(int((m.weight == 0).sum()) for m in layers.values()) / max(1, sum(m.weight.numel() for m in layers.values()))
 
+
+
+def sparsegpt(layer: nn.Module, hessian: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None = None,
+              block: int = 128) -> None:
+    """Prune ``layer.weight`` in place to ``sparsity`` (or N:M along the input columns) with
+    SparseGPT (Frantar & Alistarh, 2023): in blocks of columns, the weights with the least
+    saliency ``w^2 / [H^-1]_ii`` are set to zero and each column's error is spread over the
+    columns not yet visited through the inverse Hessian of the layer's calibration inputs, so the
+    kept weights are refit to what the pruned ones did."""
+    w = layer.weight.detach()
+    W = w.reshape(w.shape[0], -1).double().clone()
+    U = inverse_hessian_factor(hessian, W)
+    if U is None:  # cannot be factored: magnitude pruning
+        mask = n_m_mask(w, *n_m) if n_m else (w.abs() > torch.quantile(w.abs().flatten().float(), sparsity))
+        with torch.no_grad():
+            layer.weight.mul_(mask.to(w.dtype))
+        return
+    cols = W.shape[1]
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        prune = torch.zeros_like(W1, dtype=torch.bool)
+        if n_m is None:
+            saliency = W1 ** 2 / torch.diag(U1)[None, :] ** 2
+            k = int(saliency.numel() * sparsity)
+            if k:
+                prune.view(-1)[torch.topk(saliency.flatten(), k, largest=False).indices] = True
+        for i in range(i2 - i1):
+            if n_m is not None and i % n_m[1] == 0:
+                sal = W1[:, i:i + n_m[1]] ** 2 / torch.diag(U1)[i:i + n_m[1]][None, :] ** 2
+                drop = torch.topk(sal, n_m[1] - n_m[0], dim=1, largest=False).indices
+                prune[:, i:i + n_m[1]].scatter_(1, drop, True)
+            col = W1[:, i]
+            q = torch.where(prune[:, i], torch.zeros_like(col), col)
+            err = (col - q) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    with torch.no_grad():
+        layer.weight.copy_(W.reshape(w.shape).to(w.dtype))

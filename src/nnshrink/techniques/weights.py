@@ -28,6 +28,7 @@ from nnshrink.errors import ConfigError, UnsupportedModelError
 from nnshrink.graph.analysis import is_compressible
 from nnshrink.graph.surgery import fold_batchnorms
 from nnshrink.plan.config import StepConfig, StepResult
+from nnshrink.techniques.calibration import calibration_inputs, inverse_hessian_factor, layer_hessians
 from nnshrink.techniques.records import attach, record_of, register
 
 @register
@@ -182,14 +183,8 @@ def _gptq(w2d: np.ndarray, hessian: torch.Tensor, bits: int, group: int, scales:
     thousand columns). Group scales are chosen from the columns as updated so far."""
     qmax = 2 ** (bits - 1) - 1
     W = torch.from_numpy(w2d.astype(np.float64)).clone()
-    H = hessian.double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
-    try:
-        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except torch.linalg.LinAlgError:  # not positive definite even damped: plain rounding
+    U = inverse_hessian_factor(hessian, W, damp)
+    if U is None:  # not positive definite even damped: plain rounding
         sc = group_scales(w2d, bits, group, scales)
         return np.clip(np.round(w2d / _per_column(sc, group, w2d.shape[1])), -qmax, qmax), sc
     out, cols = W.shape
@@ -205,57 +200,6 @@ def _gptq(w2d: np.ndarray, hessian: torch.Tensor, bits: int, group: int, scales:
         err = (W[:, i] - q * s_col) / U[i, i]
         W[:, i + 1:] -= err[:, None] * U[i, i + 1:][None, :]
     return Q.numpy(), S.float().numpy()
-
-
-def _batches(calib, samples: int) -> list[torch.Tensor]:
-    """Up to ``samples`` calibration inputs (batches, or ``(input, target)`` tuples)."""
-    if calib is None:
-        raise ConfigError("quantize_weights with rounding gptq needs calibration inputs (calib, or --calib/--data)")
-    out, n = [], 0
-    for batch in calib:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        out.append(x[: samples - n])
-        n += len(out[-1])
-        if n >= samples:
-            break
-    if not n:
-        raise ConfigError("the calibration data is empty")
-    return out
-
-
-def layer_hessians(model: nn.Module, layers: dict[str, nn.Module], batches) -> dict[str, torch.Tensor]:
-    """``X^T X`` of each layer's input columns (a Linear's input features; a conv's unfolded
-    ``in x kh x kw`` patches), summed over ``batches`` of the float model in one pass."""
-    hs: dict[str, torch.Tensor] = {}
-
-    def hook(name, module):
-        def fn(_, args):
-            x = args[0].detach().double()
-            if isinstance(module, nn.Linear):
-                cols = x.reshape(-1, x.shape[-1])
-            else:
-                if isinstance(module, nn.Conv1d):
-                    x = x.unsqueeze(2)
-                    k, d, p, st = (1, *module.kernel_size), (1, *module.dilation), (0, *module.padding), (1, *module.stride)
-                else:
-                    k, d, p, st = module.kernel_size, module.dilation, module.padding, module.stride
-                cols = F.unfold(x, k, dilation=d, padding=p, stride=st).transpose(1, 2).reshape(-1, module.weight[0].numel())
-            h = cols.T @ cols
-            hs[name] = hs[name] + h if name in hs else h
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers.items()]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for b in batches:
-                model(b)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    return hs
 
 
 def weight_params(module: nn.Module) -> list[tuple[str, int]]:
@@ -333,7 +277,8 @@ class QuantizeWeights(StepConfig):
             targets[name] = module
         hessians = {}
         if targets and self.rounding == "gptq":
-            hessians = layer_hessians(new, targets, _batches(ctx.calib, self.calib_samples))
+            hessians = layer_hessians(new, targets, calibration_inputs(ctx.calib, self.calib_samples,
+                                                                       "quantize_weights with rounding gptq"))
         for name, module in targets.items():
             record = quantize_layer(module, self.bits, self.scales, self.group_size, hessians.get(name))
             layers[name] = {"bits": self.bits, "distinct_values": int(np.unique(record.q).size),
