@@ -193,14 +193,13 @@ def save(model: nn.Module, path: str | Path, example_input: torch.Tensor | None 
             reports.append(_stream_report(init.name, "int", array, stream, 0))
             continue
         if array.dtype == np.float32 and array.size >= _SPARSE_MIN and np.count_nonzero(array) < 0.8 * array.size:
-            trial = _Blob(codec)
-            entry, report = _put_record(trial, init.name, SparseRecord.of(array), array.shape, None)
-            if len(trial.data) < array.nbytes:
-                entry["parts"] = {k: _shift(v, len(blob.data)) for k, v in entry["parts"].items()}
-                blob.data.extend(trial.data)
+            start = len(blob.data)
+            entry, report = _put_record(blob, init.name, SparseRecord.of(array), array.shape, None)
+            if len(blob.data) - start < array.nbytes:
                 index[init.name] = entry
                 reports.append(report)
                 continue
+            del blob.data[start:]  # not smaller than the raw tensor: stored raw below
         dtype = str(array.dtype)
         if dtype not in _DTYPES:
             raise FormatError(f"weight {init.name!r} has dtype {dtype}, which the container does not store")
@@ -219,14 +218,6 @@ def save(model: nn.Module, path: str | Path, example_input: torch.Tensor | None 
                 "graph_crc": str(_crc(graph)), "blob_bytes": str(len(data))}
     atomic_write_bytes(path, st_save(tensors, metadata=metadata))
     return reports
-
-
-def _shift(part_entry: dict, offset: int) -> dict:
-    out = dict(part_entry)
-    for key in ("coded", "raw"):
-        if key in out:
-            out[key] = [out[key][0] + offset, *out[key][1:]]
-    return out
 
 
 def _open(path: Path) -> tuple[dict, dict[str, np.ndarray]]:

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnshrink.graph import signature
 from nnshrink.errors import ConfigError
+from nnshrink.graph import signature
 from nnshrink.techniques.quant.sim import Op
 
 _OPSET = 17

@@ -24,6 +24,8 @@ def calibration_inputs(calib, samples: int, what: str) -> list[torch.Tensor]:
     out, n = [], 0
     for batch in calib:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(x, torch.Tensor):
+            raise ConfigError("calibration batches must be tensors or (tensor, label) pairs")
         out.append(x[: samples - n])
         n += len(out[-1])
         if n >= samples:

@@ -99,7 +99,8 @@ class SparseRecord:
     their values, in float16 when every one of them is exactly a float16, else float32.
 
     Made by the container for any float weight that is sparse enough to be smaller this way (a
-    pruned layer left in float); bit-exact.
+    pruned layer left in float); every value comes back equal, a zero as +0.0 (a pruned weight
+    masked to -0.0 reads back as +0.0, which no conv or matmul tells apart).
     """
 
     kind: ClassVar[str] = "sparse"
@@ -114,7 +115,7 @@ class SparseRecord:
         nz = array != 0
         values = array[nz].astype(np.float32)
         half = values.astype(np.float16)
-        exact16 = bool(np.array_equal(half.astype(np.float32), values) and not np.signbit(values[values == 0]).any())
+        exact16 = bool(np.array_equal(half.astype(np.float32), values))
         return cls(nz, half if exact16 else values)
 
     def dequantize(self) -> np.ndarray:

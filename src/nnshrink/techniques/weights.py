@@ -21,7 +21,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nnshrink.errors import ConfigError, UnsupportedModelError
@@ -265,6 +264,8 @@ class QuantizeWeights(StepConfig):
             if name in self.exclude:
                 skipped.append({"layer": name, "reason": "excluded by the plan"})
                 continue
+            # per-channel min-max with nearest rounding stays quantize_weights' arithmetic (float32
+            # throughout), so the int8 containers written before these options are reproduced
             if plain or not is_compressible(module) or getattr(module, "groups", 1) != 1:
                 why = None if plain else ("not a Conv/Linear" if not is_compressible(module) else "grouped conv")
                 records = [quantize_weights(module, self.bits, p, axis) for p, axis in params]

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnshrink.graph import signature
 from nnshrink.errors import ConfigError
+from nnshrink.graph import signature
 from nnshrink.progress import progress_bar
+from nnshrink.techniques.calibration import calibration_inputs
 from nnshrink.techniques.quant.quantizers import WeightQuantizer
 from nnshrink.techniques.quant.sim import TARGETS, X86_WEIGHT_BITS, Op, QuantSim, _key, lower
 
@@ -68,23 +69,7 @@ def init_weight_quantizers(sim: QuantSim) -> None:
 
 def calibration_batches(calib, samples: int) -> list[torch.Tensor]:
     """Up to ``samples`` inputs from ``calib`` (batches of inputs, or of ``(input, label)``)."""
-    if calib is None:
-        raise ConfigError("quantization needs calibration data (a loader of input batches)")
-    if isinstance(calib, torch.Tensor):
-        calib = [calib]
-    out, n = [], 0
-    for batch in calib:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if not isinstance(x, torch.Tensor):
-            raise ConfigError("calibration batches must be tensors or (tensor, label) pairs")
-        x = x[: samples - n]
-        out.append(x)
-        n += len(x)
-        if n >= samples:
-            break
-    if n == 0:
-        raise ConfigError("the calibration data is empty")
-    return out
+    return calibration_inputs(calib, samples, "quantization")
 
 
 @torch.no_grad()
