@@ -35,6 +35,7 @@ from nnshrink.cache import atomic_write_bytes, cache_dir, code_fingerprint
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import analyze
 from nnshrink.progress import progress_bar
+from nnshrink.techniques.calibration import calibration_inputs
 
 EXECUTORS = ("serial", "process", "ray")
 
@@ -263,16 +264,7 @@ def sample_inputs(ctx, samples: int) -> torch.Tensor:
     """Up to ``samples`` inputs from the context's calibration data (or its example input)."""
     if ctx.calib is None:
         return ctx.example_input
-    parts, n = [], 0
-    for batch in ctx.calib:
-        xb = batch[0] if isinstance(batch, (tuple, list)) else batch
-        parts.append(xb[: samples - n])
-        n += len(parts[-1])
-        if n >= samples:
-            break
-    if not parts:
-        raise ConfigError("the calibration data is empty")
-    return torch.cat(parts)
+    return torch.cat(calibration_inputs(ctx.calib, samples, "sampling activations"))
 
 
 def target_macs(ctx, model: nn.Module, x: torch.Tensor, ratio: float, tolerance: float) -> tuple[int, int, int]:
