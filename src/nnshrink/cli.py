@@ -309,7 +309,7 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
     yours; with --calib and no --eval it is fidelity to MODEL on held-out calibration inputs."""
     from nnshrink import zoo
     from nnshrink.data import load_dataset
-    from nnshrink.data.calib import fidelity, load_calib, load_evaluator, sqnr_evaluator
+    from nnshrink.data.calib import Fidelity, load_calib, load_evaluator
     from nnshrink.graph import analyze as run_analysis
     from nnshrink.io import describe, load, save
     from nnshrink.plan import Plan, compress as run_plan
@@ -340,16 +340,20 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
         x = _example_for(m, input_shape, batches)
         fit, held = _split_held_out(batches)
         metric_name = "output SQNR (dB) against MODEL on held-out --calib inputs"
-        import copy as _copy
-
-        reference = _copy.deepcopy(m).eval()
-        evaluate = user_eval or sqnr_evaluator(reference, held)
+        measure = Fidelity(m, held)  # MODEL's outputs on the held-out inputs, computed once
+        measured: dict[int, dict] = {}
+        evaluate = user_eval or measure.sqnr
         train, calib_source = None, fit
+
+        def fidelity_of(model_) -> dict:
+            if id(model_) not in measured:
+                measured[id(model_)] = measure(model_)
+            return measured[id(model_)]
 
         def score(model_):
             if user_eval:
                 return user_eval(model_)
-            return None if model_ is m else fidelity(reference, model_, held)["output_sqnr_db"]
+            return None if model_ is m else fidelity_of(model_)["output_sqnr_db"]
     if user_eval:
         metric_name = f"{eval_spec} (yours)"
     import torch
@@ -371,7 +375,7 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
     after = summary(after_info, after_value if labelled else None, out_path.stat().st_size)
     after["metric"] = {"name": metric_name, "value": after_value}
     if held is not None:
-        after["fidelity"] = fidelity(reference, written, held)
+        after["fidelity"] = fidelity_of(written)
     if _sha256(out_path) != digest:  # another run wrote the same --out meanwhile
         raise ConfigError(f"{out_path} changed while this run measured it (another run writing the same --out?); "
                           "the report was not written")

@@ -180,24 +180,32 @@ def _flat_outputs(model: nn.Module, batches) -> list[torch.Tensor]:
                        for o in outs]) for k in range(len(outs[0]))]
 
 
-def fidelity(reference: nn.Module, model: nn.Module, batches) -> dict:
-    """Output SQNR (dB), top-1 agreement of the class axis (the last of ``(N, C)`` and ``(N, T, C)``
-    outputs, axis 1 of ``(N, C, H, W)`` maps; outputs with one class are left out) and the largest
-    absolute error of ``model`` against ``reference`` on ``batches``, over all outputs."""
-    ref, got = _flat_outputs(reference, batches), _flat_outputs(model, batches)
-    signal = sum(float((r ** 2).sum()) for r in ref)
-    noise = sum(float(((r - g) ** 2).sum()) for r, g in zip(ref, got))
-    agree = [float((r.argmax(-1) == g.argmax(-1)).float().mean()) for r, g in zip(ref, got) if r.shape[-1] > 1]
-    return {"output_sqnr_db": 10 * math.log10(signal / noise) if noise > 0 else None,
-            "top1_agreement": sum(agree) / len(agree) if agree else None,
-            "max_abs_error": max(float((r - g).abs().max()) for r, g in zip(ref, got))}
+class Fidelity:
+    """Measures models against ``reference`` on ``batches``; the reference's outputs are computed
+    once, not at every measurement (a plan step's sweep evaluates many candidates)."""
 
+    def __init__(self, reference: nn.Module, batches) -> None:
+        self.batches = list(batches)
+        self.ref = _flat_outputs(reference, self.batches)
 
-def sqnr_evaluator(reference: nn.Module, batches) -> Callable[[nn.Module], float]:
-    """``evaluate(model)``: output SQNR against ``reference`` in dB (capped at 100), higher is better."""
+    def __call__(self, model: nn.Module) -> dict:
+        """Output SQNR (dB), top-1 agreement of the class axis (the last of ``(N, C)`` and
+        ``(N, T, C)`` outputs, axis 1 of ``(N, C, H, W)`` maps; outputs with one class are left
+        out) and the largest absolute error of ``model``, over all outputs."""
+        ref, got = self.ref, _flat_outputs(model, self.batches)
+        signal = sum(float((r ** 2).sum()) for r in ref)
+        noise = sum(float(((r - g) ** 2).sum()) for r, g in zip(ref, got))
+        agree = [float((r.argmax(-1) == g.argmax(-1)).float().mean()) for r, g in zip(ref, got) if r.shape[-1] > 1]
+        return {"output_sqnr_db": 10 * math.log10(signal / noise) if noise > 0 else None,
+                "top1_agreement": sum(agree) / len(agree) if agree else None,
+                "max_abs_error": max(float((r - g).abs().max()) for r, g in zip(ref, got))}
 
-    def evaluate(model: nn.Module) -> float:
-        value = fidelity(reference, model, batches)["output_sqnr_db"]
+    def sqnr(self, model: nn.Module) -> float:
+        """``evaluate(model)`` for plan steps: output SQNR in dB, capped at 100, higher is better."""
+        value = self(model)["output_sqnr_db"]
         return 100.0 if value is None else min(100.0, value)
 
-    return evaluate
+
+def fidelity(reference: nn.Module, model: nn.Module, batches) -> dict:
+    """:class:`Fidelity` of ``model`` against ``reference`` on ``batches``, measured once."""
+    return Fidelity(reference, batches)(model)
