@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nnshrink import zoo
@@ -74,17 +75,42 @@ def test_lowering_fuses_activations_and_keeps_residual_adds():
     assert output == "fc" and "stem.0" in layers
 
 
-def test_lowering_names_what_an_integer_graph_cannot_hold():
-    class Odd(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(1, 4, 3)
+class _Mixed(nn.Module):
+    """A conv, LayerNorm and GELU (no integer kernels on ONNX Runtime), a sigmoid (integer on every target)."""
 
-        def forward(self, x):
-            return torch.sigmoid(self.conv(x)).flatten(1)
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.norm = nn.LayerNorm(26)
+        self.fc = nn.Linear(4 * 26 * 26, 10)
 
-    with pytest.raises(UnsupportedModelError, match="sigmoid"):
-        lower(Odd(), _data(2))
+    def forward(self, x):
+        return self.fc(torch.sigmoid(F.gelu(self.norm(self.conv(x)))).flatten(1))
+
+
+def test_partial_quantization_leaves_what_has_no_integer_kernel_float():
+    from nnshrink.techniques.quant.graph import float_ops
+
+    low = lower(_Mixed(), _data(2))
+    by = {op.op_type: op for op in low.ops}
+    # a float chain stays float inside; its end, read by an integer op, is quantized (the border)
+    assert by["LayerNormalization"].quant == "float" and not by["LayerNormalization"].integer
+    assert by["Gelu"].quant == "own" and not by["Gelu"].integer
+    assert by["Sigmoid"].quant == "own" and by["Sigmoid"].integer
+    assert by["Conv"].quant == "own" and by["Gemm"].quant == "own"
+    assert [(g["op_type"], g["count"]) for g in float_ops(low.ops)] == [("LayerNormalization", 1), ("Gelu", 1)]
+    assert [g["op_type"] for g in float_ops(lower(_Mixed(), _data(2), target="npu").ops)] == ["LayerNormalization"]
+    with pytest.raises(UnsupportedModelError, match=r"strict .*LayerNormalization x1"):
+        compress(_Mixed(), Plan([Quantize(strict=True)]), _data(2), calib=[_data(8)])
+
+
+def test_lowering_refuses_a_second_input():
+    class Two(nn.Module):
+        def forward(self, x, y):
+            return x + y
+
+    with pytest.raises(UnsupportedModelError, match="one input"):
+        lower(Two(), _data(2))
 
 
 def test_cle_keeps_the_float_model_and_equalizes_ranges():
@@ -123,12 +149,14 @@ def test_quantize_config_errors_name_the_problem():
 
 
 def test_keep_float_and_layer_bits():
-    _, sim, _ = _quantized("lenet5", keep_float=("fc1",), layer_bits={"conv2": 4})
+    _, sim, x = _quantized("lenet5", keep_float=("fc1",), layer_bits={"conv2": 4})
     assert sim.float_layers == {"fc1"}
     w = sim.weight(next(op for op in sim.ops if op.name == "conv2"))
     assert all(len(torch.unique(row)) <= 15 for row in w.reshape(w.shape[0], -1))
-    with pytest.raises(ConfigError, match="kept in float"):
-        IntegerModel(sim)
+    # the integer reference runs a layer kept in float in float, between quantized tensors
+    step = float(sim.aq[sim.output].scale)
+    with torch.no_grad():
+        np.testing.assert_allclose(IntegerModel(sim, "float")(x.numpy()), sim(x).numpy(), atol=1.01 * step)
 
 
 # -- ONNX Runtime and the integer reference -------------------------------------------------------

@@ -1,245 +1,376 @@
-"""ONNX with QuantizeLinear/DequantizeLinear pairs from a :class:`QuantSim`, as ONNX Runtime wants it.
+"""ONNX with QuantizeLinear/DequantizeLinear pairs from the quantized graph, as ONNX Runtime wants it.
 
-The graph is written from the sim's op list, not by exporting the fake-quantized torch graph:
-the layout is then exactly the one ONNX Runtime's QDQ fusions turn into integer kernels
-(``DQ -> Conv -> Q`` becomes ``QLinearConv``, ``DQ -> Gemm -> Q`` ``QGemm``, ``DQ -> Add -> Q``
-``QLinearAdd``, ``DQ -> GlobalAveragePool -> Q`` ``QLinearGlobalAveragePool``):
+The writer reads the :class:`~nnshrink.techniques.quant.graph.QuantGraph` (the integers derived
+once from the calibrated sim) with one handler per op kind (:data:`_WRITE`), each computing its op
+in torch on dequantized inputs, with weights as integer constants behind ``DequantizeLinear``
+and outputs through ``QuantizeLinear``, written by two custom ops (``nnshrink::quantize_linear``,
+``nnshrink::dequantize_linear``) that translate to exactly those ONNX nodes. torch's exporter then
+writes every other op (a float island's LayerNorm, an LSTM, an ONNX node kept opaque, the shape
+arithmetic of a reshape) as it writes the float model. The layout is the one ONNX Runtime's QDQ
+fusions turn into integer kernels (``DQ -> Conv -> Q`` becomes ``QLinearConv``, ``DQ -> Gemm -> Q``
+``QGemm``, ``DQ -> MatMul -> Q`` ``QLinearMatMul``, ``DQ -> Add -> Q`` ``QLinearAdd``...):
 
-- every quantized tensor is an int8 tensor; max pooling, flattening and standalone ReLUs keep
-  their input's scale (``DQ -> MaxPool -> Q`` with one scale, which ONNX Runtime runs on the
-  integers);
-- weights are int8 initializers with per-channel scales (axis 0) behind a ``DequantizeLinear``;
-  for the ``ort-x86-u8`` target, weights wider than 7 bits are uint8 (``q + 128``, zero point
-  ``+ 128``: the same integers), because ONNX Runtime's u8 x s8 kernels on x86 CPUs without VNNI
-  add two products into a saturating int16 and its u8 x u8 kernels do not (see
-  :func:`x86_int8_kernel`); biases are int32 at scale ``s_in * s_w`` (computed in float32, as
-  the kernels recompute it);
-- a fused ReLU/ReLU6 sits between the layer and its ``QuantizeLinear``; its output range makes
-  it redundant, and ONNX Runtime removes it.
+- every quantized tensor is an 8-bit (or 16-bit) tensor; moves (reshape, transpose, max pooling,
+  a standalone ReLU) keep their input's scale (``DQ -> op -> Q`` with one scale, which ONNX
+  Runtime runs on the integers: an op applied to the Q output directly stops its fusion of the
+  producing layer);
+- weights are int8 initializers with per-channel scales behind a ``DequantizeLinear``; for the
+  ``ort-x86-u8`` target, weights wider than 7 bits are uint8 (``q + 128``, zero point ``+ 128``:
+  the same integers), because ONNX Runtime's u8 x s8 kernels on x86 CPUs without VNNI add two
+  products into a saturating int16 and its u8 x u8 kernels do not (see :func:`x86_int8_kernel`);
+  biases are int32 at scale ``s_in * s_w`` (computed in float32, as the kernels recompute it);
+- a linear layer on a 3-D tensor is written as ``Reshape`` to 2-D, ``Gemm``, ``Reshape`` back
+  (each reshape at its input's scale), which ONNX Runtime fuses into ``QGemm``;
+- 8-bit activations are written as uint8 by default (``q + 128``, zero point ``+ 128``: the same
+  real values): ONNX Runtime's x86 kernels take uint8 activations, and where it converts int8
+  Q/DQ pairs itself it skips tensors with two readers, leaving those layers in float.
 
-The torch exporter was not used: ``torch.onnx.export`` of fake-quantize ops gives Q/DQ around
-every op but no integer bias, and the activation ranges it records differ from ours.
+Why not export the fake-quantized torch model: ``torch.onnx.export`` of fake-quantize ops gives
+Q/DQ around every op but no integer bias, and the activation ranges it records differ from ours.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import warnings
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from nnshrink.errors import ConfigError
+from nnshrink.errors import ConfigError, UnsupportedModelError
 from nnshrink.graph import signature
-from nnshrink.techniques.quant.sim import Op
+from nnshrink.techniques.quant.graph import QuantGraph, _fill, freeze, invoke, key
 
-_OPSET = 17
-
-
-def _f32(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy().astype(np.float32)
+_INT_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int16: (-32768, 32767),
+              torch.int32: (-(2**31), 2**31 - 1)}
 
 
-class _Writer:
-    def __init__(self, sim, act_type: str = "uint8") -> None:
-        from onnx import TensorProto, helper, numpy_helper
+@torch.library.custom_op("nnshrink::quantize_linear", mutates_args=())
+def quantize_linear(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """ONNX ``QuantizeLinear`` (per tensor): the integers of ``x`` in ``zero_point``'s dtype."""
+    lo, hi = _INT_RANGE[zero_point.dtype]
+    return torch.clamp(torch.round(x / scale) + zero_point.float(), lo, hi).to(zero_point.dtype)
 
-        self.sim, self.h, self.nh, self.TP = sim, helper, numpy_helper, TensorProto
-        self.nodes, self.inits = [], []
-        self.qparams: dict[str, tuple[str, float, int]] = {}  # tensor -> (int tensor, scale, zp)
-        self.scale_names: dict[str, tuple[str, str]] = {}  # quantizing tensor -> (scale, zero point) names
-        self.owner: dict[str, str] = {}  # tensor sharing another's scale -> that tensor
-        bits = sim.aq["input"].bits
-        # int8 integers are written shifted to uint8 (q + 128, zero point + 128: the same real
-        # values): ONNX Runtime's x86 kernels take uint8 activations, and where it converts int8
-        # Q/DQ pairs itself it skips tensors with two readers, leaving those layers in float
-        self.act_dtype = (np.uint8 if act_type == "uint8" else np.int8) if bits == 8 else np.int16
-        self.offset = 128 if self.act_dtype == np.uint8 else 0
-        self.n = 0
 
-    def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(self.nh.from_array(np.array(array, copy=True, order="C"), name))
-        return name
+@quantize_linear.register_fake
+def _(x, scale, zero_point):
+    return torch.empty_like(x, dtype=zero_point.dtype)
 
-    def node(self, op: str, inputs: list[str], output: str, name: str | None = None, **attrs) -> str:
-        self.n += 1
-        self.nodes.append(self.h.make_node(op, inputs, [output], name=name or f"{op}_{self.n}", **attrs))
-        return output
 
-    def act_params(self, tensor_key: str):
-        aq = self.sim.aq[tensor_key]
-        scale = np.float32(aq.scale.detach())
-        zp = self.act_dtype(int(aq.zero_point) + self.offset)
-        return scale, zp
+@torch.library.custom_op("nnshrink::dequantize_linear", mutates_args=())
+def dequantize_linear(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+    """ONNX ``DequantizeLinear``: per tensor, or per slice along ``axis`` for a 1-D scale."""
+    if scale.dim() == 1:
+        shape = [1] * q.dim()
+        shape[axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    return (q.float() - zero_point.float()) * scale
 
-    def quantize(self, float_name: str, tensor: str, key: str) -> None:
-        scale, zp = self.act_params(key)
-        s = self.init(f"{tensor}.act_scale", np.array(scale, np.float32))
-        z = self.init(f"{tensor}.act_zero_point", np.array(zp, self.act_dtype))
-        q = self.node("QuantizeLinear", [float_name, s, z], f"{tensor}.q", name=f"{tensor}.quantize")
-        self.qparams[tensor] = (q, float(scale), int(zp))
-        self.scale_names[tensor] = (s, z)
 
-    def dequantize(self, tensor: str) -> str:
-        q, _, _ = self.qparams[tensor]
-        s, z = self.scale_names[self._owner(tensor)]
-        return self.node("DequantizeLinear", [q, s, z], f"{tensor}.dq_{self.n + 1}")
+@dequantize_linear.register_fake
+def _(q, scale, zero_point, axis):
+    return torch.empty_like(q, dtype=torch.float32)
 
-    def _owner(self, tensor: str) -> str:
-        return self.owner.get(tensor, tensor)
 
-    def unsigned_weights(self, wq) -> bool:
+@torch.library.custom_op("nnshrink::global_average_pool", mutates_args=())
+def global_average_pool(x: torch.Tensor) -> torch.Tensor:
+    """ONNX ``GlobalAveragePool`` (the exporter writes a mean as ``ReduceMean``, which ONNX
+    Runtime does not fuse into an integer kernel)."""
+    return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+@global_average_pool.register_fake
+def _(x):
+    return x.new_empty(tuple(x.shape[:2]) + (1,) * (x.dim() - 2))
+
+
+def _translations(opset: int) -> dict:
+    import onnxscript
+
+    op = getattr(onnxscript, f"opset{opset}")
+
+    def q(x, scale, zero_point):
+        return op.QuantizeLinear(x, scale, zero_point)
+
+    def dq(x, scale, zero_point, axis: int):
+        return op.DequantizeLinear(x, scale, zero_point, axis=axis)
+
+    def gap(x):
+        return op.GlobalAveragePool(x)
+
+    return {torch.ops.nnshrink.quantize_linear.default: q, torch.ops.nnshrink.dequantize_linear.default: dq,
+            torch.ops.nnshrink.global_average_pool.default: gap}
+
+
+class _Writer(nn.Module):
+    """The quantized graph as a torch module of ONNX-shaped ops, for the exporter."""
+
+    def __init__(self, graph: QuantGraph, act_type: str, int_outputs: list[str] | None) -> None:
+        super().__init__()
+        self.graph, self.int_outputs = graph, int_outputs
+        self.mods = nn.ModuleDict(dict(graph.modules.items()))
+        self.names: dict[str, str] = {}  # buffer -> initializer name in the file
+        bits = graph.act_bits
+        self.act_dtype = (torch.uint8 if act_type == "uint8" else torch.int8) if bits == 8 else torch.int16
+        offset = 128 if self.act_dtype == torch.uint8 else 0
+        for k, c in graph.consts.items():
+            self._buffer(f"const_{k}", c.detach().clone(), k)
+        for t in {t.owner: t for t in graph.tensors.values()}.values():
+            self._buffer(f"s_{key(t.owner)}", torch.tensor(np.float32(t.scale)), f"{t.owner}.act_scale")
+            self._buffer(f"z_{key(t.owner)}", torch.tensor(t.zp + offset, dtype=self.act_dtype),
+                         f"{t.owner}.act_zero_point")
+        for name, lq in graph.layers.items():
+            k = key(name)
+            if lq.q is None:
+                self._buffer(f"w_{k}", torch.from_numpy(lq.weight.copy()), f"{name}.weight")
+                if lq.float_bias is not None:
+                    self._buffer(f"b_{k}", torch.from_numpy(lq.float_bias.copy()), f"{name}.bias")
+                continue
+            q, zp = lq.q, lq.zp
+            if self.unsigned_weights(lq):
+                q, zp, dtype = q + 128, zp + 128, torch.uint8
+            else:
+                dtype = torch.int8
+            scale = lq.scale if lq.per_channel else lq.scale[:1].reshape(())
+            zp = zp if lq.per_channel else zp[:1].reshape(())
+            self._buffer(f"wq_{k}", torch.from_numpy(q.astype(np.int64)).to(dtype), f"{name}.weight_quantized")
+            self._buffer(f"ws_{k}", torch.from_numpy(np.asarray(scale, np.float32)), f"{name}.weight_scale")
+            self._buffer(f"wz_{k}", torch.from_numpy(np.asarray(zp, np.int64)).to(dtype), f"{name}.weight_zero_point")
+            if lq.bias is not None:
+                self._buffer(f"bq_{k}", torch.from_numpy(lq.bias.astype(np.int32)), f"{name}.bias_quantized")
+                self._buffer(f"bs_{k}", torch.from_numpy(lq.bias_scale.astype(np.float32)), f"{name}.bias_scale")
+                self._buffer(f"bz_{k}", torch.zeros(lq.bias.shape, dtype=torch.int32), f"{name}.bias_zero_point")
+
+    def _buffer(self, name: str, value: torch.Tensor, file_name: str) -> None:
+        self.register_buffer(name, value)
+        self.names[name] = file_name
+
+    def unsigned_weights(self, lq) -> bool:
         """Whether a layer's weights are written as uint8: for ONNX Runtime on x86, where its
         u8 x s8 kernels would saturate (weights beyond +-64 against uint8 activations)."""
-        wide = wq.qmin < -64 or wq.qmax > 64
-        if not (wide and self.sim.target == "ort-x86-u8"):
+        if not (lq.bits == 8 and self.graph.target == "ort-x86-u8"):
             return False
-        if self.act_dtype != np.uint8:
+        if self.act_dtype != torch.uint8:
             raise ConfigError("the ort-x86-u8 target writes 8-bit weights as uint8, which ONNX Runtime pairs only "
                               "with uint8 activations; export with act_type='uint8', or quantize with "
                               "target 'ort-x86' or 'npu'")
         return True
 
-    # -- ops ------------------------------------------------------------------------------
-    def layer(self, op) -> str:
-        sim = self.sim
-        layer = sim.layer(op.name)
-        x = self.dequantize(op.inputs[0])
-        if op.name in sim.float_layers:
-            w = self.init(f"{op.name}.weight", _f32(layer.weight))
-            b = self.init(f"{op.name}.bias", _f32(layer.bias)) if layer.bias is not None else ""
-        else:
-            wq = sim.weight_quantizer(op.name)
-            q = wq.integers(layer.weight).numpy()
-            scale = _f32(wq.scale).reshape(-1)
-            zp = wq.zero_point.numpy().astype(np.int32).reshape(-1)
-            if self.unsigned_weights(wq):
-                q, zp = (q + 128).astype(np.uint8), (zp + 128).astype(np.uint8)
-            else:
-                q, zp = q.astype(np.int8), zp.astype(np.int8)
-            per_channel = scale.size > 1
-            if not per_channel:
-                scale, zp = scale.reshape(()), zp.reshape(())
-            qi = self.init(f"{op.name}.weight_quantized", q)
-            si = self.init(f"{op.name}.weight_scale", scale)
-            zi = self.init(f"{op.name}.weight_zero_point", zp)
-            attrs = {"axis": 0} if per_channel else {}
-            w = self.node("DequantizeLinear", [qi, si, zi], f"{op.name}.weight", **attrs)
-            b = ""
-            if layer.bias is not None:
-                s_in = np.float32(self.qparams[op.inputs[0]][1])
-                bscale = (s_in * _f32(wq.scale).reshape(-1)).astype(np.float32)
-                if not per_channel:
-                    bscale = np.full(layer.bias.shape, bscale.reshape(-1)[0], np.float32)
-                bias = _f32(layer.bias).astype(np.float64) / bscale.astype(np.float64)
-                bias_q = np.clip(np.round(bias), -(2**31), 2**31 - 1).astype(np.int32)
-                bq = self.init(f"{op.name}.bias_quantized", bias_q)
-                bs = self.init(f"{op.name}.bias_scale", bscale)
-                bz = self.init(f"{op.name}.bias_zero_point", np.zeros(bscale.shape, np.int32))
-                b = self.node("DequantizeLinear", [bq, bs, bz], f"{op.name}.bias", axis=0)
-        out = f"{op.name}.out"
-        if op.kind == "linear":
-            self.node("Gemm", [x, w] + ([b] if b else []), out, name=op.name, transB=1)
-        else:
-            nd = layer.weight.dim() - 2
-            pads = list(layer.padding) * 2
-            self.node("Conv", [x, w] + ([b] if b else []), out, name=op.name,
-                      kernel_shape=list(layer.kernel_size), strides=list(layer.stride), pads=pads[:2 * nd],
-                      dilations=list(layer.dilation), group=layer.groups)
-        return out
+    # -- reading and writing quantized tensors ---------------------------------------------------
+    def q(self, y: torch.Tensor, name: str) -> torch.Tensor:
+        owner = key(self.graph.tensors[name].owner)
+        return torch.ops.nnshrink.quantize_linear(y, getattr(self, f"s_{owner}"), getattr(self, f"z_{owner}"))
 
-    def activation(self, op, y: str) -> str:
-        if op.act == "relu":
-            return self.node("Relu", [y], f"{op.name}.relu")
-        if op.act == "relu6":
-            lo = self.init(f"{op.name}.clip_min", np.array(0.0, np.float32))
-            hi = self.init(f"{op.name}.clip_max", np.array(6.0, np.float32))
-            return self.node("Clip", [y, lo, hi], f"{op.name}.relu6")
+    def f(self, name: str, v):
+        """A value as a float op reads it: a quantized tensor behind its own DequantizeLinear."""
+        if name not in self.graph.tensors or not isinstance(v, (torch.Tensor, tuple)):
+            return v
+        owner = key(self.graph.tensors[name].owner)
+        s, z = getattr(self, f"s_{owner}"), getattr(self, f"z_{owner}")
+        if isinstance(v, tuple):
+            return tuple(torch.ops.nnshrink.dequantize_linear(e, s, z, 1) for e in v)
+        if v.dtype not in _INT_RANGE:
+            return v
+        return torch.ops.nnshrink.dequantize_linear(v, s, z, 1)
+
+    def weight(self, name: str, op_kind: str):
+        k = key(name)
+        lq = self.graph.layers[name]
+        if lq.q is None:
+            return getattr(self, f"w_{k}"), getattr(self, f"b_{k}", None)
+        w = torch.ops.nnshrink.dequantize_linear(getattr(self, f"wq_{k}"), getattr(self, f"ws_{k}"),
+                                                 getattr(self, f"wz_{k}"), lq.axis)
+        b = None
+        if lq.bias is not None:
+            b = torch.ops.nnshrink.dequantize_linear(getattr(self, f"bq_{k}"), getattr(self, f"bs_{k}"),
+                                                     getattr(self, f"bz_{k}"), 0)
+        return w, b
+
+    def forward(self, x: torch.Tensor):
+        g = self.graph
+        env = {"input": self.q(x, "input") if "input" in g.tensors else x}
+        for op in g.ops:
+            env[op.name] = _WRITE[op.kind](self, op, [env[i] for i in op.inputs])
+        if self.int_outputs is not None:
+            return tuple(env[n] for n in self.int_outputs)
+        return _fill(g.output_tree, [self.f(n, env[n]) for n in g.outputs])
+
+
+def _act(op, y: torch.Tensor) -> torch.Tensor:
+    if op.act == "relu":
+        return F.relu(y)
+    if op.act == "relu6":
+        return F.relu6(y)
+    return y
+
+
+def _conv(w: _Writer, op, xs):
+    weight, bias = w.weight(op.name, op.kind)
+    geo = w.graph.layers[op.name].geometry
+    x = w.f(op.inputs[0], xs[0])
+    if op.kind == "conv":
+        conv = F.conv1d if geo["one_d"] else F.conv2d
+        y = conv(x, weight, bias, geo["stride"], geo["padding"], geo["dilation"], geo["groups"])
+    else:
+        conv = F.conv_transpose1d if geo["one_d"] else F.conv_transpose2d
+        y = conv(x, weight, bias, geo["stride"], geo["padding"], geo["output_padding"], geo["groups"], geo["dilation"])
+    return w.q(_act(op, y), op.name)
+
+
+def _linear(w: _Writer, op, xs):
+    weight, bias = w.weight(op.name, op.kind)
+    src = op.inputs[0]
+    x = w.f(src, xs[0])
+    if x.dim() == 2:
+        return w.q(_act(op, F.linear(x, weight, bias)), op.name)
+    # on a sequence: Reshape to 2-D, Gemm, Reshape back, each reshape at its input's scale
+    lead = x.shape[:-1]
+    x2 = w.f(src, w.q(x.reshape(-1, x.shape[-1]), src))
+    y = w.f(op.name, w.q(_act(op, F.linear(x2, weight, bias)), op.name))
+    return w.q(y.reshape(*lead, y.shape[-1]), op.name)
+
+
+def _binary(fn):
+    def write(w: _Writer, op, xs):
+        a, b = (w.f(n, v) for n, v in zip(op.inputs, xs))
+        return w.q(_act(op, fn(a, b)), op.name)
+    return write
+
+
+def _gap(w: _Writer, op, xs):
+    return w.q(torch.ops.nnshrink.global_average_pool(w.f(op.inputs[0], xs[0])), op.name)
+
+
+def _avgpool(w: _Writer, op, xs):
+    a = op.attrs
+    return w.q(F.avg_pool2d(w.f(op.inputs[0], xs[0]), a["kernel"], a["stride"], 0, a.get("ceil", False)), op.name)
+
+
+def _concat(w: _Writer, op, xs):
+    return w.q(torch.cat([w.f(n, v) for n, v in zip(op.inputs, xs)], dim=op.attrs["axis"]), op.name)
+
+
+def _clamp(w: _Writer, op, xs):
+    return w.q(torch.clamp(w.f(op.inputs[0], xs[0]), op.attrs["lo"], op.attrs["hi"]), op.name)
+
+
+def _call(w: _Writer, op, xs):
+    """Moves, float ops and shape values: the op itself on dequantized inputs, then quantized
+    (at its input's scale for a move, its own where it has one) or left float."""
+    y = invoke(op, [w.f(n, v) for n, v in zip(op.inputs, xs)], w.mods)
+    if op.name not in w.graph.tensors:
         return y
-
-    def run(self, int_outputs: list[str] | None = None):
-        h, sim = self.h, self.sim
-        self.quantize("input", "input", "input")
-        for op in sim.ops:
-            key = op.name.replace(".", "__")
-            if op.kind in ("conv", "linear"):
-                y = self.layer(op)
-            elif op.kind == "add":
-                a, b = self.dequantize(op.inputs[0]), self.dequantize(op.inputs[1])
-                y = self.node("Add", [a, b], f"{op.name}.sum", name=op.name)
-            elif op.kind in ("gap", "avgpool"):
-                x = self.dequantize(op.inputs[0])
-                if op.kind == "gap":
-                    y = self.node("GlobalAveragePool", [x], f"{op.name}.pooled", name=op.name)
-                else:
-                    at = op.attrs
-                    y = self.node("AveragePool", [x], f"{op.name}.pooled", name=op.name,
-                                  kernel_shape=list(at["kernel"]), strides=list(at["stride"]), ceil_mode=int(at["ceil"]))
-            elif op.kind == "concat":
-                xs = [self.dequantize(i) for i in op.inputs]
-                y = self.node("Concat", xs, f"{op.name}.cat", name=op.name, axis=op.attrs["axis"])
-            elif op.kind in ("maxpool", "flatten", "relu", "relu6"):
-                # integer moves: written DQ -> op -> Q at the input's scale, which ONNX Runtime
-                # runs on the integers (an op applied to the int8 tensor directly stops its
-                # fusion of the producing layer)
-                src = op.inputs[0]
-                x = self.dequantize(src)
-                _, scale, zp = self.qparams[src]
-                if op.kind == "maxpool":
-                    at = op.attrs
-                    y = self.node("MaxPool", [x], f"{op.name}.out", name=op.name, kernel_shape=list(at["kernel"]),
-                                  strides=list(at["stride"]), pads=list(at["padding"]) * 2,
-                                  dilations=list(at["dilation"]), ceil_mode=int(at["ceil"]))
-                elif op.kind == "flatten":
-                    y = self.node("Flatten", [x], f"{op.name}.out", name=op.name, axis=1)
-                else:
-                    y = self.activation(Op(op.name, "act", [], act=op.kind), x)
-                s_name, z_name = self.scale_names[self._owner(src)]
-                q = self.node("QuantizeLinear", [y, s_name, z_name], f"{op.name}.q", name=f"{op.name}.quantize")
-                self.qparams[op.name] = (q, scale, zp)
-                self.owner[op.name] = self._owner(src)
-                continue
-            else:  # pragma: no cover - the lowering makes only the kinds above
-                raise ConfigError(f"no ONNX form for op kind {op.kind!r}")
-            y = self.activation(op, y)
-            self.quantize(y, op.name, key)
-        final = self.dequantize(self.sim.output)
-        self.node("Identity", [final], "output", name="output")
-        shape = ["batch", *self.sim_input_shape()]
-        inputs = [h.make_tensor_value_info("input", self.TP.FLOAT, shape)]
-        if int_outputs is None:
-            outputs = [h.make_tensor_value_info("output", self.TP.FLOAT, None)]
-        else:
-            elem = {np.int8: self.TP.INT8, np.uint8: self.TP.UINT8, np.int16: self.TP.INT16}[self.act_dtype]
-            outputs = [h.make_tensor_value_info(self.qparams[t][0], elem, None) for t in int_outputs]
-        graph = h.make_graph(self.nodes, "nnshrink_qdq", inputs, outputs, self.inits)
-        opset = _OPSET if self.act_dtype == np.int8 else 21
-        model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], producer_name="nnshrink")
-        model.ir_version = 8 if opset == _OPSET else 10
-        if int_outputs is None:
-            signature.apply(model, signature.get(self.sim))
-        return model
-
-    def sim_input_shape(self) -> list:
-        shape = self.sim.input_shape
-        return list(shape) if shape is not None else [None]
+    if isinstance(y, (tuple, list)):
+        return tuple(w.q(e, op.name) for e in y)
+    return w.q(y, op.name)
 
 
-def to_qdq_onnx(sim: nn.Module, int_outputs: list[str] | None = None, act_type: str = "uint8"):
-    """The ONNX QDQ model (``onnx.ModelProto``) of a :class:`QuantSim`.
+def _const(w: _Writer, op, xs):
+    if key(op.name) not in w.graph.consts:
+        return op.attrs["value"]
+    c = getattr(w, f"const_{key(op.name)}")
+    return w.q(c, op.name) if op.name in w.graph.tensors else c
+
+
+_WRITE = {
+    "conv": _conv,
+    "convt": _conv,
+    "linear": _linear,
+    "matmul": _binary(torch.matmul),
+    "add": _binary(torch.add),
+    "mul": _binary(torch.mul),
+    "gap": _gap,
+    "avgpool": _avgpool,
+    "concat": _concat,
+    "clamp": _clamp,
+    "move": _call,
+    "compute": _call,
+    "value": _call,
+    "const": _const,
+}
+
+
+def to_qdq_onnx(sim, int_outputs: list[str] | None = None, act_type: str = "uint8"):
+    """The ONNX QDQ model (``onnx.ModelProto``) of a quantized model.
 
     Args:
-        sim: The quantized model.
-        int_outputs: Instead of the float ``output``, make these tensors' integers the graph
-            outputs (op names, or ``input``): for comparing against the integer reference.
+        sim: The quantized model (a :class:`~nnshrink.techniques.quant.QuantSim`, or its
+            :class:`~nnshrink.techniques.quant.graph.QuantGraph`).
+        int_outputs: Instead of the model's outputs, make these tensors' integers the graph
+            outputs (:func:`int_tensor_names`): for comparing against the integer reference.
         act_type: ``uint8`` (default; what ONNX Runtime's x86 kernels take: ``q + 128``) or
             ``int8`` (as TFLite and Ethos-U hold them) for 8-bit activations.
     """
+    from nnshrink.io import onnx_opaque, onnx_rnn
+    from nnshrink.progress import quiet_exporter
+
     if act_type not in ("uint8", "int8"):
         raise ConfigError(f"act_type must be uint8 or int8, got {act_type!r}")
-    if not getattr(sim, "is_quant_sim", False):
+    if getattr(sim, "is_quant_sim", False):
+        if any(q.observing for q in sim.aq.values()):
+            raise ConfigError("the model is still calibrating")
+        graph = freeze(sim)
+    elif isinstance(sim, QuantGraph):
+        graph = sim
+    else:
         raise ConfigError("QDQ export takes a quantized model (the result of a quantize step)")
-    if any(q.observing for q in sim.aq.values()):
-        raise ConfigError("the model is still calibrating")
-    return _Writer(sim, act_type).run(int_outputs)
+    writer = _Writer(graph, act_type, int_outputs).eval()
+    sig = graph.signature
+    shape = list(graph.example_shape)
+    shape[0] = max(2, shape[0])
+    axes = {0} | {i + 1 for i, d in enumerate(graph.input_shape or ()) if d is None}
+    if sig is not None and len(sig.inputs) == 1:
+        axes |= set(sig.dynamic_axes(0))
+    example = torch.randn(shape)
+    for a in axes:  # a size-1 axis would be made a constant 1
+        if example.shape[a] == 1:
+            example = torch.cat([example, example], dim=a)
+    opset = 21 if graph.act_bits == 16 else max(18, sig.opset if sig is not None else 18)
+    opset = min(opset, 21)
+    names = [n for n, _ in sig.inputs] if sig is not None and len(sig.inputs) == 1 else ["input"]
+    if int_outputs is not None:
+        outputs = [f"{n}.q" for n in int_outputs]
+    elif sig is not None and len(sig.outputs) == len(graph.outputs):
+        outputs = [n for n, _ in sig.outputs]
+    else:
+        outputs = ["output"] if len(graph.outputs) == 1 else [f"output_{i}" for i in range(len(graph.outputs))]
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()), quiet_exporter(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                writer, (example,), dynamo=True, dynamic_shapes=({a: torch.export.Dim.AUTO for a in sorted(axes)},),
+                opset_version=opset, input_names=names, output_names=outputs, external_data=False, verbose=False,
+                custom_translation_table={**onnx_rnn.TRANSLATIONS, **onnx_opaque.TRANSLATIONS, **_translations(opset)})
+    except Exception as exc:  # the exporter raises a wide variety of internal errors
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UnsupportedModelError(f"QDQ export failed: {first}") from exc
+    for node in program.model.graph.all_nodes():
+        node.metadata_props.clear()
+    proto = program.model_proto
+    _rename_initializers(proto, writer.names)
+    proto.producer_name = "nnshrink"
+    if int_outputs is None:
+        signature.apply(proto, sig)
+    return proto
+
+
+def _rename_initializers(proto, names: dict[str, str]) -> None:
+    """Give the exporter's initializers (named after the writer's buffers) their names in the
+    file: ``conv1.weight_quantized``, ``conv1.act_scale``..."""
+    renames = {i.name: names[i.name] for i in proto.graph.initializer if i.name in names}
+    for init in proto.graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for node in proto.graph.node:
+        for i, n in enumerate(node.input):
+            if n in renames:
+                node.input[i] = renames[n]
+    for vi in list(proto.graph.input) + list(proto.graph.value_info):
+        if vi.name in renames:
+            vi.name = renames[vi.name]
 
 
 def x86_int8_kernel() -> str:
@@ -256,6 +387,9 @@ def x86_int8_kernel() -> str:
     return "avx2" if features.get("avx2", False) else "other"
 
 
-def int_tensor_names(sim: nn.Module) -> list[str]:
-    """Every tensor of the quantized graph that holds integers, in order: ``input`` then the ops."""
-    return ["input"] + [op.name for op in sim.ops]
+def int_tensor_names(sim) -> list[str]:
+    """Every tensor of the quantized graph that holds integers, in order: ``input`` (when
+    quantized), then the ops (tuples of a split excluded: their items are listed)."""
+    graph = freeze(sim) if getattr(sim, "is_quant_sim", False) else sim
+    tuples = {op.name for op in graph.ops if op.quant == "tuple"}
+    return [n for n in graph.int_tensor_names() if n not in tuples]

@@ -10,8 +10,9 @@ accuracy drops), ``reference`` (numpy integer-only execution with fixed-point re
 from nnshrink.techniques.quant.ptq import (adaround, bias_correction, build_sim, calibrate, equalize,
                                            init_weight_quantizers)
 from nnshrink.techniques.quant.quantizers import ActQuantizer, WeightQuantizer, fake_quantize, int_range
-from nnshrink.techniques.quant.sim import Op, QuantSim, lower
+from nnshrink.techniques.quant.graph import Op, QuantGraph, freeze, lower
+from nnshrink.techniques.quant.sim import QuantSim
 from nnshrink.techniques.quant.step import Quantize
 
-__all__ = ["ActQuantizer", "Op", "QuantSim", "Quantize", "WeightQuantizer", "adaround", "bias_correction",
-           "build_sim", "calibrate", "equalize", "fake_quantize", "init_weight_quantizers", "int_range", "lower"]
+__all__ = ["ActQuantizer", "Op", "QuantGraph", "QuantSim", "Quantize", "WeightQuantizer", "adaround", "bias_correction",
+           "build_sim", "calibrate", "equalize", "fake_quantize", "freeze", "init_weight_quantizers", "int_range", "lower"]

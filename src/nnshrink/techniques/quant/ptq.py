@@ -29,7 +29,8 @@ from nnshrink.graph import signature
 from nnshrink.progress import progress_bar
 from nnshrink.techniques.calibration import calibration_inputs
 from nnshrink.techniques.quant.quantizers import WeightQuantizer
-from nnshrink.techniques.quant.sim import TARGETS, X86_WEIGHT_BITS, Op, QuantSim, _key, lower
+from nnshrink.techniques.quant.graph import Op, lower
+from nnshrink.techniques.quant.sim import TARGETS, X86_WEIGHT_BITS, QuantSim, _key
 
 
 def build_sim(model: nn.Module, example_input: torch.Tensor, weight_bits: int = 8, act_bits: int = 8,
@@ -43,8 +44,8 @@ def build_sim(model: nn.Module, example_input: torch.Tensor, weight_bits: int = 
     layer's weights at 7 bits."""
     if target not in TARGETS:
         raise ConfigError(f"quantize target must be one of {', '.join(TARGETS)}, got {target!r}")
-    ops, layers, output = lower(model, example_input)
-    sim = QuantSim(ops, layers, output, getattr(model, "input_shape", tuple(example_input.shape[1:])),
+    lowered = lower(model, example_input, target)
+    sim = QuantSim(lowered, getattr(model, "input_shape", tuple(example_input.shape[1:])), example_input.shape,
                    act_bits, act_symmetric, act_estimator)
     sim.target = target
     signature.attach(sim, signature.get(model))  # the QDQ file keeps an imported model's interface
@@ -57,7 +58,11 @@ def build_sim(model: nn.Module, example_input: torch.Tensor, weight_bits: int = 
     for op in sim.layer_ops():
         bits = int(layer_bits.get(op.name, weight_bits))
         bits = min(bits, X86_WEIGHT_BITS) if target == "ort-x86" else bits
-        sim.wq[_key(op.name)] = WeightQuantizer(bits, weight_symmetric, per_channel, weight_estimator)
+        layer = sim.layer(op.name)
+        # a transposed conv holds its output channels on axis 1; grouped, per tensor
+        axis = 1 if op.kind == "convt" else 0
+        channelwise = per_channel and (op.kind != "convt" or layer.groups == 1)
+        sim.wq[_key(op.name)] = WeightQuantizer(bits, weight_symmetric, channelwise, weight_estimator, axis)
     sim.float_layers = set(keep_float)
     return sim
 
@@ -126,7 +131,7 @@ def equalize(sim: QuantSim, batches: list[torch.Tensor] | None = None, iteration
     users = _consumers(sim)
     pairs = []
     for op in sim.layer_ops():
-        if op.act not in ("relu", "relu6") or op.name in sim.float_layers:
+        if op.kind != "conv" or op.act not in ("relu", "relu6") or op.name in sim.float_layers:
             continue
         nxt = users.get(op.name, [])
         if len(nxt) != 1 or nxt[0].kind != "conv" or nxt[0].name in sim.float_layers:
@@ -169,8 +174,12 @@ def equalize(sim: QuantSim, batches: list[torch.Tensor] | None = None, iteration
 
 
 # -- bias correction --------------------------------------------------------------------------
-def _channel_mean(y: torch.Tensor) -> torch.Tensor:
-    return y.transpose(0, 1).reshape(y.shape[1], -1).mean(dim=1)
+def _channel_mean(y: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    return y.movedim(axis, 0).reshape(y.shape[axis], -1).mean(dim=1)
+
+
+def _channel_axis(op: Op) -> int:
+    return -1 if op.kind == "linear" else 1
 
 
 @torch.no_grad()
@@ -184,7 +193,7 @@ def bias_correction(sim: QuantSim, reference: QuantSim, batches: list[torch.Tens
         cap = dict.fromkeys(want)
         reference(x, capture=cap)
         for k, v in cap.items():
-            want[k] = want[k] + _channel_mean(v) * len(x)
+            want[k] = want[k] + _channel_mean(v, _channel_axis(sim._index[k])) * len(x)
     n = sum(len(x) for x in batches)
     shifts = {}
     # One pass, op by op over every batch: a layer's correction changes only what comes after
@@ -195,14 +204,14 @@ def bias_correction(sim: QuantSim, reference: QuantSim, batches: list[torch.Tens
     for i, op in enumerate(sim.ops):
         for name in op.inputs:
             last_read[name] = i
-    envs = [{"input": sim.aq["input"](x)} for x in batches]
+    envs = [{"input": sim.aq["input"](x) if sim.input_quantized else x} for x in batches]
     with progress_bar("bias correction", len(layer_ops), show_progress) as advance:
         for i, op in enumerate(sim.ops):
             ys = [sim.run_op(op, [env[j] for j in op.inputs]) for env in envs]
             if op.name in want:  # a layer to correct
                 got = 0.0
                 for y, x in zip(ys, batches):
-                    got = got + _channel_mean(y) * len(x)
+                    got = got + _channel_mean(y, _channel_axis(op)) * len(x)
                 delta = (want[op.name] - got) / n
                 layer = sim.layer(op.name)
                 if layer.bias is None:
@@ -234,7 +243,7 @@ def adaround(sim: QuantSim, reference: QuantSim, batches: list[torch.Tensor], it
     differently from nearest, per layer."""
     gen = torch.Generator().manual_seed(seed)
     x_all = torch.cat(batches)
-    layer_ops = [op for op in sim.layer_ops() if op.name not in sim.float_layers]
+    layer_ops = [op for op in sim.layer_ops() if op.name not in sim.float_layers and op.kind != "convt"]
     reference.enable_only(set())
     changed = {}
     with progress_bar("AdaRound", len(layer_ops) * iterations, show_progress) as advance:

@@ -112,14 +112,16 @@ def estimate_range(x: torch.Tensor, bits: int, symmetric: bool, estimator: str,
 
 
 class WeightQuantizer(nn.Module):
-    """Fake-quantizes a layer's weight, per output channel (axis 0) or per tensor."""
+    """Fake-quantizes a layer's weight, per output channel (along ``axis``: 0, or 1 for a
+    transposed conv) or per tensor."""
 
     def __init__(self, bits: int = 8, symmetric: bool = True, per_channel: bool = True,
-                 estimator: str = "minmax") -> None:
+                 estimator: str = "minmax", axis: int = 0) -> None:
         super().__init__()
         if not 2 <= bits <= 8:
             raise ConfigError(f"weight bits must be from 2 to 8, got {bits}")
         self.bits, self.symmetric, self.per_channel, self.estimator = bits, symmetric, per_channel, estimator
+        self.axis = axis
         self.qmin, self.qmax = int_range(bits, symmetric)
         self.enabled = True
         self.scale = nn.Parameter(torch.ones(1), requires_grad=False)
@@ -128,7 +130,7 @@ class WeightQuantizer(nn.Module):
     def init_from(self, weight: torch.Tensor) -> None:
         """Set scale and zero point from the weight (min-max or MSE-optimal per channel)."""
         w = weight.detach().float()
-        rows = w.reshape(w.shape[0], -1) if self.per_channel else w.reshape(1, -1)
+        rows = w.movedim(self.axis, 0).reshape(w.shape[self.axis], -1) if self.per_channel else w.reshape(1, -1)
         lo, hi = estimate_range(rows, self.bits, self.symmetric, "mse" if self.estimator == "mse" else "minmax")
         scale, zp = scale_zero_point(lo, hi, self.bits, self.symmetric)
         self.scale = nn.Parameter(scale, requires_grad=self.scale.requires_grad)
@@ -138,7 +140,11 @@ class WeightQuantizer(nn.Module):
         self.scale.requires_grad_(on)
 
     def _shaped(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
-        return t.reshape((-1,) + (1,) * (ndim - 1)) if t.numel() > 1 else t.reshape(())
+        if t.numel() == 1:
+            return t.reshape(())
+        shape = [1] * ndim
+        shape[self.axis] = -1
+        return t.reshape(shape)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

@@ -26,12 +26,15 @@ below 2**53.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+import torch
+import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
 from nnshrink.errors import ConfigError, InputShapeError
+from nnshrink.techniques.quant.graph import TensorQ, _fill, freeze, invoke, key
+from nnshrink.techniques.quant.quantizers import int_range
+from nnshrink.techniques.quant.sim import QuantSim
 
 
 def quantize_multiplier(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,130 +99,168 @@ def _round_half_even_f32(v: np.ndarray) -> np.ndarray:
     return np.rint(v.astype(np.float32)).astype(np.int64)
 
 
-@dataclass
-class _T:
-    """Quantization of an integer tensor: ``real = (q - zp) * scale``."""
-
-    scale: np.float32
-    zp: int
-
-
 class IntegerModel:
-    """The quantized graph of a :class:`~nnshrink.techniques.quant.QuantSim`, run with integers only.
+    """The quantized graph (:class:`~.graph.QuantGraph`, or the :class:`~.sim.QuantSim` it is
+    frozen from) run with integers: every integer op on integers, float ops (what the target
+    has no integer kernel for) in float32 torch on the dequantized inputs, quantized at the
+    island border as ``QuantizeLinear`` does.
 
     Args:
-        sim: The quantized model (calibrated; weights of every layer quantized).
+        graph: The quantized graph, or a calibrated sim.
         requant: ``fixed`` (TFLite / Ethos-U arithmetic) or ``float`` (ONNX Runtime's).
     """
 
-    def __init__(self, sim, requant: str = "fixed") -> None:
+    def __init__(self, graph, requant: str = "fixed") -> None:
         if requant not in ("fixed", "float"):
             raise ConfigError(f"requant must be 'fixed' or 'float', got {requant!r}")
-        if sim.float_layers:
-            raise ConfigError("the integer reference needs every layer quantized; kept in float: "
-                              + ", ".join(sorted(sim.float_layers)))
-        self.requant = requant
-        self.ops = list(sim.ops)
-        self.output = sim.output
-        aq = sim.aq["input"]
-        self.qmin, self.qmax = aq.qmin, aq.qmax
-        self.params: dict[str, _T] = {"input": self._t(aq)}
-        self.weights: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]] = {}
-        for op in self.ops:
-            if op.quantized_output:
-                self.params[op.name] = self._t(sim.aq[op.name.replace(".", "__")])
-            else:
-                self.params[op.name] = self.params[op.inputs[0]]
-            if op.kind in ("conv", "linear"):
-                layer, wq = sim.layer(op.name), sim.weight_quantizer(op.name)
-                if not wq.enabled:
+        if getattr(graph, "is_quant_sim", False):
+            for op in graph.layer_ops():
+                if op.name not in graph.float_layers and not graph.weight_quantizer(op.name).enabled:
                     raise ConfigError(f"layer {op.name!r} has its weight quantizer switched off")
-                q = wq.integers(layer.weight).numpy().astype(np.int64)
-                w_scale = wq.scale.detach().numpy().astype(np.float32).reshape(-1)
-                w_zp = wq.zero_point.numpy().astype(np.int64).reshape(-1)
-                w_scale = np.broadcast_to(w_scale, (q.shape[0],)).copy()
-                w_zp = np.broadcast_to(w_zp, (q.shape[0],)).copy()
-                s_in = self.params[op.inputs[0]].scale
-                bscale = (np.float32(s_in) * w_scale).astype(np.float32)
-                bias = None
-                if layer.bias is not None:
-                    b = layer.bias.detach().numpy().astype(np.float64)
-                    bias = np.clip(np.round(b / bscale.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int64)
-                geo = {}
-                if op.kind == "conv":
-                    one_d = layer.weight.dim() == 3
-                    geo = {"stride": _pair(layer.stride, one_d), "padding": _pair(layer.padding, one_d),
-                           "dilation": _pair(layer.dilation, one_d), "groups": layer.groups, "one_d": one_d}
-                    if one_d:
-                        q = q[:, :, None, :]
-                self.weights[op.name] = (q - w_zp.reshape((-1,) + (1,) * (q.ndim - 1)), w_scale, bias, geo)
-
-    @staticmethod
-    def _t(aq) -> _T:
-        return _T(np.float32(aq.scale.detach()), int(aq.zero_point))
+            graph = freeze(graph)
+        self.graph = graph
+        self.requant = requant
+        self.ops = list(graph.ops)
+        self.params = graph.tensors
+        self.output = graph.outputs[0]
+        bits = graph.act_bits
+        self.qmin, self.qmax = int_range(bits, False)
 
     # -- requantization ---------------------------------------------------------------------
-    def _requant(self, acc: np.ndarray, real_scale_f32: np.ndarray, real_scale_f64: np.ndarray, out: _T,
+    def _requant(self, acc: np.ndarray, real_scale_f32: np.ndarray, real_scale_f64: np.ndarray, out: TensorQ,
                  channel_axis: int | None) -> np.ndarray:
         shape = [1] * acc.ndim
         if channel_axis is not None:
             shape[channel_axis] = -1
         if self.requant == "float":
-            v = acc.astype(np.float32) * real_scale_f32.reshape(shape)
-            v = np.clip(v, np.float32(self.qmin - out.zp), np.float32(self.qmax - out.zp))
+            v = acc.astype(np.float32) * np.asarray(real_scale_f32, np.float32).reshape(shape)
+            v = np.clip(v, np.float32(out.qmin - out.zp), np.float32(out.qmax - out.zp))
             q = _round_half_even_f32(v) + out.zp
         else:
             mult, shift = quantize_multiplier(real_scale_f64)
             q = multiply_by_quantized_multiplier(acc, mult.reshape(shape), shift.reshape(shape)) + out.zp
-        return np.clip(q, self.qmin, self.qmax)
+        return np.clip(q, out.qmin, out.qmax)
 
-    def _act(self, op, q: np.ndarray, out: _T) -> np.ndarray:
-        if op.act == "relu" or op.kind == "relu":
+    def _act(self, op, q: np.ndarray, out: TensorQ) -> np.ndarray:
+        if op.act == "relu":
             return np.maximum(q, out.zp)
-        if op.act == "relu6" or op.kind == "relu6":
-            q6 = int(np.clip(np.round(6.0 / np.float64(out.scale)) + out.zp, self.qmin, self.qmax))
+        if op.act == "relu6":
+            q6 = int(np.clip(np.round(6.0 / np.float64(out.scale)) + out.zp, out.qmin, out.qmax))
             return np.clip(q, out.zp, q6)
         return q
 
-    # -- ops ----------------------------------------------------------------------------------
+    # -- conversions ------------------------------------------------------------------------
     def quantize_input(self, x: np.ndarray) -> np.ndarray:
-        t = self.params["input"]
-        v = np.rint(x.astype(np.float32) / t.scale).astype(np.int64) + t.zp
-        return np.clip(v, self.qmin, self.qmax)
+        return self._quantize(x, self.params["input"])
 
+    @staticmethod
+    def _quantize(x, t: TensorQ) -> np.ndarray:
+        """``QuantizeLinear`` in float32: round half to even of ``x / scale``, plus the zero point."""
+        x = x.detach().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        v = np.rint(x.astype(np.float32) / np.float32(t.scale)).astype(np.int64) + t.zp
+        return np.clip(v, t.qmin, t.qmax)
+
+    @staticmethod
+    def _dequantize(q: np.ndarray, t: TensorQ) -> torch.Tensor:
+        """``DequantizeLinear`` in float32: ``(q - zp) * scale``."""
+        return torch.from_numpy(((q - t.zp).astype(np.float32) * np.float32(t.scale)).astype(np.float32))
+
+    def _float(self, name: str, v):
+        """A value as the float ops read it: quantized tensors dequantized (also inside tuples)."""
+        if isinstance(v, np.ndarray):
+            return self._dequantize(v, self.params[name])
+        if isinstance(v, tuple) and v and isinstance(v[0], np.ndarray):
+            return tuple(self._dequantize(e, self.params[name]) for e in v)
+        return v
+
+    def _centered(self, name: str, v):
+        """A quantized tensor as a float64 torch tensor of ``q - zp`` (exact), for moves."""
+        if isinstance(v, np.ndarray):
+            return torch.from_numpy((v - self.params[name].zp).astype(np.float64))
+        if isinstance(v, tuple) and v and isinstance(v[0], np.ndarray):
+            return tuple(self._centered(name, e) for e in v)
+        return v
+
+    # -- ops ----------------------------------------------------------------------------------
     def _layer(self, op, xq: np.ndarray) -> np.ndarray:
-        w, w_scale, bias, geo = self.weights[op.name]
+        lq = self.graph.layers[op.name]
         t_in, t_out = self.params[op.inputs[0]], self.params[op.name]
+        if lq.q is None:  # kept in float: the float layer on the dequantized input
+            return self._quantize(self._float_layer(op, lq, self._dequantize(xq, t_in)), t_out)
+        w = (lq.q - lq.zp.reshape([-1 if i == lq.axis else 1 for i in range(lq.q.ndim)])).astype(np.float64)
         x = (xq - t_in.zp).astype(np.float64)
+        geo = lq.geometry
         if op.kind == "linear":
-            acc = x @ w.astype(np.float64).T
+            acc = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
+            axis = acc.ndim - 1
+        elif op.kind == "conv":
+            if geo["one_d"]:
+                acc = _conv(x[:, :, None, :], w[:, :, None, :], _geo2d(geo))[:, :, 0, :]
+            else:
+                acc = _conv(x, w, _geo2d(geo))
             axis = 1
         else:
-            acc = _conv(x[:, :, None, :] if geo["one_d"] else x, w.astype(np.float64), geo)
             if geo["one_d"]:
-                acc = acc[:, :, 0, :]
+                acc = _conv_transpose(x[:, :, None, :], w[:, :, None, :], _geo2d(geo))[:, :, 0, :]
+            else:
+                acc = _conv_transpose(x, w, _geo2d(geo))
             axis = 1
         acc = np.rint(acc).astype(np.int64)
-        if bias is not None:
+        if lq.bias is not None:
             shape = [1] * acc.ndim
             shape[axis] = -1
-            acc = acc + bias.reshape(shape)
-        s32 = (np.float32(t_in.scale) * w_scale).astype(np.float32) / np.float32(t_out.scale)
-        s64 = np.float64(t_in.scale) * w_scale.astype(np.float64) / np.float64(t_out.scale)
+            acc = acc + lq.bias.reshape(shape)
+        scale = lq.scale if lq.scale.size > 1 else lq.scale.reshape(())
+        s32 = (np.float32(t_in.scale) * scale).astype(np.float32) / np.float32(t_out.scale)
+        s64 = np.float64(t_in.scale) * scale.astype(np.float64) / np.float64(t_out.scale)
         return self._act(op, self._requant(acc, s32.astype(np.float32), s64, t_out, axis), t_out)
+
+    @staticmethod
+    def _float_layer(op, lq, x: torch.Tensor) -> torch.Tensor:
+        w = torch.from_numpy(lq.weight)
+        b = torch.from_numpy(lq.float_bias) if lq.float_bias is not None else None
+        g = lq.geometry
+        if op.kind == "linear":
+            y = F.linear(x, w, b)
+        elif op.kind == "conv":
+            y = (F.conv1d if g["one_d"] else F.conv2d)(x, w, b, g["stride"], g["padding"], g["dilation"], g["groups"])
+        else:
+            y = (F.conv_transpose1d if g["one_d"] else F.conv_transpose2d)(
+                x, w, b, g["stride"], g["padding"], g["output_padding"], g["groups"], g["dilation"])
+        return QuantSim.activation(op, y)
+
+    def _matmul(self, op, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        ta, tb, tc = self.params[op.inputs[0]], self.params[op.inputs[1]], self.params[op.name]
+        acc = np.rint(np.matmul((a - ta.zp).astype(np.float64), (b - tb.zp).astype(np.float64))).astype(np.int64)
+        s32 = np.float32(np.float32(ta.scale) * np.float32(tb.scale)) / np.float32(tc.scale)
+        s64 = np.float64(ta.scale) * np.float64(tb.scale) / np.float64(tc.scale)
+        return self._act(op, self._requant(acc, np.asarray(s32), np.asarray(s64), tc, None), tc)
+
+    def _mul(self, op, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        ta, tb, tc = self.params[op.inputs[0]], self.params[op.inputs[1]], self.params[op.name]
+        if self.requant == "float":  # ONNX Runtime's QLinearMul: in float32 on the dequantized values
+            f32 = np.float32
+            v = ((a - ta.zp).astype(f32) * f32(ta.scale)) * ((b - tb.zp).astype(f32) * f32(tb.scale)) / f32(tc.scale)
+            v = np.clip(v, f32(tc.qmin - tc.zp), f32(tc.qmax - tc.zp))
+            q = _round_half_even_f32(v) + tc.zp
+            return self._act(op, np.clip(q, tc.qmin, tc.qmax), tc)
+        acc = (a - ta.zp) * (b - tb.zp)  # TFLite int8 MUL
+        s64 = np.float64(ta.scale) * np.float64(tb.scale) / np.float64(tc.scale)
+        return self._act(op, self._requant(acc, np.asarray(np.float32(s64)), np.asarray(s64), tc, None), tc)
 
     def _add(self, op, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         ta, tb, tc = self.params[op.inputs[0]], self.params[op.inputs[1]], self.params[op.name]
         if self.requant == "float":  # MLAS QLinearAdd, on the uint8 values ONNX Runtime holds
-            off = 128 if self.qmin == -128 else 0
+            off = 128 if tc.qmin == -128 else 0
             f32 = np.float32
             ra, rb = f32(ta.scale) / f32(tc.scale), f32(tb.scale) / f32(tc.scale)
             # its AVX2 kernel (also the one CPUs with AVX-512 run) chains fused multiply-adds:
             # c = fma(a, ra, fma(b, rb, zc - fma(ra, za, rb * zb))); separate roundings differed
             # from it on 8 of 983,040 random elements (measured)
             fixed = f32(tc.zp + off) - _fma_f32(ra, f32(ta.zp + off), f32(rb * f32(tb.zp + off)))
+            a, b = np.broadcast_arrays(a, b)
             v = _fma_f32((a + off).astype(f32), ra, _fma_f32((b + off).astype(f32), rb, fixed))
-            v = np.clip(v, f32(self.qmin + off), f32(self.qmax + off))
+            v = np.clip(v, f32(tc.qmin + off), f32(tc.qmax + off))
             q = _round_half_even_f32(v) - off
         else:  # TFLite int8 ADD
             left = 20
@@ -230,7 +271,7 @@ class IntegerModel:
             xa = multiply_by_quantized_multiplier((a - ta.zp) << left, ma, sa)
             xb = multiply_by_quantized_multiplier((b - tb.zp) << left, mb, sb)
             q = multiply_by_quantized_multiplier(xa + xb, mo, so) + tc.zp
-        return self._act(op, np.clip(q, self.qmin, self.qmax), tc)
+        return self._act(op, np.clip(q, tc.qmin, tc.qmax), tc)
 
     def _pool_avg(self, op, xq: np.ndarray) -> np.ndarray:
         t_in, t_out = self.params[op.inputs[0]], self.params[op.name]
@@ -258,54 +299,121 @@ class IntegerModel:
             parts.append(self._requant(x - t.zp, s32, s64, tc, None))
         return np.concatenate(parts, axis=op.attrs["axis"])
 
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """All integer tensors (``input`` and every op's output), as int64 arrays of int8 values."""
+    def _clamp(self, op, xq: np.ndarray) -> np.ndarray:
+        t = self.params[op.name]
+        lo, hi = (int(np.clip(np.round(v / np.float64(t.scale)) + t.zp, t.qmin, t.qmax)) for v in
+                  (op.attrs["lo"], op.attrs["hi"]))
+        return np.clip(xq, lo, hi)
+
+    def _move(self, op, xs: list):
+        if op.quant in ("shared", "tuple"):  # the integers moved: exact on q - zp in float64
+            zp = self.params[op.name].zp
+            y = invoke(op, [self._centered(n, v) for n, v in zip(op.inputs, xs)], self.graph.modules)
+            if isinstance(y, (tuple, list)):
+                return tuple(np.rint(e.numpy()).astype(np.int64) + zp for e in y)
+            return np.rint(y.numpy()).astype(np.int64) + zp
+        return self._compute(op, xs)
+
+    def _compute(self, op, xs: list):
+        with torch.no_grad():
+            y = invoke(op, [self._float(n, v) for n, v in zip(op.inputs, xs)], self.graph.modules)
+        if op.quant == "own":
+            return self._quantize(y, self.params[op.name])
+        return y
+
+    def _value(self, op, xs: list):
+        def as_torch(v):
+            if isinstance(v, np.ndarray):
+                return torch.from_numpy(v)
+            if isinstance(v, tuple) and v and isinstance(v[0], np.ndarray):
+                return tuple(torch.from_numpy(e) for e in v)
+            return v
+        return invoke(op, [as_torch(v) for v in xs], self.graph.modules)
+
+    def _const(self, op, xs: list):
+        value = self.graph.consts.get(key(op.name))
+        if value is None:
+            return op.attrs["value"]
+        return self._quantize(value.detach(), self.params[op.name]) if op.quant == "own" else value.detach()
+
+    def run(self, x: np.ndarray) -> dict[str, object]:
+        """Every value: integer tensors (``input`` when quantized, and every quantized op's
+        output) as int64 arrays of int8 values, float tensors as torch tensors."""
         x = np.asarray(x, np.float32)
-        env = {"input": self.quantize_input(x)}
+        env = {"input": self.quantize_input(x) if "input" in self.params else torch.from_numpy(x)}
         try:
             for op in self.ops:
-                xs = [env[i] for i in op.inputs]
-                k = op.kind
-                if k in ("conv", "linear"):
-                    y = self._layer(op, xs[0])
-                elif k == "add":
-                    y = self._add(op, xs[0], xs[1])
-                elif k in ("gap", "avgpool"):
-                    y = self._pool_avg(op, xs[0])
-                elif k == "maxpool":
-                    y = _maxpool(xs[0], op.attrs, self.qmin)
-                elif k == "flatten":
-                    y = xs[0].reshape(len(xs[0]), -1)
-                elif k in ("relu", "relu6"):
-                    y = self._act(op, xs[0], self.params[op.name])
-                elif k == "concat":
-                    y = self._concat(op, xs)
-                else:  # pragma: no cover - the lowering makes only the kinds above
-                    raise ConfigError(f"no integer form for op kind {k!r}")
-                env[op.name] = y
-        except ValueError as exc:
+                env[op.name] = _INT[op.kind](self, op, [env[i] for i in op.inputs])
+        except (ValueError, RuntimeError) as exc:
             raise InputShapeError(f"the integer reference cannot run on inputs of shape {x.shape[1:]}: {exc}") from exc
         return env
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """The model's float output: the output integers dequantized."""
-        q = self.run(x)[self.output]
-        t = self.params[self.output]
-        return ((q - t.zp) * np.float32(t.scale)).astype(np.float32)
+    def __call__(self, x: np.ndarray):
+        """The model's float output(s): output integers dequantized."""
+        env = self.run(x)
+        outs = []
+        for name in self.graph.outputs:
+            v = env[name]
+            outs.append(self._dequantize(v, self.params[name]).numpy() if isinstance(v, np.ndarray)
+                        else v.detach().numpy() if isinstance(v, torch.Tensor) else v)
+        result = _fill(self.graph.output_tree, outs)
+        return result
 
 
-def _pair(v, one_d: bool) -> tuple[int, int]:
-    v = tuple(v) if isinstance(v, (tuple, list)) else (v,)
-    if one_d:
-        return (1, v[0]) if len(v) == 1 else (1, v[-1])
-    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+_INT = {
+    "conv": lambda m, op, xs: m._layer(op, xs[0]),
+    "convt": lambda m, op, xs: m._layer(op, xs[0]),
+    "linear": lambda m, op, xs: m._layer(op, xs[0]),
+    "matmul": lambda m, op, xs: m._matmul(op, *xs),
+    "add": lambda m, op, xs: m._add(op, *xs),
+    "mul": lambda m, op, xs: m._mul(op, *xs),
+    "gap": lambda m, op, xs: m._pool_avg(op, xs[0]),
+    "avgpool": lambda m, op, xs: m._pool_avg(op, xs[0]),
+    "concat": lambda m, op, xs: m._concat(op, xs),
+    "clamp": lambda m, op, xs: m._clamp(op, xs[0]),
+    "move": lambda m, op, xs: m._move(op, xs),
+    "compute": lambda m, op, xs: m._compute(op, xs),
+    "value": lambda m, op, xs: m._value(op, xs),
+    "const": lambda m, op, xs: m._const(op, xs),
+}
+
+
+def _geo2d(geo: dict) -> dict:
+    one = geo["one_d"]
+
+    def pair(v):
+        v = tuple(v)
+        return (1, v[0]) if one else (v[0], v[1])
+
+    out = {"stride": pair(geo["stride"]), "padding": (0, geo["padding"][0]) if one else tuple(geo["padding"]),
+           "dilation": pair(geo["dilation"]), "groups": geo["groups"]}
+    if "output_padding" in geo:
+        out["output_padding"] = (0, geo["output_padding"][0]) if one else tuple(geo["output_padding"])
+    return out
+
+
+def _conv_transpose(x: np.ndarray, w: np.ndarray, geo: dict) -> np.ndarray:
+    """Grouped 2-D transposed convolution of float64 arrays holding integers (exact): the input
+    spread out by the stride, padded by ``dilation * (k - 1) - padding``, convolved with the
+    kernel flipped and its in/out axes swapped."""
+    (sh, sw), (ph, pw), (dh, dw), g = geo["stride"], geo["padding"], geo["dilation"], geo["groups"]
+    oph, opw = geo.get("output_padding", (0, 0))
+    n, c, h, wd = x.shape
+    cin, og, kh, kw = w.shape
+    xs = np.zeros((n, c, (h - 1) * sh + 1, (wd - 1) * sw + 1))
+    xs[:, :, ::sh, ::sw] = x
+    eh, ew = dh * (kh - 1), dw * (kw - 1)
+    top, left = eh - ph, ew - pw
+    bottom, right = eh - ph + oph, ew - pw + opw
+    xs = np.pad(xs, ((0, 0), (0, 0), (max(top, 0), max(bottom, 0)), (max(left, 0), max(right, 0))))
+    xs = xs[:, :, max(-top, 0):xs.shape[2] - max(-bottom, 0), max(-left, 0):xs.shape[3] - max(-right, 0)]
+    wf = w[:, :, ::-1, ::-1].reshape(g, cin // g, og, kh, kw).transpose(0, 2, 1, 3, 4).reshape(g * og, cin // g, kh, kw)
+    return _conv(xs, np.ascontiguousarray(wf), {"stride": (1, 1), "padding": (0, 0), "dilation": (dh, dw), "groups": g})
 
 
 def _conv(x: np.ndarray, w: np.ndarray, geo: dict) -> np.ndarray:
     """Grouped 2-D convolution of float64 arrays holding integers (exact)."""
     (sh, sw), (ph, pw), (dh, dw), g = geo["stride"], geo["padding"], geo["dilation"], geo["groups"]
-    if geo["one_d"]:
-        ph = 0
     x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     o, cg, kh, kw = w.shape
     n, c, h, wd = x.shape
@@ -316,14 +424,3 @@ def _conv(x: np.ndarray, w: np.ndarray, geo: dict) -> np.ndarray:
     wg = w.reshape(g, o // g, cg, kh, kw)
     out = np.einsum("ngchwij,gocij->ngohw", win, wg, optimize=True)
     return out.reshape(n, o, oh, ow)
-
-
-def _maxpool(x: np.ndarray, attrs: dict, pad_value: int) -> np.ndarray:
-    (kh, kw), (sh, sw), (ph, pw) = attrs["kernel"], attrs["stride"], attrs["padding"]
-    (dh, dw) = attrs.get("dilation", (1, 1))
-    if attrs.get("ceil"):
-        raise ConfigError("the integer reference does not implement ceil_mode max pooling")
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=pad_value)
-    eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    win = sliding_window_view(xp, (eh, ew), axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
-    return win.max(axis=(-1, -2))

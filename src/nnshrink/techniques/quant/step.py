@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nnshrink.errors import ConfigError
+from nnshrink.errors import ConfigError, UnsupportedModelError
 from nnshrink.plan.config import StepConfig, StepResult
 from nnshrink.techniques.quant.ptq import (adaround, bias_correction, build_sim, calibrate, calibration_batches,
                                            equalize, finish_qat, float_copy, init_weight_quantizers, prepare_qat)
+from nnshrink.techniques.quant.graph import float_ops, float_summary
 from nnshrink.techniques.quant.quantizers import ESTIMATORS
 from nnshrink.techniques.quant.sim import TARGETS
 
@@ -50,6 +51,10 @@ class Quantize(StepConfig):
         qat_steps: Quantization-aware training steps after PTQ (0: none).
         lsq: Learn the quantizers' step sizes during QAT (else fixed, straight-through only).
         keep_float: Layers whose weights stay float (their inputs and outputs stay 8-bit).
+        strict: Refuse a model with any op the target has no integer kernel for (an NPU with no
+            CPU fallback), naming them grouped by op type, before any calibration. Default: such
+            ops stay float between the integer islands (``DQ`` -> float -> ``Q``), listed in the
+            step's ``float_ops``.
         layer_bits: Per-layer weight bits overriding ``weight_bits``.
         target: Where the integer model runs. ONNX Runtime's fast u8 x s8 kernels saturate on
             x86 CPUs without VNNI when weights exceed +-64 (see docs/ARCHITECTURE.md), so:
@@ -80,6 +85,7 @@ class Quantize(StepConfig):
     keep_float: tuple[str, ...] = ()
     layer_bits: dict = field(default_factory=dict)
     target: str = "ort-x86"
+    strict: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -165,6 +171,12 @@ class Quantize(StepConfig):
     def apply(self, model: nn.Module, ctx, show_progress: bool = True) -> StepResult:
         t0 = time.perf_counter()
         details: dict = {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "target": self.target}
+        probe = self.build(model, ctx.example_input)  # lowering refuses before any calibration
+        left_float = float_ops(probe.ops)
+        if self.strict and left_float:
+            raise UnsupportedModelError(f"strict quantization for target {self.target}: ops without an integer "
+                                        f"kernel: {float_summary(probe.ops)}")
+        details["float_ops"] = left_float
         auto = self.cle is None or self.bias_correction is None
         batches = calibration_batches(ctx.calib, self.calib_samples + (_SELECT if auto else 0))
         if auto:  # hold out the last inputs to choose CLE / bias correction on
@@ -202,6 +214,7 @@ class Quantize(StepConfig):
                 details["val_qat"] = ctx.evaluate(sim)
         details["seconds"] = round(time.perf_counter() - t0, 2)
         skipped = [{"layer": n, "reason": "kept in float by the plan"} for n in sorted(self.keep_float)]
+        skipped += [{"layer": f"{g['op_type']} x{g['count']}", "reason": g["reason"]} for g in left_float]
         return StepResult(self.kind, sim.eval(), details, skipped)
 
 
