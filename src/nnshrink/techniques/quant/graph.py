@@ -55,11 +55,13 @@ ARITHMETIC = ("conv", "convt", "linear", "matmul", "add", "mul", "gap", "avgpool
 # MINIMUM, RESIZE_BILINEAR, EXP, ...; a hard-sigmoid and a batch norm lower to its ADD/MUL/RELU6).
 # ``ort-*``: the ops ONNX Runtime's CPU QDQ fusions turn into integer kernels (QLinearSigmoid,
 # QLinearLeakyRelu, QLinearSoftmax, QLinearAveragePool; measured on this project's graphs). The
-# rest (LayerNorm, GELU, an LSTM, PReLU and hard-swish on ONNX Runtime) stays float.
+# rest (LayerNorm, GELU, an LSTM, PReLU and hard-swish on ONNX Runtime) stays float. ONNX
+# Runtime's CPU kernels have no integer ConvTranspose (measured: ``DQ -> ConvTranspose -> Q`` stays
+# float), so there it is written with int8 weights and quantized output but counted as float.
 INTEGER_OPS = {
     "npu": frozenset({"Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "LeakyRelu", "PRelu", "Softmax", "Elu",
                       "SiLU", "Gelu", "ReduceMean", "AveragePool", "Sub", "Max", "Min", "Abs", "Exp", "Resize",
-                      "BatchNormalization", "Add", "Mul"}),
+                      "BatchNormalization", "Add", "Mul", "ConvTranspose"}),
     "ort": frozenset({"Sigmoid", "LeakyRelu", "Softmax", "AveragePool"}),
 }
 
@@ -192,6 +194,12 @@ def _helper_name(target) -> str | None:
     return None
 
 
+def _is_getitem(target) -> bool:
+    """``operator.getitem``, or the importer's item of a multi-output node."""
+    return target is operator.getitem or (getattr(target, "__name__", None) == "_getitem"
+                                          and getattr(target, "__module__", "").startswith("nnshrink.io"))
+
+
 def op_type(node: fx.Node, modules: dict) -> str:
     """A node's op type as people know it (ONNX's names)."""
     t = node.target
@@ -313,8 +321,22 @@ class _Lowering:
         if how == "module":
             self.mods[key(target)] = copy.deepcopy(self.modules[target])
         call = Call(how, target, _template(tuple(node.args), index), _template(dict(node.kwargs), index))
-        return self.add(node, Op(node.name, kind, [self.alias[n] for n in ins], call=call,
-                                 op_type=typ or op_type(node, self.modules)))
+        op = Op(node.name, kind, [self.alias[n] for n in ins], call=call, op_type=typ or op_type(node, self.modules))
+        if op.op_type == "Softmax":
+            op.attrs["axis"] = self.softmax_axis(node, ins)
+            if op.attrs["axis"] is None:
+                op.op_type = "Softmax (over flattened axes)"
+        return self.add(node, op)
+
+    def softmax_axis(self, node: fx.Node, ins: list[fx.Node]) -> int | None:
+        """The axis a softmax node normalizes, found from its values on the example."""
+        x, y = (self.values.get(ins[0]) if ins else None), self.values.get(node)
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.shape != y.shape:
+            return None
+        for axis in range(x.dim()):
+            if torch.allclose(torch.softmax(x.float(), axis), y.float(), atol=1e-6):
+                return axis
+        return None
 
     def fuse_act(self, node: fx.Node, act: str) -> bool:
         prev = node.args[0]
@@ -467,8 +489,8 @@ class _Lowering:
                 self.add(None, Op(node.name + "_gap", "gap", [a0], op_type="GlobalAveragePool"))
                 self.add(node, Op(node.name, "move", [node.name + "_gap"], op_type="Flatten",
                                   call=Call("method", "flatten", (In(0), 1), {})))
-        elif (t in _FLATTEN_FUNCS or method in _MOVE_METHODS or helper in _MOVE_HELPERS or _is_move(node, helper))\
-                and self.is_tensor(node.args[0]):
+        elif (t in _FLATTEN_FUNCS or _is_getitem(t) or method in _MOVE_METHODS or helper in _MOVE_HELPERS or _is_move(node, helper))\
+                and (self.is_tensor(node.args[0]) or (_is_getitem(t) and isinstance(node.args[0], fx.Node))):
             self.generic(node, "move")
         else:
             self.generic(node, "compute")
@@ -485,7 +507,7 @@ class _Lowering:
         """A node that returns several tensors (split, an LSTM): a move of a quantized tensor, or
         a compute; ``getitem`` then picks one."""
         helper = _helper_name(node.target) if node.op == "call_function" else None
-        is_move = node.target in (torch.split, torch.chunk) or helper == "split" or \
+        is_move = node.target in (torch.split, torch.chunk) or _is_getitem(node.target) or helper == "split" or \
             (node.op == "call_method" and node.target in ("split", "chunk"))
         self.generic(node, "move" if is_move else "compute").quant = "tuple"
 
@@ -502,6 +524,9 @@ class _Lowering:
                     op.integer, op.reason = False, op.reason or f"{op.op_type} returns several tensors"
             elif op.kind == "const":
                 op.integer = False
+            elif op.kind == "convt" and op.op_type not in self.integer:
+                op.integer = False
+                op.reason = "no integer ConvTranspose kernel on this target (runs in float on the int8 weights)"
         needed: set[str] = set()
 
         def tensor_inputs(op: Op) -> list[str]:
@@ -638,8 +663,8 @@ def float_ops(ops: list[Op]) -> list[dict]:
     """The ops that stay float, grouped by op type and reason, with counts and a few names."""
     groups: dict[tuple[str, str], list[str]] = {}
     for op in ops:
-        if op.kind in ("value", "const") or op.integer:
-            continue
+        if op.kind in ("value", "const", "move") or op.integer:
+            continue  # a move of a float tensor carries no arithmetic: its source is listed
         groups.setdefault((op.op_type, op.reason or "kept in float"), []).append(op.name)
     return [{"op_type": t, "count": len(names), "reason": r, "examples": names[:3]}
             for (t, r), names in sorted(groups.items(), key=lambda kv: -len(kv[1]))]

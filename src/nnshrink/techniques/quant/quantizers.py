@@ -184,6 +184,7 @@ class ActQuantizer(nn.Module):
         self._samples: list[torch.Tensor] = []
         self._lo = self._hi = None
         self._gen = torch.Generator().manual_seed(0)
+        self.fixed: tuple[float, int] | None = None  # (scale, zero point) an op's kernels require
 
     def learn_scale(self, on: bool = True) -> None:
         self.scale.requires_grad_(on)
@@ -210,7 +211,13 @@ class ActQuantizer(nn.Module):
             self._samples.append(flat[idx])
 
     def calibrate(self) -> None:
-        """Set scale and zero point from what was observed; forget the samples."""
+        """Set scale and zero point from what was observed (or the fixed ones an op's kernels
+        require: a softmax's 1/256); forget the samples."""
+        if self.fixed is not None:
+            self.set(*self.fixed)
+            self._samples, self._lo, self._hi = [], None, None
+            self.observing = False
+            return
         if self._lo is None:
             raise ConfigError("an activation quantizer saw no data during calibration")
         if self.estimator == "minmax":

@@ -315,11 +315,32 @@ class IntegerModel:
         return self._compute(op, xs)
 
     def _compute(self, op, xs: list):
+        if op.op_type == "Softmax" and op.integer and self.requant == "float" and op.quant == "own":
+            return self._softmax_ort(op, xs[0])
         with torch.no_grad():
             y = invoke(op, [self._float(n, v) for n, v in zip(op.inputs, xs)], self.graph.modules)
         if op.quant == "own":
             return self._quantize(y, self.params[op.name])
         return y
+
+    def _softmax_ort(self, op, xq: np.ndarray) -> np.ndarray:
+        """ONNX Runtime's QLinearSoftmax: a float32 table of ``exp((i - 255 + shift) * s_x)`` over
+        the uint8 inputs, indexed from the row's maximum; the row's float32 sum; each output
+        ``nearbyint(e * floor(1 / s_y) / sum) + z_y``, saturated at 255."""
+        t_in, t_out = self.params[op.inputs[0]], self.params[op.name]
+        axis, off = op.attrs["axis"], (128 if t_out.qmin == -128 else 0)
+        x = np.moveaxis(xq + off, axis, -1)
+        d = x.shape[-1]
+        shift = max(0.0, float(np.log(np.float64(np.finfo(np.float32).max) / d)) - 5.0) / np.float64(t_in.scale)
+        table = np.exp((np.arange(256, dtype=np.float64) - 255 + shift) * np.float64(t_in.scale)).astype(np.float32)
+        e = table[255 - x.max(axis=-1, keepdims=True) + x]
+        total = np.zeros(e.shape[:-1] + (1,), np.float32)
+        for i in range(d):  # summed in order, in float32
+            total = (total + e[..., i:i + 1]).astype(np.float32)
+        y_scale = np.float32(np.floor(np.float32(1.0) / np.float32(t_out.scale)))
+        q = np.rint((e * y_scale).astype(np.float32) / total).astype(np.int64) + (t_out.zp + off)
+        q = np.minimum(q, 255) - off
+        return np.moveaxis(q, -1, axis)
 
     def _value(self, op, xs: list):
         def as_torch(v):

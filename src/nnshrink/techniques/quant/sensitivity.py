@@ -12,6 +12,7 @@ finely where accuracies tie.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -57,9 +58,23 @@ class QuantSensitivity:
         return sorted(self.all_but, key=key)[:k]
 
 
-def _sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
-    noise = (got - ref).pow(2).mean().item()
-    return float("inf") if noise == 0 else 10 * torch.log10(ref.pow(2).mean() / noise).item()
+def flat_outputs(y) -> torch.Tensor:
+    """A model's output(s) as one vector (a two-headed model's heads together)."""
+    if isinstance(y, torch.Tensor):
+        return y.reshape(-1).float()
+    if isinstance(y, dict):
+        y = list(y.values())
+    return torch.cat([flat_outputs(v) for v in y if isinstance(v, (torch.Tensor, tuple, list, dict))])
+
+
+def sqnr(ref, got) -> float:
+    """Signal-to-quantization-noise ratio (dB) of ``got`` against ``ref`` over all outputs."""
+    ref, got = flat_outputs(ref), flat_outputs(got)
+    noise = float((got - ref).pow(2).mean())
+    return float("inf") if noise == 0 else 10 * math.log10(float(ref.pow(2).mean()) / noise)
+
+
+_sqnr = sqnr
 
 
 @torch.no_grad()

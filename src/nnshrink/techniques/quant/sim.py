@@ -78,7 +78,12 @@ class QuantSim(nn.Module):
             if op.quant == "own":
                 # a model output keeps its full range: clipping the largest logits makes ties
                 # that argmax breaks arbitrarily
-                self.aq[key(op.name)] = ActQuantizer(act_bits, act_symmetric, "minmax" if op.name in outs else estimator)
+                aq = ActQuantizer(act_bits, act_symmetric, "minmax" if op.name in outs else estimator)
+                if op.op_type == "Softmax" and op.integer:
+                    # ONNX Runtime's QLinearSoftmax scales by floor(1 / y_scale) and TFLite's
+                    # int8 softmax requires 1/256: probabilities on [0, 1) from the lowest integer
+                    aq.fixed = (1.0 / 2 ** act_bits, aq.qmin)
+                self.aq[key(op.name)] = aq
         self.float_layers: set[str] = set()
         self.bias_quant = True
         self.target = "ort-x86"  # one of TARGETS

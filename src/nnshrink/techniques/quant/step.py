@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +15,7 @@ from nnshrink.techniques.quant.ptq import (adaround, bias_correction, build_sim,
                                            equalize, finish_qat, float_copy, init_weight_quantizers, prepare_qat)
 from nnshrink.techniques.quant.graph import float_ops, float_summary
 from nnshrink.techniques.quant.quantizers import ESTIMATORS
+from nnshrink.techniques.quant.sensitivity import sqnr as _sqnr
 from nnshrink.techniques.quant.sim import TARGETS
 
 
@@ -219,8 +219,3 @@ class Quantize(StepConfig):
 
 
 _SELECT = 128  # held-out calibration inputs on which the automatic choice is scored
-
-
-def _sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
-    noise = float((got - ref).pow(2).mean())
-    return float("inf") if noise == 0 else 10 * math.log10(float(ref.pow(2).mean()) / noise)
