@@ -104,6 +104,35 @@ def test_partial_quantization_leaves_what_has_no_integer_kernel_float():
         compress(_Mixed(), Plan([Quantize(strict=True)]), _data(2), calib=[_data(8)])
 
 
+def test_mixed_precision_meets_its_budget_with_few_evaluations():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16 * 24 * 24, 10)).eval()
+    x = _data(256 + 128)
+
+    def mean_bits(step):
+        r = compress(model, Plan([step]), x[:2], calib=[x], evaluate=evaluate)
+        return r.steps[0].details["mixed_precision"], r.model
+
+    ref = model(x[:64]).detach()
+
+    def evaluate(m):  # higher is better: 1 minus the relative output error (float: 1)
+        with torch.no_grad():
+            return 1 - float((m(x[:64]) - ref).pow(2).mean() / ref.pow(2).mean())
+
+    low, _ = mean_bits(Quantize(mixed_bits=(4, 8), min_sqnr_db=15, adaround=False))
+    high, _ = mean_bits(Quantize(mixed_bits=(4, 8), min_sqnr_db=30, adaround=False))
+    assert low["sqnr_db"] >= 15 and high["sqnr_db"] >= 30 and low["evaluations"] == 0
+    assert set(low["bits"].values()) <= {4, 7} and low["weight_bits"] <= high["weight_bits"]
+    drop, sim = mean_bits(Quantize(mixed_bits=(4, 8, 32), max_drop=0.001, adaround=False))
+    assert set(drop["bits"].values()) <= {4, 7, 32} and drop["evaluations"] <= 8
+    assert drop["metric"] >= 0.999 and drop["weight_bits"] < 32
+    assert sim.float_layers == {n for n, b in drop["bits"].items() if b == 32}
+    with pytest.raises(ConfigError, match="one budget"):
+        Quantize(mixed_bits=(4, 8))
+    with pytest.raises(ConfigError, match="mixed_bits"):
+        Quantize(mixed_bits=(4,), min_sqnr_db=20)
+
+
 def test_lowering_refuses_a_second_input():
     class Two(nn.Module):
         def forward(self, x, y):

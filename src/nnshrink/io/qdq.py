@@ -352,6 +352,7 @@ def to_qdq_onnx(sim, int_outputs: list[str] | None = None, act_type: str = "uint
         node.metadata_props.clear()
     proto = program.model_proto
     _rename_initializers(proto, writer.names)
+    _name_layers(proto)
     proto.producer_name = "nnshrink"
     if int_outputs is None:
         signature.apply(proto, sig)
@@ -371,6 +372,21 @@ def _rename_initializers(proto, names: dict[str, str]) -> None:
     for vi in list(proto.graph.input) + list(proto.graph.value_info):
         if vi.name in renames:
             vi.name = renames[vi.name]
+
+
+def _name_layers(proto) -> None:
+    """Name each layer's node after its layer (``conv1``, not the exporter's ``node_conv2d``), so
+    what is read back from the file reports the same layers."""
+    made_by = {o: n for n in proto.graph.node for o in n.output}
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        w = node.input[1]
+        src = made_by.get(w)
+        if src is not None and src.op_type == "DequantizeLinear" and src.input[0].endswith(".weight_quantized"):
+            node.name = src.input[0][: -len(".weight_quantized")]
+        elif w.endswith(".weight"):
+            node.name = w[: -len(".weight")]
 
 
 def x86_int8_kernel() -> str:

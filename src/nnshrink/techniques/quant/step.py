@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -14,9 +15,10 @@ from nnshrink.plan.config import StepConfig, StepResult
 from nnshrink.techniques.quant.ptq import (adaround, bias_correction, build_sim, calibrate, calibration_batches,
                                            equalize, finish_qat, float_copy, init_weight_quantizers, prepare_qat)
 from nnshrink.techniques.quant.graph import float_ops, float_summary
+from nnshrink.techniques.quant.mixed import FLOAT_BITS, choose_bits
 from nnshrink.techniques.quant.quantizers import ESTIMATORS
 from nnshrink.techniques.quant.sensitivity import sqnr as _sqnr
-from nnshrink.techniques.quant.sim import TARGETS
+from nnshrink.techniques.quant.sim import TARGETS, X86_WEIGHT_BITS
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,14 @@ class Quantize(StepConfig):
         qat_steps: Quantization-aware training steps after PTQ (0: none).
         lsq: Learn the quantizers' step sizes during QAT (else fixed, straight-through only).
         keep_float: Layers whose weights stay float (their inputs and outputs stay 8-bit).
+        mixed_bits: Weight bits to choose from per layer (``[4, 8]``; ``32`` is float), chosen for
+            the budget (``min_sqnr_db`` or ``max_drop``) from each layer's measured sensitivity
+            (:mod:`.mixed`); empty (default): ``weight_bits`` and ``layer_bits`` as given. The
+            choice, its measured SQNR and the full evaluations it took are in the details.
+        min_sqnr_db: Fidelity budget for ``mixed_bits``: output SQNR (dB) against the float model
+            on held-out calibration inputs.
+        max_drop: Accuracy budget for ``mixed_bits``: the largest relative drop of the plan's
+            metric (needs an evaluation function) from the float model's.
         strict: Refuse a model with any op the target has no integer kernel for (an NPU with no
             CPU fallback), naming them grouped by op type, before any calibration. Default: such
             ops stay float between the integer islands (``DQ`` -> float -> ``Q``), listed in the
@@ -86,6 +96,9 @@ class Quantize(StepConfig):
     layer_bits: dict = field(default_factory=dict)
     target: str = "ort-x86"
     strict: bool = False
+    mixed_bits: tuple[int, ...] = ()
+    min_sqnr_db: float | None = None
+    max_drop: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,6 +119,15 @@ class Quantize(StepConfig):
         for k, v in self.layer_bits.items():
             if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
                 raise ConfigError(f"quantize.layer_bits maps layer names to bits from 2 to 8, got {k!r}: {v!r}")
+
+        bad = [b for b in self.mixed_bits if isinstance(b, bool) or not isinstance(b, int) or not (2 <= b <= 8 or b == 32)]
+        if bad or (self.mixed_bits and len(set(self.mixed_bits)) < 2):
+            raise ConfigError(f"quantize.mixed_bits lists two or more weight bits from 2 to 8 (32: float), "
+                              f"got {list(self.mixed_bits)}")
+        if self.mixed_bits and (self.min_sqnr_db is None) == (self.max_drop is None):
+            raise ConfigError("quantize.mixed_bits needs one budget: min_sqnr_db or max_drop")
+        if self.max_drop is not None and not 0 <= self.max_drop < 1:
+            raise ConfigError(f"quantize.max_drop is a relative drop in [0, 1), got {self.max_drop}")
 
     def __hash__(self) -> int:
         return hash((self.kind, self.weight_bits, self.act_bits, self.qat_steps, self.target))
@@ -177,6 +199,8 @@ class Quantize(StepConfig):
             raise UnsupportedModelError(f"strict quantization for target {self.target}: ops without an integer "
                                         f"kernel: {float_summary(probe.ops)}")
         details["float_ops"] = left_float
+        if self.mixed_bits:
+            return self._mixed(model, ctx, probe, details, show_progress)
         auto = self.cle is None or self.bias_correction is None
         batches = calibration_batches(ctx.calib, self.calib_samples + (_SELECT if auto else 0))
         if auto:  # hold out the last inputs to choose CLE / bias correction on
@@ -216,6 +240,41 @@ class Quantize(StepConfig):
         skipped = [{"layer": n, "reason": "kept in float by the plan"} for n in sorted(self.keep_float)]
         skipped += [{"layer": f"{g['op_type']} x{g['count']}", "reason": g["reason"]} for g in left_float]
         return StepResult(self.kind, sim.eval(), details, skipped)
+
+
+    def _mixed(self, model: nn.Module, ctx, sim, details: dict, show_progress: bool) -> StepResult:
+        """Choose per-layer weight bits for the budget, then quantize with that choice."""
+        t0 = time.perf_counter()
+        batches = calibration_batches(ctx.calib, self.calib_samples + _SELECT)
+        flat = torch.cat(batches)
+        held, flat = (flat[-_SELECT:], flat[:-_SELECT]) if len(flat) > 2 * _SELECT else (flat, flat)
+        for q in sim.aq.values():
+            q.percentile = self.percentile
+        init_weight_quantizers(sim)
+        calibrate(sim, list(flat.split(64)), show_progress)
+        floor = None
+        if self.max_drop is not None:
+            if ctx.evaluate is None:
+                raise ConfigError("quantize.max_drop needs an evaluation function (--eval, or bundled data)")
+            reference = ctx.evaluate(model)
+            floor = reference - abs(reference) * self.max_drop
+        cap = X86_WEIGHT_BITS if self.target == "ort-x86" else 8
+
+        def bits_of(b: int) -> int:
+            return b if b >= FLOAT_BITS else min(b, cap)
+
+        choice = choose_bits(sim, held, list(self.mixed_bits), bits_of, self.min_sqnr_db, floor,
+                             ctx.evaluate, show_progress)
+        choice["seconds"] = round(time.perf_counter() - t0, 2)
+        chosen = choice["bits"]
+        final = dataclasses.replace(self, mixed_bits=(), min_sqnr_db=None, max_drop=None,
+                                    weight_bits=max(b for b in self.mixed_bits if b < FLOAT_BITS),
+                                    layer_bits={n: b for n, b in chosen.items() if b < FLOAT_BITS},
+                                    keep_float=tuple(sorted(set(self.keep_float) | {n for n, b in chosen.items()
+                                                                                     if b >= FLOAT_BITS})))
+        result = final.apply(model, ctx, show_progress)
+        result.details["mixed_precision"] = choice
+        return result
 
 
 _SELECT = 128  # held-out calibration inputs on which the automatic choice is scored
