@@ -98,6 +98,15 @@ def _w4a8(result, model, data):
     assert result.steps[0].details["adaround"] and "val_qat" in result.steps[0].details
 
 
+def _mixed(result, model, data):
+    import nnshrink as ns
+
+    chosen = result.steps[0].details["mixed_precision"]
+    assert chosen["sqnr_db"] >= 30 and chosen["evaluations"] == 0
+    assert set(chosen["bits"].values()) <= {4, 7, 32} and chosen["weight_bits"] < 7  # some layers at 4 bits
+    assert ns.zoo.accuracy(result.model, data, "test") >= ns.zoo.accuracy(model, data, "test") - 0.005
+
+
 def _deep_compression(result, model, data):
     from nnshrink.techniques import sparsity_of
 
@@ -119,6 +128,7 @@ def _svd_cp(result, model, data):
 _CHECKS = {"fold-bn.yaml": ("resnet8", _fold_bn), "finetune.yaml": ("resnet8", _finetune),
            "int4-weights.yaml": ("lenet300", _weights(4)), "int3-gptq.yaml": ("lenet300", _int3_gptq), "int8-weights.yaml": ("lenet300", _weights(8)),
            "int8.yaml": ("lenet300", _int8), "w4a8-qat.yaml": ("lenet300", _w4a8),
+           "mixed-precision.yaml": ("lenet300", _mixed),
            "deep-compression.yaml": ("lenet300", _deep_compression), "svd-cp-0.5.yaml": ("lenet300", _svd_cp)}
 
 

@@ -168,3 +168,24 @@ def test_reconstruction_needs_one_shot_and_calibration(lenet5_trained):
         Sparsify(reconstruct="obs")
     with pytest.raises(ns.ConfigError, match="needs calibration inputs"):
         ns.compress(lenet5_trained, Plan([Sparsify(reconstruct="sparsegpt")]), torch.zeros(1, 1, 28, 28))
+
+
+def test_layers_sparse_kernels_or_reconstruction_cannot_take_stay_dense_and_are_named():
+    from torch import nn
+
+    from nnshrink.plan import compress
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 2, groups=8), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 23 * 23, 10)).eval()
+    x = torch.rand(64, 1, 28, 28)
+    result = compress(model, Plan([Sparsify(pattern="2:4", reconstruct="sparsegpt", calib_samples=64)]),
+                      x[:2], calib=[x])
+    skipped = {s["layer"]: s["reason"] for s in result.steps[0].skipped}
+    assert set(skipped) == {"0", "2"}
+    assert "row length 9 is not a multiple of 4" in skipped["0"] and "grouped conv" in skipped["2"]
+    out = result.model
+    assert bool((out[0].weight != 0).all()) and bool((out[2].weight != 0).all())
+    for layer in (out[4], out[6]):  # 2:4: two of every four consecutive inputs
+        groups = (layer.weight.reshape(layer.weight.shape[0], -1, 4) != 0).sum(-1)
+        assert bool((groups <= 2).all())

@@ -116,18 +116,8 @@ def _preact_max(sim: QuantSim, names: list[str], batches: list[torch.Tensor]) ->
     return out
 
 
-def equalize(sim: QuantSim, batches: list[torch.Tensor] | None = None, iterations: int = 3) -> list[tuple[str, str]]:
-    """Cross-layer equalization of every conv -> ReLU/ReLU6 -> conv pair (in place).
-
-    A pair qualifies when the first layer's output feeds only the second, the second reads all
-    of its channels (an ordinary or a depthwise conv), and neither is kept in float. Returns the
-    pairs equalized.
-
-    ReLU6 is not positively homogeneous. With ``batches`` (calibration inputs) it is kept: a
-    channel whose activation reaches 6 on them is not scaled, and no channel is scaled so far
-    that it would, so the clip never acts differently on that data. Without data, a pair's ReLU6
-    becomes a ReLU, as AIMET does (which changes the float model where activations exceed 6).
-    """
+def _pairs(sim: QuantSim) -> list[tuple[Op, Op]]:
+    """The conv -> ReLU/ReLU6 -> conv pairs cross-layer equalization applies to."""
     users = _consumers(sim)
     pairs = []
     for op in sim.layer_ops():
@@ -142,6 +132,27 @@ def equalize(sim: QuantSim, batches: list[torch.Tensor] | None = None, iteration
         if not (l2.groups == 1 or l2.groups == l2.in_channels == l2.out_channels):
             continue
         pairs.append((op, nxt[0]))
+    return pairs
+
+
+def cle_pairs(sim: QuantSim) -> list[tuple[str, str]]:
+    """The layer pairs :func:`equalize` would equalize (none: it would change nothing)."""
+    return [(a.name, b.name) for a, b in _pairs(sim)]
+
+
+def equalize(sim: QuantSim, batches: list[torch.Tensor] | None = None, iterations: int = 3) -> list[tuple[str, str]]:
+    """Cross-layer equalization of every conv -> ReLU/ReLU6 -> conv pair (in place).
+
+    A pair qualifies when the first layer's output feeds only the second, the second reads all
+    of its channels (an ordinary or a depthwise conv), and neither is kept in float. Returns the
+    pairs equalized.
+
+    ReLU6 is not positively homogeneous. With ``batches`` (calibration inputs) it is kept: a
+    channel whose activation reaches 6 on them is not scaled, and no channel is scaled so far
+    that it would, so the clip never acts differently on that data. Without data, a pair's ReLU6
+    becomes a ReLU, as AIMET does (which changes the float model where activations exceed 6).
+    """
+    pairs = _pairs(sim)
     relu6 = [op1.name for op1, _ in pairs if op1.act == "relu6"]
     peak = _preact_max(sim, relu6, batches) if batches is not None and relu6 else {}
     with torch.no_grad():

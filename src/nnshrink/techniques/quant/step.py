@@ -13,7 +13,7 @@ from torch import nn
 from nnshrink.errors import ConfigError, UnsupportedModelError
 from nnshrink.plan.config import StepConfig, StepResult
 from nnshrink.techniques.quant.ptq import (adaround, bias_correction, build_sim, calibrate, calibration_batches,
-                                           equalize, finish_qat, float_copy, init_weight_quantizers, prepare_qat)
+                                           cle_pairs, equalize, finish_qat, float_copy, init_weight_quantizers, prepare_qat)
 from nnshrink.techniques.quant.graph import float_ops, float_summary
 from nnshrink.techniques.quant.mixed import FLOAT_BITS, choose_bits
 from nnshrink.techniques.quant.quantizers import ESTIMATORS
@@ -33,7 +33,7 @@ class Quantize(StepConfig):
     Whether CLE and bias correction help depends on the model (measured: bias correction adds
     6 dB of output SQNR on ResNet-8 and costs 0.6 dB on the MobileNet; CLE matters for
     per-tensor weights). Left unset, each is chosen the way AIMET's AutoQuant chooses: every
-    combination is run and the one whose output is closest to the float model's (SQNR) on 128
+    combination is run and the one whose output is closest to the float model's (SQNR) on 64
     held-out calibration inputs is kept; the choice is in the step's details.
 
     Attributes:
@@ -46,7 +46,9 @@ class Quantize(StepConfig):
         percentile: Percentile for the ``percentile`` estimator.
         weight_estimator: ``minmax`` or ``mse``; default: ``mse`` below 8 bits, else ``minmax``.
         calib_samples: Calibration inputs used at most.
-        cle: Cross-layer equalization. Default (None): chosen automatically, see below.
+        cle: Cross-layer equalization. Default (None): chosen automatically for per-tensor or
+            sub-8-bit weights (off for per-channel 8-bit, where per-channel scales absorb what
+            it evens out), see below.
         bias_correction: Empirical bias correction. Default (None): chosen automatically.
         adaround: Learned rounding; default: on below 8 bits.
         adaround_iterations: Optimisation steps per layer.
@@ -149,13 +151,14 @@ class Quantize(StepConfig):
         sim, reference, details = self._calibrated(model, ctx, batches, cle, use_adaround, show_progress)
         details["bias_correction"] = bias_corr
         if bias_corr:
-            details["bias_shift"] = bias_correction(sim, reference, batches, show_progress)
+            details["bias_shift"] = bias_correction(sim, reference, _bc_batches(batches), show_progress)
         return sim, details
 
     def _calibrated(self, model: nn.Module, ctx, batches, cle: bool, use_adaround: bool,
-                    show_progress: bool) -> tuple[nn.Module, nn.Module, dict]:
-        """The sim up to (not including) bias correction, and the float reference it needs."""
-        sim = self.build(model, ctx.example_input)
+                    show_progress: bool, sim=None) -> tuple[nn.Module, nn.Module, dict]:
+        """The sim up to (not including) bias correction, and the float reference it needs
+        (``sim``: a freshly built one to use)."""
+        sim = sim if sim is not None else self.build(model, ctx.example_input)
         for q in sim.aq.values():
             q.percentile = self.percentile
         details: dict = {"cle": cle, "bias_correction": False, "adaround": use_adaround}
@@ -170,19 +173,21 @@ class Quantize(StepConfig):
         return sim, reference, details
 
     def _candidates(self, model: nn.Module, ctx, batches, options, held: torch.Tensor, ref: torch.Tensor,
-                    show_progress: bool) -> tuple[dict, dict]:
+                    show_progress: bool, probe=None) -> tuple[dict, dict]:
         """Every ``(cle, bias_correction)`` option run and scored by output SQNR on ``held``.
         Bias correction only adds to a calibrated sim, so the corrected candidate is a corrected
         copy of the uncorrected one: one calibration per CLE setting, and the same models as
         running each option from scratch (tested)."""
         scored, runs = {}, {}
+        fresh = probe
         for cle in dict.fromkeys(c for c, _ in options):
-            sim, reference, details = self._calibrated(model, ctx, batches, cle, False, show_progress)
+            sim, reference, details = self._calibrated(model, ctx, batches, cle, False, show_progress, fresh)
+            fresh = None
             for bc in [b for c, b in options if c == cle]:
                 if bc:
                     run = copy.deepcopy(sim) if (cle, False) in options else sim
                     more = {**details, "bias_correction": True,
-                            "bias_shift": bias_correction(run, reference, batches, show_progress)}
+                            "bias_shift": bias_correction(run, reference, _bc_batches(batches), show_progress)}
                 else:
                     run, more = sim, details
                 runs[(cle, bc)] = (run, more)
@@ -214,9 +219,17 @@ class Quantize(StepConfig):
         if auto:
             with torch.no_grad():
                 ref = model.eval()(held)
-            options = [(c, b) for c in ((True, False) if self.cle is None else (self.cle,))
+            # CLE evens out per-channel weight ranges, which per-channel scales already absorb at 8
+            # bits (measured: it matters for per-tensor and 6-bit weights); left unset it is tried
+            # there only, and only where a conv -> ReLU -> conv pair exists
+            cle_options = (True, False) if self.cle is None and (not self.per_channel or self.weight_bits < 8) \
+                else (self.cle,) if self.cle is not None else (False,)
+            options = [(c, b) for c in cle_options
                        for b in ((True, False) if self.bias_correction is None else (self.bias_correction,))]
-            scored, runs = self._candidates(model, ctx, batches, options, held, ref, show_progress)
+            if self.cle is None and not cle_pairs(probe):  # equalization would change nothing
+                options = [(c, b) for c, b in options if not c]
+                details["cle_pairs"] = []
+            scored, runs = self._candidates(model, ctx, batches, options, held, ref, show_progress, probe)
             cle, bc = max(options, key=lambda o: scored[o])
             details["selection_sqnr_db"] = {f"cle={c},bias_correction={b}": round(v, 2) for (c, b), v in scored.items()}
         else:
@@ -277,4 +290,16 @@ class Quantize(StepConfig):
         return result
 
 
-_SELECT = 128  # held-out calibration inputs on which the automatic choice is scored
+_SELECT = 64  # held-out calibration inputs on which the automatic choice is scored
+_BIAS_SAMPLES = 128  # calibration inputs bias correction measures channel means on
+
+
+def _bc_batches(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The first ``_BIAS_SAMPLES`` calibration inputs: per-channel means settle long before 256."""
+    out, n = [], 0
+    for b in batches:
+        if n >= _BIAS_SAMPLES:
+            break
+        out.append(b[: _BIAS_SAMPLES - n])
+        n += len(out[-1])
+    return out
