@@ -410,11 +410,15 @@ def test_automatic_choice_equals_its_chosen_settings_run_alone():
     """The automatic CLE / bias-correction choice calibrates once per CLE setting and corrects a
     copy; the model it keeps must be the one the chosen settings give when run by themselves."""
     model = zoo.build("resnet8").eval()
-    x = _data(160 + 128)  # the last 128 are held out to score the options on
-    auto = compress(model, Plan([Quantize(calib_samples=160)]), x[:2], calib=[x])
+    x = _data(160 + 64)  # the last 64 are held out to score the options on
+    # per-channel 8-bit weights: CLE is not a candidate (per-channel scales absorb it)
+    default = compress(model, Plan([Quantize(calib_samples=160)]), x[:2], calib=[x]).steps[0].details
+    assert set(default["selection_sqnr_db"]) == {"cle=False,bias_correction=True", "cle=False,bias_correction=False"}
+    auto = compress(model, Plan([Quantize(calib_samples=160, per_channel=False)]), x[:2], calib=[x])
     details = auto.steps[0].details
     assert len(details["selection_sqnr_db"]) == 4
-    chosen = Quantize(calib_samples=160, cle=details["cle"], bias_correction=details["bias_correction"])
+    chosen = Quantize(calib_samples=160, per_channel=False, cle=details["cle"],
+                      bias_correction=details["bias_correction"])
     alone = compress(model, Plan([chosen]), x[:2], calib=list(x[:160].split(64))).model
     with torch.no_grad():
         assert torch.equal(auto.model(x[:32]), alone(x[:32]))
