@@ -352,6 +352,7 @@ def to_qdq_onnx(sim, int_outputs: list[str] | None = None, act_type: str = "uint
         node.metadata_props.clear()
     proto = program.model_proto
     _rename_initializers(proto, writer.names)
+    _unshare_integers(proto)
     _name_layers(proto)
     proto.producer_name = "nnshrink"
     if int_outputs is None:
@@ -372,6 +373,28 @@ def _rename_initializers(proto, names: dict[str, str]) -> None:
     for vi in list(proto.graph.input) + list(proto.graph.value_info):
         if vi.name in renames:
             vi.name = renames[vi.name]
+
+
+def _unshare_integers(proto) -> None:
+    """One int8/int32 initializer per reader. The exporter merges equal constants (the all-zero
+    weight zero points of two layers with as many channels); ONNX Runtime on x86 CPUs without
+    VNNI converts each layer's int8 weights and zero point to uint8 in place and fails on a
+    shared one ("Attempt to replace the existing tensor"; measured on an emulated Zen 2)."""
+    from onnx import TensorProto
+
+    inits = {i.name: i for i in proto.graph.initializer
+             if i.data_type in (TensorProto.INT8, TensorProto.INT32)}
+    seen: dict[str, int] = {}
+    for node in proto.graph.node:
+        for k, name in enumerate(node.input):
+            if name not in inits:
+                continue
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] > 1:
+                copy = proto.graph.initializer.add()
+                copy.CopyFrom(inits[name])
+                copy.name = f"{name}.{seen[name] - 1}"
+                node.input[k] = copy.name
 
 
 def _name_layers(proto) -> None:
