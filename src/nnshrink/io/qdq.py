@@ -176,7 +176,7 @@ class _Writer(nn.Module):
             return v
         return torch.ops.nnshrink.dequantize_linear(v, s, z, 1)
 
-    def weight(self, name: str, op_kind: str):
+    def weight(self, name: str):
         k = key(name)
         lq = self.graph.layers[name]
         if lq.q is None:
@@ -208,7 +208,7 @@ def _act(op, y: torch.Tensor) -> torch.Tensor:
 
 
 def _conv(w: _Writer, op, xs):
-    weight, bias = w.weight(op.name, op.kind)
+    weight, bias = w.weight(op.name)
     geo = w.graph.layers[op.name].geometry
     x = w.f(op.inputs[0], xs[0])
     if op.kind == "conv":
@@ -221,7 +221,7 @@ def _conv(w: _Writer, op, xs):
 
 
 def _linear(w: _Writer, op, xs):
-    weight, bias = w.weight(op.name, op.kind)
+    weight, bias = w.weight(op.name)
     src = op.inputs[0]
     x = w.f(src, xs[0])
     if x.dim() == 2:

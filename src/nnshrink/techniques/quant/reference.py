@@ -1,8 +1,10 @@
-"""An integer-only reference executor of the quantized graph, in numpy.
+"""An integer reference executor of the quantized graph (:class:`~.graph.QuantGraph`), in numpy.
 
-Inputs are quantized once; from there every op works on integers: int8 activations and weights,
-int32 accumulators and biases, and a requantization to the next int8 tensor. Two
-requantizations are provided:
+Inputs are quantized once; from there every integer op works on integers: int8 activations and
+weights, int32 accumulators and biases, and a requantization to the next int8 tensor; moves
+rearrange the integers. Ops the target has no integer kernel for (float islands) run in float32
+torch on the dequantized inputs and are quantized at the island border as ``QuantizeLinear``
+does, which is what a runtime with a CPU fallback computes. Two requantizations are provided:
 
 - ``fixed`` (default): as TFLite and Ethos-U do it. Each real multiplier ``M = s_in * s_w /
   s_out`` is held as a 31-bit fixed-point multiplier and a shift; the accumulator is multiplied
