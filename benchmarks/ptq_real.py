@@ -26,6 +26,7 @@ A peer that is not installed is reported as skipped. Two threads for torch and O
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -125,8 +126,10 @@ def ort_ptq(path: str, calib: np.ndarray, name: str, folder: str):
         quant_pre_process(path, pre)
     except Exception:  # noqa: BLE001 - the pre-processing is optional; quantize the file as it is
         pre = path
-    quantize_static(pre, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    # quantize_static leaves temporaries (*.data, sym_shape_infer_temp.onnx) in the working directory
+    with contextlib.chdir(folder):
+        quantize_static(pre, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return dst, time.perf_counter() - t0
 
 
