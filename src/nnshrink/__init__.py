@@ -33,15 +33,15 @@ _LAZY = {
     "replace_module": "nnshrink.graph",
     "export_onnx": "nnshrink.io", "load": "nnshrink.io", "load_model": "nnshrink.io", "save": "nnshrink.io",
     "FineTune": "nnshrink.plan", "FoldBatchNorm": "nnshrink.plan", "Plan": "nnshrink.plan", "compress": "nnshrink.plan",
-    "Pruner": "nnshrink.techniques", "QuantizeWeights": "nnshrink.techniques", "ShareWeights": "nnshrink.techniques",
-    "Sparsify": "nnshrink.techniques",
+    "Astc": "nnshrink.techniques", "Pruner": "nnshrink.techniques", "QuantizeWeights": "nnshrink.techniques",
+    "ShareWeights": "nnshrink.techniques", "Sparsify": "nnshrink.techniques",
 }
 
 __all__ = [
     "ConfigError", "CorruptDataError", "DataError", "FineTune", "FoldBatchNorm", "FormatError",
     "InputShapeError", "NnshrinkError", "Plan", "UnsupportedLayerError", "UnsupportedModelError",
     "UnsupportedOpError", "analyze", "build_dependency_graph", "compress", "data", "export_onnx",
-    "Pruner", "QuantizeWeights", "ShareWeights", "Sparsify", "fold_batchnorms", "load", "load_model",
+    "Astc", "Pruner", "QuantizeWeights", "ShareWeights", "Sparsify", "fold_batchnorms", "load", "load_model",
     "replace_module", "save", "zoo",
 ]
 

@@ -116,10 +116,10 @@ class _Blob:
         self.data.extend(data)
         return part
 
-    def put_array(self, array: np.ndarray) -> tuple[dict, bytes | None]:
-        """Integer arrays entropy-coded (returned as the stream), others raw little-endian."""
+    def put_array(self, array: np.ndarray, raw: bool = False) -> tuple[dict, bytes | None]:
+        """Integer arrays entropy-coded (returned as the stream), others (and ``raw``) little-endian."""
         array = np.asarray(array)
-        if array.dtype in _CODED and array.size >= _CODED_MIN:
+        if not raw and array.dtype in _CODED and array.size >= _CODED_MIN:
             stream = encode(array, self.codec)
             return {"coded": self.put(stream)}, stream
         dtype = str(array.dtype)
@@ -132,8 +132,9 @@ class _Blob:
 def _put_record(blob: _Blob, name: str, record: Record, shape, perm) -> tuple[dict, StreamReport]:
     fields, arrays = record.to_parts()
     parts, stream, ints, side = {}, None, None, 0
+    raw_parts = getattr(record, "raw_parts", ())  # parts a decoder reads as they are (ASTC blocks)
     for key, array in arrays.items():
-        parts[key], coded = blob.put_array(array)
+        parts[key], coded = blob.put_array(array, raw=key in raw_parts)
         if coded is not None and stream is None:
             stream, ints = coded, np.asarray(array)
         else:
@@ -316,6 +317,8 @@ def _record(path: Path, name: str, entry: dict, blob: bytes) -> Record:
         return cls.from_parts(fields, arrays)
     except ValueError as exc:
         raise CorruptDataError(f"{path}: stored parts of {name!r} do not fit together ({exc})") from exc
+    except CorruptDataError as exc:  # the record's own check of its parts (an ASTC block, say)
+        raise CorruptDataError(f"{path}: weight {name!r}: {exc}") from exc
 
 
 def _weights(path: Path, index: dict, blob: bytes) -> dict[str, np.ndarray]:

@@ -32,7 +32,8 @@ class Record(Protocol):
     def dequantize(self) -> np.ndarray: ...
 
     def to_parts(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """JSON-able fields and named arrays; the first array is the one reported as its stream."""
+        """JSON-able fields and named arrays; the first array is the one reported as its stream.
+        A kind may name parts to store byte for byte, not entropy-coded, in ``raw_parts``."""
         ...
 
 
@@ -42,7 +43,7 @@ R = TypeVar("R", bound=Record)
 _KINDS: dict[str, type] = {}
 # kinds whose classes live in technique modules, imported when a container names them
 _MODULES = {"quantized": "nnshrink.techniques.weights", "grouped": "nnshrink.techniques.weights",
-            "codebook": "nnshrink.techniques.cluster"}
+            "codebook": "nnshrink.techniques.cluster", "astc": "nnshrink.techniques.astc.record"}
 
 
 def register(cls: type) -> type:

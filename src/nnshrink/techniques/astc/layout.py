@@ -1,0 +1,123 @@
+"""How a layer's weights are laid out as one 2-D texture, and how they come back.
+
+A weight of shape ``(O, ...)`` is seen as ``O`` outputs of ``C`` tiles of ``th x tw`` texels.
+Each output's tiles sit side by side; ``group`` outputs share a texture row of tiles; tile rows
+are stacked. Three layouts:
+
+- ``rows``: one tile of ``1 x inputs`` per output: the weight matrix as it is (row-major).
+- ``kernels``: a conv's ``kh x kw`` kernels as tiles, inputs across, outputs down, so that a block
+  covers whole smooth receptive fields (a 5x5 footprint holds one 5x5 kernel exactly).
+- ``input``: each output's weights shaped like the tensor it reads (a first-layer filter as an
+  image, a Linear after a flatten as its ``C`` feature maps), ``group`` chosen to waste the fewest
+  texels at the footprint. Weights that see neighbouring pixels sit next to each other, which is
+  where ASTC's interpolated weight grids pay off.
+
+Texels beyond the last output (when ``O`` is not a multiple of ``group``) hold the texture's mean.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from nnshrink.techniques.astc.codec import MAX_SIDE, block_count
+
+LAYOUTS = ("auto", "rows", "kernels", "input")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Outputs of ``tiles`` tiles of ``tile_h x tile_w`` texels, ``group`` outputs per tile row."""
+
+    kind: str
+    outputs: int
+    tiles: int
+    tile_h: int
+    tile_w: int
+    group: int = 1
+
+    @property
+    def height(self) -> int:
+        return -(-self.outputs // self.group) * self.tile_h
+
+    @property
+    def width(self) -> int:
+        return self.group * self.tiles * self.tile_w
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Layout:
+        out = cls(str(d["kind"]), *(int(d[k]) for k in ("outputs", "tiles", "tile_h", "tile_w", "group")))
+        if min(out.outputs, out.tiles, out.tile_h, out.tile_w, out.group) < 1:
+            raise ValueError(f"layout {d} has a dimension below 1")
+        return out
+
+    def count(self) -> int:
+        return self.outputs * self.tiles * self.tile_h * self.tile_w
+
+    def _index(self) -> tuple[np.ndarray, np.ndarray]:
+        o, c, y, x = np.meshgrid(np.arange(self.outputs), np.arange(self.tiles), np.arange(self.tile_h),
+                                 np.arange(self.tile_w), indexing="ij")
+        rows = (o // self.group) * self.tile_h + y
+        cols = ((o % self.group) * self.tiles + c) * self.tile_w + x
+        return rows.reshape(-1), cols.reshape(-1)
+
+    def to_texture(self, values: np.ndarray) -> np.ndarray:
+        """Weights (any shape with ``count()`` values, output first) -> the texture."""
+        flat = np.asarray(values, np.float32).reshape(-1)
+        tex = np.full((self.height, self.width), float(flat.mean()), np.float32)
+        rows, cols = self._index()
+        tex[rows, cols] = flat
+        return tex
+
+    def from_texture(self, texture: np.ndarray) -> np.ndarray:
+        """The texture -> the flat weights, in the order :meth:`to_texture` took them."""
+        rows, cols = self._index()
+        return texture[rows, cols]
+
+
+def _best_group(outputs: int, tiles: int, th: int, tw: int, fp: tuple[int, int]) -> int:
+    """Outputs per tile row that waste the fewest texels at footprint ``fp`` (near-square on ties)."""
+    best, best_key = 1, None
+    for g in range(1, outputs + 1):
+        width = g * tiles * tw
+        if width > MAX_SIDE:
+            break
+        height = -(-outputs // g) * th
+        if height > MAX_SIDE:
+            continue
+        key = (block_count(width, height, fp), abs(math.log(width / height)))
+        if best_key is None or key < best_key:
+            best, best_key = g, key
+    return best
+
+
+def make_layout(kind: str, shape: tuple[int, ...], fp: tuple[int, int],
+                input_hw: tuple[int, int] | None = None) -> tuple[Layout, str | None]:
+    """The layout of a weight of ``shape`` at footprint ``fp``, and why it is not ``kind`` (or None).
+
+    ``input_hw`` is the spatial shape of the tensor a Linear reads before it is flattened (for
+    ``input``); conv weights are ``(O, I, kh, kw)``.
+    """
+    outputs, per = shape[0], math.prod(shape[1:])
+    conv = len(shape) == 4 and shape[2] * shape[3] > 1
+    if kind == "auto":
+        kind = "input" if (input_hw is not None or (conv and shape[1] == 1)) else "kernels" if conv else "rows"
+    if kind == "kernels":
+        if not conv:
+            return Layout("rows", outputs, 1, 1, per), "no spatial kernel (kernels needs a conv with k > 1)"
+        return Layout("kernels", outputs, shape[1], shape[2], shape[3]), None
+    if kind == "input":
+        if conv:
+            c, th, tw = shape[1], shape[2], shape[3]
+        elif input_hw is not None and per % (input_hw[0] * input_hw[1]) == 0:
+            th, tw = input_hw
+            c = per // (th * tw)
+        else:
+            return Layout("rows", outputs, 1, 1, per), "the input's spatial shape is unknown (not read through a flatten)"
+        return Layout("input", outputs, c, th, tw, _best_group(outputs, c, th, tw, fp)), None
+    return Layout("rows", outputs, 1, 1, per), None

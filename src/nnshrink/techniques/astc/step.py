@@ -1,0 +1,367 @@
+"""The ``astc`` plan step: each layer's weights as an ASTC texture, footprints per layer, re-training.
+
+Each layer's weights are mapped to [0, 1] by a scale and offset (per layer, or per output with
+``range: row``), laid out as a 2-D texture (:mod:`.layout`), and encoded by astcenc at the
+layer's footprint; the layer's weights become exactly the decode of its blocks (:mod:`.codec`'s
+decode profile), which the container stores byte for byte with the scales.
+
+Footprints: one for every layer, per-layer overrides, or chosen per layer for a budget
+(``bits_per_weight`` or ``max_drop``) from measured sensitivity: every layer is encoded at every
+footprint once, each encoding alone measured as output noise on calibration inputs, and the
+greedy path of :mod:`nnshrink.search.greedy` gives the assignment (a size budget takes the first
+that fits; an accuracy budget bisects the path with a few full evaluations).
+
+Re-training (needs the bundled or the user's trainer):
+
+- ``interleaved`` (A): layers are encoded one at a time, largest first; after each, the layers
+  not yet encoded and every bias are fine-tuned for ``steps``, so later layers learn to make up
+  for earlier ones' error. With ``rounds > 1`` every layer is then released, fine-tuned and
+  re-encoded again.
+- ``blocks`` (B): :mod:`.blocks` trains the blocks themselves (endpoints and weight grids of one
+  fixed block mode per layer) through a differentiable model of the decode, then writes them as
+  real blocks whose astcenc decode equals the trained weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnshrink.errors import ConfigError
+from nnshrink.graph.analysis import is_compressible
+from nnshrink.plan.config import StepConfig, StepResult
+from nnshrink.progress import progress_bar
+from nnshrink.techniques.astc import codec
+from nnshrink.techniques.astc.layout import LAYOUTS, make_layout
+from nnshrink.techniques.astc.record import AstcRecord
+from nnshrink.techniques.calibration import calibration_inputs
+from nnshrink.techniques.records import attach, record_of
+
+RANGES = ("layer", "row")
+RETRAIN = ("none", "interleaved", "blocks")
+_FLOAT = "float"
+
+
+def input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """For each Linear that reads a flattened ``N x C x H x W`` tensor: ``(H, W)``."""
+    flattened: dict[int, tuple[int, int]] = {}
+    found: dict[str, tuple[int, int]] = {}
+    hooks = []
+
+    def on_flatten(_m, inputs, output):
+        if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() == 4:
+            flattened[id(output)] = tuple(inputs[0].shape[2:])
+
+    def on_linear(name):
+        def hook(_m, inputs):
+            if inputs and id(inputs[0]) in flattened:
+                found[name] = flattened[id(inputs[0])]
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Flatten):
+            hooks.append(m.register_forward_hook(on_flatten))
+        elif isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_pre_hook(on_linear(name)))
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def encode_weight(weight: np.ndarray, fp: tuple[int, int], layout_kind: str = "auto",
+                  input_hw: tuple[int, int] | None = None, value_range: str = "layer",
+                  quality: str | float = "medium", threads: int = 1,
+                  name: str = "weight") -> tuple[AstcRecord, str | None]:
+    """The record of ``weight`` at footprint ``fp``, and why its layout is not the one asked for."""
+    w = np.asarray(weight, np.float32)
+    layout, why = make_layout(layout_kind, w.shape, fp, input_hw)
+    rows = w.reshape(w.shape[0], -1)
+    if value_range == "row":
+        lo, hi = rows.min(axis=1), rows.max(axis=1)
+    else:
+        lo, hi = rows.min(keepdims=True).reshape(1), rows.max(keepdims=True).reshape(1)
+    scale = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
+    offset = lo.astype(np.float32)
+    t = np.clip((rows - offset.reshape(-1, 1)) / scale.reshape(-1, 1), 0.0, 1.0)
+    blocks = codec.encode(layout.to_texture(t), fp, quality, threads)
+    record = AstcRecord(tuple(w.shape), fp, layout, np.frombuffer(blocks, np.uint8).reshape(-1, codec.BLOCK_BYTES),
+                        offset, scale, "astcenc", name)
+    return record, why
+
+
+def record_bytes(record: AstcRecord) -> int:
+    """Stored bytes of a record: its blocks and its scales and offsets."""
+    return int(record.blocks.nbytes + record.offset.nbytes + record.scale.nbytes)
+
+
+def _pairs(items: tuple[str, ...], what: str, check) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"astc.{what} entries look like 'fc1=...', got {item!r}")
+        check(value)
+        out[name] = value
+    return out
+
+
+def _check_layout(value: str) -> None:
+    if value not in LAYOUTS:
+        raise ConfigError(f"astc layout must be one of {', '.join(LAYOUTS)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Astc(StepConfig):
+    """Store each layer's weights as ASTC texture blocks that a GPU's texture unit decodes.
+
+    Attributes:
+        footprint: Block footprint of every layer (``8x8``; any of the 14 2-D ones, 4x4 to 12x12).
+        layer_footprints: ``"name=12x12"`` (or ``"name=float"``) overrides.
+        bits_per_weight: Size budget: footprints chosen per layer so the encoded layers average at
+            most this many stored bits per weight (scales included), least output noise first.
+        max_drop: Accuracy budget: the smallest footprints whose metric stays within this
+            relative drop of the model's (needs an evaluation function).
+        footprints: Candidates for a budget (default: all 14 and float).
+        layout: ``auto`` (conv kernels tiled, a Linear after a flatten as input-shaped tiles,
+            else rows), ``rows``, ``kernels`` or ``input``.
+        layer_layouts: ``"name=rows"`` overrides.
+        range: ``layer`` (one scale and offset per layer) or ``row`` (one per output).
+        quality: astcenc's search preset (``fastest`` ... ``exhaustive``) or 0-100.
+        retrain: ``none``, ``interleaved`` (A) or ``blocks`` (B).
+        steps: Fine-tuning steps per round of re-training.
+        rounds: Rounds of re-training A (after the first, every layer is released and re-encoded).
+        min_weights: Layers with fewer weights stay float (named in the report).
+        calib_samples: Calibration inputs the sensitivity is measured on.
+        exclude: Layer names left as they are.
+    """
+
+    kind = "astc"
+    footprint: str = "8x8"
+    layer_footprints: tuple[str, ...] = ()
+    bits_per_weight: float | None = None
+    max_drop: float | None = None
+    footprints: tuple[str, ...] = ()
+    layout: str = "auto"
+    layer_layouts: tuple[str, ...] = ()
+    range: str = "layer"
+    quality: str | float = "medium"
+    retrain: str = "none"
+    steps: int = 300
+    rounds: int = 1
+    min_weights: int = 64
+    calib_samples: int = 256
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        codec.parse_footprint(self.footprint)
+        self.overrides()
+        _check_layout(self.layout)
+        _pairs(self.layer_layouts, "layer_layouts", _check_layout)
+        for f in self.footprints:
+            if f != _FLOAT:
+                codec.parse_footprint(f)
+        if self.range not in RANGES:
+            raise ConfigError(f"astc.range must be one of {RANGES}, got {self.range!r}")
+        if self.retrain not in RETRAIN:
+            raise ConfigError(f"astc.retrain must be one of {RETRAIN}, got {self.retrain!r}")
+        codec.quality_value(self.quality)
+        if self.bits_per_weight is not None and self.max_drop is not None:
+            raise ConfigError("astc takes one budget: bits_per_weight or max_drop")
+        if self.bits_per_weight is not None and not 0 < self.bits_per_weight <= 32:
+            raise ConfigError(f"astc.bits_per_weight must be in (0, 32], got {self.bits_per_weight}")
+        if self.max_drop is not None and not 0 <= self.max_drop < 1:
+            raise ConfigError(f"astc.max_drop is a relative drop in [0, 1), got {self.max_drop}")
+        if self.steps < 1 or self.rounds < 1 or self.min_weights < 1 or self.calib_samples < 1:
+            raise ConfigError("astc.steps, rounds, min_weights and calib_samples must be at least 1")
+
+    def overrides(self) -> dict[str, tuple[int, int] | None]:
+        def check(v):
+            if v != _FLOAT:
+                codec.parse_footprint(v)
+        return {n: None if v == _FLOAT else codec.parse_footprint(v)
+                for n, v in _pairs(self.layer_footprints, "layer_footprints", check).items()}
+
+    # -- the pieces ---------------------------------------------------------------------------
+
+    def _candidates(self) -> list[tuple[int, int] | None]:
+        names = self.footprints or (_FLOAT,) + tuple(codec.footprint_name(f) for f in codec.FOOTPRINTS)
+        cands = [None if n == _FLOAT else codec.parse_footprint(n) for n in names]
+        return sorted(set(cands), key=lambda f: 0 if f is None else f[0] * f[1])
+
+    def _encoder(self, layers: dict[str, nn.Module], shapes: dict, threads: int):
+        layouts = _pairs(self.layer_layouts, "layer_layouts", _check_layout)
+        cache: dict = {}
+
+        def encode(name: str, fp: tuple[int, int]) -> tuple[AstcRecord, str | None]:
+            key = (name, fp)
+            if key not in cache:
+                w = layers[name].weight.detach().cpu().numpy()
+                cache[key] = encode_weight(w, fp, layouts.get(name, self.layout), shapes.get(name), self.range,
+                                           self.quality, threads, name)
+            return cache[key]
+        return encode, cache
+
+    def _choose(self, model, layers, encode, ctx, show) -> tuple[dict, dict]:
+        """Per-layer footprints for the budget, and what the choice measured."""
+        # here, not at the top: nnshrink.search imports the techniques package
+        from nnshrink.search.greedy import assignment, bisect_floor, fit_bytes, greedy_path
+
+        cands = self._candidates()
+        held = torch.cat(calibration_inputs(ctx.calib, self.calib_samples, "astc footprint choice"))
+        with torch.no_grad():
+            ref = model(held)
+        signal = float(ref.pow(2).mean())
+        options: dict[str, list[tuple[float, float]]] = {}
+        with progress_bar("astc: per-layer sensitivity", len(layers) * len(cands), show) as adv:
+            for name, layer in layers.items():
+                original = layer.weight.detach().clone()
+                opts = []
+                for fp in cands:
+                    if fp is None:
+                        opts.append((original.numel() * 4.0, 0.0))
+                    else:
+                        record, _ = encode(name, fp)
+                        with torch.no_grad():
+                            layer.weight.copy_(torch.from_numpy(record.dequantize()))
+                            noise = float((model(held) - ref).pow(2).mean())
+                            layer.weight.copy_(original)
+                        opts.append((float(record_bytes(record)), noise))
+                    adv(1)
+                options[name] = opts
+        path = greedy_path(options)
+        params = sum(layer.weight.numel() for layer in layers.values())
+
+        def apply(k: int) -> dict:
+            choice = {n: cands[i] for n, i in assignment(options, path, k).items()}
+            for n, fp in choice.items():
+                w = encode(n, fp)[0].dequantize() if fp is not None else originals[n]
+                with torch.no_grad():
+                    layers[n].weight.copy_(torch.from_numpy(np.asarray(w)))
+            return choice
+
+        originals = {n: layer.weight.detach().cpu().numpy().copy() for n, layer in layers.items()}
+        evaluations = 0
+        if self.bits_per_weight is not None:
+            k = fit_bytes(options, path, self.bits_per_weight * params / 8)
+        else:
+            if ctx.evaluate is None:
+                raise ConfigError("astc.max_drop needs an evaluation function (--eval, or bundled data)")
+            reference = ctx.evaluate(model)
+            floor = reference - abs(reference) * self.max_drop
+            k, evaluations = bisect_floor(path, lambda m: (apply(m), ctx.evaluate(model) >= floor)[1])
+        apply(0)  # back to the float weights; the caller encodes the choice
+        choice = {n: cands[i] for n, i in assignment(options, path, k).items()}
+        est = path[k - 1].noise if k else 0.0
+        info = {"candidates": [codec.footprint_name(f) if f else _FLOAT for f in cands], "moves": len(path),
+                "taken": k, "evaluations": evaluations, "estimated_sqnr_db":
+                    round(10 * np.log10(signal / est), 2) if est > 0 else None}
+        return choice, info
+
+    # -- apply --------------------------------------------------------------------------------
+
+    def apply(self, model: nn.Module, ctx) -> StepResult:
+        t0 = time.perf_counter()
+        new = copy.deepcopy(model).eval()
+        show = getattr(ctx, "show_progress", True)
+        overrides = self.overrides()
+        candidates = {n: m for n, m in new.named_modules() if is_compressible(m)}
+        unknown = (set(overrides) | set(_pairs(self.layer_layouts, "layer_layouts", _check_layout))) - set(candidates)
+        if unknown:
+            raise ConfigError(f"astc names unknown layers {sorted(unknown)}; layers: {', '.join(candidates)}")
+        skipped = [{"layer": n, "reason": "excluded by the plan"} for n in self.exclude if n in candidates]
+        layers = {}
+        for n, m in candidates.items():
+            if n in self.exclude:
+                continue
+            if m.weight.numel() < self.min_weights:
+                skipped.append({"layer": n, "reason": f"{m.weight.numel()} weights, fewer than min_weights "
+                                                      f"{self.min_weights}: left float"})
+                continue
+            layers[n] = m
+        if self.retrain != "none" and ctx.train is None:
+            raise ConfigError(f"astc.retrain {self.retrain} needs a train(model, steps) function or bundled data")
+        shapes = input_shapes(new, ctx.example_input)
+        encode, _ = self._encoder(layers, shapes, torch.get_num_threads())
+        fixed = {n: fp for n, fp in overrides.items() if n in layers}
+        free = {n: m for n, m in layers.items() if n not in fixed}
+        details: dict = {}
+        if (self.bits_per_weight is not None or self.max_drop is not None) and free:
+            chosen, details["choice"] = self._choose(new, free, encode, ctx, show)
+        else:
+            chosen = dict.fromkeys(free, codec.parse_footprint(self.footprint))
+        chosen.update(fixed)
+        for n, fp in chosen.items():
+            if fp is None:
+                skipped.append({"layer": n, "reason": "left float by the plan or the budget"})
+        plan = {n: fp for n, fp in chosen.items() if fp is not None}
+        if self.retrain == "interleaved":
+            records = self._interleaved(new, layers, plan, shapes, ctx, show)
+        elif self.retrain == "blocks":
+            from nnshrink.techniques.astc.blocks import retrain_blocks
+
+            records = retrain_blocks(new, {n: layers[n] for n in plan}, plan, lambda n, fp: encode(n, fp)[0],
+                                     ctx, self.steps, show)
+        else:
+            records = {}
+            with progress_bar("astc: encoding", len(plan), show) as adv:
+                for n, fp in plan.items():
+                    records[n] = attach(layers[n], encode(n, fp)[0])
+                    adv(1)
+        layouts = {n: encode(n, fp)[1] for n, fp in plan.items()} if self.retrain != "blocks" else {}
+        per_layer = {}
+        for n, r in records.items():
+            count = int(np.prod(r.shape))
+            entry = {"footprint": codec.footprint_name(r.footprint), "layout": r.layout.kind,
+                     "texture": [r.layout.width, r.layout.height], "blocks": int(r.blocks.shape[0]),
+                     "bytes": record_bytes(r), "bits_per_weight": round(record_bytes(r) * 8 / count, 4),
+                     "origin": r.origin}
+            if layouts.get(n):
+                entry["layout_note"] = layouts[n]
+            per_layer[n] = entry
+        total_w = sum(int(np.prod(r.shape)) for r in records.values())
+        details.update({"layers": per_layer, "retrain": self.retrain,
+                        "bits_per_weight": round(sum(record_bytes(r) for r in records.values()) * 8 / max(1, total_w), 4),
+                        "seconds": round(time.perf_counter() - t0, 2),
+                        "val_after": ctx.evaluate(new) if ctx.evaluate else None})
+        return StepResult(self.kind, new.eval(), details, skipped)
+
+    def _interleaved(self, model, layers, plan, shapes, ctx, show) -> dict[str, AstcRecord]:
+        """Re-training A: encode the largest layer, fine-tune the rest, encode the next, ..."""
+        order = sorted(plan, key=lambda n: -layers[n].weight.numel())
+        threads = torch.get_num_threads()
+        layouts = _pairs(self.layer_layouts, "layer_layouts", _check_layout)
+        records: dict[str, AstcRecord] = {}
+
+        def encode_now(n):
+            w = layers[n].weight.detach().cpu().numpy()
+            records[n] = attach(layers[n], encode_weight(w, plan[n], layouts.get(n, self.layout), shapes.get(n),
+                                                         self.range, self.quality, threads, n)[0])
+            layers[n].weight.requires_grad_(False)
+
+        with progress_bar("astc: interleaved re-training", len(order) * self.rounds, show) as adv:
+            for r in range(self.rounds):
+                if r:
+                    for n in order:
+                        layers[n].weight.requires_grad_(True)
+                    model = ctx.train(model, self.steps) or model
+                for n in order:
+                    encode_now(n)
+                    model.train()
+                    model = ctx.train(model, self.steps) or model  # the rest (and every bias) make up for it
+                    model.eval()
+                    adv(1)
+        for n in order:
+            layers[n].weight.requires_grad_(True)
+            if record_of(layers[n]) is None:  # pragma: no cover - frozen weights cannot drift
+                raise RuntimeError(f"astc: layer {n}'s weights changed after encoding")
+        return records
