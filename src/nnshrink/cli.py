@@ -194,16 +194,34 @@ def evaluate(model: Annotated[str, typer.Argument(help="Zoo name or model file."
 
 @app.command()
 @_errors
-def export(model: Annotated[str, typer.Argument(help="Zoo name or model file.")],
-           out_path: Annotated[Path, typer.Option("--out", help="Output .onnx file.")], data: DataOpt = "mnist",
+def export(model: Annotated[str, typer.Argument(help="Zoo name, model file or .nsz container.")],
+           out_path: Annotated[Path | None, typer.Option("--out", help="Output .onnx file.")] = None,
+           astc: Annotated[Path | None, typer.Option(
+               "--astc", help="Folder for the .astc textures of an .nsz container's ASTC-stored weights.")] = None,
+           data: DataOpt = "mnist",
            input_shape: Annotated[str | None, typer.Option(
                help="One sample's shape (like 3,48,320), where the model's is symbolic.")] = None) -> None:
     """Write MODEL as an ONNX file (dynamic batch; a model imported from ONNX keeps its source's
-    names, symbolic dims and metadata) that ONNX Runtime runs."""
+    names, symbolic dims and metadata) that ONNX Runtime runs, and/or (--astc) the .astc
+    textures and manifest.json of a container's ASTC-stored weights, as a GPU pipeline uploads them."""
     from nnshrink.data import load_dataset
     from nnshrink.io import export_onnx
 
+    if out_path is None and astc is None:
+        raise ConfigError("export needs --out FILE.onnx, --astc FOLDER, or both")
     _check_outputs([model], out=out_path)
+    if astc is not None:
+        from nnshrink.techniques.astc.export import export_textures
+
+        if not str(model).endswith(".nsz"):
+            raise ConfigError(f"--astc reads an .nsz container, got {model}")
+        if Path(model).resolve() == astc.resolve():
+            raise ConfigError(f"--astc {astc} is the input; choose a folder")
+        paths = export_textures(model, astc)
+        out.print(f"wrote {len(paths) - 1} .astc textures and {paths[-1].name} to {astc} "
+                  f"({sum(p.stat().st_size for p in paths):,} bytes)")
+        if out_path is None:
+            return
     m = _resolve(model, data)
     if model in _zoo_names():
         example = _input_for(m, load_dataset(data).input_shape, input_shape)

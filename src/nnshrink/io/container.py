@@ -366,6 +366,26 @@ def read_onnx_from_container(path: str | Path):
     return proto
 
 
+def records(path: str | Path) -> dict[str, Record]:
+    """The stored record (quantized, codebook, astc, ...) of every weight that has one, checksums
+    verified, by weight name in the stored graph.
+
+    Raises:
+        FileNotFoundError, FormatError, CorruptDataError: as for :func:`load`.
+    """
+    path = Path(path)
+    meta, tensors = _open(path)
+    index, _, blob = _check(path, meta, tensors)
+    out = {}
+    for name, entry in index.items():
+        if isinstance(entry, dict) and entry.get("kind") not in ("raw", "int", None):
+            try:
+                out[name] = _record(path, name, entry, blob)
+            except (KeyError, TypeError, IndexError) as exc:
+                raise CorruptDataError(f"{path}: the index entry of {name!r} is malformed ({exc})") from exc
+    return out
+
+
 def load(path: str | Path) -> nn.Module:
     """Load a container as a torch module whose weights are bit-identical to the ones saved.
 

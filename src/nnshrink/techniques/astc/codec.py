@@ -3,7 +3,8 @@
 Encoding uses astcenc itself (PyPI ``astc-encoder-py`` bundles it): its block search is the
 product of years of tuning and there is nothing to gain from another one. Weights are stored as a
 luminance texture (R = G = B = value, A = 1) in the LDR linear profile, so astcenc picks the
-luminance endpoint modes and spends every bit on the one channel.
+luminance endpoint modes and spends every bit on the one channel; or, with two channels, as
+luminance and alpha (R = G = B = first value, A = second), two weights per texel.
 
 **Decode profile.** The weights nnshrink evaluates are the astcenc decode of the stored blocks
 to float16 (``ASTCType.F16``; ``astcenc -dh`` on the command line), which is the ASTC
@@ -89,17 +90,20 @@ def _context(fp: tuple[int, int], quality: float, threads: int):
 
 
 def encode(texture: np.ndarray, fp: tuple[int, int], quality: str | float = "medium", threads: int = 1) -> bytes:
-    """The ASTC blocks (16 bytes each, row by row) of a 2-D texture of values in [0, 1]."""
+    """The ASTC blocks (16 bytes each, row by row) of a texture of values in [0, 1]: ``H x W``
+    (luminance) or ``H x W x C`` with 1 or 2 channels (luminance, alpha)."""
     A, E = _astc()
     t = np.asarray(texture, np.float32)
-    if t.ndim != 2 or not t.size:
-        raise ValueError(f"a texture is a non-empty 2-D array, got shape {t.shape}")
+    if t.ndim == 2:
+        t = t[..., None]
+    if t.ndim != 3 or not t.size or t.shape[2] not in (1, 2):
+        raise ValueError(f"a texture is a non-empty H x W x 1 or 2 array, got shape {t.shape}")
     if not (np.isfinite(t).all() and t.min() >= 0 and t.max() <= 1):
         raise ValueError("texture values must lie in [0, 1]")
-    h, w = t.shape
+    h, w = t.shape[:2]
     rgba = np.empty((h, w, 4), np.float32)
-    rgba[..., :3] = t[..., None]
-    rgba[..., 3] = 1.0
+    rgba[..., :3] = t[..., :1]
+    rgba[..., 3] = t[..., 1] if t.shape[2] == 2 else 1.0
     ctx, swizzle = _context(fp, quality_value(quality), threads)
     data = ctx.compress(A.ASTCImage(E.ASTCType.F32, w, h, 1, rgba.tobytes()), swizzle)
     if len(data) != block_count(w, h, fp) * BLOCK_BYTES:  # pragma: no cover - astcenc's contract
@@ -107,8 +111,9 @@ def encode(texture: np.ndarray, fp: tuple[int, int], quality: str | float = "med
     return data
 
 
-def decode(blocks: bytes, width: int, height: int, fp: tuple[int, int], what: str = "texture") -> np.ndarray:
-    """The float16 texture (height x width) the blocks decode to in the decode profile above.
+def decode(blocks: bytes, width: int, height: int, fp: tuple[int, int], what: str = "texture",
+           channels: int = 1) -> np.ndarray:
+    """The float16 texture (height x width x channels) the blocks decode to in the decode profile above.
 
     Raises:
         CorruptDataError: The byte count does not fit the texture, or a block is illegal or not
@@ -122,12 +127,14 @@ def decode(blocks: bytes, width: int, height: int, fp: tuple[int, int], what: st
     image = ctx.decompress(bytes(blocks), A.ASTCImage(E.ASTCType.F16, width, height, 1), swizzle)
     rgba = np.frombuffer(image.data, np.float16).reshape(height, width, 4)
     bits = rgba.view(np.uint16)
-    bad = (bits[..., 0] != bits[..., 1]) | (bits[..., 0] != bits[..., 2]) | (rgba[..., 3] != 1)
+    bad = (bits[..., 0] != bits[..., 1]) | (bits[..., 0] != bits[..., 2]) | ~np.isfinite(rgba).all(axis=-1)
+    if channels == 1:
+        bad |= rgba[..., 3] != 1
     if bad.any():
         y, x = (int(v[0]) for v in np.nonzero(bad))
         raise CorruptDataError(f"{what}: block at texel ({x}, {y}) is not a valid luminance block "
                                f"(illegal or damaged; it decodes to {rgba[y, x].astype(np.float32).tolist()})")
-    return rgba[..., 0].copy()
+    return np.ascontiguousarray(rgba[..., [0, 3]] if channels == 2 else rgba[..., :1])
 
 
 def header(width: int, height: int, fp: tuple[int, int]) -> bytes:

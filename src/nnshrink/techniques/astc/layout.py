@@ -12,6 +12,10 @@ are stacked. Three layouts:
   texels at the footprint. Weights that see neighbouring pixels sit next to each other, which is
   where ASTC's interpolated weight grids pay off.
 
+With ``channels = 2`` the first half of the outputs goes to the luminance channel and the second
+half to alpha at the same places (astcenc's luminance-alpha endpoint modes, with a second weight
+plane where the two disagree): two weights per texel, so 0.44 to 4 bits per weight.
+
 Texels beyond the last output (when ``O`` is not a multiple of ``group``) hold the texture's mean.
 """
 
@@ -29,7 +33,8 @@ LAYOUTS = ("auto", "rows", "kernels", "input")
 
 @dataclass(frozen=True)
 class Layout:
-    """Outputs of ``tiles`` tiles of ``tile_h x tile_w`` texels, ``group`` outputs per tile row."""
+    """Outputs of ``tiles`` tiles of ``tile_h x tile_w`` texels, ``group`` outputs per tile row,
+    split over ``channels`` texture channels."""
 
     kind: str
     outputs: int
@@ -37,10 +42,15 @@ class Layout:
     tile_h: int
     tile_w: int
     group: int = 1
+    channels: int = 1
+
+    @property
+    def per_channel(self) -> int:
+        return -(-self.outputs // self.channels)
 
     @property
     def height(self) -> int:
-        return -(-self.outputs // self.group) * self.tile_h
+        return -(-self.per_channel // self.group) * self.tile_h
 
     @property
     def width(self) -> int:
@@ -51,33 +61,36 @@ class Layout:
 
     @classmethod
     def from_dict(cls, d: dict) -> Layout:
-        out = cls(str(d["kind"]), *(int(d[k]) for k in ("outputs", "tiles", "tile_h", "tile_w", "group")))
-        if min(out.outputs, out.tiles, out.tile_h, out.tile_w, out.group) < 1:
-            raise ValueError(f"layout {d} has a dimension below 1")
+        out = cls(str(d["kind"]), *(int(d[k]) for k in ("outputs", "tiles", "tile_h", "tile_w", "group")),
+                  int(d.get("channels", 1)))
+        if min(out.outputs, out.tiles, out.tile_h, out.tile_w, out.group) < 1 or out.channels not in (1, 2):
+            raise ValueError(f"layout {d} has a dimension below 1 or a channel count other than 1 or 2")
         return out
 
     def count(self) -> int:
         return self.outputs * self.tiles * self.tile_h * self.tile_w
 
-    def _index(self) -> tuple[np.ndarray, np.ndarray]:
+    def index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Texture row, column and channel of every weight, in the weight's (flat) order."""
         o, c, y, x = np.meshgrid(np.arange(self.outputs), np.arange(self.tiles), np.arange(self.tile_h),
                                  np.arange(self.tile_w), indexing="ij")
-        rows = (o // self.group) * self.tile_h + y
-        cols = ((o % self.group) * self.tiles + c) * self.tile_w + x
-        return rows.reshape(-1), cols.reshape(-1)
+        chan, local = o // self.per_channel, o % self.per_channel
+        rows = (local // self.group) * self.tile_h + y
+        cols = ((local % self.group) * self.tiles + c) * self.tile_w + x
+        return rows.reshape(-1), cols.reshape(-1), chan.reshape(-1)
 
     def to_texture(self, values: np.ndarray) -> np.ndarray:
-        """Weights (any shape with ``count()`` values, output first) -> the texture."""
+        """Weights (any shape with ``count()`` values, output first) -> the texture (H x W x channels)."""
         flat = np.asarray(values, np.float32).reshape(-1)
-        tex = np.full((self.height, self.width), float(flat.mean()), np.float32)
-        rows, cols = self._index()
-        tex[rows, cols] = flat
+        tex = np.full((self.height, self.width, self.channels), float(flat.mean()), np.float32)
+        rows, cols, chan = self.index()
+        tex[rows, cols, chan] = flat
         return tex
 
     def from_texture(self, texture: np.ndarray) -> np.ndarray:
-        """The texture -> the flat weights, in the order :meth:`to_texture` took them."""
-        rows, cols = self._index()
-        return texture[rows, cols]
+        """The texture (H x W x channels) -> the flat weights, in the order :meth:`to_texture` took them."""
+        rows, cols, chan = self.index()
+        return texture[rows, cols, chan]
 
 
 def _best_group(outputs: int, tiles: int, th: int, tw: int, fp: tuple[int, int]) -> int:
@@ -97,13 +110,19 @@ def _best_group(outputs: int, tiles: int, th: int, tw: int, fp: tuple[int, int])
 
 
 def make_layout(kind: str, shape: tuple[int, ...], fp: tuple[int, int],
-                input_hw: tuple[int, int] | None = None) -> tuple[Layout, str | None]:
+                input_hw: tuple[int, int] | None = None, channels: int = 1) -> tuple[Layout, str | None]:
     """The layout of a weight of ``shape`` at footprint ``fp``, and why it is not ``kind`` (or None).
 
     ``input_hw`` is the spatial shape of the tensor a Linear reads before it is flattened (for
     ``input``); conv weights are ``(O, I, kh, kw)``.
     """
+    layout, why = _layout(kind, shape, fp, input_hw, channels)
+    return Layout(layout.kind, layout.outputs, layout.tiles, layout.tile_h, layout.tile_w, layout.group, channels), why
+
+
+def _layout(kind, shape, fp, input_hw, channels) -> tuple[Layout, str | None]:
     outputs, per = shape[0], math.prod(shape[1:])
+    half = -(-outputs // channels)
     conv = len(shape) == 4 and shape[2] * shape[3] > 1
     if kind == "auto":
         kind = "input" if (input_hw is not None or (conv and shape[1] == 1)) else "kernels" if conv else "rows"
@@ -119,5 +138,5 @@ def make_layout(kind: str, shape: tuple[int, ...], fp: tuple[int, int],
             c = per // (th * tw)
         else:
             return Layout("rows", outputs, 1, 1, per), "the input's spatial shape is unknown (not read through a flatten)"
-        return Layout("input", outputs, c, th, tw, _best_group(outputs, c, th, tw, fp)), None
+        return Layout("input", outputs, c, th, tw, _best_group(half, c, th, tw, fp)), None
     return Layout("rows", outputs, 1, 1, per), None

@@ -42,17 +42,17 @@ class AstcRecord:
 
     @property
     def bits(self) -> int:
-        return max(1, round(codec.bits_per_texel(self.footprint)))
+        return max(1, round(codec.bits_per_texel(self.footprint) / self.layout.channels))
 
     @property
     def texture_shape(self) -> tuple[int, int]:
         return self.layout.height, self.layout.width
 
     def texture(self) -> np.ndarray:
-        """The float16 texture the blocks decode to (decode profile of :mod:`.codec`), cached."""
+        """The float16 texture (H x W x channels) the blocks decode to (decode profile of :mod:`.codec`), cached."""
         if "texture" not in self._cache:
             self._cache["texture"] = codec.decode(self.blocks.tobytes(), self.layout.width, self.layout.height,
-                                                  self.footprint, self.name)
+                                                  self.footprint, self.name, self.layout.channels)
         return self._cache["texture"]
 
     def dequantize(self) -> np.ndarray:
@@ -73,7 +73,7 @@ class AstcRecord:
                  "scale": self.scale.astype(np.float32)})
 
     @classmethod
-    def from_parts(cls, fields: dict, arrays: dict[str, np.ndarray], name: str = "weight") -> AstcRecord:
+    def from_parts(cls, fields: dict, arrays: dict[str, np.ndarray], name: str = "ASTC texture") -> AstcRecord:
         fp = codec.parse_footprint(tuple(fields["footprint"]))
         layout = Layout.from_dict(fields["layout"])
         shape = tuple(int(d) for d in fields["shape"])

@@ -7,9 +7,10 @@ decode profile), which the container stores byte for byte with the scales.
 
 Footprints: one for every layer, per-layer overrides, or chosen per layer for a budget
 (``bits_per_weight`` or ``max_drop``) from measured sensitivity: every layer is encoded at every
-footprint once, each encoding alone measured as output noise on calibration inputs, and the
-greedy path of :mod:`nnshrink.search.greedy` gives the assignment (a size budget takes the first
-that fits; an accuracy budget bisects the path with a few full evaluations).
+footprint (at one and at two channels) once, each encoding alone measured as output noise on
+calibration inputs, and :mod:`nnshrink.search.budget` gives the assignment (the least estimated
+noise within a byte budget, exactly; for an accuracy budget, a bisection over byte budgets with a
+few full evaluations).
 
 Re-training (needs the bundled or the user's trainer):
 
@@ -80,10 +81,11 @@ def input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int
 def encode_weight(weight: np.ndarray, fp: tuple[int, int], layout_kind: str = "auto",
                   input_hw: tuple[int, int] | None = None, value_range: str = "layer",
                   quality: str | float = "medium", threads: int = 1,
-                  name: str = "weight") -> tuple[AstcRecord, str | None]:
-    """The record of ``weight`` at footprint ``fp``, and why its layout is not the one asked for."""
+                  name: str = "weight", channels: int = 1) -> tuple[AstcRecord, str | None]:
+    """The record of ``weight`` at footprint ``fp`` with ``channels`` weights per texel, and why
+    its layout is not the one asked for."""
     w = np.asarray(weight, np.float32)
-    layout, why = make_layout(layout_kind, w.shape, fp, input_hw)
+    layout, why = make_layout(layout_kind, w.shape, fp, input_hw, channels)
     rows = w.reshape(w.shape[0], -1)
     if value_range == "row":
         lo, hi = rows.min(axis=1), rows.max(axis=1)
@@ -114,6 +116,22 @@ def _pairs(items: tuple[str, ...], what: str, check) -> dict[str, str]:
     return out
 
 
+def _option(text: str) -> tuple | None:
+    """``"10x10"`` -> ((10, 10), 1); ``"10x10/2"`` -> ((10, 10), 2); ``"float"`` -> None."""
+    if text == _FLOAT:
+        return None
+    fp, sep, ch = str(text).partition("/")
+    if sep and ch not in ("1", "2"):
+        raise ConfigError(f"an astc option looks like '10x10' or '10x10/2' (two channels), got {text!r}")
+    return codec.parse_footprint(fp), int(ch) if sep else 1
+
+
+def _option_name(option: tuple | None) -> str:
+    if option is None:
+        return _FLOAT
+    return codec.footprint_name(option[0]) + ("/2" if option[1] == 2 else "")
+
+
 def _check_layout(value: str) -> None:
     if value not in LAYOUTS:
         raise ConfigError(f"astc layout must be one of {', '.join(LAYOUTS)}, got {value!r}")
@@ -125,12 +143,14 @@ class Astc(StepConfig):
 
     Attributes:
         footprint: Block footprint of every layer (``8x8``; any of the 14 2-D ones, 4x4 to 12x12).
-        layer_footprints: ``"name=12x12"`` (or ``"name=float"``) overrides.
+        channels: Weights per texel: 1 (luminance) or 2 (luminance and alpha: half the bits).
+        layer_footprints: ``"name=12x12"``, ``"name=12x12/2"`` (two channels) or ``"name=float"`` overrides.
         bits_per_weight: Size budget: footprints chosen per layer so the encoded layers average at
             most this many stored bits per weight (scales included), least output noise first.
         max_drop: Accuracy budget: the smallest footprints whose metric stays within this
             relative drop of the model's (needs an evaluation function).
-        footprints: Candidates for a budget (default: all 14 and float).
+        footprints: Candidates for a budget, like ``10x10`` or ``10x10/2`` (default: all 14 at one
+            and at two channels, and float).
         layout: ``auto`` (conv kernels tiled, a Linear after a flatten as input-shaped tiles,
             else rows), ``rows``, ``kernels`` or ``input``.
         layer_layouts: ``"name=rows"`` overrides.
@@ -146,6 +166,7 @@ class Astc(StepConfig):
 
     kind = "astc"
     footprint: str = "8x8"
+    channels: int = 1
     layer_footprints: tuple[str, ...] = ()
     bits_per_weight: float | None = None
     max_drop: float | None = None
@@ -164,12 +185,13 @@ class Astc(StepConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         codec.parse_footprint(self.footprint)
+        if self.channels not in (1, 2):
+            raise ConfigError(f"astc.channels must be 1 or 2, got {self.channels}")
         self.overrides()
         _check_layout(self.layout)
         _pairs(self.layer_layouts, "layer_layouts", _check_layout)
         for f in self.footprints:
-            if f != _FLOAT:
-                codec.parse_footprint(f)
+            _option(f)
         if self.range not in RANGES:
             raise ConfigError(f"astc.range must be one of {RANGES}, got {self.range!r}")
         if self.retrain not in RETRAIN:
@@ -184,37 +206,35 @@ class Astc(StepConfig):
         if self.steps < 1 or self.rounds < 1 or self.min_weights < 1 or self.calib_samples < 1:
             raise ConfigError("astc.steps, rounds, min_weights and calib_samples must be at least 1")
 
-    def overrides(self) -> dict[str, tuple[int, int] | None]:
-        def check(v):
-            if v != _FLOAT:
-                codec.parse_footprint(v)
-        return {n: None if v == _FLOAT else codec.parse_footprint(v)
-                for n, v in _pairs(self.layer_footprints, "layer_footprints", check).items()}
+    def overrides(self) -> dict[str, tuple | None]:
+        return {n: _option(v) for n, v in _pairs(self.layer_footprints, "layer_footprints", _option).items()}
 
     # -- the pieces ---------------------------------------------------------------------------
 
-    def _candidates(self) -> list[tuple[int, int] | None]:
-        names = self.footprints or (_FLOAT,) + tuple(codec.footprint_name(f) for f in codec.FOOTPRINTS)
-        cands = [None if n == _FLOAT else codec.parse_footprint(n) for n in names]
-        return sorted(set(cands), key=lambda f: 0 if f is None else f[0] * f[1])
+    def _candidates(self) -> list[tuple | None]:
+        if self.footprints:
+            cands = [_option(n) for n in self.footprints]
+        else:
+            cands = [None] + [(f, c) for f in codec.FOOTPRINTS for c in (1, 2)]
+        return sorted(set(cands), key=lambda o: 0 if o is None else o[0][0] * o[0][1] * o[1])
 
     def _encoder(self, layers: dict[str, nn.Module], shapes: dict, threads: int):
         layouts = _pairs(self.layer_layouts, "layer_layouts", _check_layout)
         cache: dict = {}
 
-        def encode(name: str, fp: tuple[int, int]) -> tuple[AstcRecord, str | None]:
-            key = (name, fp)
+        def encode(name: str, option: tuple) -> tuple[AstcRecord, str | None]:
+            key = (name, option)
             if key not in cache:
                 w = layers[name].weight.detach().cpu().numpy()
-                cache[key] = encode_weight(w, fp, layouts.get(name, self.layout), shapes.get(name), self.range,
-                                           self.quality, threads, name)
+                cache[key] = encode_weight(w, option[0], layouts.get(name, self.layout), shapes.get(name), self.range,
+                                           self.quality, threads, name, option[1])
             return cache[key]
         return encode, cache
 
     def _choose(self, model, layers, encode, ctx, show) -> tuple[dict, dict]:
         """Per-layer footprints for the budget, and what the choice measured."""
         # here, not at the top: nnshrink.search imports the techniques package
-        from nnshrink.search.greedy import assignment, bisect_floor, fit_bytes, greedy_path
+        from nnshrink.search.budget import estimated_noise, least_noise, smallest_within, total_bytes
 
         cands = self._candidates()
         held = torch.cat(calibration_inputs(ctx.calib, self.calib_samples, "astc footprint choice"))
@@ -238,33 +258,36 @@ class Astc(StepConfig):
                         opts.append((float(record_bytes(record)), noise))
                     adv(1)
                 options[name] = opts
-        path = greedy_path(options)
         params = sum(layer.weight.numel() for layer in layers.values())
+        originals = {n: layer.weight.detach().cpu().numpy().copy() for n, layer in layers.items()}
 
-        def apply(k: int) -> dict:
-            choice = {n: cands[i] for n, i in assignment(options, path, k).items()}
-            for n, fp in choice.items():
-                w = encode(n, fp)[0].dequantize() if fp is not None else originals[n]
+        def apply(assign: dict[str, int]) -> None:
+            for n, i in assign.items():
+                w = encode(n, cands[i])[0].dequantize() if cands[i] is not None else originals[n]
                 with torch.no_grad():
                     layers[n].weight.copy_(torch.from_numpy(np.asarray(w)))
-            return choice
 
-        originals = {n: layer.weight.detach().cpu().numpy().copy() for n, layer in layers.items()}
         evaluations = 0
         if self.bits_per_weight is not None:
-            k = fit_bytes(options, path, self.bits_per_weight * params / 8)
+            assign = least_noise(options, self.bits_per_weight * params / 8)
+            if assign is None:
+                smallest = sum(min(b for b, _ in o) for o in options.values()) * 8 / params
+                raise ConfigError(f"astc.bits_per_weight {self.bits_per_weight} is below the smallest these "
+                                  f"footprints reach ({smallest:.3f} bits per weight, scales included)")
         else:
             if ctx.evaluate is None:
                 raise ConfigError("astc.max_drop needs an evaluation function (--eval, or bundled data)")
             reference = ctx.evaluate(model)
             floor = reference - abs(reference) * self.max_drop
-            k, evaluations = bisect_floor(path, lambda m: (apply(m), ctx.evaluate(model) >= floor)[1])
-        apply(0)  # back to the float weights; the caller encodes the choice
-        choice = {n: cands[i] for n, i in assignment(options, path, k).items()}
-        est = path[k - 1].noise if k else 0.0
-        info = {"candidates": [codec.footprint_name(f) if f else _FLOAT for f in cands], "moves": len(path),
-                "taken": k, "evaluations": evaluations, "estimated_sqnr_db":
-                    round(10 * np.log10(signal / est), 2) if est > 0 else None}
+            assign, evaluations = smallest_within(options, lambda a: (apply(a), ctx.evaluate(model) >= floor)[1])
+        for n, w in originals.items():  # the float weights back; the caller encodes the choice
+            with torch.no_grad():
+                layers[n].weight.copy_(torch.from_numpy(w))
+        choice = {n: cands[i] for n, i in assign.items()}
+        est = estimated_noise(options, assign)
+        info = {"candidates": [_option_name(o) for o in cands], "evaluations": evaluations,
+                "estimated_bits_per_weight": round(total_bytes(options, assign) * 8 / params, 4),
+                "estimated_sqnr_db": round(float(10 * np.log10(signal / est)), 2) if est > 0 else None}
         return choice, info
 
     # -- apply --------------------------------------------------------------------------------
@@ -298,7 +321,7 @@ class Astc(StepConfig):
         if (self.bits_per_weight is not None or self.max_drop is not None) and free:
             chosen, details["choice"] = self._choose(new, free, encode, ctx, show)
         else:
-            chosen = dict.fromkeys(free, codec.parse_footprint(self.footprint))
+            chosen = dict.fromkeys(free, (codec.parse_footprint(self.footprint), self.channels))
         chosen.update(fixed)
         for n, fp in chosen.items():
             if fp is None:
@@ -321,7 +344,8 @@ class Astc(StepConfig):
         per_layer = {}
         for n, r in records.items():
             count = int(np.prod(r.shape))
-            entry = {"footprint": codec.footprint_name(r.footprint), "layout": r.layout.kind,
+            entry = {"footprint": codec.footprint_name(r.footprint), "channels": r.layout.channels,
+                     "layout": r.layout.kind,
                      "texture": [r.layout.width, r.layout.height], "blocks": int(r.blocks.shape[0]),
                      "bytes": record_bytes(r), "bits_per_weight": round(record_bytes(r) * 8 / count, 4),
                      "origin": r.origin}
@@ -344,8 +368,8 @@ class Astc(StepConfig):
 
         def encode_now(n):
             w = layers[n].weight.detach().cpu().numpy()
-            records[n] = attach(layers[n], encode_weight(w, plan[n], layouts.get(n, self.layout), shapes.get(n),
-                                                         self.range, self.quality, threads, n)[0])
+            records[n] = attach(layers[n], encode_weight(w, plan[n][0], layouts.get(n, self.layout), shapes.get(n),
+                                                         self.range, self.quality, threads, n, plan[n][1])[0])
             layers[n].weight.requires_grad_(False)
 
         with progress_bar("astc: interleaved re-training", len(order) * self.rounds, show) as adv:
