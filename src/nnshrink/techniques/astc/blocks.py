@@ -289,16 +289,26 @@ class _Weight(nn.Module):
         return (t * self.scale.reshape(-1, 1) + self.offset.reshape(-1, 1)).reshape(self.shape)
 
 
-def fit(model: BlockModel, target: torch.Tensor, steps: int = 200, lr: float = 0.02) -> float:
-    """Fit the blocks to a texture (mean squared error, Adam); returns the final error."""
+def fit(model: BlockModel, target: torch.Tensor, steps: int = 200, lr: float = 0.05) -> float:
+    """Fit the blocks to a texture (mean squared error; Adam, cosine-decayed step size, keeping
+    the best integers seen); returns the final error."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr / 100)
+    best, best_state = math.inf, None
     for _ in range(steps):
         opt.zero_grad()
         loss = (model() - target).pow(2).mean()
+        if float(loss.detach()) < best:
+            best, best_state = float(loss.detach()), {k: v.detach().clone() for k, v in model.state_dict().items()}
         loss.backward()
         opt.step()
+        sched.step()
     with torch.no_grad():
-        return float((model() - target).pow(2).mean())
+        final = float((model() - target).pow(2).mean())
+    if best_state is not None and best < final:
+        model.load_state_dict(best_state)
+        final = best
+    return final
 
 
 def best_configuration(texture: np.ndarray, fp: tuple[int, int], sample: int = 256, steps: int = 60,
