@@ -2,9 +2,10 @@
 
 No library exposes ASTC's block arithmetic for training, nor writes a block from given endpoints
 and weights (astcenc only searches), so this module holds both, for one block configuration per
-layer: a single partition, a single weight plane, colour endpoint mode 0 (LDR luminance, direct)
-with 8-bit endpoints, and a weight grid of ``gw x gh`` values at ``levels`` quantization levels
-(any of ASTC's 12 weight ranges, trits and quints included). Everything follows the Khronos Data
+layer: a single partition, 8-bit endpoints, a weight grid of ``gw x gh`` values at ``levels``
+quantization levels (any of ASTC's 12 weight ranges, trits and quints included), and either
+colour endpoint mode 0 (LDR luminance, direct) with one weight plane, or, for two weights per
+texel, mode 4 (LDR luminance + alpha, direct) with a second weight plane for alpha. Everything follows the Khronos Data
 Format Specification's ASTC chapter:
 
 - the weight grid's infill to texels (its fixed-point bilinear rule), the unquantization of
@@ -46,7 +47,9 @@ _RAW = {6: [0, 64, 12, 52, 25, 39], 10: [0, 64, 7, 57, 14, 50, 21, 43, 28, 36],
 _SCRAMBLE = {6: [0, 2, 4, 5, 3, 1], 10: [0, 2, 4, 6, 8, 9, 7, 5, 3, 1], 12: [0, 4, 8, 2, 6, 10, 11, 7, 3, 9, 5, 1],
              20: [0, 4, 8, 12, 16, 2, 6, 10, 14, 18, 19, 15, 11, 7, 3, 17, 13, 9, 5, 1],
              24: [0, 8, 16, 2, 10, 18, 4, 12, 20, 6, 14, 22, 23, 15, 7, 21, 13, 5, 19, 11, 3, 17, 9, 1]}
-_MAX_COLOUR_WB = 95  # 111 - 16: the weights leave room for two 8-bit endpoints
+# the most weight bits that leave room for 8-bit endpoints: 111 - 2 x 8 (one plane, luminance),
+# 109 - 4 x 8 (two planes: the 2-bit colour component selector, luminance and alpha)
+_MAX_WB = {1: 95, 2: 77}
 
 
 def _replicate(v: int, bits: int, to: int) -> int:
@@ -79,10 +82,11 @@ def weight_bits(levels: int, count: int) -> int:
     return count * b + (-(-8 * count // 5) if t else 0) + (-(-7 * count // 3) if q else 0)
 
 
-def block_mode(gw: int, gh: int, levels: int) -> int | None:
-    """The 11-bit block mode of a single-plane ``gw x gh`` grid at ``levels``, or None if none exists."""
+def block_mode(gw: int, gh: int, levels: int, dual: bool = False) -> int | None:
+    """The 11-bit block mode of a ``gw x gh`` grid at ``levels`` (``dual``: two weight planes),
+    or None if none exists."""
     r, p = _RP[levels]
-    r0, r21, hi = r & 1, r >> 1, p << 9
+    r0, r21, hi = r & 1, r >> 1, int(dual) << 10 | p << 9
     if 4 <= gw <= 7 and 2 <= gh <= 5:
         return hi | (gw - 4) << 7 | (gh - 2) << 5 | r0 << 4 | 0b00 << 2 | r21
     if 8 <= gw <= 11 and 2 <= gh <= 5:
@@ -99,21 +103,22 @@ def block_mode(gw: int, gh: int, levels: int) -> int | None:
         return hi | 0b01 << 7 | (gw - 2) << 5 | r0 << 4 | r21 << 2
     if (gw, gh) in ((6, 10), (10, 6)):
         return hi | 0b11 << 7 | (1 if gw == 10 else 0) << 5 | r0 << 4 | r21 << 2
-    if 6 <= gw <= 9 and 6 <= gh <= 9 and p == 0:
+    if 6 <= gw <= 9 and 6 <= gh <= 9 and p == 0 and not dual:
         return (gh - 6) << 9 | 0b10 << 7 | (gw - 6) << 5 | r0 << 4 | r21 << 2
     return None
 
 
-def configurations(fp: tuple[int, int]) -> list[tuple[int, int, int]]:
-    """Every ``(gw, gh, levels)`` a ``fp`` block can hold with 8-bit luminance endpoints; per
-    grid only the most levels that fit (fewer levels on the same grid only lose precision)."""
+def configurations(fp: tuple[int, int], channels: int = 1) -> list[tuple[int, int, int]]:
+    """Every ``(gw, gh, levels)`` a ``fp`` block can hold with 8-bit endpoints for ``channels``
+    channels (one weight plane each); per grid only the most levels that fit (fewer levels on the
+    same grid only lose precision)."""
     out = []
     for gw in range(2, fp[0] + 1):
         for gh in range(2, fp[1] + 1):
-            if gw * gh > 64:
+            if gw * gh * channels > 64:
                 continue
-            fits = [lv for lv in sorted(RANGES) if 24 <= weight_bits(lv, gw * gh) <= _MAX_COLOUR_WB
-                    and block_mode(gw, gh, lv) is not None]
+            fits = [lv for lv in sorted(RANGES) if 24 <= weight_bits(lv, gw * gh * channels) <= _MAX_WB[channels]
+                    and block_mode(gw, gh, lv, channels == 2) is not None]
             if fits:
                 out.append((gw, gh, fits[-1]))
     return out
@@ -171,19 +176,30 @@ def ise_encode(values: list[int], levels: int) -> int:
 
 
 def write_blocks(endpoints: np.ndarray, levels_idx: np.ndarray, gw: int, gh: int, levels: int) -> np.ndarray:
-    """16-byte blocks from integer endpoints ``(n, 2)`` (0..255) and grid levels ``(n, gw*gh)``."""
-    mode = block_mode(gw, gh, levels)
-    wb = weight_bits(levels, gw * gh)
-    if mode is None or not 24 <= wb <= _MAX_COLOUR_WB:
-        raise ValueError(f"no block mode for a {gw}x{gh} grid at {levels} levels with 8-bit endpoints")
+    """16-byte blocks from integer endpoints (0..255) and grid levels (0..levels-1): ``(n, 2)``
+    and ``(n, gw*gh)`` for luminance, or ``(n, 4)`` (L0, L1, A0, A1) and ``(n, 2, gw*gh)`` for
+    luminance + alpha (plane 0 luminance, plane 1 alpha)."""
+    levels_idx = levels_idx.reshape(len(levels_idx), -1, gw * gh)
+    channels = levels_idx.shape[1]
+    mode = block_mode(gw, gh, levels, channels == 2)
+    wb = weight_bits(levels, gw * gh * channels)
+    if mode is None or not 24 <= wb <= _MAX_WB[channels] or endpoints.shape[1] != 2 * channels:
+        raise ValueError(f"no block mode for a {gw}x{gh} grid at {levels} levels with 8-bit endpoints "
+                         f"for {channels} channel(s)")
     table = stored(levels)
     out = np.empty((len(endpoints), codec.BLOCK_BYTES), np.uint8)
+    cem = 0 if channels == 1 else 4
     for i, (e, k) in enumerate(zip(endpoints.tolist(), levels_idx.tolist())):
-        stream = ise_encode([table[v] for v in k], levels)
+        values = [table[v] for pair in zip(*k) for v in pair]  # planes interleaved per grid point
+        stream = ise_encode(values, levels)
         if stream >> wb:  # pragma: no cover - the encoding's size is exact
             raise RuntimeError("weight stream longer than its bit count")
         rev = int(format(stream, f"0{wb}b")[::-1], 2)
-        x = mode | 0 << 11 | 0 << 13 | e[0] << 17 | e[1] << 25 | rev << (128 - wb)
+        x = mode | 0 << 11 | cem << 13 | rev << (128 - wb)
+        for j, v in enumerate(e):
+            x |= v << (17 + 8 * j)
+        if channels == 2:
+            x |= 3 << (126 - wb)  # colour component selector: plane 1 drives alpha
         out[i] = np.frombuffer(x.to_bytes(16, "little"), np.uint8)
     return out
 
@@ -218,36 +234,37 @@ def _fp16_rtz(c: torch.Tensor) -> torch.Tensor:
 
 
 class BlockModel(nn.Module):
-    """The blocks of one texture as trainable endpoints and grid weights (both in [0, 1]), whose
-    forward pass is the exact decode to the texture (straight-through gradients)."""
+    """The blocks of one texture (``H x W x channels``, 1 or 2 channels) as trainable endpoints
+    and grid weights (both in [0, 1]), whose forward pass is the exact decode to the texture
+    (straight-through gradients)."""
 
     def __init__(self, texture: np.ndarray, fp: tuple[int, int], gw: int, gh: int, levels: int) -> None:
         super().__init__()
-        h, w = texture.shape[:2]
-        self.fp, self.gw, self.gh, self.levels, self.size = fp, gw, gh, levels, (h, w)
+        h, w, c = texture.shape
+        self.fp, self.gw, self.gh, self.levels, self.size, self.channels = fp, gw, gh, levels, (h, w), c
         self.nx, self.ny = -(-w // fp[0]), -(-h // fp[1])
         idx, fac = infill(fp, gw, gh)
         self.register_buffer("idx", torch.from_numpy(idx))
         self.register_buffer("fac", torch.from_numpy(fac).float())
         self.register_buffer("unq", torch.tensor(unquantized(levels), dtype=torch.float32))
-        blocks = self._blocks(torch.from_numpy(np.ascontiguousarray(texture[..., 0], np.float32)))
-        lo, hi = blocks.min(dim=1).values, blocks.max(dim=1).values
-        self.e = nn.Parameter(torch.stack([lo, hi], 1).clamp(0, 1))
-        norm = (blocks - lo[:, None]) / (hi - lo).clamp_min(1e-6)[:, None]
+        blocks = self._blocks(torch.from_numpy(np.ascontiguousarray(texture, np.float32)))  # (n, c, by*bx)
+        lo, hi = blocks.min(dim=2).values, blocks.max(dim=2).values
+        self.e = nn.Parameter(torch.stack([lo, hi], 2).reshape(len(blocks), 2 * c).clamp(0, 1))
+        norm = (blocks - lo[..., None]) / (hi - lo).clamp_min(1e-6)[..., None]
         grid = torch.nn.functional.interpolate(norm.reshape(-1, 1, fp[1], fp[0]), size=(gh, gw), mode="area")
-        self.g = nn.Parameter(grid.reshape(len(blocks), gw * gh).clamp(0, 1))
+        self.g = nn.Parameter(grid.reshape(len(blocks), c, gw * gh).clamp(0, 1))
 
     def _blocks(self, tex: torch.Tensor) -> torch.Tensor:
-        """Texture (h, w) -> blocks (n, by*bx), edge texels repeated into the padding."""
+        """Texture (h, w, c) -> blocks (n, c, by*bx), edge texels repeated into the padding."""
         bx, by = self.fp
         h, w = self.size
         rows = torch.arange(self.ny * by).clamp_max(h - 1)
         cols = torch.arange(self.nx * bx).clamp_max(w - 1)
         full = tex[rows][:, cols]
-        return full.reshape(self.ny, by, self.nx, bx).permute(0, 2, 1, 3).reshape(-1, by * bx)
+        return full.reshape(self.ny, by, self.nx, bx, -1).permute(0, 2, 4, 1, 3).reshape(self.ny * self.nx, -1, by * bx)
 
     def integers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Endpoints (n, 2) in 0..255 and grid levels (n, gw*gh) in 0..levels-1, as float tensors."""
+        """Endpoints (n, 2c) in 0..255 and grid levels (n, c, gw*gh) in 0..levels-1, as float tensors."""
         e = self.e.clamp(0, 1) * 255
         k = self.g.clamp(0, 1) * (self.levels - 1)
         return _ste(e, torch.round(e)), _ste(k, torch.round(k))
@@ -255,15 +272,16 @@ class BlockModel(nn.Module):
     def forward(self) -> torch.Tensor:
         e, k = self.integers()
         p = _ste(k * (64.0 / (self.levels - 1)), self.unq[k.detach().long()])
-        texel = (p[:, self.idx] * self.fac).sum(-1)  # (n, by*bx), 16 x the weight
+        texel = (p[..., self.idx] * self.fac).sum(-1)  # (n, c, by*bx), 16 x the weight
         i = _ste(texel / 16, torch.floor((texel + 8) / 16))
-        c_soft = (257 * e[:, :1] * (64 - i) + 257 * e[:, 1:] * i) / 64
-        c = _ste(c_soft, torch.floor((257 * e[:, :1] * (64 - i) + 257 * e[:, 1:] * i + 32) / 64))
+        e0, e1 = e[:, 0::2, None], e[:, 1::2, None]  # (L0, L1, A0, A1): per channel its two endpoints
+        c_soft = (257 * e0 * (64 - i) + 257 * e1 * i) / 64
+        c = _ste(c_soft, torch.floor((257 * e0 * (64 - i) + 257 * e1 * i + 32) / 64))
         t = _ste(c / 65536, _fp16_rtz(c.detach()))
         bx, by = self.fp
         h, w = self.size
-        full = t.reshape(self.ny, self.nx, by, bx).permute(0, 2, 1, 3).reshape(self.ny * by, self.nx * bx)
-        return full[:h, :w]
+        full = t.reshape(self.ny, self.nx, self.channels, by, bx).permute(0, 3, 1, 4, 2)
+        return full.reshape(self.ny * by, self.nx * bx, self.channels)[:h, :w]
 
     def to_blocks(self) -> np.ndarray:
         with torch.no_grad():
@@ -277,15 +295,16 @@ class _Weight(nn.Module):
     def __init__(self, blocks: BlockModel, record: AstcRecord) -> None:
         super().__init__()
         self.blocks = blocks
-        rows, cols, _ = record.layout.index()
+        rows, cols, chan = record.layout.index()
         self.register_buffer("rows", torch.from_numpy(rows))
         self.register_buffer("cols", torch.from_numpy(cols))
+        self.register_buffer("chan", torch.from_numpy(chan))
         self.register_buffer("scale", torch.from_numpy(record.scale.astype(np.float32)))
         self.register_buffer("offset", torch.from_numpy(record.offset.astype(np.float32)))
         self.shape, self.outputs = record.shape, record.layout.outputs
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        t = self.blocks()[self.rows, self.cols].reshape(self.outputs, -1)
+        t = self.blocks()[self.rows, self.cols, self.chan].reshape(self.outputs, -1)
         return (t * self.scale.reshape(-1, 1) + self.offset.reshape(-1, 1)).reshape(self.shape)
 
 
@@ -316,17 +335,17 @@ def best_configuration(texture: np.ndarray, fp: tuple[int, int], sample: int = 2
     """The grid and levels whose fitted blocks reproduce a sample of the texture's blocks best."""
     rng = np.random.default_rng(seed)
     bx, by = fp
-    h, w = texture.shape[:2]
+    h, w, c = texture.shape
     ny, nx = -(-h // by), -(-w // bx)
     pick = rng.choice(ny * nx, size=min(sample, ny * nx), replace=False)
     rows = np.minimum(np.arange(ny * by), h - 1)
     cols = np.minimum(np.arange(nx * bx), w - 1)
-    full = texture[..., 0][rows][:, cols].reshape(ny, by, nx, bx).transpose(0, 2, 1, 3).reshape(-1, by, bx)
+    full = texture[rows][:, cols].reshape(ny, by, nx, bx, c).transpose(0, 2, 1, 3, 4).reshape(-1, by, bx, c)
     strip = np.concatenate(list(full[pick]), axis=1)  # the sampled blocks side by side: one row of blocks
     target = torch.from_numpy(strip.astype(np.float32))
     best, best_err = None, math.inf
-    for gw, gh, lv in configurations(fp):
-        m = BlockModel(strip[..., None], fp, gw, gh, lv)
+    for gw, gh, lv in configurations(fp, c):
+        m = BlockModel(strip, fp, gw, gh, lv)
         err = fit(m, target, steps)
         if err < best_err:
             best, best_err = (gw, gh, lv), err
@@ -335,7 +354,7 @@ def best_configuration(texture: np.ndarray, fp: tuple[int, int], sample: int = 2
 
 def retrain_blocks(model: nn.Module, layers: dict[str, nn.Module], plan: dict, encode, ctx, steps: int,
                    show: bool = True) -> dict[str, AstcRecord]:
-    """Re-training B on ``layers`` (name -> module) at ``plan[name] = (footprint, 1)``.
+    """Re-training B on ``layers`` (name -> module) at ``plan[name] = (footprint, channels)``.
 
     ``encode(name, option)`` gives the astcenc record (for its layout and range). Each layer's
     blocks start from a fit to its texture, train with the task loss through ``ctx.train``, and
@@ -345,14 +364,14 @@ def retrain_blocks(model: nn.Module, layers: dict[str, nn.Module], plan: dict, e
     models: dict[str, tuple[BlockModel, AstcRecord]] = {}
     with progress_bar("astc: fitting blocks (re-training B)", len(layers), show) as adv:
         for name, layer in layers.items():
-            fp = plan[name][0]
-            ref = encode(name, (fp, 1))
+            fp, channels = plan[name]
+            ref = encode(name, (fp, channels))
             w = layer.weight.detach().cpu().numpy().reshape(ref.layout.outputs, -1)
             t = np.clip((w - ref.offset.reshape(-1, 1)) / ref.scale.reshape(-1, 1), 0, 1)
             texture = ref.layout.to_texture(t)
             gw, gh, lv = best_configuration(texture, fp)
             bm = BlockModel(texture, fp, gw, gh, lv)
-            fit(bm, torch.from_numpy(texture[..., 0]), 300)
+            fit(bm, torch.from_numpy(texture), 300)
             models[name] = (bm, ref)
             parametrize.register_parametrization(layer, "weight", _Weight(bm, ref))
             layer.parametrizations.weight.original.requires_grad_(False)

@@ -203,9 +203,6 @@ class Astc(StepConfig):
             raise ConfigError(f"astc.bits_per_weight must be in (0, 32], got {self.bits_per_weight}")
         if self.max_drop is not None and not 0 <= self.max_drop < 1:
             raise ConfigError(f"astc.max_drop is a relative drop in [0, 1), got {self.max_drop}")
-        if self.retrain == "blocks" and (self.channels != 1 or any(
-                o is not None and o[1] != 1 for o in [*self.overrides().values(), *map(_option, self.footprints)])):
-            raise ConfigError("astc.retrain blocks trains one-channel (luminance) blocks; use channels 1")
         if self.steps < 1 or self.rounds < 1 or self.min_weights < 1 or self.calib_samples < 1:
             raise ConfigError("astc.steps, rounds, min_weights and calib_samples must be at least 1")
 
@@ -218,7 +215,7 @@ class Astc(StepConfig):
         if self.footprints:
             cands = [_option(n) for n in self.footprints]
         else:
-            cands = [None] + [(f, c) for f in codec.FOOTPRINTS for c in ((1,) if self.retrain == "blocks" else (1, 2))]
+            cands = [None] + [(f, c) for f in codec.FOOTPRINTS for c in (1, 2)]
         return sorted(set(cands), key=lambda o: 0 if o is None else o[0][0] * o[0][1] * o[1])
 
     def _encoder(self, layers: dict[str, nn.Module], shapes: dict, threads: int):
