@@ -211,7 +211,7 @@ def export(model: Annotated[str, typer.Argument(help="Zoo name, model file or .n
         raise ConfigError("export needs --out FILE.onnx, --astc FOLDER, or both")
     _check_outputs([model], out=out_path)
     if astc is not None:
-        from nnshrink.techniques.astc.export import export_textures
+        from nnshrink.io.astc import export_textures
 
         if not str(model).endswith(".nsz"):
             raise ConfigError(f"--astc reads an .nsz container, got {model}")

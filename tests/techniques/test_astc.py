@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from nnshrink import ConfigError, CorruptDataError, Plan, compress, load, save
-from nnshrink.search.budget import least_noise, smallest_within
+from nnshrink.techniques.budget import least_noise, smallest_within
 from nnshrink.techniques.astc import Astc, AstcRecord, blocks as B, codec
-from nnshrink.techniques.astc.export import export_textures
+from nnshrink.io.astc import export_textures
 from nnshrink.techniques.astc.layout import Layout, make_layout
 from nnshrink.techniques.records import record_of
 

@@ -8,7 +8,7 @@ decode profile), which the container stores byte for byte with the scales.
 Footprints: one for every layer, per-layer overrides, or chosen per layer for a budget
 (``bits_per_weight`` or ``max_drop``) from measured sensitivity: every layer is encoded at every
 footprint (at one and at two channels) once, each encoding alone measured as output noise on
-calibration inputs, and :mod:`nnshrink.search.budget` gives the assignment (the least estimated
+calibration inputs, and :mod:`nnshrink.techniques.budget` gives the assignment (the least estimated
 noise within a byte budget, exactly; for an accuracy budget, a bisection over byte budgets with a
 few full evaluations).
 
@@ -40,6 +40,7 @@ from nnshrink.progress import progress_bar
 from nnshrink.techniques.astc import codec
 from nnshrink.techniques.astc.layout import LAYOUTS, make_layout
 from nnshrink.techniques.astc.record import AstcRecord
+from nnshrink.techniques.budget import estimated_noise, least_noise, smallest_within, total_bytes
 from nnshrink.techniques.calibration import calibration_inputs
 from nnshrink.techniques.records import attach, record_of
 
@@ -233,9 +234,6 @@ class Astc(StepConfig):
 
     def _choose(self, model, layers, encode, ctx, show) -> tuple[dict, dict]:
         """Per-layer footprints for the budget, and what the choice measured."""
-        # here, not at the top: nnshrink.search imports the techniques package
-        from nnshrink.search.budget import estimated_noise, least_noise, smallest_within, total_bytes
-
         cands = self._candidates()
         held = torch.cat(calibration_inputs(ctx.calib, self.calib_samples, "astc footprint choice"))
         with torch.no_grad():

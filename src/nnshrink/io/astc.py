@@ -14,6 +14,7 @@ from pathlib import Path
 
 from nnshrink.cache import atomic_write_bytes
 from nnshrink.errors import ConfigError
+from nnshrink.io.container import records
 from nnshrink.techniques.astc import codec
 from nnshrink.techniques.astc.record import AstcRecord
 
@@ -31,8 +32,6 @@ def export_textures(container: str | Path, folder: str | Path) -> list[Path]:
         ConfigError: The container holds no ASTC-stored weight, or ``folder`` is a file.
         FileNotFoundError, FormatError, CorruptDataError: as for reading the container.
     """
-    from nnshrink.io.container import records
-
     folder = Path(folder)
     found = {n: r for n, r in records(container).items() if isinstance(r, AstcRecord)}
     if not found:
