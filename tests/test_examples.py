@@ -125,7 +125,21 @@ def _svd_cp(result, model, data):
     assert 0.49 <= ratio <= 0.50
 
 
-_CHECKS = {"fold-bn.yaml": ("resnet8", _fold_bn), "finetune.yaml": ("resnet8", _finetune),
+def _astc(result, model, data):
+    import torch
+
+    import nnshrink as ns
+    from nnshrink.techniques.astc import AstcRecord
+    from nnshrink.techniques.records import record_of
+
+    details = result.steps[0].details
+    assert details["bits_per_weight"] <= 1.0 and details["retrain"] == "interleaved"
+    layers = [m for m in result.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(isinstance(record_of(m), AstcRecord) for m in layers)
+    assert ns.zoo.accuracy(result.model, data, "test") >= ns.zoo.accuracy(model, data, "test") - 0.01
+
+
+_CHECKS = {"astc.yaml": ("lenet300", _astc), "fold-bn.yaml": ("resnet8", _fold_bn), "finetune.yaml": ("resnet8", _finetune),
            "int4-weights.yaml": ("lenet300", _weights(4)), "int3-gptq.yaml": ("lenet300", _int3_gptq), "int8-weights.yaml": ("lenet300", _weights(8)),
            "int8.yaml": ("lenet300", _int8), "w4a8-qat.yaml": ("lenet300", _w4a8),
            "mixed-precision.yaml": ("lenet300", _mixed),

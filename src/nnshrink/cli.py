@@ -540,6 +540,7 @@ def demo(data: DataOpt = "mnist",
     out.print(f"held-out accuracy from the container: [bold]{acc_q:.2%}[/bold] (float: {acc:.2%}, "
               f"on the same {len(dataset.arrays('test')[1])} images)")
     _demo_int8_ptq(model, dataset, x, f32, acc)
+    _demo_astc(model, dataset, x, f32, acc)
     if not quick:
         _demo_mac_reduction(model, dataset, x, info.total_macs, acc)
         _demo_deep_compression(model, dataset, x, f32, acc, plot)
@@ -640,6 +641,39 @@ def _demo_deep_compression(model, dataset, x, f32: int, acc: float, plot: Path) 
                   f"float32; on the held-out test split {chosen.test_accuracy:.2%} (float {acc:.2%}; "
                   f"{len(dataset.arrays('val')[1])} validation images make 0.2 point one image)")
     out.print(f"plot: {plot} ({time.perf_counter() - start:.0f} s)")
+
+
+def _demo_astc(model, dataset, x, f32: int, acc: float) -> None:
+    import tempfile
+
+    from nnshrink import zoo
+    from nnshrink.io import describe, load, save
+    from nnshrink.io.astc import export_textures
+    from nnshrink.plan import Plan, compress as run_plan
+    from nnshrink.techniques import Astc
+
+    out.rule("ASTC: weights as GPU texture blocks, footprints per layer for 1.5 bits per weight")
+    start = time.perf_counter()
+    calib = [dataset.tensors("train", 256)[0]]
+    result = run_plan(model, Plan([Astc(bits_per_weight=1.5)]), x, calib=calib)
+    details = result.steps[0].details
+    for name, entry in details["layers"].items():
+        ch = " x2 channels" if entry["channels"] == 2 else ""
+        out.print(f"  {name:6s} {entry['footprint']:>5s}{ch:13s} {entry['layout']:7s} texture "
+                  f"{entry['texture'][0]}x{entry['texture'][1]:<5d} {entry['blocks']:>5,} blocks "
+                  f"{entry['bits_per_weight']:.2f} bits/weight")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lenet5-astc.nsz"
+        save(result.model, path, x.repeat(2, 1, 1, 1))
+        size = path.stat().st_size
+        back = load(path)
+        textures = export_textures(path, Path(tmp) / "textures")[:-1]
+        stored = sum(r.stored_bytes for r in describe(path) if r.kind == "astc")
+    acc_a = zoo.accuracy(back, dataset, "test")
+    out.print(f"container: [bold]{size:,} bytes[/bold] ({stored:,} of them ASTC blocks and scales, {len(textures)} "
+              f".astc textures a GPU uploads as they are): [bold]{f32 / size:.1f}x[/bold] smaller than float32; "
+              f"held-out accuracy from the container [bold]{acc_a:.2%}[/bold] (float {acc:.2%}), without "
+              f"re-training ({time.perf_counter() - start:.0f} s; re-training, benchmarks/astc.py: 45x)")
 
 
 def _version(value: bool) -> None:

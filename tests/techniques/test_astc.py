@@ -15,7 +15,7 @@ from nnshrink import ConfigError, CorruptDataError, Plan, compress, load, save
 from nnshrink.techniques.budget import least_noise, smallest_within
 from nnshrink.techniques.astc import Astc, AstcRecord, blocks as B, codec
 from nnshrink.io.astc import export_textures
-from nnshrink.techniques.astc.layout import Layout, make_layout
+from nnshrink.techniques.astc.layout import Layout, chain_order, make_layout
 from nnshrink.techniques.records import record_of
 
 # the worked example of a 12x12 block: 6x6 grid at 4 levels, luminance endpoints 0x20 and 0xE0,
@@ -93,6 +93,23 @@ def test_layouts_place_every_weight_once(kind, shape, hw, channels):
     assert Layout.from_dict(layout.to_dict()) == layout
 
 
+def test_an_output_order_places_like_rows_next_to_each_other_and_round_trips():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(4, 30))
+    rows = np.concatenate([base + 0.01 * rng.normal(size=base.shape) for _ in range(5)])  # 5 near-copies each
+    order = chain_order(rows)
+    assert sorted(order.tolist()) == list(range(20))
+    jumps = sum(np.abs(rows[a] - rows[b]).sum() > 1 for a, b in zip(order[:-1], order[1:]))
+    assert jumps == 3  # one chain through each family, three jumps between families
+    for channels in (1, 2):
+        layout, _ = make_layout("rows", rows.shape, (6, 6), None, channels, order)
+        tex = layout.to_texture(rows)
+        assert np.array_equal(layout.from_texture(tex).reshape(rows.shape), rows.astype(np.float32))
+        assert Layout.from_dict(layout.to_dict(), np.array(layout.order)) == layout
+    with pytest.raises(ValueError, match="permutation"):
+        Layout.from_dict(layout.to_dict(), np.zeros(20, np.int64))
+
+
 def test_a_layout_that_does_not_fit_falls_back_to_rows_with_the_reason():
     layout, why = make_layout("kernels", (10, 20), (8, 8))
     assert layout.kind == "rows" and "kernel" in why
@@ -102,9 +119,10 @@ def test_a_layout_that_does_not_fit_falls_back_to_rows_with_the_reason():
 
 def test_step_stores_real_blocks_that_decode_to_the_weights(tmp_path):
     model, x = tiny(), x8()
-    result = compress(model, Plan([Astc(footprint="6x6", min_weights=16)]), x[:1])
-    details = result.steps[0].details
-    assert details["layers"]["0"]["layout"] == "input" and details["layers"]["3"]["layout"] == "input"
+    own = compress(model, Plan([Astc(footprint="6x6", min_weights=16, order="none")]), x[:1]).steps[0].details
+    assert own["layers"]["0"]["layout"] == "input" and own["layers"]["3"]["layout"] == "input"
+    assert {e["output_order"] for e in own["layers"].values()} == {"own"}
+    result = compress(model, Plan([Astc(footprint="6x6", min_weights=16)]), x[:1])  # order: auto
     for name in ("0", "3"):
         layer = result.model.get_submodule(name)
         record = record_of(layer)
@@ -140,14 +158,14 @@ def test_exported_textures_read_back_and_decode_to_the_weights(tmp_path):
     save(result.model, path, x[:1])
     written = export_textures(path, tmp_path / "tex")
     manifest = json.loads((tmp_path / "tex" / "manifest.json").read_text())
-    assert len(written) == 3 and len(manifest["textures"]) == 2
+    assert len(written) == 3 and len(manifest["textures"]) == 2 and manifest["schema"] == "nnshrink.astc-manifest/1"
     records = {r.name: r for r in (record_of(result.model.get_submodule(n)) for n in ("0", "3"))}
     cli = shutil.which("astcenc")
     for entry in manifest["textures"]:
         data = (tmp_path / "tex" / entry["file"]).read_bytes()
         width, height, fp = codec.read_header(data)
         assert (width, height, codec.footprint_name(fp)) == (entry["width"], entry["height"], entry["footprint"])
-        layout = Layout.from_dict(entry["layout"])
+        layout = Layout.from_dict(entry["layout"], entry.get("order"))
         decoded = codec.decode(data[16:], width, height, fp, channels=layout.channels)
         w = layout.from_texture(decoded).astype(np.float32).reshape(layout.outputs, -1)
         w = w * np.float32(entry["scale"]).reshape(-1, 1) + np.float32(entry["offset"]).reshape(-1, 1)

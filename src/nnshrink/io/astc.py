@@ -3,7 +3,8 @@
 One ``<weight>.astc`` per ASTC-stored weight (the standard 16-byte header, then the blocks exactly
 as the container holds them) and ``manifest.json``: for each texture its weight's name and shape,
 footprint, layout (where weight ``[o, c, y, x]`` sits in the texture) and the float32 scale and
-offset that map a decoded texel ``t`` (the float16 decode) to the weight ``offset + scale * t``.
+offset that map a decoded texel ``t`` (the float16 decode) to the weight ``offset + scale * t``, and the output order where the step placed outputs in another order than
+their own.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from nnshrink.io.container import records
 from nnshrink.techniques.astc import codec
 from nnshrink.techniques.astc.record import AstcRecord
 
-MANIFEST_VERSION = 1
+SCHEMA = "nnshrink.astc-manifest/1"
 
 
 def _file_name(weight: str) -> str:
@@ -46,15 +47,19 @@ def export_textures(container: str | Path, folder: str | Path) -> list[Path]:
         codec.read_header(data, str(path))  # what is written reads back
         atomic_write_bytes(path, data)
         written.append(path)
-        textures.append({"weight": name, "file": path.name, "shape": list(r.shape),
-                         "footprint": codec.footprint_name(r.footprint), "width": r.layout.width,
-                         "height": r.layout.height, "layout": r.layout.to_dict(),
-                         "scale": r.scale.tolist(), "offset": r.offset.tolist(),
-                         "scale_per": "layer" if r.scale.size == 1 else "output"})
-    manifest = {"format": "nnshrink.astc-manifest", "version": MANIFEST_VERSION,
+        entry = {"weight": name, "file": path.name, "shape": list(r.shape),
+                 "footprint": codec.footprint_name(r.footprint), "width": r.layout.width,
+                 "height": r.layout.height, "layout": r.layout.to_dict(),
+                 "scale": r.scale.tolist(), "offset": r.offset.tolist(),
+                 "scale_per": "layer" if r.scale.size == 1 else "output"}
+        if r.layout.order is not None:
+            entry["order"] = list(r.layout.order)
+        textures.append(entry)
+    manifest = {"schema": SCHEMA,
                 "decode": "ASTC LDR, decode_float16 (astcenc -dh); weight = offset + scale * texel.r",
-                "placement": "weight[o, c, y, x] is texel (row, col) = ((o // group) * tile_h + y, "
-                             "((o % group) * tiles + c) * tile_w + x)",
+                "placement": "weight[o, c, y, x] is texel (row, col) = ((s // group) * tile_h + y, "
+                             "((s % group) * tiles + c) * tile_w + x) of channel s // per, where s is o's "
+                             "slot in order (o itself without order) taken modulo per = ceil(outputs / channels)",
                 "textures": textures}
     path = folder / "manifest.json"
     atomic_write_bytes(path, (json.dumps(manifest, indent=1) + "\n").encode())

@@ -314,11 +314,12 @@ def _record(path: Path, name: str, entry: dict, blob: bytes) -> Record:
         fields, parts = _legacy_parts(entry)
     arrays = {key: _array(blob, part, path, f"{key} of {name!r}") for key, part in parts.items()}
     try:
-        return cls.from_parts(fields, arrays)
+        record = cls.from_parts(fields, arrays)
     except ValueError as exc:
         raise CorruptDataError(f"{path}: stored parts of {name!r} do not fit together ({exc})") from exc
     except CorruptDataError as exc:  # the record's own check of its parts (an ASTC block, say)
         raise CorruptDataError(f"{path}: weight {name!r}: {exc}") from exc
+    return record
 
 
 def _weights(path: Path, index: dict, blob: bytes) -> dict[str, np.ndarray]:

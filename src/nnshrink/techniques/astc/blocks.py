@@ -244,8 +244,9 @@ class BlockModel(nn.Module):
         self.fp, self.gw, self.gh, self.levels, self.size, self.channels = fp, gw, gh, levels, (h, w), c
         self.nx, self.ny = -(-w // fp[0]), -(-h // fp[1])
         idx, fac = infill(fp, gw, gh)
-        self.register_buffer("idx", torch.from_numpy(idx))
-        self.register_buffer("fac", torch.from_numpy(fac).float())
+        infill_matrix = np.zeros((fp[0] * fp[1], gw * gh), np.float32)  # texel x grid factors (4 per row)
+        np.add.at(infill_matrix, (np.repeat(np.arange(len(idx)), 4), idx.reshape(-1)), fac.reshape(-1))
+        self.register_buffer("infill", torch.from_numpy(infill_matrix.T.copy()))
         self.register_buffer("unq", torch.tensor(unquantized(levels), dtype=torch.float32))
         blocks = self._blocks(torch.from_numpy(np.ascontiguousarray(texture, np.float32)))  # (n, c, by*bx)
         lo, hi = blocks.min(dim=2).values, blocks.max(dim=2).values
@@ -272,7 +273,7 @@ class BlockModel(nn.Module):
     def forward(self) -> torch.Tensor:
         e, k = self.integers()
         p = _ste(k * (64.0 / (self.levels - 1)), self.unq[k.detach().long()])
-        texel = (p[..., self.idx] * self.fac).sum(-1)  # (n, c, by*bx), 16 x the weight
+        texel = p @ self.infill  # (n, c, by*bx): 16 x the weight, integers (exact in float32)
         i = _ste(texel / 16, torch.floor((texel + 8) / 16))
         e0, e1 = e[:, 0::2, None], e[:, 1::2, None]  # (L0, L1, A0, A1): per channel its two endpoints
         c_soft = (257 * e0 * (64 - i) + 257 * e1 * i) / 64

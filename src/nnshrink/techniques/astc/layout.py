@@ -16,6 +16,10 @@ With ``channels = 2`` the first half of the outputs goes to the luminance channe
 half to alpha at the same places (astcenc's luminance-alpha endpoint modes, with a second weight
 plane where the two disagree): two weights per texel, so 0.44 to 4 bits per weight.
 
+Outputs may be placed in another order than their own (``order``, stored with the record):
+:func:`chain_order` puts each output next to the one most like it, so neighbouring rows (or tile
+rows) of the texture are alike and a block's interpolated weights fit them better.
+
 Texels beyond the last output (when ``O`` is not a multiple of ``group``) hold the texture's mean.
 """
 
@@ -43,6 +47,7 @@ class Layout:
     tile_w: int
     group: int = 1
     channels: int = 1
+    order: tuple[int, ...] | None = None  # slot -> output; None: outputs in their own order
 
     @property
     def per_channel(self) -> int:
@@ -57,14 +62,17 @@ class Layout:
         return self.group * self.tiles * self.tile_w
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The layout as JSON fields (``order`` is stored as an array part by the record)."""
+        return {k: v for k, v in self.__dict__.items() if k != "order"}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Layout:
+    def from_dict(cls, d: dict, order: np.ndarray | None = None) -> Layout:
         out = cls(str(d["kind"]), *(int(d[k]) for k in ("outputs", "tiles", "tile_h", "tile_w", "group")),
-                  int(d.get("channels", 1)))
+                  int(d.get("channels", 1)), None if order is None else tuple(int(v) for v in order))
         if min(out.outputs, out.tiles, out.tile_h, out.tile_w, out.group) < 1 or out.channels not in (1, 2):
             raise ValueError(f"layout {d} has a dimension below 1 or a channel count other than 1 or 2")
+        if out.order is not None and sorted(out.order) != list(range(out.outputs)):
+            raise ValueError("the output order is not a permutation of the outputs")
         return out
 
     def count(self) -> int:
@@ -74,6 +82,10 @@ class Layout:
         """Texture row, column and channel of every weight, in the weight's (flat) order."""
         o, c, y, x = np.meshgrid(np.arange(self.outputs), np.arange(self.tiles), np.arange(self.tile_h),
                                  np.arange(self.tile_w), indexing="ij")
+        if self.order is not None:  # output -> its slot
+            slot = np.empty(self.outputs, np.int64)
+            slot[np.asarray(self.order)] = np.arange(self.outputs)
+            o = slot[o]
         chan, local = o // self.per_channel, o % self.per_channel
         rows = (local // self.group) * self.tile_h + y
         cols = ((local % self.group) * self.tiles + c) * self.tile_w + x
@@ -109,15 +121,43 @@ def _best_group(outputs: int, tiles: int, th: int, tw: int, fp: tuple[int, int])
     return best
 
 
+_CHAIN_MAX = 4096  # outputs beyond this keep their order (the chain costs outputs^2 distances)
+
+
+def chain_order(rows: np.ndarray) -> np.ndarray | None:
+    """Outputs (rows) in a nearest-neighbour chain: start at the row first along the principal
+    direction, then always the closest row not yet taken. None for one row or too many."""
+    rows = np.asarray(rows, np.float64).reshape(len(rows), -1)
+    n = len(rows)
+    if n < 3 or n > _CHAIN_MAX:
+        return None
+    centred = rows - rows.mean(0)
+    first = centred @ np.linalg.svd(centred, full_matrices=False)[2][0]
+    sq = (rows ** 2).sum(1)
+    dist = sq[:, None] + sq[None, :] - 2 * rows @ rows.T
+    taken = np.zeros(n, bool)
+    cur = int(np.argmin(first))
+    out = [cur]
+    taken[cur] = True
+    for _ in range(n - 1):
+        d = np.where(taken, np.inf, dist[cur])
+        cur = int(np.argmin(d))
+        out.append(cur)
+        taken[cur] = True
+    return np.array(out, np.int64)
+
+
 def make_layout(kind: str, shape: tuple[int, ...], fp: tuple[int, int],
-                input_hw: tuple[int, int] | None = None, channels: int = 1) -> tuple[Layout, str | None]:
+                input_hw: tuple[int, int] | None = None, channels: int = 1,
+                order: np.ndarray | None = None) -> tuple[Layout, str | None]:
     """The layout of a weight of ``shape`` at footprint ``fp``, and why it is not ``kind`` (or None).
 
     ``input_hw`` is the spatial shape of the tensor a Linear reads before it is flattened (for
     ``input``); conv weights are ``(O, I, kh, kw)``.
     """
     layout, why = _layout(kind, shape, fp, input_hw, channels)
-    return Layout(layout.kind, layout.outputs, layout.tiles, layout.tile_h, layout.tile_w, layout.group, channels), why
+    return Layout(layout.kind, layout.outputs, layout.tiles, layout.tile_h, layout.tile_w, layout.group, channels,
+                  None if order is None else tuple(int(v) for v in order)), why
 
 
 def _layout(kind, shape, fp, input_hw, channels) -> tuple[Layout, str | None]:

@@ -67,15 +67,16 @@ class AstcRecord:
         return codec.header(self.layout.width, self.layout.height, self.footprint) + self.blocks.tobytes()
 
     def to_parts(self) -> tuple[dict, dict[str, np.ndarray]]:
+        arrays = {"blocks": self.blocks, "offset": self.offset.astype(np.float32), "scale": self.scale.astype(np.float32)}
+        if self.layout.order is not None:
+            arrays["order"] = np.asarray(self.layout.order, np.uint16 if self.layout.outputs <= 65536 else np.int64)
         return ({"shape": list(self.shape), "footprint": list(self.footprint), "layout": self.layout.to_dict(),
-                 "origin": self.origin},
-                {"blocks": self.blocks, "offset": self.offset.astype(np.float32),
-                 "scale": self.scale.astype(np.float32)})
+                 "origin": self.origin}, arrays)
 
     @classmethod
     def from_parts(cls, fields: dict, arrays: dict[str, np.ndarray], name: str = "ASTC texture") -> AstcRecord:
         fp = codec.parse_footprint(tuple(fields["footprint"]))
-        layout = Layout.from_dict(fields["layout"])
+        layout = Layout.from_dict(fields["layout"], arrays.get("order"))
         shape = tuple(int(d) for d in fields["shape"])
         blocks, offset, scale = arrays["blocks"], arrays["offset"], arrays["scale"]
         if layout.count() != int(np.prod(shape)):

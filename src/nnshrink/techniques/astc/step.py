@@ -25,7 +25,10 @@ Re-training (needs the bundled or the user's trainer):
 
 from __future__ import annotations
 
+import collections
 import copy
+import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -38,13 +41,15 @@ from nnshrink.graph.analysis import is_compressible
 from nnshrink.plan.config import StepConfig, StepResult
 from nnshrink.progress import progress_bar
 from nnshrink.techniques.astc import codec
-from nnshrink.techniques.astc.layout import LAYOUTS, make_layout
+from nnshrink.techniques.astc.layout import LAYOUTS, chain_order, make_layout
 from nnshrink.techniques.astc.record import AstcRecord
 from nnshrink.techniques.budget import estimated_noise, least_noise, smallest_within, total_bytes
 from nnshrink.techniques.calibration import calibration_inputs
 from nnshrink.techniques.records import attach, record_of
 
 RANGES = ("layer", "row")
+ORDERS = ("auto", "none")
+_PROBE = ((8, 8), 1)  # the option a layer's layout and order are chosen at
 RETRAIN = ("none", "interleaved", "blocks")
 _FLOAT = "float"
 
@@ -79,14 +84,34 @@ def input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int
     return found
 
 
+_ENCODED: collections.OrderedDict = collections.OrderedDict()  # recent encodings (astcenc is the slow part)
+_ENCODED_MAX = 256
+
+
 def encode_weight(weight: np.ndarray, fp: tuple[int, int], layout_kind: str = "auto",
                   input_hw: tuple[int, int] | None = None, value_range: str = "layer",
                   quality: str | float = "medium", threads: int = 1,
-                  name: str = "weight", channels: int = 1) -> tuple[AstcRecord, str | None]:
-    """The record of ``weight`` at footprint ``fp`` with ``channels`` weights per texel, and why
-    its layout is not the one asked for."""
+                  name: str = "weight", channels: int = 1,
+                  order: np.ndarray | None = None) -> tuple[AstcRecord, str | None]:
+    """The record of ``weight`` at footprint ``fp`` with ``channels`` weights per texel (outputs
+    placed in ``order``, else their own), and why its layout is not the one asked for. The same weights and settings give the same blocks
+    (the last few hundred encodings are kept, so a second budget on a model costs no encoding)."""
     w = np.asarray(weight, np.float32)
-    layout, why = make_layout(layout_kind, w.shape, fp, input_hw, channels)
+    key = (hashlib.sha1(w.tobytes()).hexdigest(), w.shape, fp, layout_kind, input_hw, value_range,
+           codec.quality_value(quality), channels, None if order is None else tuple(order))
+    if key in _ENCODED:
+        _ENCODED.move_to_end(key)
+        record, why = _ENCODED[key]
+        return dataclasses.replace(record, name=name, _cache=dict(record._cache)), why
+    result = _encode(w, fp, layout_kind, input_hw, value_range, quality, threads, name, channels, order)
+    _ENCODED[key] = result
+    while len(_ENCODED) > _ENCODED_MAX:
+        _ENCODED.popitem(last=False)
+    return result
+
+
+def _encode(w, fp, layout_kind, input_hw, value_range, quality, threads, name, channels, order):
+    layout, why = make_layout(layout_kind, w.shape, fp, input_hw, channels, order)
     rows = w.reshape(w.shape[0], -1)
     if value_range == "row":
         lo, hi = rows.min(axis=1), rows.max(axis=1)
@@ -160,6 +185,9 @@ class Astc(StepConfig):
         retrain: ``none``, ``interleaved`` (A) or ``blocks`` (B).
         steps: Fine-tuning steps per round of re-training.
         rounds: Rounds of re-training A (after the first, every layer is released and re-encoded).
+        order: ``auto``: each layer's outputs may be placed in a nearest-neighbour chain (and a
+            Linear's rows as rows), whichever encodes its weights with less error at 8x8;
+            ``none``: outputs in their own order.
         min_weights: Layers with fewer weights stay float (named in the report).
         calib_samples: Calibration inputs the sensitivity is measured on.
         exclude: Layer names left as they are.
@@ -179,6 +207,7 @@ class Astc(StepConfig):
     retrain: str = "none"
     steps: int = 300
     rounds: int = 1
+    order: str = "auto"
     min_weights: int = 64
     calib_samples: int = 256
     exclude: tuple[str, ...] = ()
@@ -193,6 +222,8 @@ class Astc(StepConfig):
         _pairs(self.layer_layouts, "layer_layouts", _check_layout)
         for f in self.footprints:
             _option(f)
+        if self.order not in ORDERS:
+            raise ConfigError(f"astc.order must be one of {ORDERS}, got {self.order!r}")
         if self.range not in RANGES:
             raise ConfigError(f"astc.range must be one of {RANGES}, got {self.range!r}")
         if self.retrain not in RETRAIN:
@@ -222,15 +253,40 @@ class Astc(StepConfig):
     def _encoder(self, layers: dict[str, nn.Module], shapes: dict, threads: int):
         layouts = _pairs(self.layer_layouts, "layer_layouts", _check_layout)
         cache: dict = {}
+        placement: dict[str, tuple[str, np.ndarray | None]] = {}
+
+        def weight(name: str) -> np.ndarray:
+            return layers[name].weight.detach().cpu().numpy()
+
+        def place(name: str) -> tuple[str, np.ndarray | None]:
+            """The layout and output order of a layer: the one that encodes it best at 8x8."""
+            if name not in placement:
+                kind = layouts.get(name, self.layout)
+                w = weight(name)
+                choices = [(kind, None)]
+                order = chain_order(w.reshape(w.shape[0], -1)) if self.order == "auto" else None
+                if order is not None:
+                    choices.append((kind, order))
+                    if kind == "auto" and name not in layouts and w.ndim == 2:
+                        choices.append(("rows", order))
+                if len(choices) == 1:
+                    placement[name] = choices[0]
+                else:
+                    def error(choice):
+                        rec = encode_weight(w, _PROBE[0], choice[0], shapes.get(name), self.range, self.quality,
+                                            threads, name, _PROBE[1], choice[1])[0]
+                        return float(((rec.dequantize() - w) ** 2).sum())
+                    placement[name] = min(choices, key=error)
+            return placement[name]
 
         def encode(name: str, option: tuple) -> tuple[AstcRecord, str | None]:
             key = (name, option)
             if key not in cache:
-                w = layers[name].weight.detach().cpu().numpy()
-                cache[key] = encode_weight(w, option[0], layouts.get(name, self.layout), shapes.get(name), self.range,
-                                           self.quality, threads, name, option[1])
+                kind, order = place(name)
+                cache[key] = encode_weight(weight(name), option[0], kind, shapes.get(name), self.range,
+                                           self.quality, threads, name, option[1], order)
             return cache[key]
-        return encode, cache
+        return encode, place
 
     def _choose(self, model, layers, encode, ctx, show) -> tuple[dict, dict]:
         """Per-layer footprints for the budget, and what the choice measured."""
@@ -312,7 +368,7 @@ class Astc(StepConfig):
         if self.retrain != "none" and ctx.train is None:
             raise ConfigError(f"astc.retrain {self.retrain} needs a train(model, steps) function or bundled data")
         shapes = input_shapes(new, ctx.example_input)
-        encode, _ = self._encoder(layers, shapes, torch.get_num_threads())
+        encode, place = self._encoder(layers, shapes, torch.get_num_threads())
         fixed = {n: fp for n, fp in overrides.items() if n in layers}
         free = {n: m for n, m in layers.items() if n not in fixed}
         details: dict = {}
@@ -326,7 +382,7 @@ class Astc(StepConfig):
                 skipped.append({"layer": n, "reason": "left float by the plan or the budget"})
         plan = {n: fp for n, fp in chosen.items() if fp is not None}
         if self.retrain == "interleaved":
-            records = self._interleaved(new, layers, plan, shapes, ctx, show)
+            records = self._interleaved(new, layers, plan, shapes, place, ctx, show)
         elif self.retrain == "blocks":
             from nnshrink.techniques.astc.blocks import retrain_blocks
 
@@ -343,7 +399,7 @@ class Astc(StepConfig):
         for n, r in records.items():
             count = int(np.prod(r.shape))
             entry = {"footprint": codec.footprint_name(r.footprint), "channels": r.layout.channels,
-                     "layout": r.layout.kind,
+                     "layout": r.layout.kind, "output_order": "chain" if r.layout.order else "own",
                      "texture": [r.layout.width, r.layout.height], "blocks": int(r.blocks.shape[0]),
                      "bytes": record_bytes(r), "bits_per_weight": round(record_bytes(r) * 8 / count, 4),
                      "origin": r.origin}
@@ -353,24 +409,27 @@ class Astc(StepConfig):
                 entry["block_mode"] = r._cache.get("mode")
                 entry["trained_max_diff"] = r._cache.get("trained_max_diff")
             per_layer[n] = entry
-        total_w = sum(int(np.prod(r.shape)) for r in records.values())
+        # over the layers the step decided on: encoded ones at their stored bytes, those it left
+        # float (by an override or the budget) at 4 bytes a weight, as the budget counts them
+        handled = {n: layers[n].weight.numel() for n in chosen}
+        stored = sum(record_bytes(records[n]) if n in records else 4 * handled[n] for n in handled)
         details.update({"layers": per_layer, "retrain": self.retrain,
-                        "bits_per_weight": round(sum(record_bytes(r) for r in records.values()) * 8 / max(1, total_w), 4),
+                        "bits_per_weight": round(stored * 8 / max(1, sum(handled.values())), 4),
                         "seconds": round(time.perf_counter() - t0, 2),
                         "val_after": ctx.evaluate(new) if ctx.evaluate else None})
         return StepResult(self.kind, new.eval(), details, skipped)
 
-    def _interleaved(self, model, layers, plan, shapes, ctx, show) -> dict[str, AstcRecord]:
+    def _interleaved(self, model, layers, plan, shapes, place, ctx, show) -> dict[str, AstcRecord]:
         """Re-training A: encode the largest layer, fine-tune the rest, encode the next, ..."""
         order = sorted(plan, key=lambda n: -layers[n].weight.numel())
         threads = torch.get_num_threads()
-        layouts = _pairs(self.layer_layouts, "layer_layouts", _check_layout)
         records: dict[str, AstcRecord] = {}
 
         def encode_now(n):
             w = layers[n].weight.detach().cpu().numpy()
-            records[n] = attach(layers[n], encode_weight(w, plan[n][0], layouts.get(n, self.layout), shapes.get(n),
-                                                         self.range, self.quality, threads, n, plan[n][1])[0])
+            kind, outputs = place(n)  # the placement chosen on the weights before re-training
+            records[n] = attach(layers[n], encode_weight(w, plan[n][0], kind, shapes.get(n), self.range,
+                                                         self.quality, threads, n, plan[n][1], outputs)[0])
             layers[n].weight.requires_grad_(False)
 
         with progress_bar("astc: interleaved re-training", len(order) * self.rounds, show) as adv:
