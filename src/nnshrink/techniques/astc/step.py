@@ -394,7 +394,10 @@ class Astc(StepConfig):
                 for n, fp in plan.items():
                     records[n] = attach(layers[n], encode(n, fp)[0])
                     adv(1)
-        layouts = {n: encode(n, fp)[1] for n, fp in plan.items()} if self.retrain != "blocks" else {}
+        # why a layer's layout is not the one asked for: from the layout rule alone (encoding again
+        # after re-training, as reading it off encode() did, cost a full astcenc pass per layer)
+        layouts = {n: make_layout(place(n)[0], tuple(layers[n].weight.shape), fp[0], shapes.get(n), fp[1])[1]
+                   for n, fp in plan.items()}
         per_layer = {}
         for n, r in records.items():
             count = int(np.prod(r.shape))
