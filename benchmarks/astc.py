@@ -43,7 +43,7 @@ from nnshrink.io.astc import export_textures  # noqa: E402
 from nnshrink.plan import Plan, compress  # noqa: E402
 from nnshrink.techniques import QuantizeWeights, ShareWeights  # noqa: E402
 from nnshrink.techniques.astc import Astc, codec  # noqa: E402
-from nnshrink.techniques.budget import least_noise  # noqa: E402
+from nnshrink.search.solvers import least_noise  # noqa: E402
 from nnshrink.techniques.weights import quantize_layer  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"

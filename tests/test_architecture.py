@@ -15,10 +15,10 @@ ALLOWED = {
     "data": {"cache", "errors"},
     "zoo": {"cache", "data", "errors", "progress"},
     "codec": {"errors"},
-    "techniques": {"cache", "errors", "graph", "plan", "progress"},
+    "techniques": {"cache", "errors", "graph", "plan", "progress", "search"},  # search: engine, allocate only
     "io": {"cache", "codec", "errors", "graph", "progress", "techniques", "zoo"},
     "plan": {"data", "errors", "graph"},
-    "search": {"io", "plan", "progress", "techniques"},
+    "search": {"cache", "errors", "graph", "io", "plan", "progress", "techniques"},
     "report": {"cache", "graph"},
     "testing": set(),
 }
@@ -43,10 +43,29 @@ def test_imports_point_one_way(package):
     assert used <= ALLOWED[package], f"{package} imports {sorted(used - ALLOWED[package])}"
 
 
+ENGINE = {"nnshrink.search.engine", "nnshrink.search.solvers"}
+
+
+def _modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    return found | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+
+def test_techniques_use_only_the_engine_of_search_and_the_engine_imports_no_technique():
+    for f in (SRC / "techniques").rglob("*.py"):
+        used = {m for m in _modules(f) if m.startswith("nnshrink.search")}
+        assert used <= ENGINE, f"{f.name} imports {sorted(used - ENGINE)}"
+    for name in ENGINE:
+        f = SRC / "search" / f"{name.rsplit('.', 1)[1]}.py"
+        bad = {m for m in _modules(f) if m.startswith(("nnshrink.techniques", "nnshrink.io", "nnshrink.plan"))}
+        assert not bad, f"{f.name} imports {sorted(bad)}"
+
+
 def test_a_technique_never_imports_another():
     folder = SRC / "techniques"
-    # a technique is a module or a package (quant); records, allocation, calibration, budget: shared, not techniques
-    modules = {f.stem for f in folder.glob("*.py")} - {"__init__", "records", "allocation", "calibration", "budget"}
+    # a technique is a module or a package (quant); records, allocation, calibration: shared, not techniques
+    modules = {f.stem for f in folder.glob("*.py")} - {"__init__", "records", "allocation", "calibration"}
     modules |= {d.name for d in folder.iterdir() if (d / "__init__.py").exists()}
     for f in folder.rglob("*.py"):
         if f.parent == folder and f.stem == "__init__":

@@ -308,9 +308,15 @@ def _split_held_out(batches: list) -> tuple[list, list]:
 @app.command()
 @_errors
 def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file.")],
-             plan: Annotated[Path, typer.Option("--plan", help="Plan YAML (see examples/plans/).")],
              out_path: Annotated[Path, typer.Option("--out", help="Container (.nsz) to write.")],
              report: Annotated[Path, typer.Option("--report", help="Report JSON to write.")],
+             plan: Annotated[Path | None, typer.Option("--plan", help="Plan YAML (see examples/plans/).")] = None,
+             target: Annotated[str | None, typer.Option(
+                 "--target", help="size=25KB or ratio=100x: the budget step's target (added to the plan, or "
+                                  "the plan's budget step gets it).")] = None,
+             max_drop: Annotated[float | None, typer.Option(
+                 "--max-drop", help="Largest validation drop the budget step may take: percentage points of "
+                                    "accuracy with --data, the metric's own units with --eval or --calib.")] = None,
              data: DataOpt = "mnist",
              calib: Annotated[Path | None, typer.Option(
                  "--calib", help="Unlabelled inputs instead of --data: an .npz (one key per model input) or a "
@@ -335,7 +341,9 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
 
     _check_outputs([model, plan, data if calib is None else calib, eval_spec.rpartition(":")[0] if eval_spec else None],
                    out=out_path, report=report)
-    the_plan = Plan.from_yaml(plan)
+    if plan is None and target is None and max_drop is None:
+        raise ConfigError("compress needs --plan PLAN.yaml, or a budget: --target size=25KB|ratio=100x and/or --max-drop")
+    the_plan = Plan.from_yaml(plan) if plan is not None else Plan([])
     if out_path.suffix.lower() != ".nsz":
         raise ConfigError(f"--out must be an .nsz container, got {out_path.name} (use 'nnshrink export' for ONNX)")
     user_eval = load_evaluator(eval_spec) if eval_spec else None
@@ -374,6 +382,9 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
             return None if model_ is m else fidelity_of(model_)["output_sqnr_db"]
     if user_eval:
         metric_name = f"{eval_spec} (yours)"
+    if target is not None or max_drop is not None:
+        the_plan = _with_budget(the_plan, target, None if max_drop is None else
+                                max_drop / 100 if dataset is not None and not user_eval else max_drop)
     import torch
 
     before_info = run_analysis(m, x)
@@ -421,6 +432,22 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
     out.print(f"size: float32 {sizes['float32']:,} B, int8 {sizes['int8']:,} B, container {sizes['container']:,} B "
               f"({than})")
     out.print(f"wrote {out_path} and {report}")
+
+
+def _with_budget(plan, target: str | None, max_drop: float | None):
+    """``plan`` with the command line's budget: its budget steps take it, or one is appended."""
+    import dataclasses
+
+    from nnshrink.plan import Plan
+    from nnshrink.search.budget import Budget
+
+    if max_drop is not None and max_drop < 0:
+        raise ConfigError(f"--max-drop must be >= 0, got {max_drop}")
+    change = {k: v for k, v in (("target", target), ("max_drop", max_drop)) if v is not None}
+    steps = list(plan.steps)
+    if any(isinstance(s, Budget) for s in steps):
+        return Plan([dataclasses.replace(s, **change) if isinstance(s, Budget) else s for s in steps])
+    return Plan(steps + [Budget(**change)])
 
 
 @app.command("quant-sensitivity")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from nnshrink import ConfigError, CorruptDataError, Plan, compress, load, save
-from nnshrink.techniques.budget import least_noise, smallest_within
+from nnshrink.search.solvers import least_noise, smallest_within
 from nnshrink.techniques.astc import Astc, AstcRecord, blocks as B, codec
 from nnshrink.io.astc import export_textures
 from nnshrink.techniques.astc.layout import Layout, chain_order, make_layout

@@ -150,6 +150,25 @@ def _put_record(blob: _Blob, name: str, record: Record, shape, perm) -> tuple[di
     return entry, report
 
 
+def record_bytes(record: Record) -> int:
+    """Bytes the record's parts take in a container's blob (integer parts entropy-coded exactly as
+    :func:`save` codes them): the codec's own count, so a search can price a setting without
+    writing a file. The index entry and the graph come on top (a few dozen bytes per weight)."""
+    blob = _Blob(None)
+    raw_parts = getattr(record, "raw_parts", ())
+    for key, array in record.to_parts()[1].items():
+        blob.put_array(array, raw=key in raw_parts)
+    return len(blob.data)
+
+
+def float_bytes(array: np.ndarray) -> int:
+    """Bytes :func:`save` spends on a float weight without a record: sparse where that is smaller."""
+    array = np.asarray(array, np.float32)
+    if array.size >= _SPARSE_MIN and np.count_nonzero(array) < 0.8 * array.size:
+        return min(array.nbytes, record_bytes(SparseRecord.of(array)))
+    return array.nbytes
+
+
 def save(model: nn.Module, path: str | Path, example_input: torch.Tensor | None = None,
          codec: CodecConfig | None = None) -> list[StreamReport]:
     """Write ``model`` as an ``.nsz`` container, atomically.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,11 @@ from nnshrink.errors import ConfigError
 PLAN_VERSION = 1
 
 _REGISTRY: dict[str, type[StepConfig]] = {}
+
+#: Modules that register steps when imported. ``plan`` sits below the techniques and the searches
+#: (they import it), so it finds their steps by importing these by name when a plan names a kind
+#: not yet registered, instead of importing them itself.
+STEP_PROVIDERS = ("nnshrink.techniques", "nnshrink.search.budget")
 
 
 @dataclass
@@ -83,6 +89,8 @@ def _check_type(kind: str, name: str, value: object, hint: object) -> None:
 
 def registered_steps() -> dict[str, type[StepConfig]]:
     """Step kinds that a plan may name, and their config classes."""
+    for provider in STEP_PROVIDERS:
+        importlib.import_module(provider)
     return dict(_REGISTRY)
 
 
@@ -94,6 +102,10 @@ def step_from_dict(entry: object, where: str = "plan") -> StepConfig:
         raise ConfigError(f"{where}: each step must be a mapping with one key, the step kind, got {entry!r}")
     (kind, options), = entry.items()
     cls = _REGISTRY.get(kind)
+    if cls is None:
+        for provider in STEP_PROVIDERS:
+            importlib.import_module(provider)
+        cls = _REGISTRY.get(kind)
     if cls is None:
         raise ConfigError(f"{where}: unknown step {kind!r}; known steps: {', '.join(sorted(_REGISTRY))}")
     options = options or {}

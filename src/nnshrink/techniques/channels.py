@@ -19,7 +19,7 @@ AIMET and ThiNet do it, on sampled activations:
 
 Groups that cannot be pruned safely (the model's output, a grouped conv, an op the dependency
 analysis does not understand) are left alone and reported with the reason. How many channels
-each group keeps comes from :mod:`nnshrink.techniques.allocation`.
+each group keeps comes from the decision engine (:mod:`nnshrink.search.solvers`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import analyze
 from nnshrink.graph.groups import ChannelGroup, build_dependency_graph
 from nnshrink.plan.config import StepConfig, StepResult
-from nnshrink.techniques.allocation import (Unit, allocate, check_target_options, interpolate, measure_curves,
-                                            output_loss, repair, sample_inputs, target_macs)
+from nnshrink.search.solvers import allocate, repair
+from nnshrink.search.engine import Unit, interpolate, measure_curves, output_loss
+from nnshrink.techniques.allocation import check_target_options, sample_inputs, target_macs
 
 _PATCHES_PER_IMAGE = 16
 

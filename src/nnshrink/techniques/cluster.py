@@ -103,9 +103,9 @@ class _Shared(nn.Module):
         return book[self.indices]
 
 
-def share_weights(layer: nn.Module, bits: int, init: str = "linear") -> CodebookRecord:
-    """Cluster ``layer.weight`` in place (values replaced by their centroids); return the record."""
-    w = layer.weight.detach().cpu().numpy().astype(np.float32)
+def share_weights(layer: nn.Module, bits: int, init: str = "linear", param: str = "weight") -> CodebookRecord:
+    """Cluster ``layer.<param>`` in place (values replaced by their centroids); return the record."""
+    w = getattr(layer, param).detach().cpu().numpy().astype(np.float32)
     flat = w.reshape(-1)
     pruned = bool((flat == 0).any())
     nonzero = flat[flat != 0]
@@ -121,7 +121,7 @@ def share_weights(layer: nn.Module, bits: int, init: str = "linear") -> Codebook
         idx = np.zeros(flat.shape, np.int64)
     if pruned:
         idx = np.where(flat == 0, 0, idx)
-    return attach(layer, CodebookRecord(idx.reshape(w.shape).astype(np.uint8), book, bits))
+    return attach(layer, CodebookRecord(idx.reshape(w.shape).astype(np.uint8), book, bits), param)
 
 
 @dataclass(frozen=True)

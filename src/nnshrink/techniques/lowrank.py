@@ -7,9 +7,10 @@
   with ``r`` outputs (stride, padding and dilation of the height) followed by a ``1 x k_w`` conv
   (those of the width, and the bias).
 
-Ranks come from :mod:`nnshrink.techniques.allocation`: each layer's curve of output loss
-against rank, measured alone on sampled inputs, and a Lagrangian allocation that meets the MAC
-ratio (of the model the plan started from) within ``tolerance``.
+Ranks come from the decision engine (:mod:`nnshrink.search.engine`, :mod:`nnshrink.search.solvers`):
+each layer's curve of output loss against rank, measured alone on sampled inputs, and a
+Lagrangian allocation that meets the MAC ratio (of the model the plan started from) within
+``tolerance``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from torch import nn
 from nnshrink.graph.analysis import analyze
 from nnshrink.graph.surgery import replace_module
 from nnshrink.plan.config import StepConfig, StepResult
-from nnshrink.techniques.allocation import (Unit, allocate, check_target_options, interpolate, measure_curves,
-                                            output_loss, sample_inputs, target_macs)
+from nnshrink.search.solvers import allocate
+from nnshrink.search.engine import Unit, interpolate, measure_curves, output_loss
+from nnshrink.techniques.allocation import check_target_options, sample_inputs, target_macs
 
 
 def _sqrt_split(u: torch.Tensor, s: torch.Tensor, vt: torch.Tensor, r: int):

@@ -8,7 +8,7 @@ decode profile), which the container stores byte for byte with the scales.
 Footprints: one for every layer, per-layer overrides, or chosen per layer for a budget
 (``bits_per_weight`` or ``max_drop``) from measured sensitivity: every layer is encoded at every
 footprint (at one and at two channels) once, each encoding alone measured as output noise on
-calibration inputs, and :mod:`nnshrink.techniques.budget` gives the assignment (the least estimated
+calibration inputs, and :mod:`nnshrink.search.solvers` gives the assignment (the least estimated
 noise within a byte budget, exactly; for an accuracy budget, a bisection over byte budgets with a
 few full evaluations).
 
@@ -43,7 +43,7 @@ from nnshrink.progress import progress_bar
 from nnshrink.techniques.astc import codec
 from nnshrink.techniques.astc.layout import LAYOUTS, chain_order, make_layout
 from nnshrink.techniques.astc.record import AstcRecord
-from nnshrink.techniques.budget import estimated_noise, least_noise, smallest_within, total_bytes
+from nnshrink.search.solvers import estimated_noise, least_noise, smallest_within, total_bytes
 from nnshrink.techniques.calibration import calibration_inputs
 from nnshrink.techniques.records import attach, record_of
 

@@ -1,0 +1,417 @@
+"""The ``budget`` step: one target (bytes, a ratio, an accuracy drop) met by choosing, per layer,
+among pruning and weight-sharing settings, priced in the bytes the container will really hold.
+
+1. **Units and settings.** Every Conv/Linear layer is a unit; its settings are a sparsity (magnitude
+   pruning, 0 = dense) and a codebook size (k-means weight sharing, ``bits``; 0 = float values),
+   the grid an option of the step, restricted or fixed per layer by ``layers`` rules.
+2. **Measured, not modelled.** Each (layer, setting) is applied to that layer alone, one-shot, and
+   scored by the normalised output error on sampled inputs; its price is the bytes the container's
+   codec spends on the resulting record (:func:`nnshrink.io.container.record_bytes`). Both run on
+   the decision engine (:mod:`nnshrink.search.engine`: process pool or Ray, cached on disk, so a
+   second run and a resumed one measure nothing already measured). The fixed part of the file
+   (graph, index, biases) is measured once from a real container.
+3. **Chosen exactly.** Noises add, so the least-noise assignment within a byte budget is a
+   multiple-choice knapsack (:func:`nnshrink.search.solvers.least_noise`); for an accuracy drop,
+   budgets are bisected, each candidate retrained (masks grow gradually to each layer's sparsity,
+   then the codebooks train with indices and zeros held) and evaluated on validation data: about
+   five full evaluations. Every evaluated candidate is a point of the frontier, with its bytes
+   measured from a file written for it.
+
+One-shot noise overstates what retraining cannot recover, but it ranks layers by what their
+bytes buy, which is what the knapsack needs; the evaluations after retraining decide.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnshrink.cache import code_fingerprint
+from nnshrink.errors import ConfigError
+from nnshrink.graph.analysis import analyze
+from nnshrink.io import container
+from nnshrink.plan.config import StepConfig, StepResult
+from nnshrink.progress import progress_bar
+from nnshrink.search.solvers import budgets, estimated_noise, least_noise, total_bytes
+from nnshrink.search.engine import EXECUTORS, measure_curves, output_loss
+from nnshrink.techniques.allocation import sample_inputs
+from nnshrink.techniques.cluster import ShareWeights, codebook_record, share_weights
+from nnshrink.techniques.sparsity import Sparsify, magnitude_masks, prunable_layers
+
+TECHNIQUES = ("prune", "share")
+_SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000 ** 2, "mib": 1024 ** 2}
+
+
+def parse_target(text: str) -> tuple[str, float]:
+    """``size=25KB`` -> ("size", 25000.0); ``ratio=100x`` -> ("ratio", 100.0). Raises ConfigError."""
+    kind, sep, value = text.strip().partition("=")
+    kind, value = kind.strip().lower(), value.strip().lower()
+    if sep and kind == "size":
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(b|kb|kib|mb|mib)?", value)
+        if m:
+            return "size", float(m.group(1)) * _SIZE_UNITS[m.group(2) or "b"]
+    elif sep and kind == "ratio":
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*x?", value)
+        if m and float(m.group(1)) >= 1:
+            return "ratio", float(m.group(1))
+    raise ConfigError(f"budget target {text!r} is not understood: use size=25KB (B, KB, KiB, MB, MiB) or "
+                      "ratio=100x (float32 bytes / container bytes)")
+
+
+def _level(sparsity: float, bits: int) -> int:
+    return int(round(sparsity * 1000)) * 16 + bits
+
+
+def _setting(level: int) -> tuple[float, int]:
+    return (level // 16) / 1000, level % 16
+
+
+def _compressed(layer: nn.Module, level: int) -> nn.Module:
+    """A copy of ``layer`` pruned (magnitude, this layer alone) and shared at ``level``, one-shot."""
+    sparsity, bits = _setting(level)
+    new = copy.deepcopy(layer)
+    if sparsity > 0:
+        mask = magnitude_masks({"unit": new}, {"unit": sparsity}, "layer")["unit"]
+        with torch.no_grad():
+            new.weight.mul_(mask)
+    if bits:
+        share_weights(new, bits)
+    return new
+
+
+def _noise(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str, level: int) -> float:
+    layer = model.get_submodule(unit)
+    original = layer.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            layer.weight.copy_(_compressed(layer, level).weight)
+            return output_loss(reference, model(x))
+    finally:
+        with torch.no_grad():
+            layer.weight.copy_(original)
+
+
+def _bytes(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str, level: int) -> float:
+    layer = _compressed(model.get_submodule(unit), level)
+    record = codebook_record(layer)
+    if record is not None:
+        return float(container.record_bytes(record))
+    return float(container.float_bytes(layer.weight.detach().cpu().numpy()))
+
+
+@dataclass(frozen=True)
+class Budget(StepConfig):
+    """Per-layer pruning and weight sharing for one target, chosen from measured costs.
+
+    Attributes:
+        target: ``size=25KB`` or ``ratio=100x`` (of the float32 bytes of the model the plan
+            started from); empty: the smallest model within ``max_drop``.
+        max_drop: Largest validation-metric drop allowed, in the metric's own units (0.002 is
+            0.2 point of accuracy): checked by evaluating retrained candidates.
+        techniques: Which to combine: ``prune``, ``share`` or both.
+        sparsities: Sparsity grid per layer (0 is always included).
+        bits: Codebook sizes per layer (``2**bits`` centroids); float values always included.
+        layers: Rules by layer name pattern (first match wins): ``skip`` leaves a layer as it is;
+            a mapping with ``sparsity`` and/or ``bits`` (a value or a list) fixes or narrows its
+            grid, e.g. ``{"conv1": skip, "fc*": {"bits": [4, 5]}}``.
+        prune_steps: Retraining steps while the masks grow to each layer's sparsity.
+        share_steps: Centroid training steps with the indices (and zeros) held.
+        bias_bits: Each chosen layer's bias shared with ``2**bias_bits`` centroids after
+            retraining, where that is smaller than its float32 bytes (0: biases stay float). A
+            LeNet-5 at 100x spends more on float biases (2.3 kB) than on its largest layer.
+        samples: Sampled inputs for measuring each setting's output error.
+        candidates: Byte budgets the bisection for ``max_drop`` chooses among.
+        executor: ``process``, ``serial`` or ``ray`` for the measurements.
+    """
+
+    kind = "budget"
+    target: str = ""
+    max_drop: float | None = None
+    techniques: tuple[str, ...] = TECHNIQUES
+    sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
+    bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    layers: dict = field(default_factory=dict)
+    prune_steps: int = 1500
+    share_steps: int = 300
+    bias_bits: int = 5
+    samples: int = 256
+    candidates: int = 24
+    executor: str = "process"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.target and self.max_drop is None:
+            raise ConfigError("budget needs a target (size=..., ratio=...) or max_drop, or both")
+        if self.target:
+            parse_target(self.target)
+        if self.max_drop is not None and self.max_drop < 0:
+            raise ConfigError(f"budget.max_drop must be >= 0, got {self.max_drop}")
+        bad = sorted(set(self.techniques) - set(TECHNIQUES))
+        if bad or not self.techniques:
+            raise ConfigError(f"budget.techniques are chosen from {', '.join(TECHNIQUES)}, got {list(self.techniques)}")
+        for s in self.sparsities:
+            if not 0 <= s < 1:
+                raise ConfigError(f"budget.sparsities must lie in [0, 1), got {s}")
+        for b in self.bits:
+            if not 2 <= b <= 8:  # one bit beside a pinned zero is a single value: every sign lost
+                raise ConfigError(f"budget.bits must be from 2 to 8, got {b}")
+        if self.bias_bits != 0 and not 2 <= self.bias_bits <= 8:
+            raise ConfigError(f"budget.bias_bits must be 0 (float) or from 2 to 8, got {self.bias_bits}")
+        if min(self.prune_steps, self.share_steps) < 0 or self.samples < 1 or self.candidates < 2:
+            raise ConfigError("budget.prune_steps and share_steps must be >= 0, samples >= 1, candidates >= 2")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"budget.executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        for pattern, rule in self.layers.items():
+            _check_rule(pattern, rule)
+
+    # -- settings ---------------------------------------------------------------------------------
+    def _grid(self, rule) -> list[int]:
+        sparsities = [0.0] + list(self.sparsities) if "prune" in self.techniques else [0.0]
+        bits = [0] + list(self.bits) if "share" in self.techniques else [0]
+        if isinstance(rule, dict):
+            if "sparsity" in rule:
+                v = rule["sparsity"]
+                sparsities = [float(s) for s in (v if isinstance(v, (list, tuple)) else [v])]
+            if "bits" in rule:
+                v = rule["bits"]
+                bits = [int(b) for b in (v if isinstance(v, (list, tuple)) else [v])]
+        levels = sorted({_level(s, b) for s in sparsities for b in bits})
+        return levels
+
+    def _units(self, model: nn.Module) -> tuple[dict[str, list[int]], list[dict]]:
+        layers = prunable_layers(model)
+        used, units, skipped = set(), {}, []
+        for name in layers:
+            rule = None
+            for pattern, r in self.layers.items():
+                if fnmatch.fnmatchcase(name, pattern):
+                    rule = r
+                    used.add(pattern)
+                    break
+            if rule == "skip":
+                skipped.append({"layer": name, "reason": "skipped by the plan's layer rules"})
+                continue
+            units[name] = self._grid(rule)
+        unknown = sorted(set(self.layers) - used)
+        if unknown:
+            raise ConfigError(f"budget.layers: pattern(s) {', '.join(map(repr, unknown))} match no Conv/Linear layer; "
+                              f"layers are {', '.join(layers)}")
+        if not units:
+            raise ConfigError("budget: every Conv/Linear layer is skipped; nothing to choose")
+        return units, skipped
+
+    # -- the pipeline -----------------------------------------------------------------------------
+    def _build(self, model: nn.Module, choice: dict[str, int], ctx, train: bool) -> tuple[nn.Module, dict]:
+        """Prune (gradually, retraining) and share (codebooks trained) per ``choice`` (unit -> level)."""
+        settings = {n: _setting(lv) for n, lv in choice.items()}
+        current, done = model, {}
+        sparse = {n: s for n, (s, _) in settings.items() if s > 0}
+        steps = {"prune": self.prune_steps if train else 0, "share": self.share_steps if train else 0}
+        if sparse:
+            result = Sparsify(sparsity=0.0, steps=steps["prune"], scope="layer",
+                              layer_sparsity=tuple(f"{n}={s}" for n, s in sparse.items())).apply(current, _quiet(ctx))
+            current, done["sparsify"] = result.model, result.details
+        shared = {n: b for n, (_, b) in settings.items() if b}
+        if shared:
+            others = tuple(n for n in prunable_layers(current) if n not in shared)
+            result = ShareWeights(bits=max(shared.values()), steps=steps["share"], exclude=others,
+                                  layer_bits=tuple(f"{n}={b}" for n, b in shared.items())).apply(current, _quiet(ctx))
+            current, done["share_weights"] = result.model, result.details
+        if self.bias_bits:
+            current, done["biases"] = _share_biases(current, list(choice), self.bias_bits)
+        return current, done
+
+    def apply(self, model: nn.Module, ctx, show_progress: bool = True) -> StepResult:
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        if self.max_drop is not None and ctx.evaluate is None:
+            raise ConfigError("budget.max_drop needs an evaluation function (--eval, or bundled data)")
+        train = ctx.train is not None and (self.prune_steps > 0 or self.share_steps > 0)
+        x = sample_inputs(ctx, self.samples)
+        units, skipped = self._units(model)
+        tasks = [(n, lv) for n, levels in units.items() for lv in levels if lv]
+        noise = measure_curves(model, x, tasks, _noise, ["budget-noise"], self.executor,
+                               show_progress=show_progress, description="budget: output error per setting")
+        timings["measure_noise"] = time.perf_counter() - started
+        t0 = time.perf_counter()
+        codec = code_fingerprint(container, sys.modules["nnshrink.codec.stream"])
+        price = measure_curves(model, x, [(n, lv) for n, levels in units.items() for lv in levels],
+                               _bytes, ["budget-bytes", codec], self.executor,
+                               show_progress=show_progress, description="budget: bytes per setting")
+        timings["measure_bytes"] = time.perf_counter() - t0
+        options = {n: [(price[(n, lv)], noise.get((n, lv), 0.0)) for lv in levels] for n, levels in units.items()}
+
+        # the file's fixed part: one real container of the smallest one-shot assignment
+        t0 = time.perf_counter()
+        smallest = {n: int(np.argmin([b for b, _ in o])) for n, o in options.items()}
+        probe, _ = self._build(model, {n: units[n][i] for n, i in smallest.items()}, ctx, train=False)
+        overhead = _file_bytes(probe, ctx.example_input) - total_bytes(options, smallest)
+        timings["measure_overhead"] = time.perf_counter() - t0
+
+        base_model = ctx.original if ctx.original is not None else model
+        float32 = analyze(base_model, ctx.example_input[:1]).total_bytes
+        limit = None
+        if self.target:
+            kind, value = parse_target(self.target)
+            limit = value if kind == "size" else float32 / value
+            reachable = overhead + total_bytes(options, smallest)
+            if limit < reachable:
+                raise ConfigError(f"budget target {self.target} ({limit:,.0f} B) cannot be reached: the smallest "
+                                  f"model these settings make is {reachable:,.0f} B "
+                                  f"({float32 / reachable:.1f}x smaller than float32)")
+        baseline = ctx.evaluate(model) if ctx.evaluate else None
+        floor = None if self.max_drop is None else baseline - self.max_drop
+
+        points: list[dict] = []
+        built: dict[tuple, tuple[nn.Module, dict, float | None]] = {}
+        evaluations = [0]
+
+        def candidate(assign: dict[str, int]) -> tuple[nn.Module, dict, float | None]:
+            key = tuple(sorted(assign.items()))
+            if key not in built:
+                choice = {n: units[n][i] for n, i in assign.items()}
+                new, steps_done = self._build(model, choice, ctx, train)
+                val = ctx.evaluate(new) if ctx.evaluate else None
+                evaluations[0] += 1
+                est = overhead + total_bytes(options, assign)
+                real = _file_bytes(new, ctx.example_input)
+                points.append({"key": key, "bytes": real, "bytes_estimated": round(est), "ratio": round(float32 / real, 2),
+                               "macs": analyze(new, ctx.example_input[:1]).total_macs, "val_metric": val,
+                               "estimated_noise": estimated_noise(options, assign),
+                               "layers": {n: _describe(units[n][i]) for n, i in assign.items()}})
+                built[key] = (new, steps_done, val)
+            return built[key]
+
+        def accept(assign: dict[str, int]) -> bool:
+            val = candidate(assign)[2]
+            return floor is None or (val is not None and val >= floor)
+
+        t0 = time.perf_counter()
+        grid = budgets(options, self.candidates)
+        if limit is not None:  # 1% kept back: the estimate has been within 0.3% of the file
+            room = (limit - overhead) - 0.01 * limit
+            grid = [room] + [b for b in grid if b < room]
+        plans = [p for p in (least_noise(options, b) for b in grid) if p is not None]
+        with progress_bar("budget: retraining and evaluating candidates",
+                          max(1, int(np.ceil(np.log2(len(plans) + 1)))) if floor is not None else 1,
+                          show_progress) as advance:
+            if floor is None:
+                chosen = plans[0]
+                candidate(chosen)
+                advance(1)
+            else:
+                lo, hi = 0, len(plans) - 1
+                if limit is None:
+                    accepted = 0  # the largest budget (every layer as it is) meets any drop
+                elif accept(plans[0]):
+                    accepted, hi = 0, 0
+                    advance(1)
+                else:
+                    accepted = None
+                while lo < hi and accepted is not None:
+                    mid = (lo + hi + 1) // 2
+                    ok = accept(plans[mid])
+                    advance(1)
+                    if ok:
+                        lo = accepted = mid
+                    else:
+                        hi = mid - 1
+                if accepted is None:
+                    val = built[tuple(sorted(plans[0].items()))][2]
+                    raise ConfigError(f"budget target {self.target} and max_drop {self.max_drop} cannot both be met: "
+                                      f"at {points[0]['bytes']:,} B the validation metric is {val:.4g}, "
+                                      f"{baseline - val:.4g} below {baseline:.4g}; drop the target or allow more")
+                chosen = plans[accepted]
+                if tuple(sorted(chosen.items())) not in built:  # the full model itself
+                    candidate(chosen)
+        key = tuple(sorted(chosen.items()))
+        final_bytes = next(p["bytes"] for p in points if p["key"] == key)
+        if limit is not None and final_bytes > limit:  # the estimate was short: once more, smaller
+            room -= final_bytes - limit + 0.01 * limit
+            smaller = least_noise(options, room)
+            if smaller is None or not accept(smaller):
+                raise ConfigError(f"budget target {self.target} was missed: the file is {final_bytes:,} B "
+                                  f"(estimated {points[-1]['bytes_estimated']:,} B)")
+            chosen, key = smaller, tuple(sorted(smaller.items()))
+        timings["search"] = time.perf_counter() - t0
+        new, steps_done, val = built[key]
+        final = next(p for p in points if p["key"] == key)
+        for p in points:
+            p.pop("key")
+        layers = {n: {**_describe(units[n][i]), "bytes": int(options[n][i][0]),
+                      "output_error": round(float(options[n][i][1]), 6)} for n, i in chosen.items()}
+        timings["total"] = time.perf_counter() - started
+        details = {
+            "target": self.target or None, "target_bytes": None if limit is None else round(limit),
+            "max_drop": self.max_drop, "val_before": baseline, "val_after": val,
+            "bytes_estimated": final["bytes_estimated"], "bytes_file": final["bytes"],
+            "estimate_error": round(final["bytes_estimated"] / final["bytes"] - 1, 4),
+            "ratio": final["ratio"], "overhead_bytes": round(overhead), "layers": layers,
+            "measurements": len(tasks) * 2, "evaluations": evaluations[0], "retrained": train,
+            "frontier": sorted(points, key=lambda p: p["bytes"]), "steps": steps_done,
+            "seconds": {k: round(v, 2) for k, v in timings.items()},
+        }
+        return StepResult(self.kind, new.eval(), details, skipped)
+
+
+def _share_biases(model: nn.Module, names: list[str], bits: int) -> tuple[nn.Module, dict]:
+    """Biases of ``names`` as codebooks where that stores fewer bytes than float32."""
+    new, shared = copy.deepcopy(model), {}
+    for name in names:
+        layer = new.get_submodule(name)
+        bias = getattr(layer, "bias", None)
+        if bias is None or bias.numel() <= 2 ** bits:
+            continue
+        trial = copy.deepcopy(layer)
+        record = share_weights(trial, bits, param="bias")
+        if container.record_bytes(record) < bias.numel() * 4:
+            share_weights(layer, bits, param="bias")
+            shared[name] = bits
+    return new, shared
+
+
+def _describe(level: int) -> dict:
+    sparsity, bits = _setting(level)
+    return {"sparsity": sparsity, "bits": bits or None}
+
+
+def _check_rule(pattern: object, rule: object) -> None:
+    if not isinstance(pattern, str):
+        raise ConfigError(f"budget.layers keys are layer name patterns, got {pattern!r}")
+    if rule == "skip":
+        return
+    if not isinstance(rule, dict) or not rule or set(rule) - {"sparsity", "bits"}:
+        raise ConfigError(f"budget.layers[{pattern!r}] must be 'skip' or a mapping of sparsity and/or bits, "
+                          f"got {rule!r}")
+    for key, lo, hi in (("sparsity", 0.0, 0.9999), ("bits", 0, 8)):
+        if key in rule:
+            values = rule[key] if isinstance(rule[key], (list, tuple)) else [rule[key]]
+            if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi
+                                 or (key == "bits" and (v != int(v) or v == 1)) for v in values):
+                raise ConfigError(f"budget.layers[{pattern!r}].{key} must be "
+                                  f"{'in [0, 1)' if key == 'sparsity' else 'whole numbers 0 (float) or 2-8'}, "
+                                  f"got {rule[key]!r}")
+
+
+def _quiet(ctx):
+    """The context with no evaluation: the inner steps' own ``val_after`` would cost an evaluation each."""
+    inner = copy.copy(ctx)
+    inner.evaluate = None
+    return inner
+
+
+def _file_bytes(model: nn.Module, example: torch.Tensor) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "candidate.nsz"
+        container.save(model, path, example.repeat(2, *([1] * (example.dim() - 1))))
+        return path.stat().st_size

@@ -1,0 +1,153 @@
+"""The decision engine (cache, resumption) and the budget step (targets, rules, bytes)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from nnshrink import ConfigError, zoo
+from nnshrink.cli import main
+from nnshrink.io import save
+from nnshrink.plan import Plan, compress
+from nnshrink.search.budget import Budget, parse_target
+from nnshrink.search.engine import measure_curves
+
+# a small grid keeps the measurements to a few seconds
+SMALL = dict(sparsities=(0.9, 0.97), bits=(3, 5), prune_steps=0, share_steps=0, executor="serial", samples=64)
+
+
+@pytest.mark.parametrize("text, expected", [("size=25KB", ("size", 25000.0)), ("size=2 KiB", ("size", 2048.0)),
+                                            ("ratio=100x", ("ratio", 100.0)), ("RATIO=12.5", ("ratio", 12.5))])
+def test_targets_parse(text, expected):
+    assert parse_target(text) == expected
+
+
+@pytest.mark.parametrize("text", ["size=", "size=12parsecs", "ratio=0.5x", "macs", "speed=2x"])
+def test_bad_targets_are_refused(text):
+    with pytest.raises(ConfigError, match="not understood"):
+        parse_target(text)
+
+
+def test_a_budget_needs_a_target_or_a_drop():
+    with pytest.raises(ConfigError, match="needs a target"):
+        Budget()
+    with pytest.raises(ConfigError, match="bits must be from 2 to 8"):
+        Budget(target="ratio=10x", bits=(1,))
+    with pytest.raises(ConfigError, match="must be 'skip' or a mapping"):
+        Budget(target="ratio=10x", layers={"fc1": "float"})
+
+
+def test_the_step_is_found_from_a_plan_file():
+    plan = Plan.from_dict({"version": 1, "steps": [{"budget": {"target": "ratio=50x", "layers": {"conv1": "skip"}}}]})
+    assert isinstance(plan.steps[0], Budget) and plan.steps[0].layers == {"conv1": "skip"}
+
+
+def lenet5_trained_bytes() -> int:
+    from nnshrink.graph import analyze
+
+    model = zoo.build("lenet5")
+    return analyze(model, zoo.example_input(model)).total_bytes
+
+
+def _run(model, mnist, **options):
+    x = zoo.example_input(model)
+    calib = mnist.loader("train", batch_size=64, shuffle=True, seed=0)
+    return compress(model, Plan([Budget(**{**SMALL, **options})]), x, evaluate=zoo.make_evaluator(mnist, "val"),
+                    calib=calib)
+
+
+def test_a_size_target_is_met_in_the_file_and_estimated_within_two_percent(lenet5_trained, mnist, tmp_path):
+    result = _run(lenet5_trained, mnist, target="ratio=40x")
+    d = result.steps[0].details
+    path = tmp_path / "b.nsz"
+    x = zoo.example_input(lenet5_trained)
+    save(result.model, path, x.repeat(2, 1, 1, 1))
+    assert path.stat().st_size <= d["target_bytes"] == round(lenet5_trained_bytes() / 40)
+    assert abs(path.stat().st_size / d["bytes_estimated"] - 1) < 0.02
+    assert d["bytes_file"] == path.stat().st_size  # the step's own file is the one save writes
+    # what the report says each layer got is what the weights are
+    for name, setting in d["layers"].items():
+        w = result.model.get_submodule(name).weight
+        assert abs(float((w == 0).float().mean()) - setting["sparsity"]) < 0.01
+        if setting["bits"]:
+            assert len(torch.unique(w)) <= 2 ** setting["bits"]
+    assert d["evaluations"] == 1 and len(d["frontier"]) == 1
+    assert d["val_after"] > 0.5  # one-shot at 40x with a tiny grid: far from float, far from chance
+
+
+def test_an_unreachable_target_names_the_smallest_reachable(lenet5_trained, mnist):
+    with pytest.raises(ConfigError, match=r"cannot be reached: the smallest model these settings make is [\d,]+ B"):
+        _run(lenet5_trained, mnist, target="ratio=5000x")
+
+
+def test_a_drop_is_met_by_bisection_with_few_evaluations(lenet5_trained, mnist):
+    result = _run(lenet5_trained, mnist, max_drop=0.01, candidates=16)
+    d = result.steps[0].details
+    assert d["val_after"] >= d["val_before"] - 0.01
+    assert d["evaluations"] <= math.ceil(math.log2(16)) + 1
+    assert d["ratio"] > 4  # one-shot within a point: well below float32 still
+    assert [p["bytes"] for p in d["frontier"]] == sorted(p["bytes"] for p in d["frontier"])
+
+
+def test_layer_rules_skip_and_fix_settings(lenet5_trained, mnist):
+    result = _run(lenet5_trained, mnist, target="ratio=20x",
+                  layers={"conv1": "skip", "fc2": {"sparsity": 0.0, "bits": 5}})
+    d = result.steps[0].details
+    assert "conv1" not in d["layers"] and d["layers"]["fc2"] == {**d["layers"]["fc2"], "sparsity": 0.0, "bits": 5}
+    assert torch.equal(result.model.conv1.weight, lenet5_trained.conv1.weight)
+    assert result.steps[0].skipped == [{"layer": "conv1", "reason": "skipped by the plan's layer rules"}]
+    with pytest.raises(ConfigError, match="'conv9' match no Conv/Linear layer"):
+        _run(lenet5_trained, mnist, target="ratio=20x", layers={"conv9": "skip"})
+
+
+CALLS = []
+INTERRUPT = [False]
+
+
+def _counting(model, x, reference, unit, level):
+    CALLS.append((unit, level))
+    if len(CALLS) == 3 and INTERRUPT[0]:
+        raise KeyboardInterrupt
+    return float(level)
+
+
+def test_an_interrupted_measurement_resumes_from_its_cache():
+    model = torch.nn.Linear(4, 2)
+    x = torch.ones(3, 4)
+    tasks = [("a", i) for i in range(6)]
+    CALLS.clear()
+    INTERRUPT[0] = True
+    with pytest.raises(KeyboardInterrupt):
+        measure_curves(model, x, tasks, _counting, ["resume"], "serial", show_progress=False)
+    assert len(CALLS) == 3  # two measured, the third interrupted
+    INTERRUPT[0] = False
+    CALLS.clear()
+    out = measure_curves(model, x, tasks, _counting, ["resume"], "serial", show_progress=False)
+    assert out == {t: float(t[1]) for t in tasks}
+    assert CALLS == tasks[2:]  # the two measured before the interruption came from the cache
+    CALLS.clear()
+    measure_curves(model, x, tasks, _counting, ["resume"], "serial", show_progress=False)
+    assert CALLS == []
+
+
+def test_cli_budget_errors_are_one_line(capsys, tmp_path):
+    out, rep = str(tmp_path / "o.nsz"), str(tmp_path / "r.json")
+    assert main(["compress", "lenet5", "--out", out, "--report", rep]) == 2
+    assert "needs --plan PLAN.yaml, or a budget" in capsys.readouterr().err
+    assert main(["compress", "lenet5", "--target", "size=lots", "--out", out, "--report", rep]) == 2
+    err = capsys.readouterr().err
+    assert "size=lots" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_target_writes_a_container_within_it(capsys, tmp_path, lenet5_trained):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(json.dumps({"version": 1, "steps": [{"budget": {**SMALL, "sparsities": [0.9, 0.97],
+                                                                    "bits": [3, 5], "target": "ratio=10x"}}]}))
+    out, rep = tmp_path / "o.nsz", tmp_path / "r.json"
+    assert main(["compress", "lenet5", "--plan", str(plan), "--target", "size=40KB", "--out", str(out),
+                 "--report", str(rep)]) == 0
+    doc = json.loads(rep.read_text())
+    assert out.stat().st_size <= 40_000 and doc["sizes"]["container"] == out.stat().st_size
+    step = doc["steps"][0]
+    assert step["step"] == "budget" and step["details"]["target"] == "size=40KB"
