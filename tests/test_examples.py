@@ -139,7 +139,21 @@ def _astc(result, model, data):
     assert ns.zoo.accuracy(result.model, data, "test") >= ns.zoo.accuracy(model, data, "test") - 0.01
 
 
-_CHECKS = {"astc.yaml": ("lenet300", _astc), "fold-bn.yaml": ("resnet8", _fold_bn), "finetune.yaml": ("resnet8", _finetune),
+def _budget(result, model, data):
+    import tempfile
+
+    import nnshrink as ns
+
+    d = result.steps[0].details
+    assert d["target"] == "ratio=40x" and d["layers"]["fc3"]["sparsity"] <= 0.7
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "b.nsz"
+        ns.save(result.model, path, ns.zoo.example_input(model).repeat(2, 1, 1, 1))
+        assert path.stat().st_size <= ns.analyze(model, ns.zoo.example_input(model)).total_bytes / 40
+    assert ns.zoo.accuracy(result.model, data, "test") >= ns.zoo.accuracy(model, data, "test") - 0.012
+
+
+_CHECKS = {"astc.yaml": ("lenet300", _astc), "budget.yaml": ("lenet300", _budget), "fold-bn.yaml": ("resnet8", _fold_bn), "finetune.yaml": ("resnet8", _finetune),
            "int4-weights.yaml": ("lenet300", _weights(4)), "int3-gptq.yaml": ("lenet300", _int3_gptq), "int8-weights.yaml": ("lenet300", _weights(8)),
            "int8.yaml": ("lenet300", _int8), "w4a8-qat.yaml": ("lenet300", _w4a8),
            "mixed-precision.yaml": ("lenet300", _mixed),

@@ -89,24 +89,23 @@ def _compressed(layer: nn.Module, level: int) -> nn.Module:
     return new
 
 
-def _noise(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str, level: int) -> float:
+def _measure(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str, level: int) -> list[float]:
+    """[output error, stored bytes] of layer ``unit`` alone at ``level`` (the model is restored)."""
     layer = model.get_submodule(unit)
+    small = _compressed(layer, level)
+    record = codebook_record(small)
+    stored = container.record_bytes(record) if record is not None else \
+        container.float_bytes(small.weight.detach().cpu().numpy())
+    if level == 0:
+        return [0.0, float(stored)]
     original = layer.weight.detach().clone()
     try:
         with torch.no_grad():
-            layer.weight.copy_(_compressed(layer, level).weight)
-            return output_loss(reference, model(x))
+            layer.weight.copy_(small.weight)
+            return [output_loss(reference, model(x)), float(stored)]
     finally:
         with torch.no_grad():
             layer.weight.copy_(original)
-
-
-def _bytes(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str, level: int) -> float:
-    layer = _compressed(model.get_submodule(unit), level)
-    record = codebook_record(layer)
-    if record is not None:
-        return float(container.record_bytes(record))
-    return float(container.float_bytes(layer.weight.detach().cpu().numpy()))
 
 
 @dataclass(frozen=True)
@@ -239,16 +238,13 @@ class Budget(StepConfig):
         train = ctx.train is not None and (self.prune_steps > 0 or self.share_steps > 0)
         x = sample_inputs(ctx, self.samples)
         units, skipped = self._units(model)
-        tasks = [(n, lv) for n, levels in units.items() for lv in levels if lv]
-        noise = measure_curves(model, x, tasks, _noise, ["budget-noise"], self.executor,
-                               show_progress=show_progress, description="budget: output error per setting")
-        timings["measure_noise"] = time.perf_counter() - started
-        t0 = time.perf_counter()
+        tasks = [(n, lv) for n, levels in units.items() for lv in levels]
         codec = code_fingerprint(container, sys.modules["nnshrink.codec.stream"])
-        price = measure_curves(model, x, [(n, lv) for n, levels in units.items() for lv in levels],
-                               _bytes, ["budget-bytes", codec], self.executor,
-                               show_progress=show_progress, description="budget: bytes per setting")
-        timings["measure_bytes"] = time.perf_counter() - t0
+        measured = measure_curves(model, x, tasks, _measure, ["budget", codec], self.executor,
+                                  show_progress=show_progress, description="budget: output error and bytes per setting")
+        timings["measure"] = time.perf_counter() - started
+        noise = {t: v[0] for t, v in measured.items()}
+        price = {t: v[1] for t, v in measured.items()}
         options = {n: [(price[(n, lv)], noise.get((n, lv), 0.0)) for lv in levels] for n, levels in units.items()}
 
         # the file's fixed part: one real container of the smallest one-shot assignment
@@ -357,7 +353,7 @@ class Budget(StepConfig):
             "bytes_estimated": final["bytes_estimated"], "bytes_file": final["bytes"],
             "estimate_error": round(final["bytes_estimated"] / final["bytes"] - 1, 4),
             "ratio": final["ratio"], "overhead_bytes": round(overhead), "layers": layers,
-            "measurements": len(tasks) * 2, "evaluations": evaluations[0], "retrained": train,
+            "measurements": len(tasks), "evaluations": evaluations[0], "retrained": train,
             "frontier": sorted(points, key=lambda p: p["bytes"]), "steps": steps_done,
             "seconds": {k: round(v, 2) for k, v in timings.items()},
         }

@@ -93,7 +93,8 @@ def measure_curves(model: nn.Module, x: torch.Tensor, tasks: Sequence[tuple[str,
                    key: object, executor: str = "process", workers: int | None = None,
                    show_progress: bool = True, cache: bool = True,
                    description: str = "sensitivity") -> dict[tuple[str, int], float]:
-    """Loss of each ``(unit, level)`` task: ``fn(model, x, reference_output, unit, level)``.
+    """Loss of each ``(unit, level)`` task: ``fn(model, x, reference_output, unit, level)``, a
+    float or a list of floats (several figures of one setting measured at once).
 
     ``fn`` must not change ``model`` (it compresses a copy) and, for the process pool and Ray,
     must be a module-level function. Results are cached under the cache folder by a hash of the
@@ -115,7 +116,8 @@ def measure_curves(model: nn.Module, x: torch.Tensor, tasks: Sequence[tuple[str,
         path = cache_dir() / "sensitivity" / f"{name}.json"
         if path.is_file():
             try:
-                done = {(u, int(lv)): float(v) for u, lv, v in json.loads(path.read_text())}
+                done = {(u, int(lv)): [float(e) for e in v] if isinstance(v, list) else float(v)
+                        for u, lv, v in json.loads(path.read_text())}
             except (ValueError, TypeError):  # a damaged cache file is measured again
                 done = {}
     todo = [t for t in tasks if t not in done]

@@ -1,0 +1,150 @@
+"""The budget step on LeNet-5 and LeNet-300-100: the smallest model within 0.2 point, and the most
+accurate at 20x, 50x and 100x beside uniform prune + share plans of equal or larger size.
+
+Run: ``python benchmarks/budget.py [--seeds 3] [--data mnist10k] [--models lenet5,lenet300]``.
+
+- **Within a drop**: ``budget`` with ``max_drop`` (0.2 point on validation); the container's
+  ratio to float32 and its held-out test accuracy against float, means over the seeds.
+- **At a size**: ``budget`` with ``ratio=20x|50x|100x`` beside the uniform plan (one global
+  sparsity, one codebook size for every layer, the same retraining steps) whose container is the
+  smallest of the uniform grid at or above the searched one's bytes.
+- Every result is a real ``.nsz``, sized on disk; the step's byte estimate against the file;
+  full evaluations and wall time per run.
+
+The validation split is where choices are made; ``mnist10k`` has 1,000 validation digits (0.1
+point each) where the bundled ``mnist`` has 500 (0.2 point: one digit would be the whole budget).
+A Pareto plot of every verified point per model goes to ``benchmarks/out/budget_<model>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+torch.set_num_threads(2)
+
+import nnshrink as ns  # noqa: E402
+from nnshrink import zoo  # noqa: E402
+from nnshrink.data import load_dataset  # noqa: E402
+from nnshrink.graph import analyze  # noqa: E402
+from nnshrink.plan import Plan, compress  # noqa: E402
+from nnshrink.search.budget import Budget  # noqa: E402
+from nnshrink.techniques import ShareWeights, Sparsify  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+UNIFORM = [(s, b) for s in (0.8, 0.9, 0.95, 0.97, 0.98, 0.99) for b in (3, 4, 5)]
+
+
+def file_bytes(model, x, folder) -> int:
+    path = Path(folder) / "m.nsz"
+    ns.save(model, path, x.repeat(2, *([1] * (x.dim() - 1))))
+    return path.stat().st_size
+
+
+def uniform_bytes(model, x, calib, folder) -> dict:
+    """Bytes of each uniform (sparsity, bits) plan one-shot: retraining keeps the masks and the
+    codebook sizes, so the file after retraining is within a few bytes of this."""
+    out = {}
+    for s, b in UNIFORM:
+        m = compress(model, Plan([Sparsify(sparsity=s, scope="layer"), ShareWeights(bits=b)]), x).model
+        out[(s, b)] = file_bytes(m, x, folder)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--data", default="mnist10k")
+    ap.add_argument("--models", default="lenet5,lenet300")
+    ap.add_argument("--ratios", default="20,50,100", help="size targets (x float32) compared with uniform plans")
+    ap.add_argument("--compare", default="lenet5", help="models for the size-target comparison")
+    ap.add_argument("--max-drop", type=float, default=0.002)
+    args = ap.parse_args(argv)
+    ds = load_dataset(args.data)
+    OUT.mkdir(exist_ok=True)
+    summary: dict = {}
+    for name in args.models.split(","):
+        rows = summary.setdefault(name, {"drop": [], "sizes": {}})
+        all_points = []
+        for seed in range(args.seeds):
+            model = zoo.pretrained(name, args.data, seed=seed, show_progress=False)
+            x = zoo.example_input(model)
+            ev, tr = zoo.make_evaluator(ds, "val"), zoo.make_trainer(ds, seed=seed, show_progress=False)
+            calib = ds.loader("train", batch_size=64, shuffle=True, seed=seed)
+            float_test = zoo.accuracy(model, ds, "test")
+            float32 = analyze(model, x).total_bytes
+            print(f"{name} seed {seed}: float test {float_test:.2%}, float32 {float32:,} B", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                t = time.perf_counter()
+                r = compress(model, Plan([Budget(max_drop=args.max_drop)]), x, evaluate=ev, train=tr, calib=calib)
+                d = r.steps[0].details
+                real = file_bytes(r.model, x, tmp)
+                test = zoo.accuracy(r.model, ds, "test")
+                rows["drop"].append((float32 / real, test - float_test))
+                all_points += [(p["bytes"], p["val_metric"]) for p in d["frontier"]]
+                print(f"  within {args.max_drop * 100:.1f} point on validation: {float32 / real:.1f}x "
+                      f"({real:,} B, estimate {d['bytes_estimated']:,} B, {d['estimate_error']:+.2%}), "
+                      f"test {test:.2%} ({(test - float_test) * 100:+.2f} point), {d['evaluations']} evaluations, "
+                      f"{time.perf_counter() - t:.0f} s", flush=True)
+                print(f"    layers: {d['layers']}", flush=True)
+                if name not in args.compare.split(","):
+                    continue
+                sizes = uniform_bytes(model, x, calib, tmp)
+                for ratio in (float(v) for v in args.ratios.split(",")):
+                    t = time.perf_counter()
+                    r = compress(model, Plan([Budget(target=f"ratio={ratio:g}x")]), x, evaluate=ev, train=tr,
+                                 calib=calib)
+                    searched = file_bytes(r.model, x, tmp)
+                    s_test = zoo.accuracy(r.model, ds, "test")
+                    seconds = time.perf_counter() - t
+                    larger = sorted((v, k) for k, v in sizes.items() if v >= searched)
+                    if larger:
+                        (s, b) = larger[0][1]
+                        u = compress(model, Plan([Sparsify(sparsity=s, scope="layer", steps=1500),
+                                                  ShareWeights(bits=b, steps=300)]), x, train=tr).model
+                        u_bytes, u_test = file_bytes(u, x, tmp), zoo.accuracy(u, ds, "test")
+                        label = f"uniform {s:.0%}/{b} bits"
+                    else:
+                        u_bytes, u_test, label = None, None, "no uniform plan that large"
+                    rows["sizes"].setdefault(ratio, []).append((float32 / searched, s_test, u_bytes and
+                                                                float32 / u_bytes, u_test))
+                    print(f"  ratio={ratio:g}x: searched {float32 / searched:.1f}x test {s_test:.2%} "
+                          f"({seconds:.0f} s); {label}: "
+                          + (f"{float32 / u_bytes:.1f}x test {u_test:.2%}" if u_bytes else "-"), flush=True)
+        if all_points:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(6, 4))
+            b, v = zip(*[(p, q) for p, q in all_points if q is not None])
+            ax.scatter(np.array(b) / 1000, np.array(v) * 100, s=12)
+            ax.set_xscale("log")
+            ax.set_xlabel("container kB")
+            ax.set_ylabel("validation accuracy (%)")
+            ax.set_title(f"{name}: every candidate the budget step evaluated")
+            fig.tight_layout()
+            fig.savefig(OUT / f"budget_{name}.png", dpi=120)
+            plt.close(fig)
+    print("\nmeans over seeds (test accuracy against float, points)")
+    for name, rows in summary.items():
+        if rows["drop"]:
+            ratio, drop = np.mean(rows["drop"], axis=0)
+            print(f"{name}: within {args.max_drop * 100:.1f} point on validation: {ratio:.1f}x, "
+                  f"test {drop * 100:+.2f} point")
+        for target, vals in rows["sizes"].items():
+            arr = np.array([[a, b, c if c else np.nan, d if d else np.nan] for a, b, c, d in vals], float)
+            m = np.nanmean(arr, axis=0)
+            print(f"  ratio={target:g}x: searched {m[0]:.1f}x {m[1]:.2%}  |  uniform {m[2]:.1f}x {m[3]:.2%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
