@@ -2,6 +2,7 @@
 
 import json
 import math
+import uuid
 
 import pytest
 import torch
@@ -116,18 +117,19 @@ def test_an_interrupted_measurement_resumes_from_its_cache():
     model = torch.nn.Linear(4, 2)
     x = torch.ones(3, 4)
     tasks = [("a", i) for i in range(6)]
+    key = ["resume", uuid.uuid4().hex]  # a cache of its own, whatever the cache folder holds
     CALLS.clear()
     INTERRUPT[0] = True
     with pytest.raises(KeyboardInterrupt):
-        measure_curves(model, x, tasks, _counting, ["resume"], "serial", show_progress=False)
+        measure_curves(model, x, tasks, _counting, key, "serial", show_progress=False)
     assert len(CALLS) == 3  # two measured, the third interrupted
     INTERRUPT[0] = False
     CALLS.clear()
-    out = measure_curves(model, x, tasks, _counting, ["resume"], "serial", show_progress=False)
+    out = measure_curves(model, x, tasks, _counting, key, "serial", show_progress=False)
     assert out == {t: float(t[1]) for t in tasks}
     assert CALLS == tasks[2:]  # the two measured before the interruption came from the cache
     CALLS.clear()
-    measure_curves(model, x, tasks, _counting, ["resume"], "serial", show_progress=False)
+    measure_curves(model, x, tasks, _counting, key, "serial", show_progress=False)
     assert CALLS == []
 
 
