@@ -317,6 +317,8 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
              max_drop: Annotated[float | None, typer.Option(
                  "--max-drop", help="Largest validation drop the budget step may take: percentage points of "
                                     "accuracy with --data, the metric's own units with --eval or --calib.")] = None,
+             plot: Annotated[Path | None, typer.Option(
+                 "--plot", help="With a budget step: its candidates' metric against size, as a PNG.")] = None,
              data: DataOpt = "mnist",
              calib: Annotated[Path | None, typer.Option(
                  "--calib", help="Unlabelled inputs instead of --data: an .npz (one key per model input) or a "
@@ -340,7 +342,7 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
     from nnshrink.report import compress_report, layer_rows, summary, write_json
 
     _check_outputs([model, plan, data if calib is None else calib, eval_spec.rpartition(":")[0] if eval_spec else None],
-                   out=out_path, report=report)
+                   out=out_path, report=report, plot=plot)
     if plan is None and target is None and max_drop is None:
         raise ConfigError("compress needs --plan PLAN.yaml, or a budget: --target size=25KB|ratio=100x and/or --max-drop")
     the_plan = Plan.from_yaml(plan) if plan is not None else Plan([])
@@ -385,6 +387,9 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
     if target is not None or max_drop is not None:
         the_plan = _with_budget(the_plan, target, None if max_drop is None else
                                 max_drop / 100 if dataset is not None and not user_eval else max_drop)
+    if plot is not None and not any(st.kind == "budget" for st in the_plan.steps):
+        raise ConfigError("--plot draws a budget step's candidates; give --target or --max-drop, or a plan with a "
+                          "budget step")
     import torch
 
     before_info = run_analysis(m, x)
@@ -414,6 +419,8 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
                           streams)
     doc["container_sha256"] = digest
     write_json(report, doc)
+    if plot is not None:
+        _budget_plot(result.steps, before_info.total_bytes, plot)
     sizes = doc["sizes"]
 
     def shown(v):
@@ -432,6 +439,25 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
     out.print(f"size: float32 {sizes['float32']:,} B, int8 {sizes['int8']:,} B, container {sizes['container']:,} B "
               f"({than})")
     out.print(f"wrote {out_path} and {report}")
+
+
+def _budget_plot(steps, float_bytes: int, path: Path) -> None:
+    """The last budget step's evaluated candidates (validation metric against size) as a PNG."""
+    from nnshrink.report.plots import frontier_plot
+    from nnshrink.search import Point, pareto
+
+    found = [r for r in steps if r.step == "budget"]
+    if not found:
+        raise ConfigError("--plot draws a budget step's candidates; this plan has no budget step")
+    d = found[-1].details
+    points = [Point(f"{float_bytes / p['bytes']:.0f}x", {}, p["bytes"], p["val_metric"], None)
+              for p in d["frontier"] if p["val_metric"] is not None]
+    if not points:
+        raise ConfigError("--plot needs a metric: the budget step evaluated no candidate")
+    chosen = min(points, key=lambda p: abs(p.bytes - d["bytes_file"]))
+    frontier_plot(points, pareto(points), float_bytes, d["val_before"], path,
+                  "budget: every evaluated candidate (validation metric)", chosen)
+    out.print(f"plot: {path}")
 
 
 def _with_budget(plan, target: str | None, max_drop: float | None):

@@ -140,6 +140,11 @@ def test_cli_budget_errors_are_one_line(capsys, tmp_path):
     assert main(["compress", "lenet5", "--target", "size=lots", "--out", out, "--report", rep]) == 2
     err = capsys.readouterr().err
     assert "size=lots" in err and len(err.strip().splitlines()) == 1
+    plan = tmp_path / "p.yaml"
+    plan.write_text("version: 1\nsteps: [finetune: {steps: 1}]\n")
+    assert main(["compress", "lenet5", "--plan", str(plan), "--out", out, "--report", rep,
+                 "--plot", str(tmp_path / "f.png")]) == 2
+    assert "--plot draws a budget step's candidates" in capsys.readouterr().err
 
 
 def test_cli_target_writes_a_container_within_it(capsys, tmp_path, lenet5_trained):
@@ -147,8 +152,10 @@ def test_cli_target_writes_a_container_within_it(capsys, tmp_path, lenet5_traine
     plan.write_text(json.dumps({"version": 1, "steps": [{"budget": {**SMALL, "sparsities": [0.9, 0.97],
                                                                     "bits": [3, 5], "target": "ratio=10x"}}]}))
     out, rep = tmp_path / "o.nsz", tmp_path / "r.json"
+    png = tmp_path / "f.png"
     assert main(["compress", "lenet5", "--plan", str(plan), "--target", "size=40KB", "--out", str(out),
-                 "--report", str(rep)]) == 0
+                 "--report", str(rep), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads(rep.read_text())
     assert out.stat().st_size <= 40_000 and doc["sizes"]["container"] == out.stat().st_size
     step = doc["steps"][0]
