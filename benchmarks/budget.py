@@ -38,7 +38,7 @@ from nnshrink.search.budget import Budget  # noqa: E402
 from nnshrink.techniques import ShareWeights, Sparsify  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
-UNIFORM = [(s, b) for s in (0.8, 0.9, 0.95, 0.97, 0.98, 0.99) for b in (3, 4, 5)]
+UNIFORM = [(s, b) for s in (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99) for b in (3, 4, 5)]
 
 
 def file_bytes(model, x, folder) -> int:
