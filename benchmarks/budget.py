@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default="20,50,100", help="size targets (x float32) compared with uniform plans")
     ap.add_argument("--compare", default="lenet5", help="models for the size-target comparison")
     ap.add_argument("--max-drop", type=float, default=0.002)
+    ap.add_argument("--skip-drop", action="store_true", help="only the size targets")
     args = ap.parse_args(argv)
     ds = load_dataset(args.data)
     OUT.mkdir(exist_ok=True)
@@ -81,18 +82,19 @@ def main(argv=None) -> int:
             float32 = analyze(model, x).total_bytes
             print(f"{name} seed {seed}: float test {float_test:.2%}, float32 {float32:,} B", flush=True)
             with tempfile.TemporaryDirectory() as tmp:
-                t = time.perf_counter()
-                r = compress(model, Plan([Budget(max_drop=args.max_drop)]), x, evaluate=ev, train=tr, calib=calib)
-                d = r.steps[0].details
-                real = file_bytes(r.model, x, tmp)
-                test = zoo.accuracy(r.model, ds, "test")
-                rows["drop"].append((float32 / real, test - float_test))
-                all_points += [(p["bytes"], p["val_metric"]) for p in d["frontier"]]
-                print(f"  within {args.max_drop * 100:.1f} point on validation: {float32 / real:.1f}x "
-                      f"({real:,} B, estimate {d['bytes_estimated']:,} B, {d['estimate_error']:+.2%}), "
-                      f"test {test:.2%} ({(test - float_test) * 100:+.2f} point), {d['evaluations']} evaluations, "
-                      f"{time.perf_counter() - t:.0f} s", flush=True)
-                print(f"    layers: {d['layers']}", flush=True)
+                if not args.skip_drop:
+                    t = time.perf_counter()
+                    r = compress(model, Plan([Budget(max_drop=args.max_drop)]), x, evaluate=ev, train=tr, calib=calib)
+                    d = r.steps[0].details
+                    real = file_bytes(r.model, x, tmp)
+                    test = zoo.accuracy(r.model, ds, "test")
+                    rows["drop"].append((float32 / real, test - float_test))
+                    all_points += [(p["bytes"], p["val_metric"]) for p in d["frontier"]]
+                    print(f"  within {args.max_drop * 100:.1f} point on validation: {float32 / real:.1f}x "
+                          f"({real:,} B, estimate {d['bytes_estimated']:,} B, {d['estimate_error']:+.2%}), "
+                          f"test {test:.2%} ({(test - float_test) * 100:+.2f} point), {d['evaluations']} evaluations, "
+                          f"{time.perf_counter() - t:.0f} s", flush=True)
+                    print(f"    layers: {d['layers']}", flush=True)
                 if name not in args.compare.split(","):
                     continue
                 sizes = uniform_bytes(model, x, calib, tmp)
