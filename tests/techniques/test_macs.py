@@ -8,8 +8,8 @@ from nnshrink import analyze, zoo
 from nnshrink.errors import ConfigError
 from nnshrink.plan import Plan, compress
 from nnshrink.techniques import ChannelPrune, SpatialSVD, WeightSVD, spatial_svd, weight_svd
-from nnshrink.search.solvers import allocate
 from nnshrink.search.engine import Unit
+from nnshrink.search.solvers import allocate
 from nnshrink.techniques.channels import prune_group
 from nnshrink.testing import ConcatNet
 

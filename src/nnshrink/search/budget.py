@@ -42,11 +42,12 @@ from nnshrink.graph.analysis import analyze
 from nnshrink.io import container
 from nnshrink.plan.config import StepConfig, StepResult
 from nnshrink.progress import progress_bar
-from nnshrink.search.solvers import budgets, estimated_noise, least_noise, total_bytes
 from nnshrink.search.engine import EXECUTORS, measure_curves, output_loss
+from nnshrink.search.solvers import budgets, estimated_noise, least_noise, total_bytes
 from nnshrink.techniques.allocation import sample_inputs
-from nnshrink.techniques.cluster import ShareWeights, codebook_record, share_weights
 from nnshrink.techniques.calibration import layer_hessians
+from nnshrink.techniques.cluster import ShareWeights, codebook_record, share_weights
+from nnshrink.techniques.records import attach
 from nnshrink.techniques.sparsity import Sparsify, magnitude_masks, prunable_layers, sparsegpt
 
 TECHNIQUES = ("prune", "share")
@@ -409,10 +410,9 @@ def _share_biases(model: nn.Module, names: list[str], bits: int) -> tuple[nn.Mod
         bias = getattr(layer, "bias", None)
         if bias is None or bias.numel() <= 2 ** bits:
             continue
-        trial = copy.deepcopy(layer)
-        record = share_weights(trial, bits, param="bias")
+        record = share_weights(copy.deepcopy(layer), bits, param="bias")
         if container.record_bytes(record) < bias.numel() * 4:
-            share_weights(layer, bits, param="bias")
+            attach(layer, record, "bias")
             shared[name] = bits
     return new, shared
 

@@ -38,8 +38,8 @@ from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import analyze
 from nnshrink.graph.groups import ChannelGroup, build_dependency_graph
 from nnshrink.plan.config import StepConfig, StepResult
-from nnshrink.search.solvers import allocate, repair
 from nnshrink.search.engine import Unit, interpolate, measure_curves, output_loss
+from nnshrink.search.solvers import allocate, repair
 from nnshrink.techniques.allocation import check_target_options, sample_inputs, target_macs
 
 _PATCHES_PER_IMAGE = 16

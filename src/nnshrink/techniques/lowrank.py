@@ -26,8 +26,8 @@ from torch import nn
 from nnshrink.graph.analysis import analyze
 from nnshrink.graph.surgery import replace_module
 from nnshrink.plan.config import StepConfig, StepResult
-from nnshrink.search.solvers import allocate
 from nnshrink.search.engine import Unit, interpolate, measure_curves, output_loss
+from nnshrink.search.solvers import allocate
 from nnshrink.techniques.allocation import check_target_options, sample_inputs, target_macs
 
 
