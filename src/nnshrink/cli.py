@@ -421,6 +421,7 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
     write_json(report, doc)
     if plot is not None:
         _budget_plot(result.steps, before_info.total_bytes, plot)
+        out.print(f"plot: {plot}")
     sizes = doc["sizes"]
 
     def shown(v):
@@ -441,7 +442,8 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
     out.print(f"wrote {out_path} and {report}")
 
 
-def _budget_plot(steps, float_bytes: int, path: Path) -> None:
+def _budget_plot(steps, float_bytes: int, path: Path,
+                 title: str = "budget: every evaluated candidate (validation metric)") -> None:
     """The last budget step's evaluated candidates (validation metric against size) as a PNG."""
     from nnshrink.report.plots import frontier_plot
     from nnshrink.search import Point, pareto
@@ -455,9 +457,7 @@ def _budget_plot(steps, float_bytes: int, path: Path) -> None:
     if not points:
         raise ConfigError("--plot needs a metric: the budget step evaluated no candidate")
     chosen = min(points, key=lambda p: abs(p.bytes - d["bytes_file"]))
-    frontier_plot(points, pareto(points), float_bytes, d["val_before"], path,
-                  "budget: every evaluated candidate (validation metric)", chosen)
-    out.print(f"plot: {path}")
+    frontier_plot(points, pareto(points), float_bytes, d["val_before"], path, title, chosen)
 
 
 def _with_budget(plan, target: str | None, max_drop: float | None):
@@ -670,8 +670,6 @@ def _demo_budget(model, dataset, x, f32: int, acc: float, plot: Path) -> None:
     sharing, every retrained candidate shown and plotted."""
     from nnshrink import zoo
     from nnshrink.plan import Plan, compress as run_plan
-    from nnshrink.report.plots import frontier_plot
-    from nnshrink.search import Point, pareto
     from nnshrink.search.budget import Budget
 
     val_images = len(dataset.arrays("val")[1])
@@ -683,15 +681,11 @@ def _demo_budget(model, dataset, x, f32: int, acc: float, plot: Path) -> None:
                       calib=calib)
     d = result.steps[0].details
     test = zoo.accuracy(result.model, dataset, "test")
-    points = []
     for p in d["frontier"]:
         label = ", ".join(f"{n} {v['sparsity']:.0%}/{v['bits'] or 32}b" for n, v in p["layers"].items())
-        final = p["bytes"] == d["bytes_file"]
-        points.append(Point(f"{f32 / p['bytes']:.0f}x", {}, p["bytes"], p["val_metric"], test if final else None))
         out.print(f"  candidate {p['bytes']:>8,} B  {f32 / p['bytes']:6.1f}x  validation {p['val_metric']:.2%}"
-                  f"{'  <- chosen' if final else ''}   {label}")
-    chosen = next(p for p in points if p.test_accuracy is not None)
-    frontier_plot(points, pareto(points), f32, acc, plot, "LeNet-5: the budget step's candidates (validation)", chosen)
+                  f"{'  <- chosen' if p['bytes'] == d['bytes_file'] else ''}   {label}")
+    _budget_plot(result.steps, f32, plot, "LeNet-5: the budget step's candidates (validation accuracy)")
     out.print(f"smallest within 0.2 point of float on the validation split: container [bold]{d['bytes_file']:,} "
               f"bytes[/bold] = [bold]{f32 / d['bytes_file']:.1f}x[/bold] smaller than float32 (estimated "
               f"{d['bytes_estimated']:,} B before writing); held-out test {test:.2%} (float {acc:.2%}); "

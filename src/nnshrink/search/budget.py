@@ -106,7 +106,7 @@ def _measure(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: s
     on the second half, so the refit is not scored on the inputs it was fitted to."""
     layer = model.get_submodule(unit)
     hessian, scored = None, slice(None)
-    if reconstruct and len(x) >= 2:
+    if reconstruct and len(x) >= 2 and _setting(level)[0] > 0:  # only a pruned setting is refitted
         half = len(x) // 2
         key = (id(model), unit, x.data_ptr())
         if key not in _HESSIANS:
@@ -116,7 +116,7 @@ def _measure(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: s
     # priced as magnitude pruning makes it, which is what the retraining does (the masks grow by
     # magnitude); SparseGPT's refit, where asked, only scores it
     priced = _compressed(layer, level)
-    small = _compressed(layer, level, hessian) if hessian is not None and _setting(level)[0] > 0 else priced
+    small = priced if hessian is None else _compressed(layer, level, hessian)
     record = codebook_record(priced)
     stored = container.record_bytes(record) if record is not None else \
         container.float_bytes(priced.weight.detach().cpu().numpy())
@@ -215,13 +215,10 @@ class Budget(StepConfig):
         bits = [0] + list(self.bits) if "share" in self.techniques else [0]
         if isinstance(rule, dict):
             if "sparsity" in rule:
-                v = rule["sparsity"]
-                sparsities = [float(s) for s in (v if isinstance(v, (list, tuple)) else [v])]
+                sparsities = [float(v) for v in _values(rule["sparsity"])]
             if "bits" in rule:
-                v = rule["bits"]
-                bits = [int(b) for b in (v if isinstance(v, (list, tuple)) else [v])]
-        levels = sorted({_level(s, b) for s in sparsities for b in bits})
-        return levels
+                bits = [int(v) for v in _values(rule["bits"])]
+        return sorted({_level(s, b) for s in sparsities for b in bits})
 
     def _units(self, model: nn.Module) -> tuple[dict[str, list[int]], list[dict]]:
         layers = prunable_layers(model)
@@ -280,9 +277,8 @@ class Budget(StepConfig):
         measured = measure_curves(model, x, tasks, fn, ["budget", codec], self.executor,
                                   show_progress=show_progress, description="budget: output error and bytes per setting")
         timings["measure"] = time.perf_counter() - started
-        noise = {t: v[0] for t, v in measured.items()}
-        price = {t: v[1] for t, v in measured.items()}
-        options = {n: [(price[(n, lv)], noise.get((n, lv), 0.0)) for lv in levels] for n, levels in units.items()}
+        # options[unit] = [(bytes, output error)] in the order of the unit's levels
+        options = {n: [(measured[(n, lv)][1], measured[(n, lv)][0]) for lv in levels] for n, levels in units.items()}
 
         # the file's fixed part: one real container of the smallest one-shot assignment
         t0 = time.perf_counter()
@@ -422,6 +418,11 @@ def _describe(level: int) -> dict:
     return {"sparsity": sparsity, "bits": bits or None}
 
 
+def _values(value) -> list:
+    """A rule's setting as a list: one value, or a list of them."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def _check_rule(pattern: object, rule: object) -> None:
     if not isinstance(pattern, str):
         raise ConfigError(f"budget.layers keys are layer name patterns, got {pattern!r}")
@@ -432,7 +433,7 @@ def _check_rule(pattern: object, rule: object) -> None:
                           f"got {rule!r}")
     for key, lo, hi in (("sparsity", 0.0, 0.9999), ("bits", 0, 8)):
         if key in rule:
-            values = rule[key] if isinstance(rule[key], (list, tuple)) else [rule[key]]
+            values = _values(rule[key])
             if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi
                                  or (key == "bits" and (v != int(v) or v == 1)) for v in values):
                 raise ConfigError(f"budget.layers[{pattern!r}].{key} must be "
