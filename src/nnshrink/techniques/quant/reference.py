@@ -6,11 +6,15 @@ rearrange the integers. Ops the target has no integer kernel for (float islands)
 torch on the dequantized inputs and are quantized at the island border as ``QuantizeLinear``
 does, which is what a runtime with a CPU fallback computes. Two requantizations are provided:
 
-- ``fixed`` (default): as TFLite and Ethos-U do it. Each real multiplier ``M = s_in * s_w /
-  s_out`` is held as a 31-bit fixed-point multiplier and a shift; the accumulator is multiplied
-  with a rounding doubling high multiply and shifted right with rounding, bit for bit as
-  gemmlowp (which TFLite uses) rounds.
-  Additions rescale both inputs to a common scale with 20 extra bits, as TFLite's int8 ADD.
+- ``fixed`` (default): as TFLite does it, bit for bit against LiteRT's reference kernels (tested
+  on every element of the zoo's int8 TFLite files, :mod:`nnshrink.io.tflite`). Each real
+  multiplier ``M = s_in * s_w / s_out`` (float64) is held as a 31-bit fixed-point multiplier and
+  a shift (``QuantizeMultiplier``); the accumulator is multiplied with a rounding doubling high
+  multiply and shifted right with rounding, as gemmlowp rounds, except in fully connected
+  layers, whose kernel rounds the exact 64-bit product once. Additions rescale both inputs to
+  a common scale with 20 extra bits, as TFLite's int8 ADD; average pooling averages the stored
+  integers (rounded half away from zero) and requantizes where the output's scale differs, as
+  AVERAGE_POOL_2D and a QUANTIZE after it; a fused ReLU6's bound is ``round(6 / s)`` in float32.
 - ``float``: as ONNX Runtime's x86 kernels (MLAS) do it: ``float32(acc) * float32(s_in * s_w /
   s_out)``, clamped, rounded half to even; QLinearAdd (with its fused multiply-adds) and global
   average pooling likewise in float32 on the uint8 values ONNX Runtime holds. This mode
@@ -28,6 +32,8 @@ below 2**53.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,15 +46,23 @@ from nnshrink.techniques.quant.sim import QuantSim
 
 
 def quantize_multiplier(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Real multipliers as (int32 multiplier in [2**30, 2**31), shift): ``m = mult * 2**(shift - 31)``."""
+    """Real multipliers as (int32 multiplier in [2**30, 2**31), shift): ``m = mult * 2**(shift - 31)``.
+
+    As TFLite's ``QuantizeMultiplier``: the fraction rounded half away from zero (``std::round``),
+    a shift above 30 clamped (the single-rounding kernels take no more), a multiplier below
+    ``2**-31`` zero."""
     m = np.asarray(m, np.float64)
     frac, exp = np.frexp(m)
-    mult = np.round(frac * (1 << 31)).astype(np.int64)
+    mult = np.floor(frac * (1 << 31) + 0.5).astype(np.int64)
     carry = mult == (1 << 31)
     mult = np.where(carry, mult // 2, mult)
     exp = np.where(carry, exp + 1, exp)
-    mult = np.where(m == 0, 0, mult)
-    exp = np.where(m == 0, 0, exp)
+    tiny = (m == 0) | (exp < -31)
+    mult = np.where(tiny, 0, mult)
+    exp = np.where(tiny, 0, exp)
+    big = exp > 30
+    mult = np.where(big, (1 << 31) - 1, mult)
+    exp = np.where(big, 30, exp)
     return mult.astype(np.int64), exp.astype(np.int64)
 
 
@@ -72,13 +86,31 @@ def _rounding_divide_by_pot(x: np.ndarray, exponent: np.ndarray) -> np.ndarray:
     return (x >> exponent) + (remainder > threshold)
 
 
-def multiply_by_quantized_multiplier(x: np.ndarray, mult: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """TFLite's ``MultiplyByQuantizedMultiplier``: ``x * mult * 2**(shift - 31)`` with rounding."""
+def multiply_by_quantized_multiplier(x: np.ndarray, mult: np.ndarray, shift: np.ndarray,
+                                     single: bool = True) -> np.ndarray:
+    """TFLite's ``MultiplyByQuantizedMultiplier``: ``x * mult * 2**(shift - 31)`` with rounding.
+
+    ``single``: one rounding, half up, of the exact 64-bit product (TFLite's
+    ``TFLITE_SINGLE_ROUNDING`` form, which LiteRT's FULLY_CONNECTED uses). Else gemmlowp's two
+    roundings (a rounding doubling high multiply, then a rounding right shift), as its other
+    int8 kernels do. The two differ by 1 where the product lies just below a half."""
     shift = np.asarray(shift, np.int64)
+    x = np.asarray(x, np.int64)
+    if single:
+        total = 31 - shift
+        return (x * np.asarray(mult, np.int64) + (np.int64(1) << (total - 1))) >> total
     left = np.maximum(shift, 0)
     right = np.maximum(-shift, 0)
-    xs = np.clip(x.astype(np.int64) << left, -(2**31), 2**31 - 1)
+    xs = np.clip(x << left, -(2**31), 2**31 - 1)
     return _rounding_divide_by_pot(_srdhm(xs, mult), right)
+
+
+def quantize_bound(value: float, t) -> int:
+    """A real bound (a ReLU6's 6) on tensor ``t``'s grid as TFLite computes it: ``zp +
+    round(value / scale)`` in float32, half away from zero, within the int range."""
+    v = float(np.float32(value) / np.float32(t.scale))  # float32, then exact in float64
+    r = math.floor(abs(v) + 0.5)
+    return int(np.clip((r if v >= 0 else -r) + t.zp, t.qmin, t.qmax))
 
 
 def _fma_f32(x, y, z) -> np.ndarray:
@@ -109,7 +141,8 @@ class IntegerModel:
 
     Args:
         graph: The quantized graph, or a calibrated sim.
-        requant: ``fixed`` (TFLite / Ethos-U arithmetic) or ``float`` (ONNX Runtime's).
+        requant: ``fixed`` (TFLite's integer arithmetic, bit-exact against LiteRT's reference
+            kernels) or ``float`` (ONNX Runtime's).
     """
 
     def __init__(self, graph, requant: str = "fixed") -> None:
@@ -130,7 +163,7 @@ class IntegerModel:
 
     # -- requantization ---------------------------------------------------------------------
     def _requant(self, acc: np.ndarray, real_scale_f32: np.ndarray, real_scale_f64: np.ndarray, out: TensorQ,
-                 channel_axis: int | None) -> np.ndarray:
+                 channel_axis: int | None, single: bool = False) -> np.ndarray:
         shape = [1] * acc.ndim
         if channel_axis is not None:
             shape[channel_axis] = -1
@@ -140,15 +173,20 @@ class IntegerModel:
             q = _round_half_even_f32(v) + out.zp
         else:
             mult, shift = quantize_multiplier(real_scale_f64)
-            q = multiply_by_quantized_multiplier(acc, mult.reshape(shape), shift.reshape(shape)) + out.zp
+            q = self._mbqm(acc, mult.reshape(shape), shift.reshape(shape), single) + out.zp
         return np.clip(q, out.qmin, out.qmax)
+
+    @staticmethod
+    def _mbqm(x, mult, shift, single: bool = False) -> np.ndarray:
+        return multiply_by_quantized_multiplier(x, mult, shift, single=single)
 
     def _act(self, op, q: np.ndarray, out: TensorQ) -> np.ndarray:
         if op.act == "relu":
             return np.maximum(q, out.zp)
         if op.act == "relu6":
-            q6 = int(np.clip(np.round(6.0 / np.float64(out.scale)) + out.zp, out.qmin, out.qmax))
-            return np.clip(q, out.zp, q6)
+            if self.requant == "float":
+                return np.clip(q, out.zp, int(np.clip(np.round(6.0 / np.float64(out.scale)) + out.zp, out.qmin, out.qmax)))
+            return np.clip(q, out.zp, quantize_bound(6.0, out))
         return q
 
     # -- conversions ------------------------------------------------------------------------
@@ -215,7 +253,8 @@ class IntegerModel:
         scale = lq.scale if lq.scale.size > 1 else lq.scale.reshape(())
         s32 = (np.float32(t_in.scale) * scale).astype(np.float32) / np.float32(t_out.scale)
         s64 = np.float64(t_in.scale) * scale.astype(np.float64) / np.float64(t_out.scale)
-        return self._act(op, self._requant(acc, s32.astype(np.float32), s64, t_out, axis), t_out)
+        single = op.kind in _SINGLE_ROUNDING
+        return self._act(op, self._requant(acc, s32.astype(np.float32), s64, t_out, axis, single), t_out)
 
     @staticmethod
     def _float_layer(op, lq, x: torch.Tensor) -> torch.Tensor:
@@ -270,9 +309,9 @@ class IntegerModel:
             ma, sa = quantize_multiplier(np.float64(ta.scale) / twice_max)
             mb, sb = quantize_multiplier(np.float64(tb.scale) / twice_max)
             mo, so = quantize_multiplier(twice_max / ((1 << left) * np.float64(tc.scale)))
-            xa = multiply_by_quantized_multiplier((a - ta.zp) << left, ma, sa)
-            xb = multiply_by_quantized_multiplier((b - tb.zp) << left, mb, sb)
-            q = multiply_by_quantized_multiplier(xa + xb, mo, so) + tc.zp
+            xa = self._mbqm((a - ta.zp) << left, ma, sa)
+            xb = self._mbqm((b - tb.zp) << left, mb, sb)
+            q = self._mbqm(xa + xb, mo, so) + tc.zp
         return self._act(op, np.clip(q, tc.qmin, tc.qmax), tc)
 
     def _pool_avg(self, op, xq: np.ndarray) -> np.ndarray:
@@ -286,6 +325,16 @@ class IntegerModel:
             n = kh * kw
             win = sliding_window_view(xq, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
             sums = win.sum(axis=(-1, -2))
+        if self.requant != "float":
+            # TFLite's int8 AVERAGE_POOL_2D: the stored integers averaged, rounded half away from
+            # zero (C division); then requantized to the output's scale (a QUANTIZE) where it differs
+            off = 128 if t_in.qmin == 0 else 0  # TFLite holds int8: the rounding is not shift-invariant
+            sums, half = sums - n * off, n // 2
+            avg = np.where(sums > 0, (sums + half) // n, -((-sums + half) // n)) + off
+            if float(t_in.scale) == float(t_out.scale) and t_in.zp == t_out.zp:
+                return avg
+            mult, shift = quantize_multiplier(np.float64(t_in.scale) / np.float64(t_out.scale))
+            return np.clip(self._mbqm(avg - t_in.zp, mult, shift) + t_out.zp, t_out.qmin, t_out.qmax)
         acc = sums - n * t_in.zp
         s32 = np.float32(t_in.scale) / (np.float32(t_out.scale) * np.float32(n))
         s64 = np.float64(t_in.scale) / (np.float64(t_out.scale) * n)
@@ -303,8 +352,11 @@ class IntegerModel:
 
     def _clamp(self, op, xq: np.ndarray) -> np.ndarray:
         t = self.params[op.name]
-        lo, hi = (int(np.clip(np.round(v / np.float64(t.scale)) + t.zp, t.qmin, t.qmax)) for v in
-                  (op.attrs["lo"], op.attrs["hi"]))
+        if self.requant == "float":
+            lo, hi = (int(np.clip(np.round(v / np.float64(t.scale)) + t.zp, t.qmin, t.qmax)) for v in
+                      (op.attrs["lo"], op.attrs["hi"]))
+        else:  # TFLite's RELU6 bounds
+            lo, hi = (quantize_bound(v, t) for v in (op.attrs["lo"], op.attrs["hi"]))
         return np.clip(xq, lo, hi)
 
     def _move(self, op, xs: list):
@@ -383,6 +435,12 @@ class IntegerModel:
         return result
 
 
+# The ops whose TFLite kernel rounds a requantization once (the exact 64-bit product, half up);
+# the others round twice as gemmlowp does. Measured against LiteRT 2.3's reference kernels: its
+# FULLY_CONNECTED rounds once, CONV_2D, DEPTHWISE_CONV_2D, MUL and QUANTIZE twice (each
+# differs from the other rounding on thousands of random elements); ADD is the same either way
+# on every element tried (its 20 extra bits leave no near-ties).
+_SINGLE_ROUNDING = frozenset({"linear"})
 _INT = {
     "conv": lambda m, op, xs: m._layer(op, xs[0]),
     "convt": lambda m, op, xs: m._layer(op, xs[0]),
