@@ -244,17 +244,27 @@ def _act_code(act: str | None) -> int:
             "relu6": tfl.ActivationFunctionType.RELU6}[act]
 
 
-def _same_padding(size: int, k: int, s: int, d: int, p: int) -> str | None:
-    """``SAME`` or ``VALID`` where TFLite's padding gives torch's symmetric padding ``p``, else None."""
+def _padding_modes(size: int, k: int, s: int, d: int, p: int) -> set[str]:
+    """TFLite's padding modes (``SAME``, ``VALID``) that give torch's symmetric padding ``p`` on
+    one axis: none, one, or both (a 1x1 axis)."""
     eff = d * (k - 1) + 1
     out = (size + 2 * p - eff) // s + 1
-    if p == 0 and out == (size - eff) // s + 1 and out == -(-(size - eff + 1) // s):
-        return "VALID"
+    modes = set()
+    if p == 0 and out == -(-(size - eff + 1) // s):
+        modes.add("VALID")
     same_out = -(-size // s)
     total = max((same_out - 1) * s + eff - size, 0)
     if out == same_out and total // 2 == p:
-        return "SAME"
-    return None
+        modes.add("SAME")
+    return modes
+
+
+def _padding_mode(axes) -> str | None:
+    """The one mode every axis ``(size, k, s, d, p)`` takes (VALID where both do), else None."""
+    common = {"SAME", "VALID"}
+    for axis in axes:
+        common &= _padding_modes(*axis)
+    return "VALID" if "VALID" in common else ("SAME" if common else None)
 
 
 class _Writer:
@@ -395,8 +405,6 @@ class _Writer:
         if np.any(lq.zp != 0):
             raise UnsupportedModelError(f"layer {op.name!r} has asymmetric weights; TFLite's int8 kernels take "
                                         f"symmetric ones (quantize with weight_symmetric: true)")
-        if op.kind == "convt":
-            raise UnsupportedOpError(f"{op.name!r} (ConvTranspose) has no int8 TFLite form here")
         t_in, t_out = self.tq(op.inputs[0]), self.tq(op.name)
         channels = lq.q.shape[0]
         bias = lq.bias if lq.bias is not None else np.zeros(channels, np.int64)
@@ -404,6 +412,8 @@ class _Writer:
         b_idx = self.m.tensor(f"{op.name}.bias", (channels,), "int32", bias, scale=bscale, zero_point=np.zeros(channels))
         if op.kind == "linear":
             return self.linear(op, lq, b_idx)
+        if op.kind == "convt":
+            return self.transpose_conv(op, lq, b_idx)
         geo = lq.geometry
         one_d = geo["one_d"]
         w = lq.q[:, :, None, :] if one_d else lq.q
@@ -417,8 +427,7 @@ class _Writer:
         stride, dil = pair(geo["stride"]), pair(geo["dilation"])
         pad = (0, geo["padding"][0]) if one_d else tuple(geo["padding"])
         kh, kw = w.shape[2:]
-        modes = {_same_padding(h_w[i], (kh, kw)[i], stride[i], dil[i], pad[i]) for i in range(2)}
-        mode = modes.pop() if len(modes) == 1 else None
+        mode = _padding_mode((h_w[i], (kh, kw)[i], stride[i], dil[i], pad[i]) for i in range(2))
         if mode is None:  # explicit zero padding, then VALID
             x = self.pad(x, op.inputs[0], [(0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)], f"{op.name}/pad")
             mode = "VALID"
@@ -442,6 +451,32 @@ class _Writer:
         else:
             raise UnsupportedOpError(f"{op.name!r} is a grouped conv ({groups} groups of {cin // groups} channels); "
                                      f"TFLite's int8 kernels take groups of 1 or depthwise ones")
+
+    def transpose_conv(self, op, lq, b_idx: int) -> None:
+        geo = lq.geometry
+        if geo["one_d"] or geo["groups"] != 1 or tuple(geo["dilation"]) != (1, 1):
+            raise UnsupportedOpError(f"{op.name!r}: a 1-D, grouped or dilated ConvTranspose has no TFLite form here")
+        in_shape, out_shape = self.shape(op.inputs[0]), self.shape(op.name)
+        w = lq.q  # [in, out, kh, kw]
+        kh, kw = w.shape[2:]
+        stride, pad = tuple(geo["stride"]), tuple(geo["padding"])
+        modes = set()
+        for i, (h_in, h_out, k) in enumerate(zip(in_shape[2:], out_shape[2:], (kh, kw))):
+            total = max((h_in - 1) * stride[i] + k - h_out, 0)  # TFLite pads the output as a forward conv would
+            modes.add("VALID" if pad[i] == 0 and h_out >= (h_in - 1) * stride[i] + k else
+                      "SAME" if total // 2 == pad[i] and h_out == h_in * stride[i] else None)
+        if len(modes) != 1 or None in modes:
+            raise UnsupportedOpError(f"{op.name!r}: ConvTranspose padding {pad} has no TFLite padding mode")
+        tfl = _schema()
+        x = self.get(op.inputs[0], "nhwc")
+        out = self.out(op.name, "nhwc")
+        channels = w.shape[1]
+        w_idx = self.m.tensor(f"{op.name}.weight", (channels, kh, kw, w.shape[0]), "int8", w.transpose(1, 2, 3, 0),
+                              scale=lq.scale, zero_point=np.zeros(channels), axis=0)
+        shape_idx = self.m.const_i32(f"{op.name}/output_shape", self.m.tensors[out].shape)
+        self.m.op("TRANSPOSE_CONV", [shape_idx, w_idx, x, b_idx], [out], ("TransposeConvOptions", {
+            "Padding": tfl.Padding.SAME if modes.pop() == "SAME" else tfl.Padding.VALID,
+            "StrideW": stride[1], "StrideH": stride[0], "FusedActivationFunction": _act_code(op.act)}), 4)
 
     def linear(self, op, lq, b_idx: int) -> None:
         name = op.inputs[0]
@@ -671,33 +706,26 @@ class _Writer:
             raise UnsupportedOpError(f"{op.name!r}: max pooling by function has no TFLite form here")
         one_d = len(shape) == 3
 
-        def pair(v):
-            v = v if isinstance(v, (tuple, list)) else (v,) * (1 if one_d else 2)
-            return (1, v[0]) if one_d else tuple(v)
+        def pair(v, fill):
+            v = tuple(v) if isinstance(v, (tuple, list)) else (v,) * (1 if one_d else 2)
+            return (fill, v[0]) if one_d else v
 
-        k, s, p, d = pair(k), pair(s if s else k), pair(p), pair(d)
+        k, s, p, d = pair(k, 1), pair(s if s else k, 1), pair(p, 0), pair(d, 1)
         if d != (1, 1):
             raise UnsupportedOpError(f"{op.name!r}: dilated max pooling has no TFLite form")
         h_w = (1, shape[2]) if one_d else shape[2:]
         out_hw = (1, self.shape(op.name)[2]) if one_d else self.shape(op.name)[2:]
-        modes = set()
-        for i in range(2):
-            m_ = _same_padding(h_w[i], k[i], s[i], 1, p[i])
-            if m_ is None or (ceil and (h_w[i] + 2 * p[i] - k[i]) % s[i]):
-                modes.add(None)
-            modes.add(m_)
-        modes.discard(None) if None not in modes else None
-        if len(modes) != 1 or None in modes:
+        mode = _padding_mode((h_w[i], k[i], s[i], 1, p[i]) for i in range(2))
+        if mode is None or (ceil and tuple(out_hw) != tuple((h_w[i] + 2 * p[i] - k[i]) // s[i] + 1 for i in range(2))):
             raise UnsupportedOpError(f"{op.name!r}: max pooling with padding {p} on {h_w} has no TFLite padding mode")
         layout = "nlc" if one_d else "nhwc"
         x = self.get(name, layout)
         out = self.out(op.name, layout)
         tfl = _schema()
         self.m.op("MAX_POOL_2D", [x], [out], ("Pool2DOptions", {
-            "Padding": tfl.Padding.SAME if modes.pop() == "SAME" else tfl.Padding.VALID, "StrideW": s[1],
+            "Padding": tfl.Padding.SAME if mode == "SAME" else tfl.Padding.VALID, "StrideW": s[1],
             "StrideH": s[0], "FilterWidth": k[1], "FilterHeight": k[0],
             "FusedActivationFunction": _act_code(None)}), 2)
-        del out_hw
 
     def resize(self, op) -> None:
         name = op.inputs[0]
@@ -723,22 +751,23 @@ class _Writer:
             raise UnsupportedModelError("the model's input is not quantized (its first op stays float); "
                                         "a fully int8 TFLite model starts with an int8 input")
         in_shape = self.shape("input")
-        first_users = self.users.get("input", [])
-        want_nlc = len(in_shape) == 3 and any(o.kind == "conv" and g.layers[o.name].geometry.get("one_d")
-                                              for o in first_users)
-        layout = self.layout_of(in_shape, want_nlc)
+        layout = _input_layout(g, in_shape)
         idx = self.act_tensor("input", self.tfl_shape(in_shape, layout))
         self.values["input"] = _Value(idx, layout, in_shape)
-        floats = [o for o in g.ops if o.kind == "compute" or (not o.integer and o.kind not in ("value", "const"))]
+        floats = [o for o in g.ops if (o.kind == "compute" and not (o.integer and o.op_type in _COMPUTE))
+                  or (not o.integer and o.kind not in ("value", "const", "compute"))]
         if floats:
             from collections import Counter
 
             kinds = Counter(o.op_type for o in floats)
             shown = ", ".join(f"{t} x{n}" for t, n in kinds.most_common())
-            raise UnsupportedOpError(f"no int8 TFLite form here for {shown} (e.g. {floats[0].name!r})")
+            raise UnsupportedOpError(f"no int8 TFLite form here for {shown} (e.g. {floats[0].name!r}); "
+                                     f"TFLite's int8 kernels written here: {', '.join(sorted(_COMPUTE))} "
+                                     f"beside conv, linear, add, mul, pooling, concat and moves")
         handlers = {"conv": self.layer, "convt": self.layer, "linear": self.layer, "add": self.binary,
                     "mul": self.binary, "gap": self.pool_avg, "avgpool": self.pool_avg, "concat": self.concat,
-                    "clamp": self.clamp, "move": self.move, "value": lambda op: None, "const": self.const}
+                    "clamp": self.clamp, "move": self.move, "value": lambda op: None, "const": self.const,
+                    "compute": self.compute}
         for op in g.ops:
             if op.kind == "matmul":
                 raise UnsupportedOpError(f"{op.name!r} (MatMul of two activations) has no int8 TFLite form here")
@@ -753,9 +782,81 @@ class _Writer:
             self.m.tensors[i].name = name if name != "input" else self.m.tensors[i].name
         return self.m.serialize([idx], outputs, "nnshrink int8")
 
+    def compute(self, op) -> None:
+        """An op with an int8 TFLite kernel; the integer reference computes it as that kernel does."""
+        from nnshrink.techniques.quant import reference as R
+
+        name, kind = op.inputs[0], op.op_type
+        v = self.values.get(name)
+        if v is None:
+            raise UnsupportedOpError(f"{op.name!r} ({kind}) reads a tensor that is not int8")
+        shape = self.shape(name)
+        layout = v.layout
+        if layout == "flat" and kind in ("PRelu", "Softmax"):
+            layout = "plain"
+        if kind == "Softmax":  # TFLite normalizes the last axis of the tensor as written
+            axis = op.attrs.get("axis")
+            last = {"nhwc": 1, "nlc": 1}.get(layout, len(shape) - 1)
+            if axis is None or axis % len(shape) != last:
+                if axis is not None and axis % len(shape) == len(shape) - 1:
+                    layout = "plain"
+                else:
+                    raise UnsupportedOpError(f"{op.name!r}: a softmax over axis {axis} of {shape} has no TFLite form here")
+        x = self.get(name, layout)
+        t_in, t_out = self.tq(name), self.tq(op.name)
+        out = self.out(op.name, layout)
+        if layout == v.layout:
+            self.values[op.name].perm, self.values[op.name].source = v.perm, v.source
+        if kind == "Sigmoid":
+            self.m.op("LOGISTIC", [x], [out], None, 2)
+        elif kind == "Tanh":
+            self.m.op("TANH", [x], [out], None, 2)
+        elif kind == "HardSwish":
+            if (float(t_in.scale) / 128) / float(t_out.scale) >= 1:
+                raise UnsupportedOpError(f"{op.name!r}: TFLite's HARD_SWISH needs an output scale above the input's / 128")
+            self.m.op("HARD_SWISH", [x], [out], None, 1)
+        elif kind == "LeakyRelu":
+            alpha = R.slope(op, self.g.modules, shape)
+            self.m.op("LEAKY_RELU", [x], [out], ("LeakyReluOptions", {"Alpha": alpha}), 2)
+        elif kind == "PRelu":
+            q, scale = R.prelu_alpha(op, self.g.modules, shape)
+            channels = q.size
+            a_shape = {"nhwc": (1, 1, channels), "nlc": (1, 1, channels)}.get(layout, (1,) * (len(shape) - 2 + 1) + (channels,)
+                                                                           if len(shape) == 2 else None)
+            if a_shape is None:
+                raise UnsupportedOpError(f"{op.name!r}: a PReLU on a rank-{len(shape)} tensor has no TFLite form here")
+            alpha = self.m.tensor(f"{op.name}.alpha", a_shape, "int8", q.reshape(a_shape), scale=[scale], zero_point=[0])
+            self.m.op("PRELU", [x, alpha], [out], None, 1)
+        elif kind == "Softmax":
+            self.m.op("SOFTMAX", [x], [out], ("SoftmaxOptions", {"Beta": 1.0}), 2)
+        elif kind == "HardSigmoid":  # relu6(x + 3) / 6: the two ops the reference computes
+            three = self.m.tensor(f"{op.name}/three", (1,), "int8", np.array([127]), scale=[R.HSIG_THREE.scale],
+                                  zero_point=[0])
+            mid = self.act_tensor(f"{op.name}/relu6", self.m.tensors[x].shape, R.HSIG_MID)
+            self.m.op("ADD", [x, three], [mid], ("AddOptions", {"FusedActivationFunction": _act_code(None)}), 2)
+            sixth = self.m.tensor(f"{op.name}/sixth", (1,), "int8", np.array([127]), scale=[R.HSIG_SIXTH.scale],
+                                  zero_point=[0])
+            self.m.op("MUL", [mid, sixth], [out], ("MulOptions", {"FusedActivationFunction": _act_code(None)}), 2)
+        else:
+            raise AssertionError(kind)
+
     def const(self, op) -> None:
         if op.quant not in ("float", "none"):
             raise UnsupportedOpError(f"constant {op.name!r} feeds an integer op; not written here")
+
+
+# the compute ops written as TFLite int8 kernels (their arithmetic: :mod:`nnshrink.techniques.quant.tflite_kernels`)
+_COMPUTE = frozenset({"Sigmoid", "Tanh", "HardSwish", "LeakyRelu", "PRelu", "Softmax", "HardSigmoid"})
+
+
+def _input_layout(graph: QuantGraph, shape: tuple) -> str:
+    """NHWC for an image, [N, 1, L, C] for a 1-D conv's input, else as torch has it."""
+    if len(shape) == 4:
+        return "nhwc"
+    if len(shape) == 3 and any(o.kind == "conv" and o.inputs[:1] == ["input"] and graph.layers[o.name].geometry.get("one_d")
+                               for o in graph.ops):
+        return "nlc"
+    return "plain"
 
 
 def _graph(model) -> QuantGraph:
@@ -799,10 +900,15 @@ def export_tflite(model, path: str | Path, example_input: torch.Tensor | None = 
 
 
 def quantize_input(graph_or_model, x: np.ndarray) -> np.ndarray:
-    """Float inputs as the TFLite model's int8 input (NHWC where 4-D)."""
+    """Float inputs as the TFLite model's int8 input (NHWC where 4-D, [N, 1, L, C] for a 1-D conv's)."""
     from nnshrink.techniques.quant.reference import IntegerModel
 
     graph = _graph(graph_or_model)
     t = graph.tensors["input"]
     q = IntegerModel._quantize(np.asarray(x, np.float32), t) - (128 if t.qmin == 0 else 0)
-    return np.ascontiguousarray(q.transpose(NHWC) if q.ndim == 4 else q).astype(np.int8)
+    layout = _input_layout(graph, q.shape)
+    if layout == "nhwc":
+        q = q.transpose(NHWC)
+    elif layout == "nlc":
+        q = q.transpose(NLC)[:, None]
+    return np.ascontiguousarray(q).astype(np.int8)

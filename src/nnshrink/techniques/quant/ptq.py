@@ -48,6 +48,13 @@ def build_sim(model: nn.Module, example_input: torch.Tensor, weight_bits: int = 
     sim = QuantSim(lowered, getattr(model, "input_shape", tuple(example_input.shape[1:])), example_input.shape,
                    act_bits, act_symmetric, act_estimator)
     sim.target = target
+    if target == "npu" and act_bits == 8:
+        # TFLite's int8 LOGISTIC and TANH kernels (and Vela's) take fixed output grids: [0, 1) on
+        # 1/256 from -128, and (-1, 1) on 1/128 around 0
+        for op in sim.ops:
+            if op.integer and op.quant == "own" and op.op_type in ("Sigmoid", "Tanh"):
+                aq = sim.aq[_key(op.name)]
+                aq.fixed = (1.0 / 256, aq.qmin) if op.op_type == "Sigmoid" else (1.0 / 128, 0)
     signature.attach(sim, signature.get(model))  # the QDQ file keeps an imported model's interface
     names = {op.name for op in sim.layer_ops()}
     layer_bits = dict(layer_bits or {})

@@ -187,7 +187,7 @@ class ActQuantizer(nn.Module):
         self.fixed: tuple[float, int] | None = None  # (scale, zero point) an op's kernels require
 
     def learn_scale(self, on: bool = True) -> None:
-        self.scale.requires_grad_(on)
+        self.scale.requires_grad_(on and self.fixed is None)  # a grid a kernel requires stays
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:

@@ -250,6 +250,8 @@ class IntegerModel:
             shape = [1] * acc.ndim
             shape[axis] = -1
             acc = acc + lq.bias.reshape(shape)
+            if self.requant == "fixed":  # TFLite's int32 accumulator wraps (a bias at the int32 limit)
+                acc = ((acc + 2**31) % 2**32) - 2**31
         scale = lq.scale if lq.scale.size > 1 else lq.scale.reshape(())
         s32 = (np.float32(t_in.scale) * scale).astype(np.float32) / np.float32(t_out.scale)
         s64 = np.float64(t_in.scale) * scale.astype(np.float64) / np.float64(t_out.scale)
@@ -371,11 +373,38 @@ class IntegerModel:
     def _compute(self, op, xs: list):
         if op.op_type == "Softmax" and op.integer and self.requant == "float" and op.quant == "own":
             return self._softmax_ort(op, xs[0])
+        if self.requant == "fixed" and op.integer and op.quant == "own" and op.op_type in TFLITE_KERNELS \
+                and isinstance(xs[0], np.ndarray) and self.params[op.inputs[0]].bits == 8:
+            return self._tflite_kernel(op, xs[0])
         with torch.no_grad():
             y = invoke(op, [self._float(n, v) for n, v in zip(op.inputs, xs)], self.graph.modules)
         if op.quant == "own":
             return self._quantize(y, self.params[op.name])
         return y
+
+    def _tflite_kernel(self, op, xq: np.ndarray) -> np.ndarray:
+        """An op with an int8 TFLite kernel, as that kernel computes it (:mod:`.tflite_kernels`)."""
+        from nnshrink.techniques.quant import tflite_kernels as K
+
+        t_in, t_out = self.params[op.inputs[0]], self.params[op.name]
+        kind = op.op_type
+        if kind in ("Sigmoid", "Tanh"):
+            fn = (lambda v: 1.0 / (1.0 + np.exp(-v))) if kind == "Sigmoid" else np.tanh
+            return K.apply_table(K.lookup_table(fn, t_in.scale, t_in.zp, t_out.scale, t_out.zp), xq)
+        if kind == "HardSwish":
+            return K.hard_swish(xq, t_in.scale, t_in.zp, t_out.scale, t_out.zp)
+        if kind == "LeakyRelu":
+            return K.two_slopes(xq, None, t_in.scale, t_in.zp, np.float32(slope(op, self.graph.modules, xq.shape)),
+                                t_out.scale, t_out.zp)
+        if kind == "PRelu":
+            q, s = prelu_alpha(op, self.graph.modules, xq.shape)
+            return K.two_slopes(xq, q, t_in.scale, t_in.zp, s, t_out.scale, t_out.zp)
+        if kind == "Softmax":
+            q = K.softmax(xq, op.attrs["axis"], t_in.scale)
+            return np.clip(q + (t_out.zp + 128), t_out.qmin, t_out.qmax)  # the grid is fixed at 1/256, qmin
+        if kind == "HardSigmoid":
+            return hard_sigmoid(self, xq, t_in, t_out)
+        raise AssertionError(kind)
 
     def _softmax_ort(self, op, xq: np.ndarray) -> np.ndarray:
         """ONNX Runtime's QLinearSoftmax: a float32 table of ``exp((i - 255 + shift) * s_x)`` over
@@ -433,6 +462,57 @@ class IntegerModel:
                         else v.detach().numpy() if isinstance(v, torch.Tensor) else v)
         result = _fill(self.graph.output_tree, outs)
         return result
+
+
+# Ops whose TFLite int8 kernel the fixed mode computes as TFLite does (:meth:`IntegerModel._tflite_kernel`)
+TFLITE_KERNELS = frozenset({"Sigmoid", "Tanh", "HardSwish", "LeakyRelu", "PRelu", "Softmax", "HardSigmoid"})
+
+# HardSigmoid has no TFLite builtin: relu6(x + 3) / 6 is an ADD of the constant 3 onto a grid
+# spanning exactly [0, 6] (its int8 saturation is the ReLU6), then a MUL by the constant 1/6
+HSIG_MID = TensorQ(np.float32(6.0 / 255.0), -128, 8, -128, 127, "")
+HSIG_THREE = TensorQ(np.float32(3.0 / 127.0), 0, 8, -127, 127, "")  # 3.0 is 127 on it
+HSIG_SIXTH = TensorQ(np.float32(1.0 / 6.0 / 127.0), 0, 8, -127, 127, "")  # 1/6 is 127 on it
+
+
+def hard_sigmoid(ref: IntegerModel, xq: np.ndarray, t_in: TensorQ, t_out: TensorQ) -> np.ndarray:
+    """HardSigmoid as the two int8 ops the TFLite writer emits for it."""
+    from nnshrink.techniques.quant.graph import Op
+
+    add = Op("", "add", ["a", "b"])
+    mul = Op("", "mul", ["a", "b"])
+    saved = ref.params
+    try:
+        ref.params = {"a": t_in, "b": HSIG_THREE, "": HSIG_MID}
+        mid = ref._add(add, xq, np.array(127))
+        ref.params = {"a": HSIG_MID, "b": HSIG_SIXTH, "": t_out}
+        return ref._mul(mul, mid, np.array(127))
+    finally:
+        ref.params = saved
+
+
+def _probe(op, modules, shape) -> np.ndarray:
+    """The op's output on -1 everywhere (float64): minus its negative slope, per element."""
+    with torch.no_grad():
+        y = invoke(op, [-torch.ones(shape, dtype=torch.float32)], modules)
+    return -y.double().numpy()
+
+
+def slope(op, modules, shape) -> float:
+    """A LeakyRelu's negative slope (the same everywhere)."""
+    a = _probe(op, modules, shape)
+    return float(np.float32(a.flat[0]))
+
+
+def prelu_alpha(op, modules, shape) -> tuple[np.ndarray, np.float32]:
+    """A PReLU's slopes as TFLite's int8 PRELU takes them: one per channel (axis 1, or one
+    for all), symmetric int8 on one scale. Returns (integers, broadcast against the NCHW
+    input; scale)."""
+    a = _probe(op, modules, shape)
+    per = a.reshape(a.shape[0], a.shape[1], -1) if a.ndim > 1 else a.reshape(1, -1, 1)
+    alpha = per[0, :, 0].astype(np.float32)
+    scale = np.float32(max(float(np.abs(alpha).max()), 1e-12) / 127.0)
+    q = np.clip(np.rint(alpha / scale), -127, 127).astype(np.int64)
+    return q.reshape([1, -1] + [1] * (len(shape) - 2)) if len(shape) > 1 else q, scale
 
 
 # The ops whose TFLite kernel rounds a requantization once (the exact 64-bit product, half up);
