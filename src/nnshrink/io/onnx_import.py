@@ -216,6 +216,12 @@ class _Converter:
         gm = fx.GraphModule(self.root, self.graph, class_name="OnnxModel")
         gm.input_shape = self._input_shape(inputs[0]) if inputs else None
         gm.onnx_input_names = [i.name for i in inputs]
+        # fx node name -> the ONNX values it computes (a quantized graph read back finds each
+        # tensor's scale by them: nnshrink.io.qdq.graph_from_qdq)
+        gm.onnx_values = {}
+        for onnx_name, v in self.env.items():
+            if v.kind == "tensor" and v.node is not None:
+                gm.onnx_values.setdefault(v.node.name, []).append(onnx_name)
         signature.attach(gm, signature.from_proto(self.model, inputs))
         gm.nnshrink_opaque = dict(self.opaque)
         if self.opaque:

@@ -432,3 +432,152 @@ def int_tensor_names(sim) -> list[str]:
     graph = freeze(sim) if getattr(sim, "is_quant_sim", False) else sim
     tuples = {op.name for op in graph.ops if op.quant == "tuple"}
     return [n for n in graph.int_tensor_names() if n not in tuples]
+
+
+def graph_from_qdq(proto, example_input: torch.Tensor | None = None, target: str = "npu") -> QuantGraph:
+    """The :class:`QuantGraph` of a QDQ ONNX model this writer wrote (the graph an ``.nsz``
+    container of a quantized model holds), with the file's integers: the inverse of
+    :func:`to_qdq_onnx`, so a container deploys (:mod:`nnshrink.io.tflite`) without the sim it
+    was saved from.
+
+    The Q/DQ pairs are taken out (each activation's scale and zero point kept by the value it
+    quantizes), weights dequantized in place under their layers' names, the float graph imported
+    and lowered as any model is; then every quantizer is set from the file, and every layer's
+    int8 weights, scales and int32 bias are the file's, exactly.
+
+    Raises:
+        UnsupportedModelError: A graph this writer did not write, or a tensor the target computes
+            in integers that the file holds in float (a float island of an ``ort-x86`` file).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from nnshrink.io.onnx_import import onnx_to_torch
+    from nnshrink.techniques.quant.ptq import build_sim
+
+    g = proto.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+
+    def qparams(n):
+        scale = inits.get(n.input[1])
+        zp = inits.get(n.input[2]) if len(n.input) > 2 and n.input[2] else np.zeros((), np.uint8)
+        if scale is None or zp is None:
+            raise UnsupportedModelError(f"{n.op_type} node {n.name or n.output[0]!r} has a scale that is not a constant")
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        return scale, zp, axis
+
+    act: dict[str, tuple[np.float32, int, int]] = {}  # float value -> scale, zero point (int8 grid), bits
+    layers: dict[str, dict] = {}
+    rename: dict[str, str] = {}
+    dropped: set[int] = set()
+    new_inits = []
+    for k, n in enumerate(g.node):
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            q, (scale, zp, axis) = inits[n.input[0]], qparams(n)
+            base = n.input[0].split(".weight_quantized")[0].split(".bias_quantized")[0]
+            shape = [1] * q.ndim
+            if q.ndim and scale.size > 1:
+                shape[axis] = -1
+            real = (q.astype(np.int64) - zp.astype(np.int64).reshape(shape)).astype(np.float32) * \
+                scale.astype(np.float32).reshape(shape)
+            if ".weight_quantized" in n.input[0]:
+                name = f"{base}.weight"
+                off = 128 if q.dtype == np.uint8 else 0
+                layers.setdefault(base, {}).update(q=q.astype(np.int64) - off, zp=np.broadcast_to(
+                    zp.astype(np.int64) - off, scale.shape).reshape(-1), scale=scale.astype(np.float32).reshape(-1),
+                    axis=axis)
+            elif ".bias_quantized" in n.input[0]:
+                name = f"{base}.bias"
+                layers.setdefault(base, {}).update(bias=q.astype(np.int64), bias_scale=scale.astype(np.float32))
+            else:
+                name = n.output[0]
+            new_inits.append(numpy_helper.from_array(real.astype(np.float32), name))
+            rename[n.output[0]] = name
+            dropped.add(k)
+        elif n.op_type == "QuantizeLinear":
+            scale, zp, _ = qparams(n)
+            off = 128 if zp.dtype == np.uint8 else 0
+            bits = 16 if zp.dtype in (np.int16, np.uint16) else 8
+            act[n.input[0]] = (np.float32(scale.reshape(-1)[0]), int(zp.reshape(-1)[0]) - off, bits)
+            dropped.add(k)
+            for r in readers.get(n.output[0], []):
+                if r.op_type != "DequantizeLinear":
+                    raise UnsupportedModelError(f"QuantizeLinear {n.name or n.output[0]!r} feeds a {r.op_type}, "
+                                                f"not a DequantizeLinear; not a graph nnshrink wrote")
+                rename[r.output[0]] = n.input[0]
+            dropped.update(i for i, m in enumerate(g.node) if m.op_type == "DequantizeLinear" and m.input[0] == n.output[0])
+    if not act:
+        raise UnsupportedModelError("the model has no QuantizeLinear nodes: it is not a quantized graph")
+
+    def resolved(name: str) -> str:
+        seen = set()
+        while name in rename and name not in seen:
+            seen.add(name)
+            name = rename[name]
+        return name
+
+    float_proto = onnx.ModelProto()
+    float_proto.CopyFrom(proto)
+    fg = float_proto.graph
+    del fg.node[:]
+    for k, n in enumerate(g.node):
+        if k in dropped:
+            continue
+        m = fg.node.add()
+        m.CopyFrom(n)
+        for i, name in enumerate(m.input):
+            m.input[i] = resolved(name)
+    for o in fg.output:
+        o.name = resolved(o.name)
+    used = {i for n in fg.node for i in n.input} | {o.name for o in fg.output}
+    keep = [i for i in fg.initializer if i.name in used]
+    del fg.initializer[:]
+    fg.initializer.extend(keep + [i for i in new_inits if i.name in used])
+    del fg.value_info[:]
+    model = onnx_to_torch(float_proto)
+    if example_input is None:
+        dims = getattr(model, "input_shape", None)
+        if not dims or not all(isinstance(d, int) for d in dims):
+            raise UnsupportedModelError("the quantized graph's input has symbolic sizes; give an example input "
+                                        "(--input-shape)")
+        example_input = torch.zeros((1, *dims))
+    sim = build_sim(model, example_input[:1], target=target)
+    for op in sim.layer_ops():
+        rec = layers.get(op.name)
+        if rec is None or "q" not in rec:
+            raise UnsupportedModelError(f"layer {op.name!r} has no int8 weights in the file")
+        wq = sim.weight_quantizer(op.name)
+        wq.scale = nn.Parameter(torch.from_numpy(rec["scale"].copy()), requires_grad=False)
+        wq.zero_point = torch.from_numpy(rec["zp"].astype(np.float32))
+    onnx_of = getattr(model, "onnx_values", {})
+    found: dict[str, tuple] = {}
+    for fx_name, op_name in sim.aliases.items():
+        for v in onnx_of.get(fx_name, []):
+            if v in act:
+                found[op_name] = act[v]
+    if "input" in sim.aq:
+        inputs = [i.name for i in g.input if i.name not in inits]
+        found.setdefault("input", act.get(inputs[0]) if inputs else None)
+    for k, aq in sim.aq.items():
+        name = next((op.name for op in sim.ops if key(op.name) == k), k)
+        params = found.get(name)
+        if params is None:
+            raise UnsupportedModelError(f"{name!r} is integer on the {target} target, but the file keeps it in float "
+                                        f"(quantize with target {target})")
+        scale, zp, bits = params
+        if bits != aq.bits:
+            raise UnsupportedModelError(f"{name!r} has {bits}-bit activations in the file")
+        aq.set(float(scale), zp)
+        aq.observing = False
+    graph = freeze(sim)
+    for name, lq in graph.layers.items():
+        rec = layers[name]
+        lq.q, lq.scale, lq.zp = rec["q"].reshape(lq.q.shape), rec["scale"].reshape(lq.scale.shape), \
+            rec["zp"].reshape(lq.zp.shape)
+        if "bias" in rec:
+            lq.bias, lq.bias_scale = rec["bias"].reshape(-1), rec["bias_scale"].reshape(-1)
+    return graph

@@ -134,6 +134,7 @@ class Lowered:
     outputs: list[str]
     output_tree: object
     input_quantized: bool
+    aliases: dict[str, str] = field(default_factory=dict)  # fx node name -> the op whose value it is
 
     @property
     def output(self) -> str:
@@ -418,7 +419,8 @@ class _Lowering:
             raise UnsupportedModelError("the model has no tensor output")
         tree = _template(output_tree, {n: i for i, n in enumerate(_nodes_in(output_tree))})
         input_quantized = self.assign()
-        return Lowered(self.ops, self.layers, self.mods, self.consts, outputs, tree, input_quantized)
+        aliases = {n.name: name for n, name in self.alias.items() if name is not None}
+        return Lowered(self.ops, self.layers, self.mods, self.consts, outputs, tree, input_quantized, aliases)
 
     def lower_node(self, node: fx.Node) -> None:
         t, mod = node.target, self.modules.get(node.target) if node.op == "call_module" else None

@@ -64,6 +64,7 @@ class QuantSim(nn.Module):
         self.input_shape = input_shape
         self.example_shape = tuple(example_shape)
         self.input_quantized = lowered.input_quantized
+        self.aliases = dict(lowered.aliases)  # fx node name -> op name
         self.aq_bits = act_bits
         self.layers = nn.ModuleDict({key(k): v for k, v in lowered.layers.items()})
         self.mods = nn.ModuleDict(lowered.modules)
