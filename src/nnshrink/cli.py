@@ -198,18 +198,30 @@ def export(model: Annotated[str, typer.Argument(help="Zoo name, model file or .n
            out_path: Annotated[Path | None, typer.Option("--out", help="Output .onnx file.")] = None,
            astc: Annotated[Path | None, typer.Option(
                "--astc", help="Folder for the .astc textures of an .nsz container's ASTC-stored weights.")] = None,
+           tflite: Annotated[Path | None, typer.Option(
+               "--tflite", help="A fully int8 TFLite file (NHWC, batch 1) of an .nsz container of a quantized "
+                                "model, for TFLite Micro and Vela.")] = None,
            data: DataOpt = "mnist",
            input_shape: Annotated[str | None, typer.Option(
                help="One sample's shape (like 3,48,320), where the model's is symbolic.")] = None) -> None:
     """Write MODEL as an ONNX file (dynamic batch; a model imported from ONNX keeps its source's
-    names, symbolic dims and metadata) that ONNX Runtime runs, and/or (--astc) the .astc
-    textures and manifest.json of a container's ASTC-stored weights, as a GPU pipeline uploads them."""
+    names, symbolic dims and metadata) that ONNX Runtime runs; and/or (--astc) the .astc
+    textures and manifest.json of a container's ASTC-stored weights, as a GPU pipeline uploads
+    them; and/or (--tflite) a quantized container as the int8 TFLite file Ethos-U's Vela takes."""
     from nnshrink.data import load_dataset
     from nnshrink.io import export_onnx
 
-    if out_path is None and astc is None:
-        raise ConfigError("export needs --out FILE.onnx, --astc FOLDER, or both")
-    _check_outputs([model], out=out_path)
+    if out_path is None and astc is None and tflite is None:
+        raise ConfigError("export needs --out FILE.onnx, --astc FOLDER or --tflite FILE.tflite")
+    _check_outputs([model], out=out_path, tflite=tflite)
+    if tflite is not None:
+        data_ = _tflite_of(model, input_shape)
+        from nnshrink.cache import atomic_write_bytes
+
+        atomic_write_bytes(tflite, data_)
+        out.print(f"wrote {tflite} ({len(data_):,} bytes): int8 TFLite from {model}")
+        if out_path is None and astc is None:
+            return
     if astc is not None:
         from nnshrink.io.astc import export_textures
 
@@ -230,6 +242,30 @@ def export(model: Annotated[str, typer.Argument(help="Zoo name, model file or .n
     with spinner(f"exporting {out_path.name}"):
         export_onnx(m, out_path, example.repeat(2, *([1] * (example.dim() - 1))))
     out.print(f"wrote {out_path} ({out_path.stat().st_size:,} bytes)")
+
+
+def _tflite_of(model: str, input_shape: str | None) -> bytes:
+    """The int8 TFLite flatbuffer of a quantized container (or QDQ ONNX file nnshrink wrote)."""
+    from nnshrink.io.qdq import graph_from_qdq
+    from nnshrink.io.tflite import to_tflite
+
+    suffix = Path(model).suffix.lower()
+    if suffix not in (".nsz", ".onnx"):
+        raise ConfigError(f"--tflite reads an .nsz container of a quantized model, got {model} "
+                          f"(compress it first, e.g. with examples/plans/int8-npu.yaml)")
+    if not Path(model).is_file():
+        raise FileNotFoundError(f"no such file: {model}")
+    if suffix == ".nsz":
+        from nnshrink.io import read_onnx_from_container
+
+        proto = read_onnx_from_container(model)
+    else:
+        from nnshrink.io.onnx_import import read_onnx
+
+        proto = read_onnx(model)
+    example = _input_for(None, None, input_shape) if input_shape else None
+    with spinner("writing int8 TFLite"):
+        return to_tflite(graph_from_qdq(proto, example), example)
 
 
 def _sha256(path: Path) -> str:
@@ -319,6 +355,10 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
                                     "accuracy with --data, the metric's own units with --eval or --calib.")] = None,
              plot: Annotated[Path | None, typer.Option(
                  "--plot", help="With a budget step: its candidates' metric against size, as a PNG.")] = None,
+             deploy_to: Annotated[str | None, typer.Option(
+                 "--deploy", help="With a quantize step: compile the container's int8 TFLite for this Ethos-U "
+                                  "(ethos-u55-128, ...) with Vela, write OUT_vela.tflite, and put Vela's figures "
+                                  "under deploy in the report.")] = None,
              data: DataOpt = "mnist",
              calib: Annotated[Path | None, typer.Option(
                  "--calib", help="Unlabelled inputs instead of --data: an .npz (one key per model input) or a "
@@ -387,6 +427,17 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
     if target is not None or max_drop is not None:
         the_plan = _with_budget(the_plan, target, None if max_drop is None else
                                 max_drop / 100 if dataset is not None and not user_eval else max_drop)
+    vela_out = out_path.with_name(f"{out_path.stem}_vela.tflite") if deploy_to else None
+    if deploy_to is not None:
+        from nnshrink.deploy import ethos_u
+
+        ethos_u._vela()
+        if deploy_to not in ethos_u.TARGETS:
+            raise ConfigError(f"unknown Ethos-U target {deploy_to!r}; choose one of {', '.join(ethos_u.TARGETS)}")
+        if not any(st.kind == "quantize" for st in the_plan.steps):
+            raise ConfigError("--deploy compiles an int8 model: the plan needs a quantize step (target: npu; "
+                              "see examples/plans/int8-npu.yaml)")
+        _check_outputs([model, plan], out=out_path, report=report, plot=plot, vela=vela_out)
     if plot is not None and not any(st.kind == "budget" for st in the_plan.steps):
         raise ConfigError("--plot draws a budget step's candidates; give --target or --max-drop, or a plan with a "
                           "budget step")
@@ -418,6 +469,8 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
                           before, after, layer_rows(before_info, after_info, streams), steps, str(out_path), "nsz",
                           streams)
     doc["container_sha256"] = digest
+    if deploy_to is not None:
+        doc["deploy"] = _deploy_container(out_path, x, deploy_to, vela_out, dataset if labelled else None)
     write_json(report, doc)
     if plot is not None:
         _budget_plot(result.steps, before_info.total_bytes, plot)
@@ -439,7 +492,41 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
         f"{sizes['container'] / sizes['float32']:.3f}x the float32 bytes: not smaller"
     out.print(f"size: float32 {sizes['float32']:,} B, int8 {sizes['int8']:,} B, container {sizes['container']:,} B "
               f"({than})")
+    if deploy_to is not None:
+        from nnshrink.deploy import ethos_u
+
+        d = doc["deploy"]
+        out.print(ethos_u.summary_line(d))
+        if d.get("tflite_accuracy") is not None:
+            out.print(f"int8 TFLite in LiteRT (reference kernels): accuracy {d['tflite_accuracy']:.2%}")
+        out.print(f"wrote {vela_out}")
     out.print(f"wrote {out_path} and {report}")
+
+
+def _deploy_container(path: Path, x, target: str, vela_out: Path, dataset) -> dict:
+    """Vela's figures for the int8 TFLite of the container just written (read back from disk), and
+    the TFLite file's accuracy in LiteRT's reference kernels where the data is labelled."""
+    from nnshrink.deploy import ethos_u
+    from nnshrink.io import read_onnx_from_container
+    from nnshrink.io.qdq import graph_from_qdq
+    from nnshrink.io.tflite import to_tflite
+
+    with spinner("writing int8 TFLite from the container"):
+        data_ = to_tflite(graph_from_qdq(read_onnx_from_container(path), x[:1]), x[:1])
+    with spinner(f"compiling for {target} with Vela"):
+        figures = ethos_u.compile_for(data_, target, vela_out, name=path.stem)
+    figures["tflite_accuracy"] = None
+    if dataset is not None:
+        try:
+            from nnshrink.io.tflite import litert_run
+
+            xt, yt = dataset.tensors("test")
+            with spinner("running the int8 TFLite in LiteRT"):
+                pred = litert_run(data_, xt.numpy())[0].argmax(1)
+            figures["tflite_accuracy"] = float((pred == yt.numpy()).mean())
+        except ConfigError:  # LiteRT not installed: Vela's figures stand alone
+            pass
+    return figures
 
 
 def _budget_plot(steps, float_bytes: int, path: Path,
@@ -542,6 +629,58 @@ def decode(container: Annotated[Path, typer.Argument(help="An .nsz container.")]
     atomic_write_bytes(onnx_out, proto.SerializeToString())
     out.print(f"wrote {onnx_out} ({onnx_out.stat().st_size:,} bytes) from {container} "
               f"({container.stat().st_size:,} bytes)")
+
+
+@app.command()
+@_errors
+def deploy(model: Annotated[str, typer.Argument(help="An .nsz container of a quantized model, or an int8 .tflite.")],
+           target: Annotated[str, typer.Option("--target", help="Vela's accelerator: ethos-u55-128, ethos-u65-256, "
+                                                                  "ethos-u85-256, ...")] = "ethos-u55-128",
+           system_config: Annotated[str | None, typer.Option(
+               "--system-config", help="A System_Config of Vela's Arm/vela.ini (default: one per accelerator).")] = None,
+           memory_mode: Annotated[str | None, typer.Option(
+               "--memory-mode", help="A Memory_Mode of Vela's Arm/vela.ini (default: one per accelerator).")] = None,
+           out_path: Annotated[Path | None, typer.Option(
+               "--out", help="The compiled model to write (default: MODEL's name with _vela.tflite, beside it).")] = None,
+           tflite: Annotated[Path | None, typer.Option(
+               "--tflite", help="Also keep the int8 TFLite file Vela compiled (from an .nsz).")] = None,
+           report: Annotated[Path | None, typer.Option("--report", help="Vela's figures as JSON.")] = None,
+           input_shape: Annotated[str | None, typer.Option(
+               help="One sample's shape (like 3,48,320), where the model's is symbolic.")] = None) -> None:
+    """Compile MODEL for an Arm Ethos-U NPU with Vela (in process, with an explicit configuration)
+    and report Vela's own figures: operators on the NPU and the CPU, NPU cycles, inference time,
+    SRAM, flash, weight bytes before and after Vela's encoding."""
+    from nnshrink.deploy import ethos_u
+
+    ethos_u._vela()  # not installed: one line, before any work
+    if target not in ethos_u.TARGETS:
+        raise ConfigError(f"unknown Ethos-U target {target!r}; choose one of {', '.join(ethos_u.TARGETS)}")
+    src = Path(model)
+    if out_path is None:
+        out_path = src.with_name(f"{src.stem}_vela.tflite")
+    _check_outputs([model], out=out_path, tflite=tflite, report=report)
+    if src.suffix.lower() == ".tflite":
+        if not src.is_file():
+            raise FileNotFoundError(f"no such file: {model}")
+        data_ = src.read_bytes()
+    else:
+        data_ = _tflite_of(model, input_shape)
+        if tflite is not None:
+            from nnshrink.cache import atomic_write_bytes
+
+            atomic_write_bytes(tflite, data_)
+    with spinner(f"compiling for {target} with Vela"):
+        figures = ethos_u.compile_for(data_, target, out_path, system_config, memory_mode, name=src.stem)
+    if report is not None:
+        from nnshrink.report import write_json
+
+        write_json(report, {"schema": "nnshrink.deploy/1", "model": str(model), "deploy": figures})
+    out.print(ethos_u.summary_line(figures))
+    for op in figures["cpu_ops"]:
+        out.print(f"  on the CPU: {op['op']} {op['name']!r}: {op['reason'] or 'no reason given'}")
+    if figures["compiler"] != "default":
+        out.print(f"  Vela: {figures['compiler']}")
+    out.print(f"wrote {out_path}" + (f" and {report}" if report else ""))
 
 
 @app.command()

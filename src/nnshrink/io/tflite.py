@@ -912,3 +912,39 @@ def quantize_input(graph_or_model, x: np.ndarray) -> np.ndarray:
     elif layout == "nlc":
         q = q.transpose(NLC)[:, None]
     return np.ascontiguousarray(q).astype(np.int8)
+
+
+def litert_run(data: bytes, x: np.ndarray, reference: bool = True) -> list[np.ndarray]:
+    """Run an int8 TFLite model with LiteRT on float inputs ``x`` (torch layout, any batch; one
+    sample at a time, as written), and return its outputs dequantized, in torch layout.
+
+    ``reference`` (default): TFLite's reference kernels (``OpResolverType.BUILTIN_REF``), the ones
+    the integer reference equals; else LiteRT's default path (XNNPACK), which rounds some
+    requantizations differently.
+    """
+    try:
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    except ImportError as exc:
+        raise ConfigError("running TFLite needs LiteRT: pip install 'nnshrink[tflite]'") from exc
+    kind = OpResolverType.BUILTIN_REF if reference else OpResolverType.AUTO
+    it = Interpreter(model_content=data, experimental_op_resolver_type=kind, num_threads=1)
+    it.allocate_tensors()
+    (inp,), outs = it.get_input_details(), it.get_output_details()
+    s, z = inp["quantization"]
+    x = np.asarray(x, np.float32)
+    results: list[list[np.ndarray]] = [[] for _ in outs]
+    want = tuple(inp["shape"][1:])
+    for i in range(len(x)):
+        xi = x[i:i + 1]
+        if xi.ndim == 4 and tuple(xi.shape[1:]) != want:
+            xi = xi.transpose(NHWC)
+        elif xi.ndim == 3 and len(want) == 3 and tuple(xi.shape[1:]) != want:
+            xi = xi.transpose(NLC)[:, None]
+        q = np.clip(np.rint(xi / np.float32(s)) + z, -128, 127).astype(np.int8)
+        it.set_tensor(inp["index"], q.reshape(inp["shape"]))
+        it.invoke()
+        for k, o in enumerate(outs):
+            os_, oz = o["quantization"]
+            v = (it.get_tensor(o["index"]).astype(np.float32) - oz) * np.float32(os_)
+            results[k].append(v.transpose(0, 3, 1, 2) if v.ndim == 4 else v)
+    return [np.concatenate(r) for r in results]
