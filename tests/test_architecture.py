@@ -20,6 +20,7 @@ ALLOWED = {
     "plan": {"data", "errors", "graph"},
     "search": {"cache", "errors", "graph", "io", "plan", "progress", "techniques"},
     "report": {"cache", "graph"},
+    "deploy": {"cache", "errors"},
     "testing": set(),
 }
 

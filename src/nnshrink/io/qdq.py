@@ -576,8 +576,10 @@ def graph_from_qdq(proto, example_input: torch.Tensor | None = None, target: str
     graph = freeze(sim)
     for name, lq in graph.layers.items():
         rec = layers[name]
-        lq.q, lq.scale, lq.zp = rec["q"].reshape(lq.q.shape), rec["scale"].reshape(lq.scale.shape), \
-            rec["zp"].reshape(lq.zp.shape)
+        lq.q = rec["q"].reshape(lq.q.shape)
+        lq.scale = np.broadcast_to(rec["scale"], lq.scale.shape).astype(np.float32)  # one scale per tensor: per channel
+        lq.zp = np.broadcast_to(rec["zp"], lq.zp.shape).astype(np.int64)
         if "bias" in rec:
-            lq.bias, lq.bias_scale = rec["bias"].reshape(-1), rec["bias_scale"].reshape(-1)
+            lq.bias = rec["bias"].reshape(-1)
+            lq.bias_scale = np.broadcast_to(rec["bias_scale"].reshape(-1), lq.bias.shape).astype(np.float32)
     return graph

@@ -144,7 +144,7 @@ class _Model:
                 b.StartVector(1, len(data), 16)  # 16-byte aligned data, as TFLite's writer does
                 b.head = b.head - len(data)
                 b.Bytes[b.head:b.head + len(data)] = data
-                off = b.EndVector(len(data)) if _end_takes_length() else b.EndVector()
+                off = b.EndVector()
             _m("Buffer").Start(b)
             if off is not None:
                 _m("Buffer").AddData(b, off)
@@ -228,14 +228,6 @@ class _Model:
         mm.AddBuffers(b, b_vec)
         b.Finish(mm.End(b), file_identifier=b"TFL3")
         return bytes(b.Output())
-
-
-def _end_takes_length() -> bool:
-    import inspect
-
-    import flatbuffers
-
-    return len(inspect.signature(flatbuffers.Builder.EndVector).parameters) > 1
 
 
 def _act_code(act: str | None) -> int:
