@@ -92,6 +92,24 @@ def _int8(result, model, data):
     assert all(sim.weight_quantizer(op.name).qmax == 63 for op in sim.layer_ops())  # capped at 7 bits
 
 
+def _int8_npu(result, model, data):
+    pytest.importorskip("ai_edge_litert")
+    from nnshrink.io.tflite import litert_run, to_tflite
+
+    sim = result.model
+    assert sim.is_quant_sim and sim.target == "npu"
+    assert all(sim.weight_quantizer(op.name).qmax == 127 for op in sim.layer_ops())  # full-range int8
+    x, y = data.tensors("test", 500)
+    tfl = float((litert_run(to_tflite(sim), x.numpy())[0].argmax(1) == y.numpy()).mean())
+    assert tfl >= ns_accuracy(sim, data) - 0.002  # the int8 TFLite file holds the accuracy (1 of 500)
+
+
+def ns_accuracy(model, data):
+    import nnshrink as ns
+
+    return ns.zoo.accuracy(model, data, "test", limit=500)
+
+
 def _w4a8(result, model, data):
     sim = result.model
     assert all(sim.weight_quantizer(op.name).qmax == 7 for op in sim.layer_ops())
@@ -155,7 +173,7 @@ def _budget(result, model, data):
 
 _CHECKS = {"astc.yaml": ("lenet300", _astc), "budget.yaml": ("lenet300", _budget), "fold-bn.yaml": ("resnet8", _fold_bn), "finetune.yaml": ("resnet8", _finetune),
            "int4-weights.yaml": ("lenet300", _weights(4)), "int3-gptq.yaml": ("lenet300", _int3_gptq), "int8-weights.yaml": ("lenet300", _weights(8)),
-           "int8.yaml": ("lenet300", _int8), "w4a8-qat.yaml": ("lenet300", _w4a8),
+           "int8.yaml": ("lenet300", _int8), "int8-npu.yaml": ("lenet300", _int8_npu), "w4a8-qat.yaml": ("lenet300", _w4a8),
            "mixed-precision.yaml": ("lenet300", _mixed),
            "deep-compression.yaml": ("lenet300", _deep_compression), "svd-cp-0.5.yaml": ("lenet300", _svd_cp)}
 
@@ -183,6 +201,6 @@ def test_the_json_and_yaml_blocks_of_the_docs_are_what_nnshrink_reads_and_writes
 
     text = (ROOT / "docs" / "cli.md").read_text()
     docs = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", text, re.S)]
-    assert {d["schema"] for d in docs} >= {"nnshrink.analysis/1", "nnshrink.report/1"}
+    assert {d["schema"] for d in docs} >= {"nnshrink.analysis/1", "nnshrink.report/1", "nnshrink.deploy/1"}
     plans = [ns.Plan.from_dict(yaml.safe_load(b)) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
     assert plans and all(p.steps for p in plans)

@@ -31,7 +31,7 @@ _LAZY = {
     "data": "nnshrink.data", "zoo": "nnshrink.zoo",
     "analyze": "nnshrink.graph", "build_dependency_graph": "nnshrink.graph", "fold_batchnorms": "nnshrink.graph",
     "replace_module": "nnshrink.graph",
-    "export_onnx": "nnshrink.io", "load": "nnshrink.io", "load_model": "nnshrink.io", "save": "nnshrink.io",
+    "export_onnx": "nnshrink.io", "export_tflite": "nnshrink.io.tflite", "load": "nnshrink.io", "load_model": "nnshrink.io", "save": "nnshrink.io",
     "FineTune": "nnshrink.plan", "FoldBatchNorm": "nnshrink.plan", "Plan": "nnshrink.plan", "compress": "nnshrink.plan",
     "Astc": "nnshrink.techniques", "Pruner": "nnshrink.techniques", "QuantizeWeights": "nnshrink.techniques",
     "ShareWeights": "nnshrink.techniques", "Sparsify": "nnshrink.techniques",
@@ -40,7 +40,7 @@ _LAZY = {
 __all__ = [
     "ConfigError", "CorruptDataError", "DataError", "FineTune", "FoldBatchNorm", "FormatError",
     "InputShapeError", "NnshrinkError", "Plan", "UnsupportedLayerError", "UnsupportedModelError",
-    "UnsupportedOpError", "analyze", "build_dependency_graph", "compress", "data", "export_onnx",
+    "UnsupportedOpError", "analyze", "build_dependency_graph", "compress", "data", "export_onnx", "export_tflite",
     "Astc", "Pruner", "QuantizeWeights", "ShareWeights", "Sparsify", "fold_batchnorms", "load", "load_model",
     "replace_module", "save", "zoo",
 ]

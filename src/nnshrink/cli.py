@@ -778,6 +778,28 @@ def _demo_int8_ptq(model, dataset, x, f32: int, acc: float) -> None:
     pred = sess.run(None, {"input": xt.numpy()})[0].argmax(1)
     out.print(f"ONNX Runtime, integer kernels (QLinearConv, QGemm), from the same file: "
               f"[bold]{float((pred == yt.numpy()).mean()):.2%}[/bold]")
+    _demo_ethos_u(proto, x, xt, yt)
+
+
+def _demo_ethos_u(proto, x, xt, yt) -> None:
+    """The same container as the int8 TFLite file Ethos-U takes: LiteRT's accuracy, Vela's figures."""
+    from nnshrink.io.qdq import graph_from_qdq
+    from nnshrink.io.tflite import litert_run, to_tflite
+
+    try:
+        from nnshrink.deploy import ethos_u
+
+        ethos_u._vela()
+        data_ = to_tflite(graph_from_qdq(proto, x[:1]), x[:1])
+        with spinner("int8 TFLite in LiteRT, then Vela for Ethos-U55-128"):
+            pred = litert_run(data_, xt.numpy())[0].argmax(1)
+            figures = ethos_u.compile_for(data_, "ethos-u55-128", name="lenet5")
+    except ConfigError as exc:  # LiteRT or Vela not installed
+        out.print(f"skipping the Ethos-U deployment: {exc}")
+        return
+    out.print(f"the container as int8 TFLite ({len(data_):,} B, bit-exact against the integer reference): "
+              f"LiteRT accuracy [bold]{float((pred == yt.numpy()).mean()):.2%}[/bold]; Vela, "
+              + ethos_u.summary_line(figures))
 
 
 def _demo_mac_reduction(model, dataset, x, macs: int, acc: float) -> None:
