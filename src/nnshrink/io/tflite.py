@@ -269,10 +269,7 @@ class _Writer:
         self.env = self.ref.run(example.detach().numpy().astype(np.float32))
         self.values: dict[str, _Value] = {}
         self.cache: dict[tuple, int] = {}
-        self.users: dict[str, list] = {}
-        for op in graph.ops:
-            for i in op.inputs:
-                self.users.setdefault(i, []).append(op)
+        self.by_name = {op.name: op for op in graph.ops}
 
     # -- tensors --------------------------------------------------------------------------------
     def tq(self, name: str) -> TensorQ:
@@ -383,10 +380,8 @@ class _Writer:
         src, t = self.get(name, layout), self.tq(name)
         if float(t.scale) == float(to.scale) and self.zp8(t) == self.zp8(to):
             return src
-        v = self.values[name]
         idx = self.act_tensor(f"{name}/{label}", self.m.tensors[src].shape, to)
         self.m.op("QUANTIZE", [src], [idx], None, 2)
-        del v
         return idx
 
     # -- ops ------------------------------------------------------------------------------------------
@@ -559,7 +554,7 @@ class _Writer:
         v = self.values.get(src)
         if op.op_type == "MaxPool":
             return self.maxpool(op)
-        if op.op_type == "Relu":
+        if op.op_type == "Relu" and v is not None:
             out = self.out(op.name, v.layout)
             self.values[op.name].perm, self.values[op.name].source = v.perm, v.source
             return self.m.op("RELU", [v.tensor], [out], None, 2)
@@ -600,9 +595,7 @@ class _Writer:
         return np.rint(value.numpy()).astype(np.int64) - 1, root
 
     def g_op(self, name: str):
-        if not hasattr(self, "_ops"):
-            self._ops = {o.name: o for o in self.g.ops}
-        return self._ops.get(name)
+        return self.by_name.get(name)
 
     def env_torch(self, name: str):
         v = self.env[name]
@@ -678,14 +671,12 @@ class _Writer:
         inside = np.argwhere(probe >= 0)
         lo, hi = inside.min(0), inside.max(0)
         pads = [(int(lo[d]), int(out_shape[d] - 1 - hi[d])) for d in range(len(in_shape))]
-        v = self.values[root]
         layout = "nhwc" if len(in_shape) == 4 else "plain"
         x = self.get(root, layout)
         if layout == "nhwc":
             pads = [pads[i] for i in NHWC]
         idx = self.pad(x, root, pads, op.name)
         self.values[op.name] = _Value(idx, layout, out_shape)
-        del v
 
     def maxpool(self, op) -> None:
         name = op.inputs[0]
