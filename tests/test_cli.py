@@ -353,3 +353,22 @@ def test_export_of_an_imported_model_keeps_its_interface(capsys, tmp_path, dbnet
     assert code == 0, err
     dims = [d.dim_param or d.dim_value for d in onnx.load(str(target)).graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", 1, "height", "width"]
+
+
+def test_compress_deploy_puts_velas_figures_and_the_tflite_accuracy_in_the_report(capsys, tmp_path, lenet5_trained,
+                                                                                  mnist):
+    pytest.importorskip("ethosu.vela")
+    pytest.importorskip("ai_edge_litert")
+    out_file, report = tmp_path / "q.nsz", tmp_path / "q.json"
+    code, out, err = _run(capsys, "compress", "lenet5", "--plan", str(PLANS / "int8-npu.yaml"), "--out", str(out_file),
+                          "--report", str(report), "--deploy", "ethos-u55-128")
+    assert code == 0, err
+    d = json.loads(report.read_text())
+    deploy = d["deploy"]
+    assert deploy["target"] == "ethos-u55-128" and deploy["cpu_operators"] == 0 and deploy["cycles_npu"] > 0
+    assert deploy["weight_bytes_encoded"] > 0 and deploy["flash_bytes"] > 0 and not deploy["warnings"]
+    assert abs(deploy["tflite_accuracy"] - d["after"]["accuracy"]) <= 0.001  # the same integers: one digit at most
+    assert (tmp_path / "q_vela.tflite").read_bytes()[4:8] == b"TFL3" and "NPU cycles" in out
+    code, _, err = _run(capsys, "compress", "lenet5", "--plan", str(PLANS / "fold-bn.yaml"), "--out",
+                        str(tmp_path / "f.nsz"), "--report", str(tmp_path / "f.json"), "--deploy", "ethos-u55-128")
+    assert code == 2 and "quantize step" in err and not (tmp_path / "f.nsz").exists()
