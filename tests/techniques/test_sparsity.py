@@ -189,3 +189,26 @@ def test_layers_sparse_kernels_or_reconstruction_cannot_take_stay_dense_and_are_
     for layer in (out[4], out[6]):  # 2:4: two of every four consecutive inputs
         groups = (layer.weight.reshape(layer.weight.shape[0], -1, 4) != 0).sum(-1)
         assert bool((groups <= 2).all())
+
+
+def test_n_m_groups_along_input_channels_as_ethos_u85_takes_them():
+    from nnshrink.errors import ConfigError
+    from nnshrink.techniques import Sparsify
+    from nnshrink.techniques.sparsity import n_m_mask
+
+    w = torch.randn(6, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+    mask = n_m_mask(w, 2, 4, "channels")
+    groups = mask.permute(0, 2, 3, 1).reshape(6, 3, 3, 2, 4)  # (out, kh, kw, in / 4, 4)
+    assert (groups.sum(-1) == 2).all()
+    kept = (w.abs() * mask).permute(0, 2, 3, 1).reshape(-1, 4)
+    dropped = (w.abs() * (1 - mask)).permute(0, 2, 3, 1).reshape(-1, 4)
+    assert (kept.max(1).values >= dropped.max(1).values).all()  # the largest of each group kept
+    assert not torch.equal(mask, n_m_mask(w, 2, 4, "k"))  # a different grouping than along the rows
+    lin = torch.randn(5, 8)
+    assert torch.equal(n_m_mask(lin, 2, 4, "channels"), n_m_mask(lin, 2, 4, "k"))
+    with pytest.raises(ConfigError, match="input channels divisible by 4"):
+        n_m_mask(torch.randn(4, 6, 3, 3), 2, 4, "channels")
+    with pytest.raises(ConfigError, match="nm_groups"):
+        Sparsify(pattern="2:4", nm_groups="channels", reconstruct="sparsegpt")
+    with pytest.raises(ConfigError, match="nm_groups"):
+        Sparsify(pattern="2:4", nm_groups="rows")
