@@ -87,13 +87,12 @@ def _rounding_divide_by_pot(x: np.ndarray, exponent: np.ndarray) -> np.ndarray:
 
 
 def multiply_by_quantized_multiplier(x: np.ndarray, mult: np.ndarray, shift: np.ndarray,
-                                     single: bool = True) -> np.ndarray:
+                                     single: bool = False) -> np.ndarray:
     """TFLite's ``MultiplyByQuantizedMultiplier``: ``x * mult * 2**(shift - 31)`` with rounding.
 
-    ``single``: one rounding, half up, of the exact 64-bit product (TFLite's
-    ``TFLITE_SINGLE_ROUNDING`` form, which LiteRT's FULLY_CONNECTED uses). Else gemmlowp's two
-    roundings (a rounding doubling high multiply, then a rounding right shift), as its other
-    int8 kernels do. The two differ by 1 where the product lies just below a half."""
+    Default: gemmlowp's two roundings (a rounding doubling high multiply, then a rounding right
+    shift), as LiteRT's int8 kernels do; ``single``: one rounding, half up, of the exact 64-bit
+    product (TFLite's ``TFLITE_SINGLE_ROUNDING`` form, which LiteRT's FULLY_CONNECTED uses). The two differ by 1 where the product lies just below a half."""
     shift = np.asarray(shift, np.int64)
     x = np.asarray(x, np.int64)
     if single:
