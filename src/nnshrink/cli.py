@@ -215,7 +215,7 @@ def export(model: Annotated[str, typer.Argument(help="Zoo name, model file or .n
         raise ConfigError("export needs --out FILE.onnx, --astc FOLDER or --tflite FILE.tflite")
     _check_outputs([model], out=out_path, tflite=tflite)
     if tflite is not None:
-        data_ = _tflite_of(model, input_shape)
+        data_ = _tflite_of(model, _input_for(None, None, input_shape) if input_shape else None)
         from nnshrink.cache import atomic_write_bytes
 
         atomic_write_bytes(tflite, data_)
@@ -244,8 +244,9 @@ def export(model: Annotated[str, typer.Argument(help="Zoo name, model file or .n
     out.print(f"wrote {out_path} ({out_path.stat().st_size:,} bytes)")
 
 
-def _tflite_of(model: str, input_shape: str | None) -> bytes:
-    """The int8 TFLite flatbuffer of a quantized container (or QDQ ONNX file nnshrink wrote)."""
+def _tflite_of(model: str | Path, example=None) -> bytes:
+    """The int8 TFLite flatbuffer of a quantized container (or QDQ ONNX file nnshrink wrote);
+    ``example``: one input, where the model's shape is symbolic."""
     from nnshrink.io.qdq import graph_from_qdq
     from nnshrink.io.tflite import to_tflite
 
@@ -263,7 +264,6 @@ def _tflite_of(model: str, input_shape: str | None) -> bytes:
         from nnshrink.io.onnx_import import read_onnx
 
         proto = read_onnx(model)
-    example = _input_for(None, None, input_shape) if input_shape else None
     with spinner("writing int8 TFLite"):
         return to_tflite(graph_from_qdq(proto, example), example)
 
@@ -507,12 +507,8 @@ def _deploy_container(path: Path, x, target: str, vela_out: Path, dataset) -> di
     """Vela's figures for the int8 TFLite of the container just written (read back from disk), and
     the TFLite file's accuracy in LiteRT's reference kernels where the data is labelled."""
     from nnshrink.deploy import ethos_u
-    from nnshrink.io import read_onnx_from_container
-    from nnshrink.io.qdq import graph_from_qdq
-    from nnshrink.io.tflite import to_tflite
 
-    with spinner("writing int8 TFLite from the container"):
-        data_ = to_tflite(graph_from_qdq(read_onnx_from_container(path), x[:1]), x[:1])
+    data_ = _tflite_of(path, x[:1])
     with spinner(f"compiling for {target} with Vela"):
         figures = ethos_u.compile_for(data_, target, vela_out, name=path.stem)
     figures["tflite_accuracy"] = None
@@ -664,7 +660,7 @@ def deploy(model: Annotated[str, typer.Argument(help="An .nsz container of a qua
             raise FileNotFoundError(f"no such file: {model}")
         data_ = src.read_bytes()
     else:
-        data_ = _tflite_of(model, input_shape)
+        data_ = _tflite_of(model, _input_for(None, None, input_shape) if input_shape else None)
         if tflite is not None:
             from nnshrink.cache import atomic_write_bytes
 

@@ -562,8 +562,9 @@ def graph_from_qdq(proto, example_input: torch.Tensor | None = None, target: str
     if "input" in sim.aq:
         inputs = [i.name for i in g.input if i.name not in inits]
         found.setdefault("input", act.get(inputs[0]) if inputs else None)
+    names = {key(op.name): op.name for op in sim.ops}
     for k, aq in sim.aq.items():
-        name = next((op.name for op in sim.ops if key(op.name) == k), k)
+        name = names.get(k, k)
         params = found.get(name)
         if params is None:
             raise UnsupportedModelError(f"{name!r} is integer on the {target} target, but the file keeps it in float "

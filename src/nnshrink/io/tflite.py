@@ -339,9 +339,7 @@ class _Writer:
             return self.cache[(name, layout)]
         shape, t = v.shape, self.tq(name)
         if np.array_equal(self.perm_of(shape, v.layout, v.perm), self.perm_of(shape, layout)):
-            idx = self.act_tensor(f"{name}/{layout}", self.tfl_shape(shape, layout), t)
-            self.m.op("RESHAPE", [v.tensor, self.m.const_i32(f"{name}/{layout}/shape", self.tfl_shape(shape, layout))],
-                      [idx], ("ReshapeOptions", {}))
+            idx = self.reshape(v.tensor, self.tfl_shape(shape, layout), f"{name}/{layout}", t)
         else:
             src = v.tensor
             if v.layout == "flat":  # flattened from an NHWC tensor: go back to it, in torch order
@@ -366,9 +364,14 @@ class _Writer:
         return idx
 
     def reshape(self, src: int, shape, name: str, t: TensorQ) -> int:
+        """A new tensor ``name``: ``src`` reshaped to ``shape``."""
         idx = self.act_tensor(name, shape, t)
-        self.m.op("RESHAPE", [src, self.m.const_i32(name + "/shape", shape)], [idx], ("ReshapeOptions", {}))
+        self.emit_reshape(src, idx, name)
         return idx
+
+    def emit_reshape(self, src: int, out: int, name: str) -> None:
+        self.m.op("RESHAPE", [src, self.m.const_i32(name + "/shape", self.m.tensors[out].shape)], [out],
+                  ("ReshapeOptions", {}))
 
     def transpose(self, src: int, axes, shape, name: str, t: TensorQ) -> int:
         idx = self.act_tensor(name, shape, t)
@@ -605,24 +608,19 @@ class _Writer:
         v = self.values[root]
         out_shape = self.shape(op.name)
         src_perm = self.perm_of(v.shape, v.layout, v.perm)
-        for layout in ("nhwc",) if len(out_shape) == 4 else ("plain",):
-            if np.array_equal(src_perm, self.perm_of(out_shape, layout)):
-                out = self.out(op.name, layout)
-                self.m.op("RESHAPE", [v.tensor, self.m.const_i32(op.name + "/shape", self.m.tensors[out].shape)],
-                          [out], ("ReshapeOptions", {}))
-                return
+        layout = "nhwc" if len(out_shape) == 4 else "plain"
+        if np.array_equal(src_perm, self.perm_of(out_shape, layout)):  # the same order: a plain RESHAPE
+            self.emit_reshape(v.tensor, self.out(op.name, layout), op.name)
+            return
         if len(out_shape) == 2 and v.layout in ("nhwc", "nlc", "flat"):
             out = self.out(op.name, "flat")
             self.values[op.name].perm = src_perm
             self.values[op.name].source = root if v.layout != "flat" else v.source
-            self.m.op("RESHAPE", [v.tensor, self.m.const_i32(op.name + "/shape", out_shape)], [out],
-                      ("ReshapeOptions", {}))
+            self.emit_reshape(v.tensor, out, op.name)
             return
         x = self.get(root, "plain")
-        layout = "nhwc" if len(out_shape) == 4 else "plain"
         if layout == "plain":
-            out = self.out(op.name, "plain")
-            self.m.op("RESHAPE", [x, self.m.const_i32(op.name + "/shape", out_shape)], [out], ("ReshapeOptions", {}))
+            self.emit_reshape(x, self.out(op.name, "plain"), op.name)
         else:
             r = self.reshape(x, out_shape, op.name + "/torch", self.tq(op.name))
             self.values[op.name] = _Value(r, "plain", out_shape)
