@@ -19,7 +19,7 @@ ALLOWED = {
     "io": {"cache", "codec", "errors", "graph", "progress", "techniques", "zoo"},
     "plan": {"data", "errors", "graph"},
     "search": {"cache", "errors", "graph", "io", "plan", "progress", "techniques"},
-    "report": {"cache", "graph"},
+    "report": {"cache", "errors", "graph"},
     "deploy": {"cache", "errors"},
     "testing": set(),
 }

@@ -47,7 +47,7 @@ def test_compress_writes_output_and_a_report_measured_from_it(capsys, tmp_path, 
                           "--out", str(out_file), "--report", str(report))
     assert code == 0, err
     doc = json.loads(report.read_text())
-    assert doc["schema"] == "nnshrink.report/1"
+    assert doc["schema"] == "nnshrink.report/2"
     for side in ("before", "after"):
         assert set(doc[side]) >= {"accuracy", "macs", "params", "bytes"}
     assert doc["after"]["bytes"] == out_file.stat().st_size

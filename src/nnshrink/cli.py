@@ -355,6 +355,8 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
                                     "accuracy with --data, the metric's own units with --eval or --calib.")] = None,
              plot: Annotated[Path | None, typer.Option(
                  "--plot", help="With a budget step: its candidates' metric against size, as a PNG.")] = None,
+             html_out: Annotated[Path | None, typer.Option(
+                 "--html", help="The report as one self-contained HTML page (plots, per-layer table).")] = None,
              deploy_to: Annotated[str | None, typer.Option(
                  "--deploy", help="With a quantize step: compile the container's int8 TFLite for this Ethos-U "
                                   "(ethos-u55-128, ...) with Vela, write OUT_vela.tflite, and put Vela's figures "
@@ -379,10 +381,10 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
     from nnshrink.graph import analyze as run_analysis
     from nnshrink.io import describe, load, save
     from nnshrink.plan import Plan, compress as run_plan
-    from nnshrink.report import compress_report, layer_rows, summary, write_json
+    from nnshrink.report import write_json
 
     _check_outputs([model, plan, data if calib is None else calib, eval_spec.rpartition(":")[0] if eval_spec else None],
-                   out=out_path, report=report, plot=plot)
+                   out=out_path, report=report, plot=plot, html=html_out)
     if plan is None and target is None and max_drop is None:
         raise ConfigError("compress needs --plan PLAN.yaml, or a budget: --target size=25KB|ratio=100x and/or --max-drop")
     the_plan = Plan.from_yaml(plan) if plan is not None else Plan([])
@@ -437,7 +439,7 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
         if not any(st.kind == "quantize" for st in the_plan.steps):
             raise ConfigError("--deploy compiles an int8 model: the plan needs a quantize step (target: npu; "
                               "see examples/plans/int8-npu.yaml)")
-        _check_outputs([model, plan], out=out_path, report=report, plot=plot, vela=vela_out)
+        _check_outputs([model, plan], out=out_path, report=report, plot=plot, html=html_out, vela=vela_out)
     if plot is not None and not any(st.kind == "budget" for st in the_plan.steps):
         raise ConfigError("--plot draws a budget step's candidates; give --target or --max-drop, or a plan with a "
                           "budget step")
@@ -446,8 +448,6 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
     before_info = run_analysis(m, x)
     before_value = score(m)
     labelled = dataset is not None and not user_eval  # "accuracy" keeps its meaning in the report
-    before = summary(before_info, before_value if labelled else None, before_info.total_bytes)
-    before["metric"] = {"name": metric_name, "value": before_value}
     result = run_plan(m, the_plan, x, evaluate=evaluate, train=train, calib=calib_source)
     # the report is measured from the file written, read back from disk, never from memory
     with spinner(f"writing {out_path.name}"):
@@ -455,23 +455,25 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
         digest = _sha256(out_path)
         written = load(out_path)
         streams = describe(out_path)
-    after_info = run_analysis(written, x)
     after_value = score(written)
-    after = summary(after_info, after_value if labelled else None, out_path.stat().st_size)
-    after["metric"] = {"name": metric_name, "value": after_value}
+    doc = _report_doc(model, the_plan, dataset.name if dataset is not None else str(calib), metric_name, labelled,
+                      (before_info, before_value), (run_analysis(written, x), after_value), result, out_path,
+                      streams, seed)
+    before, after = doc["before"], doc["after"]
     if held is not None:
         after["fidelity"] = fidelity_of(written)
     if _sha256(out_path) != digest:  # another run wrote the same --out meanwhile
         raise ConfigError(f"{out_path} changed while this run measured it (another run writing the same --out?); "
                           "the report was not written")
-    steps = [{"step": r.step, "details": r.details, "skipped": r.skipped} for r in result.steps]
-    doc = compress_report(model, the_plan.to_dict(), dataset.name if dataset is not None else str(calib),
-                          before, after, layer_rows(before_info, after_info, streams), steps, str(out_path), "nsz",
-                          streams)
     doc["container_sha256"] = digest
     if deploy_to is not None:
         doc["deploy"] = _deploy_container(out_path, x, deploy_to, vela_out, dataset if labelled else None)
     write_json(report, doc)
+    if html_out is not None:
+        from nnshrink.report.html import write_html
+
+        with spinner(f"writing {html_out.name}"):
+            write_html(html_out, doc)
     if plot is not None:
         _budget_plot(result.steps, before_info.total_bytes, plot)
         out.print(f"plot: {plot}")
@@ -500,7 +502,50 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
         if d.get("tflite_accuracy") is not None:
             out.print(f"int8 TFLite in LiteRT (reference kernels): accuracy {d['tflite_accuracy']:.2%}")
         out.print(f"wrote {vela_out}")
-    out.print(f"wrote {out_path} and {report}")
+    out.print(f"wrote {out_path} and {report}" + (f" and {html_out}" if html_out else ""))
+
+
+def _report_doc(model: str, plan, data: str, metric_name: str, labelled: bool, before_side: tuple, after_side: tuple,
+                result, path: Path, streams: list, seed: int) -> dict:
+    """The compress report of ``result`` written to ``path``: ``before_side`` and ``after_side`` are
+    (analysis, metric value), the after one measured from the file read back."""
+    from nnshrink.report import compress_report, layer_rows, summary
+
+    (before_info, before_value), (after_info, after_value) = before_side, after_side
+    before = summary(before_info, before_value if labelled else None, before_info.total_bytes)
+    before["metric"] = {"name": metric_name, "value": before_value}
+    after = summary(after_info, after_value if labelled else None, path.stat().st_size)
+    after["metric"] = {"name": metric_name, "value": after_value}
+    steps = [{"step": r.step, "details": r.details, "skipped": r.skipped} for r in result.steps]
+    return compress_report(model, plan.to_dict(), data, before, after, layer_rows(before_info, after_info, streams),
+                           steps, str(path), "nsz", streams, run={"seed": seed})
+
+
+@app.command("report")
+@_errors
+def report_cmd(report: Annotated[Path, typer.Argument(help="A report JSON of 'nnshrink compress' (schema /1 or /2).")],
+               html_out: Annotated[Path | None, typer.Option(
+                   "--html", help="Write it as one self-contained HTML page.")] = None) -> None:
+    """Summarise a compress report, and write it as a self-contained HTML page with --html."""
+    from nnshrink.report import read_report
+
+    _check_outputs([report], html=html_out)
+    doc = read_report(report)
+    before, after = doc["before"], doc["after"]
+    metric = doc["run"].get("metric") or "metric"
+
+    def value(side):
+        v = (side.get("metric") or {}).get("value", side.get("accuracy"))
+        return "n/a" if v is None else f"{v:.2%}" if before.get("accuracy") is not None else f"{v:.4g}"
+    ratio = before["bytes"] / after["bytes"] if after.get("bytes") else float("nan")
+    out.print(f"{doc['run'].get('model')}: {metric} {value(before)} -> {value(after)}; bytes {before['bytes']:,} -> "
+              f"{after['bytes']:,} ({ratio:.1f}x); MACs {before['macs']:,} -> {after['macs']:,}; "
+              f"{len(doc['layers'])} layers, {len(doc['skipped'])} left alone by a step")
+    if html_out is not None:
+        from nnshrink.report.html import write_html
+
+        write_html(html_out, doc)
+        out.print(f"wrote {html_out} ({html_out.stat().st_size:,} bytes)")
 
 
 def _deploy_container(path: Path, x, target: str, vela_out: Path, dataset) -> dict:
@@ -683,6 +728,8 @@ def deploy(model: Annotated[str, typer.Argument(help="An .nsz container of a qua
 @_errors
 def demo(data: DataOpt = "mnist",
          plot: Annotated[Path, typer.Option(help="Where to write the accuracy-vs-size plot.")] = Path("nnshrink-frontier.png"),
+         html_out: Annotated[Path, typer.Option(
+             "--html", help="Where to write the budget search's report page.")] = Path("nnshrink-report.html"),
          quick: Annotated[bool, typer.Option(help="Skip MAC reduction and the budget search.")] = False) -> None:
     """The main job on the bundled data: LeNet-5 analysed, quantized, deep-compressed, measured."""
     import tempfile
@@ -697,7 +744,7 @@ def demo(data: DataOpt = "mnist",
 
     import torch
 
-    _check_outputs([data], plot=None if quick else plot)
+    _check_outputs([data], plot=None if quick else plot, html=None if quick else html_out)
     dataset = load_dataset(data)
     out.rule("nnshrink demo: LeNet-5 (Caffe) on bundled MNIST")
     out.print(f"data: {dataset.name}, {len(dataset.arrays('train')[1])} train / "
@@ -731,7 +778,7 @@ def demo(data: DataOpt = "mnist",
     _demo_astc(model, dataset, x, f32, acc)
     if not quick:
         _demo_mac_reduction(model, dataset, x, info.total_macs, acc)
-        _demo_budget(model, dataset, x, f32, acc, plot)
+        _demo_budget(model, dataset, x, f32, acc, plot, html_out)
 
 
 def _demo_int8_ptq(model, dataset, x, f32: int, acc: float) -> None:
@@ -822,22 +869,36 @@ def _demo_mac_reduction(model, dataset, x, macs: int, acc: float) -> None:
               f"({time.perf_counter() - start:.0f} s)")
 
 
-def _demo_budget(model, dataset, x, f32: int, acc: float, plot: Path) -> None:
+def _demo_budget(model, dataset, x, f32: int, acc: float, plot: Path, html_out: Path) -> None:
     """The smallest LeNet-5 within 0.2 point: the budget step's search over per-layer pruning and
     sharing, every retrained candidate shown and plotted."""
+    import tempfile
+
     from nnshrink import zoo
+    from nnshrink.graph import analyze as run_analysis
+    from nnshrink.io import describe, load, save
     from nnshrink.plan import Plan, compress as run_plan
+    from nnshrink.report.html import write_html
     from nnshrink.search.budget import Budget
 
     val_images = len(dataset.arrays("val")[1])
     out.rule("The smallest LeNet-5 within 0.2 point: per-layer pruning + sharing searched for the budget")
     start = time.perf_counter()
     calib = dataset.loader("train", batch_size=64, shuffle=True, seed=0)
-    result = run_plan(model, Plan([Budget(max_drop=0.002, prune_steps=800, share_steps=300)]), x,
-                      evaluate=zoo.make_evaluator(dataset, "val"), train=zoo.make_trainer(dataset, show_progress=False),
-                      calib=calib)
+    plan = Plan([Budget(max_drop=0.002, prune_steps=800, share_steps=300)])
+    result = run_plan(model, plan, x, evaluate=zoo.make_evaluator(dataset, "val"),
+                      train=zoo.make_trainer(dataset, show_progress=False), calib=calib)
     d = result.steps[0].details
-    test = zoo.accuracy(result.model, dataset, "test")
+    with tempfile.TemporaryDirectory() as tmp:  # the page is measured from the container, as compress's
+        path = Path(tmp) / "lenet5-budget.nsz"
+        save(result.model, path, x.repeat(2, 1, 1, 1))
+        written = load(path)
+        test = zoo.accuracy(written, dataset, "test")
+        doc = _report_doc("lenet5", plan, dataset.name, f"top-1 accuracy (test split of {dataset.name})", True,
+                          (run_analysis(model, x), acc), (run_analysis(written, x), test), result, path,
+                          describe(path), 0)
+    doc["output"]["path"] = "(the demo keeps no container)"
+    write_html(html_out, doc)
     for p in d["frontier"]:
         label = ", ".join(f"{n} {v['sparsity']:.0%}/{v['bits'] or 32}b" for n, v in p["layers"].items())
         out.print(f"  candidate {p['bytes']:>8,} B  {f32 / p['bytes']:6.1f}x  validation {p['val_metric']:.2%}"
@@ -848,7 +909,7 @@ def _demo_budget(model, dataset, x, f32: int, acc: float, plot: Path) -> None:
               f"{d['bytes_estimated']:,} B before writing); held-out test {test:.2%} (float {acc:.2%}); "
               f"{d['evaluations']} retrained candidates, {val_images} validation images (one is "
               f"{100 / val_images:.1f} point)")
-    out.print(f"plot: {plot} ({time.perf_counter() - start:.0f} s)")
+    out.print(f"plot: {plot}; the report page: {html_out} ({time.perf_counter() - start:.0f} s)")
 
 
 def _demo_astc(model, dataset, x, f32: int, acc: float) -> None:

@@ -1,18 +1,24 @@
-"""Reports: the ``compress`` report (JSON, schema ``nnshrink.report/1``) and rich tables."""
+"""Reports: the ``compress`` report (JSON, schema ``nnshrink.report/2``), its HTML page
+(:mod:`.html`) and rich tables."""
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from nnshrink import __version__
 from nnshrink.cache import atomic_write_bytes
+from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import Analysis
 
 #: Schema of the ``compress`` report; bump on any breaking change.
-REPORT_SCHEMA = "nnshrink.report/1"
+REPORT_SCHEMA = "nnshrink.report/2"
+#: Schemas :func:`read_report` reads (older ones are brought up to the current one).
+READABLE_SCHEMAS = ("nnshrink.report/1", REPORT_SCHEMA)
 
 
 def summary(analysis: Analysis, accuracy: float | None, size_bytes: int) -> dict:
@@ -56,12 +62,16 @@ def _layer_dict(info) -> dict:
 
 
 def compress_report(model: str, plan: dict, data: str, before: dict, after: dict, layers: list[dict],
-                    steps: list[dict], out: str, out_format: str, streams: list | None = None) -> dict:
+                    steps: list[dict], out: str, out_format: str, streams: list | None = None,
+                    run: dict | None = None) -> dict:
+    """The ``compress`` report: what was measured, then what :func:`derive` reads off the steps.
+
+    ``run`` adds to the ``run`` object (the command line, the seed, ...)."""
     def ratio(key):
         b, a = before.get(key), after.get(key)
         return None if not b or a is None else a / b
 
-    return {
+    doc = {
         "schema": REPORT_SCHEMA, "model": model, "data": data, "plan": plan,
         "output": {"path": out, "format": out_format},
         "before": before, "after": after,
@@ -72,6 +82,129 @@ def compress_report(model: str, plan: dict, data: str, before: dict, after: dict
         "layers": layers, "steps": steps,
         "streams": [s.to_dict() for s in streams or []],
     }
+    doc["run"] = {**_run_of(doc), "nnshrink": __version__,
+                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(run or {})}
+    return derive(doc)
+
+
+def _run_of(doc: dict) -> dict:
+    """What was asked: the model, the data, the plan, the budget's target and the metric."""
+    budget = [s["budget"] for s in doc.get("plan", {}).get("steps", []) if isinstance(s, dict) and "budget" in s]
+    target = None
+    if budget:
+        target = {"target": budget[-1].get("target") or None, "max_drop": budget[-1].get("max_drop")}
+    metric = (doc.get("before", {}).get("metric") or {}).get("name")
+    return {"model": doc.get("model"), "data": doc.get("data"), "plan": doc.get("plan"), "target": target,
+            "metric": metric or ("top-1 accuracy" if doc.get("before", {}).get("accuracy") is not None else None)}
+
+
+def derive(doc: dict) -> dict:
+    """The parts of schema ``/2`` that are read off the steps' details (also for a ``/1`` file):
+
+    - ``run``: the model, data, plan, budget target and metric (kept where present);
+    - per layer, ``settings`` (step -> what it chose for that layer) and ``skipped`` (reasons);
+    - ``skipped``: every layer a step left alone, with the step and the reason;
+    - ``frontier``: the budget step's verified candidates (bytes, MACs, validation metric), the
+      chosen one marked, or else the model before and after;
+    - ``sensitivity``: every per-layer table a step measured (layers x settings);
+    - ``quant_sensitivity``: a quantize step's per-layer table, where it measured one.
+    """
+    doc = dict(doc)
+    steps = doc.get("steps") or []
+    doc["run"] = {**_run_of(doc), **(doc.get("run") or {})}
+    skipped = [{"layer": s.get("layer"), "step": r["step"], "reason": s.get("reason")}
+               for r in steps for s in r.get("skipped") or [] if isinstance(s, dict)]
+    doc["skipped"] = skipped
+    rows = []
+    for row in doc.get("layers") or []:
+        row = dict(row)
+        row["settings"] = {r["step"]: _brief(r["details"]["layers"][row["name"]]) for r in steps
+                           if isinstance((r.get("details") or {}).get("layers"), dict)
+                           and row["name"] in r["details"]["layers"]}
+        row["skipped"] = [f"{s['step']}: {s['reason']}" for s in skipped
+                          if row["name"] in [p.strip() for p in str(s["layer"]).split(",")]]
+        rows.append(row)
+    doc["layers"] = rows
+    doc["frontier"] = _frontier(doc)
+    doc["sensitivity"] = [{"step": r["step"], **t} for r in steps for t in _tables(r.get("details") or {})]
+    quant = [r["details"]["quant_sensitivity"] for r in steps if (r.get("details") or {}).get("quant_sensitivity")]
+    doc["quant_sensitivity"] = quant[-1] if quant else None
+    doc["schema"] = REPORT_SCHEMA
+    return doc
+
+
+def _tables(details: dict) -> list[dict]:
+    """The sensitivity tables in one step's details, nested ones (a budget's steps) included."""
+    found = [details["sensitivity"]] if isinstance(details.get("sensitivity"), dict) else []
+    for v in details.values():
+        if isinstance(v, dict) and v is not details.get("sensitivity") and v is not details.get("layers"):
+            found += _tables(v)
+    return found
+
+
+def _brief(setting) -> str:
+    """One layer's setting in a step, as a short text: ``sparsity=0.7, bits=4``."""
+    if not isinstance(setting, dict):
+        return f"{setting:g}" if isinstance(setting, float) else str(setting)
+    parts = []
+    for k, v in setting.items():
+        if v is None or isinstance(v, (dict, list)) or k in _NOT_A_SETTING:
+            continue
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(parts)
+
+
+# measurements and bookkeeping a step keeps per layer beside what it chose
+_NOT_A_SETTING = {"bytes", "output_error", "predicted_loss", "trained_max_diff", "blocks", "origin", "layout_note",
+                  "output_order", "distinct_values"}
+
+
+def _frontier(doc: dict) -> dict:
+    """Points of metric against bytes and MACs: the last budget step's verified candidates
+    (validation metric), or the model before and after (test metric)."""
+    budgets = [r for r in doc.get("steps") or [] if r.get("step") == "budget"]
+    if budgets and budgets[-1]["details"].get("frontier"):
+        d = budgets[-1]["details"]
+        chosen = d.get("bytes_file")
+        points = [{"label": f"{p.get('ratio', 0):g}x", "bytes": p["bytes"], "macs": p.get("macs"),
+                   "metric": p.get("val_metric"), "chosen": p.get("chosen", p["bytes"] == chosen),
+                   "layers": p.get("layers")} for p in d["frontier"]]
+        before = doc.get("before") or {}
+        points.append({"label": "float32", "bytes": before.get("bytes"), "macs": before.get("macs"),
+                       "metric": d.get("val_before"), "chosen": False, "original": True})
+        return {"source": "budget", "metric": "validation", "reference": d.get("val_before"), "points": points}
+    before, after = doc.get("before") or {}, doc.get("after") or {}
+
+    def value(side):
+        return (side.get("metric") or {}).get("value", side.get("accuracy"))
+    points = [{"label": "original (float32)", "bytes": before.get("bytes"), "macs": before.get("macs"),
+               "metric": value(before), "chosen": False},
+              {"label": "compressed", "bytes": after.get("bytes"), "macs": after.get("macs"),
+               "metric": value(after), "chosen": True}]
+    return {"source": "run", "metric": "test", "reference": value(before), "points": points}
+
+
+def read_report(path: str | Path) -> dict:
+    """A ``compress`` report from disk, any readable schema, as the current one (:func:`derive`).
+
+    Raises:
+        ConfigError: not JSON, not a ``compress`` report, or a schema this version cannot read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"report {path} does not exist")
+    try:
+        doc = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"report {path} is not JSON: {e}") from None
+    schema = doc.get("schema") if isinstance(doc, dict) else None
+    if schema not in READABLE_SCHEMAS:
+        raise ConfigError(f"report {path} has schema {schema!r}; this nnshrink reads {', '.join(READABLE_SCHEMAS)} "
+                          "(the reports of 'nnshrink compress')")
+    for key in ("before", "after", "layers", "steps"):
+        if key not in doc:
+            raise ConfigError(f"report {path} has no {key!r}: not a whole 'nnshrink compress' report")
+    return derive(doc)
 
 
 def write_json(path: str | Path, data: dict) -> None:

@@ -42,7 +42,7 @@ from nnshrink.graph.analysis import analyze
 from nnshrink.io import container
 from nnshrink.plan.config import StepConfig, StepResult
 from nnshrink.progress import progress_bar
-from nnshrink.search.engine import EXECUTORS, measure_curves, output_loss
+from nnshrink.search.engine import EXECUTORS, measure_curves, output_loss, sensitivity_table
 from nnshrink.search.solvers import budgets, estimated_noise, least_noise, total_bytes
 from nnshrink.techniques.allocation import sample_inputs
 from nnshrink.techniques.calibration import layer_hessians
@@ -381,7 +381,7 @@ class Budget(StepConfig):
         new, steps_done, val = built[key]
         final = next(p for p in points if p["key"] == key)
         for p in points:
-            p.pop("key")
+            p["chosen"] = p.pop("key") == key
         layers = {n: {**_describe(units[n][i]), "bytes": int(options[n][i][0]),
                       "output_error": round(float(options[n][i][1]), 6)} for n, i in chosen.items()}
         timings["total"] = time.perf_counter() - started
@@ -393,6 +393,7 @@ class Budget(StepConfig):
             "ratio": final["ratio"], "overhead_bytes": round(overhead), "layers": layers,
             "measurements": len(tasks), "evaluations": evaluations[0], "retrained": train,
             "frontier": sorted(points, key=lambda p: p["bytes"]), "steps": steps_done,
+            "sensitivity": _sensitivity(units, options),
             "seconds": {k: round(v, 2) for k, v in timings.items()},
         }
         return StepResult(self.kind, new.eval(), details, skipped)
@@ -411,6 +412,22 @@ def _share_biases(model: nn.Module, names: list[str], bits: int) -> tuple[nn.Mod
             attach(layer, record, "bias")
             shared[name] = bits
     return new, shared
+
+
+def _sensitivity(units: dict[str, list[int]], options: dict[str, list[tuple[float, float]]]) -> dict:
+    """Each layer's output error at each setting it was measured at (layers x settings), the
+    settings mildest first (by their mean log error over the layers measured there)."""
+    def mean_log(level: int) -> float:
+        errs = [options[n][levels.index(level)][1] for n, levels in units.items() if level in levels]
+        return float(np.mean(np.log10(np.clip(errs, 1e-12, None))))
+    columns = sorted({lv for levels in units.values() for lv in levels}, key=lambda lv: (mean_log(lv), lv))
+
+    def title(level: int) -> str:
+        sparsity, bits = _setting(level)
+        return " + ".join([f"{sparsity:.0%} pruned"] * (sparsity > 0) + [f"{bits}-bit"] * bool(bits)) or "as is"
+    values = {n: [options[n][levels.index(c)][1] if c in levels else None for c in columns]
+              for n, levels in units.items()}
+    return sensitivity_table("relative output error (MSE / output power)", [title(c) for c in columns], values)
 
 
 def _describe(level: int) -> dict:

@@ -58,6 +58,35 @@ def output_loss(reference: torch.Tensor, out: torch.Tensor) -> float:
     return float(((out - reference) ** 2).mean() / (reference ** 2).mean().clamp_min(1e-12))
 
 
+def sensitivity_table(measure: str, settings: list[str], values: dict[str, list],
+                      labels: dict[str, list[str]] | None = None) -> dict:
+    """A per-layer sensitivity table for a step's details (and the report's heatmap): one row per
+    unit, one column per setting (mildest first), each cell what was measured (None: not measured
+    there). ``labels`` names the setting of each cell where a column means a different setting per
+    unit (the measured ranks or channel counts)."""
+    table = {"measure": measure, "settings": list(settings),
+             "layers": {n: [None if v is None else float(f"{float(v):.6g}") for v in vs] for n, vs in values.items()}}
+    if labels:
+        table["labels"] = {n: list(v) for n, v in labels.items()}
+    return table
+
+
+def level_table(measure: str, losses: dict[tuple[str, int], float], levels: dict[str, list],
+                fraction: dict[str, float], noun: str) -> dict:
+    """:func:`sensitivity_table` of measured ``losses[(unit, setting)]`` where each unit has its own
+    settings (``levels``, mildest first) out of ``fraction[unit]`` (its full rank or channels):
+    column ``j`` is each unit's ``j``-th measured setting, titled by the mean fraction kept."""
+    picked = {n: [lv for lv in levels[n] if (n, lv) in losses] for n in levels}
+    width = max((len(v) for v in picked.values()), default=0)
+    values = {n: [losses[(n, lv)] for lv in v] + [None] * (width - len(v)) for n, v in picked.items()}
+    labels = {n: [f"{noun} {lv}/{fraction[n]:g}" for lv in v] + [""] * (width - len(v)) for n, v in picked.items()}
+    titles = []
+    for j in range(width):
+        kept = [lv / fraction[n] for n, v in picked.items() for lv in v[j:j + 1]]
+        titles.append(f"~{np.mean(kept):.0%} kept" if kept else "")
+    return sensitivity_table(measure, titles, values, labels)
+
+
 def interpolate(measured: dict[int, float], count: int) -> list[float]:
     """Loss at every level ``0..count-1`` from losses measured at some (linear between them)."""
     xs = sorted(measured)

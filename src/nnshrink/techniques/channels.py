@@ -38,7 +38,7 @@ from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import analyze
 from nnshrink.graph.groups import ChannelGroup, build_dependency_graph
 from nnshrink.plan.config import StepConfig, StepResult
-from nnshrink.search.engine import Unit, interpolate, measure_curves, output_loss
+from nnshrink.search.engine import Unit, interpolate, level_table, measure_curves, output_loss
 from nnshrink.search.solvers import allocate, repair
 from nnshrink.techniques.allocation import check_target_options, sample_inputs, target_macs
 
@@ -318,7 +318,10 @@ class ChannelPrune(StepConfig):
                    "round_to": grid, "not_multiple_of_round_to": odd,
                    "candidates": {str(g): {"val": c[3], "output_error": round(c[2], 6)} for g, (_, c) in candidates.items()},
                    "macs_before": info.total_macs, "macs_after": after.total_macs, "groups": pruned,
-                   "layers_shrunk": shrunk, "measurements": len(tasks)}
+                   "layers_shrunk": shrunk, "measurements": len(tasks),
+                   "sensitivity": level_table("relative output error (MSE / output power)", losses,
+                                              {_label(g): list(range(g.channels - 1, 0, -1)) for g in groups},
+                                              {_label(g): float(g.channels) for g in groups}, "channels")}
         return StepResult(self.kind, model.eval(), details, skipped)
 
     @staticmethod

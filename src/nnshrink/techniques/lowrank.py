@@ -26,7 +26,7 @@ from torch import nn
 from nnshrink.graph.analysis import analyze
 from nnshrink.graph.surgery import replace_module
 from nnshrink.plan.config import StepConfig, StepResult
-from nnshrink.search.engine import Unit, interpolate, measure_curves, output_loss
+from nnshrink.search.engine import Unit, interpolate, level_table, measure_curves, output_loss
 from nnshrink.search.solvers import allocate
 from nnshrink.techniques.allocation import check_target_options, sample_inputs, target_macs
 
@@ -146,7 +146,7 @@ class _SVDStep(StepConfig):
         x = sample_inputs(ctx, self.samples)
         info = analyze(model, x[:1])
         base, budget, floor = target_macs(ctx, model, x, self.mac_ratio, self.tolerance)
-        units, skipped, per_rank = [], [], {}
+        units, skipped, per_rank, full_rank = [], [], {}, {}
         for li in info.layers:
             module = model.get_submodule(li.name)
             reason = _eligible(module, self.method)
@@ -158,6 +158,7 @@ class _SVDStep(StepConfig):
                 if self.method == "spatial":
                     o, c, kh, kw = module.weight.shape
                     full = min(c * kh, o * kw)
+                full_rank[li.name] = full
                 ranks = [r for r in range(full, 0, -1) if _rank_macs(li, self.method, r) < li.macs]
                 if not ranks:
                     reason = "a decomposition of any rank costs more MACs than the layer"
@@ -204,8 +205,13 @@ class _SVDStep(StepConfig):
             replace_module(new, u.name, decompose(self.method, new.get_submodule(u.name), rank))
             layers[u.name] = {"rank": int(rank), "predicted_loss": round(float(u.loss[i]), 6)}
         after = analyze(new, x[:1]).total_macs
+        by_rank = {(n, r): losses[(n, r * 2 + tag)] for n, (_, ranks) in per_rank.items() for r in ranks
+                   if (n, r * 2 + tag) in losses}
+        table = level_table("relative output error (MSE / output power)", by_rank,
+                            {n: ranks for n, (_, ranks) in per_rank.items()},
+                            full_rank, "rank")
         details = {"mac_ratio_target": self.mac_ratio, "mac_ratio": after / base, "macs_before": info.total_macs,
-                   "macs_after": after, "layers": layers, "measurements": len(tasks)}
+                   "macs_after": after, "layers": layers, "measurements": len(tasks), "sensitivity": table}
         return StepResult(self.kind, new.eval(), details, skipped)
 
 

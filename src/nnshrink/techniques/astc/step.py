@@ -43,6 +43,7 @@ from nnshrink.progress import progress_bar
 from nnshrink.techniques.astc import codec
 from nnshrink.techniques.astc.layout import LAYOUTS, chain_order, make_layout
 from nnshrink.techniques.astc.record import AstcRecord
+from nnshrink.search.engine import sensitivity_table
 from nnshrink.search.solvers import estimated_noise, least_noise, smallest_within, total_bytes
 from nnshrink.techniques.calibration import calibration_inputs
 from nnshrink.techniques.records import attach, record_of
@@ -340,6 +341,9 @@ class Astc(StepConfig):
         choice = {n: cands[i] for n, i in assign.items()}
         est = estimated_noise(options, assign)
         info = {"candidates": [_option_name(o) for o in cands], "evaluations": evaluations,
+                "sensitivity": sensitivity_table("relative output error (MSE / output power)",
+                                                 [_option_name(o) for o in cands],
+                                                 {n: [e / signal for _, e in o] for n, o in options.items()}),
                 "estimated_bits_per_weight": round(total_bytes(options, assign) * 8 / params, 4),
                 "estimated_sqnr_db": round(float(10 * np.log10(signal / est)), 2) if est > 0 else None}
         return choice, info

@@ -27,6 +27,7 @@ import torch
 
 from nnshrink.progress import progress_bar
 from nnshrink.techniques.quant.quantizers import WeightQuantizer
+from nnshrink.search.engine import sensitivity_table
 from nnshrink.techniques.quant.sensitivity import flat_outputs
 
 FLOAT_BITS = 32
@@ -161,4 +162,8 @@ def choose_bits(sim, held: torch.Tensor, candidates: list[int], bits_of: Callabl
     if floor is not None:
         out["metric"] = evaluate(sim)
         out["evaluations"] += 1
+    order = cands[::-1]  # mildest first
+    out["sensitivity"] = sensitivity_table(
+        "relative output error added (MSE / output power)", ["float" if b >= FLOAT_BITS else f"{bits_of(b)}-bit" for b in order],
+        {n: [0.0 if b == top else added[(n, b)] / signal for b in order] for n in layers})
     return out

@@ -17,6 +17,7 @@ from nnshrink.techniques.quant.ptq import (adaround, bias_correction, build_sim,
 from nnshrink.techniques.quant.graph import float_ops, float_summary
 from nnshrink.techniques.quant.mixed import FLOAT_BITS, choose_bits
 from nnshrink.techniques.quant.quantizers import ESTIMATORS
+from nnshrink.techniques.quant.sensitivity import quant_sensitivity
 from nnshrink.techniques.quant.sensitivity import sqnr as _sqnr
 from nnshrink.techniques.quant.sim import TARGETS, X86_WEIGHT_BITS
 
@@ -68,6 +69,9 @@ class Quantize(StepConfig):
             ops stay float between the integer islands (``DQ`` -> float -> ``Q``), listed in the
             step's ``float_ops``.
         layer_bits: Per-layer weight bits overriding ``weight_bits``.
+        sensitivity: Also measure, on the plan's metric, each layer quantized alone and each
+            kept float alone (two evaluations a layer), into the details' ``quant_sensitivity``
+            (the report's per-layer quantization chart; ``nnshrink quant-sensitivity`` alone).
         target: Where the integer model runs. ONNX Runtime's fast u8 x s8 kernels saturate on
             x86 CPUs without VNNI when weights exceed +-64 (see docs/ARCHITECTURE.md), so:
             ``ort-x86`` (default): ONNX Runtime on any x86 CPU, the same integers on every one,
@@ -101,6 +105,7 @@ class Quantize(StepConfig):
     mixed_bits: tuple[int, ...] = ()
     min_sqnr_db: float | None = None
     max_drop: float | None = None
+    sensitivity: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -249,6 +254,11 @@ class Quantize(StepConfig):
             finish_qat(sim)
             if ctx.evaluate is not None:
                 details["val_qat"] = ctx.evaluate(sim)
+        if self.sensitivity:
+            if ctx.evaluate is None:
+                raise ConfigError("quantize.sensitivity needs an evaluation function (--eval, or bundled data)")
+            details["quant_sensitivity"] = quant_sensitivity(sim, ctx.evaluate, torch.cat(batches)[:256],
+                                                             show_progress).to_dict()
         details["seconds"] = round(time.perf_counter() - t0, 2)
         skipped = [{"layer": n, "reason": "kept in float by the plan"} for n in sorted(self.keep_float)]
         skipped += [{"layer": f"{g['op_type']} x{g['count']}", "reason": g["reason"]} for g in left_float]
