@@ -359,11 +359,17 @@ def test_compress_deploy_puts_velas_figures_and_the_tflite_accuracy_in_the_repor
                                                                                   mnist):
     pytest.importorskip("ethosu.vela")
     pytest.importorskip("ai_edge_litert")
-    out_file, report = tmp_path / "q.nsz", tmp_path / "q.json"
-    code, out, err = _run(capsys, "compress", "lenet5", "--plan", str(PLANS / "int8-npu.yaml"), "--out", str(out_file),
-                          "--report", str(report), "--deploy", "ethos-u55-128")
+    out_file, report, page = tmp_path / "q.nsz", tmp_path / "q.json", tmp_path / "q.html"
+    plan = tmp_path / "npu.yaml"  # the bundled int8-npu plan, with the per-layer sensitivity measured
+    plan.write_text((PLANS / "int8-npu.yaml").read_text().replace("target: npu", "target: npu\n      sensitivity: true"))
+    code, out, err = _run(capsys, "compress", "lenet5", "--plan", str(plan), "--out", str(out_file),
+                          "--report", str(report), "--deploy", "ethos-u55-128", "--html", str(page))
     assert code == 0, err
     d = json.loads(report.read_text())
+    sens = d["quant_sensitivity"]
+    assert [r["layer"] for r in sens["layers"]] == ["conv1", "conv2", "fc1", "fc2"]
+    text = page.read_text()
+    assert 'id="vela"' in text and 'data-plot="quant-sensitivity"' in text and "NPU cycles" in text
     deploy = d["deploy"]
     assert deploy["target"] == "ethos-u55-128" and deploy["cpu_operators"] == 0 and deploy["cycles_npu"] > 0
     assert deploy["weight_bytes_encoded"] > 0 and deploy["flash_bytes"] > 0 and not deploy["warnings"]

@@ -201,6 +201,15 @@ def test_the_json_and_yaml_blocks_of_the_docs_are_what_nnshrink_reads_and_writes
 
     text = (ROOT / "docs" / "cli.md").read_text()
     docs = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", text, re.S)]
-    assert {d["schema"] for d in docs} >= {"nnshrink.analysis/1", "nnshrink.report/1", "nnshrink.deploy/1"}
+    assert {d["schema"] for d in docs} >= {"nnshrink.analysis/1", "nnshrink.report/2", "nnshrink.deploy/1"}
+    # the report example's derived parts are what nnshrink derives from its steps and sides
+    from nnshrink.report import derive
+    from nnshrink.report.html import render
+
+    example = next(d for d in docs if d["schema"] == "nnshrink.report/2")
+    again = derive(example)
+    for key in ("run", "layers", "skipped", "frontier", "sensitivity", "quant_sensitivity"):
+        assert again[key] == example[key], key
+    assert "<svg" in render(again)
     plans = [ns.Plan.from_dict(yaml.safe_load(b)) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
     assert plans and all(p.steps for p in plans)

@@ -74,6 +74,12 @@ def test_steps_hit_the_mac_target_on_a_resnet(step):
     after = analyze(result.model, x[:1]).total_macs
     assert step.mac_ratio - 0.01 <= after / base <= step.mac_ratio
     assert result.steps[0].details["mac_ratio"] == pytest.approx(after / base)
+    # each unit's measured errors, for the report's heatmap: mildest first, so they grow along a row
+    table = result.steps[0].details["sensitivity"]
+    assert table["layers"] and all(len(v) == len(table["settings"]) for v in table["layers"].values())
+    for name, row in table["layers"].items():
+        seen = [v for v in row if v is not None]
+        assert seen and seen[-1] >= seen[0] and table["labels"][name][0]
     out = result.model(x)
     assert out.shape == (64, 10) and torch.isfinite(out).all()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 from nnshrink.cache import atomic_write_bytes
@@ -35,7 +36,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 table.sortable th{cursor:pointer;background:#eef1f4;user-select:none;white-space:nowrap}
 table.sortable th[aria-sort=ascending]::after{content:" \\25B2"}table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
 .plots{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0;background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:6px}
+figure{margin:0;background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:6px;max-width:100%;box-sizing:border-box}
 figure svg{max-width:100%;height:auto;display:block}figcaption{font-size:12px;color:#5b6570;padding:2px 4px}
 pre{background:#fff;border:1px solid #dde1e6;padding:8px;overflow:auto;font-size:12px;max-height:420px}
 .muted{color:#5b6570}
@@ -100,7 +101,10 @@ class _Figures:
     def __call__(self, fig, caption: str, name: str) -> str:
         self.count += 1
         svg = plots.svg_text(fig, f"f{self.count}-")
-        return (f'<figure class="plot" data-plot="{_e(name)}">{svg}'
+        # the figure as wide as its plot (the caption wraps under it), so two fit side by side
+        width = re.search(r'<svg[^>]*\bwidth="([0-9.]+)pt"', svg)
+        style = f' style="width:{float(width.group(1)) * 4 / 3 + 14:.0f}px"' if width else ""
+        return (f'<figure class="plot" data-plot="{_e(name)}"{style}>{svg}'
                 f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 

@@ -53,9 +53,24 @@ class Unit:
     loss: list[float]
 
 
-def output_loss(reference: torch.Tensor, out: torch.Tensor) -> float:
-    """Normalised mean squared error of an output against the original one."""
+def output_loss(reference, out) -> float:
+    """Normalised mean squared error of an output against the original one; of several outputs
+    (a tuple, list or dict of tensors, as a detector's scores and boxes), the mean of each one's,
+    so an output on a large scale does not drown the others."""
+    if isinstance(reference, dict):
+        reference, out = list(reference.values()), list(out.values())
+    if isinstance(reference, (tuple, list)):
+        return float(sum(output_loss(r, o) for r, o in zip(reference, out)) / max(1, len(reference)))
     return float(((out - reference) ** 2).mean() / (reference ** 2).mean().clamp_min(1e-12))
+
+
+def output_rows(output, rows: slice):
+    """``output[rows]`` along the batch axis, for a tensor or a tuple, list or dict of them."""
+    if isinstance(output, dict):
+        return {k: v[rows] for k, v in output.items()}
+    if isinstance(output, (tuple, list)):
+        return type(output)(v[rows] for v in output)
+    return output[rows]
 
 
 def sensitivity_table(measure: str, settings: list[str], values: dict[str, list],

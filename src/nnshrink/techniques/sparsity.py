@@ -20,6 +20,8 @@ from torch import nn
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import is_compressible
 from nnshrink.plan.config import StepConfig, StepResult
+from nnshrink.search.engine import EXECUTORS, measure_curves, output_loss, output_rows, sensitivity_table
+from nnshrink.search.solvers import least_noise
 from nnshrink.techniques.calibration import calibration_inputs, inverse_hessian_factor, layer_hessians
 
 SCOPES = ("global", "layer")
@@ -260,7 +262,12 @@ class Sparsify(StepConfig):
         steps: Fine-tuning steps with the bundled or the user's trainer; pruning reaches
             ``sparsity`` after ``ramp`` of them and the rest recover accuracy. 0: one-shot.
         ramp: Fraction of ``steps`` over which the sparsity rises.
-        scope: ``global`` or ``layer``.
+        scope: ``global``, ``layer``, or ``sensitivity``: one-shot unstructured, each layer's
+            fraction chosen from measured costs so that ``sparsity`` of the weights go overall
+            with the least added output error: every layer is pruned alone at each fraction of
+            ``sensitivities`` (with SparseGPT's refit where ``reconstruct`` asks, fitted on half
+            of the calibration inputs and scored on the other half), and the fractions are a
+            multiple-choice knapsack over the weights kept (the table is in the details).
         exclude: Layer name patterns left dense.
         pattern: ``unstructured``, ``2:4`` or ``4:8``.
         nm_groups: For ``2:4``/``4:8``: ``k`` (default: groups along each output row's flattened
@@ -271,7 +278,9 @@ class Sparsify(StepConfig):
         reconstruct: ``none``, or ``sparsegpt`` for one-shot pruning without retraining: each
             layer's fraction as magnitude pruning (and ``scope``) sets it, the weights to prune and
             the refit of the kept ones chosen layer by layer from calibration inputs (no labels).
-        calib_samples: Calibration inputs for ``sparsegpt``.
+        calib_samples: Calibration inputs for ``sparsegpt`` and ``scope: sensitivity``.
+        sensitivities: The fractions ``scope: sensitivity`` chooses among per layer (0 added).
+        executor: Where ``scope: sensitivity`` measures: ``serial``, ``process`` or ``ray``.
     """
 
     kind = "sparsify"
@@ -285,15 +294,25 @@ class Sparsify(StepConfig):
     layer_sparsity: tuple[str, ...] = ()
     reconstruct: str = "none"
     calib_samples: int = 256
+    sensitivities: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
+    executor: str = "process"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_fraction("sparsify.sparsity", self.sparsity)
+        for s in self.sensitivities:
+            _check_fraction("sparsify.sensitivities", s)
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"sparsify.executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if self.scope == "sensitivity":
+            if self.pattern != "unstructured" or self.steps or self.layer_sparsity:
+                raise ConfigError("sparsify.scope sensitivity chooses per-layer fractions for one-shot unstructured "
+                                  "pruning: it takes no pattern, steps or layer_sparsity")
         self.overrides()
         if self.steps < 0 or not 0 < self.ramp <= 1:
             raise ConfigError("sparsify.steps must be >= 0 and ramp in (0, 1]")
-        if self.scope not in SCOPES:
-            raise ConfigError(f"sparsify.scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.scope not in (*SCOPES, "sensitivity"):
+            raise ConfigError(f"sparsify.scope must be one of {(*SCOPES, 'sensitivity')}, got {self.scope!r}")
         if self.pattern not in ("unstructured", "2:4", "4:8"):
             raise ConfigError(f"sparsify.pattern must be unstructured, 2:4 or 4:8, got {self.pattern!r}")
         if self.nm_groups not in NM_GROUPS:
@@ -341,6 +360,13 @@ class Sparsify(StepConfig):
         ramp_steps = max(1, int(self.steps * self.ramp))
         target: float | dict[str, float] = self.sparsity
         overrides = self.overrides()
+        table = None
+        if self.scope == "sensitivity":
+            overrides, table = self._allocate(model, prunable_layers(new, exclude), ctx)
+            for name in [n for n, s in overrides.items() if s == 0]:  # left dense, untouched
+                exclude += (glob_escape(name),)
+                skipped.append({"layer": name, "reason": "sensitivity: most costly to prune; left dense"})
+                del overrides[name]
         if overrides:
             layers = prunable_layers(new, exclude)
             unknown = set(overrides) - set(layers)
@@ -348,7 +374,7 @@ class Sparsify(StepConfig):
                 raise ConfigError(f"sparsify.layer_sparsity names unknown or excluded layers {sorted(unknown)}")
             target = {n: overrides.get(n, self.sparsity) for n in layers}
         pruner = Pruner(new, final_sparsity=target, steps=ramp_steps, frequency=max(1, ramp_steps // 20),
-                        scope=self.scope, exclude=exclude, n_m=n_m, nm_groups=self.nm_groups)
+                        scope="layer" if self.scope == "sensitivity" else self.scope, exclude=exclude, n_m=n_m, nm_groups=self.nm_groups)
         if self.steps:
             if ctx.train is None:
                 raise ConfigError("gradual sparsify needs a train(model, steps) function or bundled data")
@@ -375,7 +401,63 @@ class Sparsify(StepConfig):
                    "steps": self.steps, "val_after": ctx.evaluate(new) if ctx.evaluate else None}
         if self.reconstruct != "none":
             details["reconstructed"] = reconstructed
+        if table is not None:
+            details["sensitivity"] = table
         return StepResult(self.kind, new.eval(), details, skipped)
+
+    def _allocate(self, model: nn.Module, layers: dict[str, nn.Module], ctx) -> tuple[dict[str, float], dict]:
+        """Per-layer fractions for ``scope: sensitivity`` and the table they were chosen from."""
+        batches = calibration_inputs(ctx.calib, self.calib_samples, "sparsify with scope sensitivity")
+        x = torch.cat(batches)[:self.calib_samples]
+        if len(x) < 2:
+            raise ConfigError("sparsify.scope sensitivity needs at least 2 calibration inputs (half fit, half score)")
+        grid = sorted({0.0, *self.sensitivities})
+        refit = self.reconstruct == "sparsegpt"
+        tasks = [(n, _oneshot_level(s, refit)) for n in layers for s in grid if s > 0]
+        losses = measure_curves(model, x, tasks, _oneshot_loss, ["sparsify-oneshot"], self.executor,
+                                description="sparsify: output error per layer and fraction")
+        options = {n: [(m.weight.numel() * (1 - s), losses.get((n, _oneshot_level(s, refit)), 0.0)) for s in grid]
+                   for n, m in layers.items()}
+        total = sum(m.weight.numel() for m in layers.values())
+        assign = least_noise(options, total * (1 - self.sparsity))
+        if assign is None:  # pragma: no cover - the largest fraction in the grid is below the target
+            raise ConfigError(f"sparsify.sensitivities reach at most {max(grid):.0%}, below sparsity {self.sparsity:.0%}")
+        table = sensitivity_table("relative output error (MSE / output power)",
+                                  [f"{s:.0%} pruned" for s in grid], {n: [o[1] for o in options[n]] for n in layers})
+        return {n: grid[i] for n, i in assign.items()}, table
+
+
+def _oneshot_level(sparsity: float, refit: bool) -> int:
+    return int(round(sparsity * 1000)) * 2 + int(refit)
+
+
+_HESSIAN: dict = {}  # (model id, unit, inputs) -> the unit's input Hessian on the fitting half, per process
+
+
+def _oneshot_loss(model: nn.Module, x: torch.Tensor, reference, unit: str, level: int) -> float:
+    """Output error with layer ``unit`` alone pruned one-shot to ``level`` (:func:`_oneshot_level`):
+    by magnitude, or by SparseGPT with its refit fitted on the first half of ``x``; scored on the
+    second half either way, so both are measured on inputs the refit did not see."""
+    sparsity, refit = (level // 2) / 1000, bool(level % 2)
+    layer = model.get_submodule(unit)
+    half = len(x) // 2
+    original = layer.weight.detach().clone()
+    try:
+        if refit and getattr(layer, "groups", 1) == 1:
+            key = (id(model), unit, x.data_ptr(), len(x))
+            if key not in _HESSIAN:
+                _HESSIAN.clear()
+                _HESSIAN[key] = layer_hessians(model, {unit: layer}, [x[:half]])[unit]
+            sparsegpt(layer, _HESSIAN[key], sparsity)
+        else:
+            mask = magnitude_masks({unit: layer}, {unit: sparsity}, "layer")[unit]
+            with torch.no_grad():
+                layer.weight.mul_(mask)
+        with torch.no_grad():
+            return output_loss(output_rows(reference, slice(half, None)), model(x[half:]))
+    finally:
+        with torch.no_grad():
+            layer.weight.copy_(original)
 
 
 def sparsity_of(model: nn.Module) -> float:
