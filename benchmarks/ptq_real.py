@@ -205,6 +205,8 @@ def run(name: str, form: str, weights: bool, folder: str) -> None:
             ("W3 MSE scales, GPTQ, groups of 32", QuantizeWeights(bits=3, scales="mse", rounding="gptq", group_size=32)),
             ("50% unstructured, magnitude", Sparsify(sparsity=0.5, scope="layer")),
             ("50% unstructured, SparseGPT", Sparsify(sparsity=0.5, scope="layer", reconstruct="sparsegpt")),
+            ("50% unstructured, SparseGPT, per-layer fractions from sensitivity",
+             Sparsify(sparsity=0.5, scope="sensitivity", reconstruct="sparsegpt")),
             ("2:4, magnitude", Sparsify(pattern="2:4")),
             ("2:4, SparseGPT", Sparsify(pattern="2:4", reconstruct="sparsegpt"))]
     for label, step in rows:
