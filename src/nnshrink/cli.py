@@ -648,7 +648,8 @@ def quant_sensitivity(model: Annotated[str, typer.Argument(help="Zoo name or mod
     out.print(table)
     worst = sens.worst()
     if worst:
-        out.print(f"most sensitive: {', '.join(worst)} (quantize: keep_float or layer_bits)")
+        out.print(f"most sensitive: {', '.join(worst)} (the quantize step's layers: rules: skip keeps a layer "
+                  "float, {bits: 8} gives it more bits)")
     if json_out:
         write_json(json_out, doc)
         out.print(f"wrote {json_out}")

@@ -21,10 +21,15 @@ def test_example_plans_parse_and_round_trip(path):
 
 @pytest.mark.parametrize("doc, message", [
     ({"version": 1, "steps": [{"prune_everything": {}}]}, "unknown step 'prune_everything'"),
-    ({"version": 1, "steps": [{"finetune": {"epochs": 3}}]}, "no option 'epochs'; valid options: steps"),
+    ({"version": 1, "steps": [{"finetune": {"epochs": 3}}]}, "no option 'epochs'; valid options: layers, steps"),
     ({"version": 1, "steps": [{"finetune": {"steps": "many"}}]}, "finetune.steps must be int"),
     ({"version": 1, "steps": [{"finetune": {"steps": 0}}]}, "at least 1"),
-    ({"version": 2, "steps": []}, "version 2 is not supported"),
+    ({"version": 3, "steps": []}, "version 3 is not supported"),
+    ({"version": 2, "steps": [{"sparsify": {"exclude": ["fc1"]}}]}, "no option 'exclude'"),
+    ({"version": 2, "steps": [{"fold_batchnorm": {"layers": {"fc1": "skip"}}}]}, "no option 'layers'"),
+    ({"version": 2, "steps": [{"sparsify": {"layers": {"fc1": {"bits": 3}}}}]},
+     r"sparsify.layers\['fc1'\] must be 'skip' or a mapping of sparsity"),
+    ({"version": 2, "steps": [{"sparsify": {"layers": {"fc1": "dense"}}}]}, "must be 'skip'"),
     ({"version": 1, "steps": [], "stepz": []}, "unknown key"),
     ({"version": 1, "steps": {"finetune": {}}}, "must be a list"),
     ([1, 2], "a plan is a mapping"),
@@ -73,3 +78,20 @@ def test_finetune_uses_the_given_trainer_and_needs_one():
     assert calls == [7]
     with pytest.raises(ConfigError, match="needs a train"):
         compress(zoo.build("lenet300"), Plan([FineTune(steps=7)]), torch.zeros(1, 1, 28, 28))
+
+
+def test_finetune_holds_the_layers_its_rules_skip():
+    def train(model, steps):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        for _ in range(steps):
+            opt.zero_grad()
+            model(torch.rand(8, 1, 28, 28)).square().mean().backward()
+            opt.step()
+        return model
+
+    model = zoo.build("lenet300")
+    result = compress(model, Plan([FineTune(steps=3, layers={"fc1": "skip"})]), torch.zeros(1, 1, 28, 28), train=train)
+    assert torch.equal(result.model.fc1.weight, model.fc1.weight)
+    assert not torch.equal(result.model.fc2.weight, model.fc2.weight)
+    assert all(p.requires_grad for p in result.model.parameters())  # held only while it trained
+    assert result.steps[0].skipped == [{"layer": "fc1", "reason": "held fixed by the plan's layer rules"}]

@@ -22,5 +22,5 @@ def test_layer_sensitivity_restores_the_model_and_feeds_a_plan(lenet5_trained, m
     assert sens.sparsity["fc2"][0.99] < sens.sparsity["fc2"][0.5] <= sens.baseline + 0.01
     plan = per_layer_plan(sens, 0.02, prune_steps=10, share_steps=0)
     sparsify, share = plan.steps
-    assert len(sparsify.layer_sparsity) == 4 and len(share.layer_bits) == 4
+    assert len(sparsify.layers) == 4 and len(share.layers) == 4
     assert sens.to_dict()["baseline"] == pytest.approx(sens.baseline)

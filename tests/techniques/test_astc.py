@@ -153,7 +153,7 @@ def _ktx_float16(path):
 
 def test_exported_textures_read_back_and_decode_to_the_weights(tmp_path):
     model, x = tiny(), x8()
-    result = compress(model, Plan([Astc(footprint="5x5", layer_footprints=("3=8x8/2",), min_weights=16)]), x[:1])
+    result = compress(model, Plan([Astc(footprint="5x5", layers={"3": {"footprint": "8x8/2"}}, min_weights=16)]), x[:1])
     path = tmp_path / "m.nsz"
     save(result.model, path, x[:1])
     written = export_textures(path, tmp_path / "tex")
@@ -225,7 +225,8 @@ def test_small_layers_stay_float_with_the_reason():
 
 
 @pytest.mark.parametrize("bad", [dict(footprint="7x7"), dict(channels=3), dict(footprints=("8x8/3",)),
-                                 dict(layer_footprints=("fc1",)), dict(bits_per_weight=1.0, max_drop=0.01),
+                                 dict(layers={"fc1": {"footprint": "7x7"}}), dict(layers={"fc1": "float"}),
+                                 dict(layers={"fc1": {"size": 3}}), dict(bits_per_weight=1.0, max_drop=0.01),
                                  dict(quality="best"), dict(layout="diagonal")])
 def test_bad_settings_are_config_errors(bad):
     with pytest.raises(ConfigError):
@@ -233,8 +234,8 @@ def test_bad_settings_are_config_errors(bad):
 
 
 def test_unknown_layer_and_impossible_budget_are_config_errors():
-    with pytest.raises(ConfigError, match="unknown layers"):
-        compress(tiny(), Plan([Astc(layer_footprints=("fc9=8x8",))]), x8(1))
+    with pytest.raises(ConfigError, match="'fc9' match no Conv/Linear layer"):
+        compress(tiny(), Plan([Astc(layers={"fc9": {"footprint": "8x8"}})]), x8(1))
     with pytest.raises(ConfigError, match="below the smallest"):
         compress(tiny(), Plan([Astc(bits_per_weight=0.05, min_weights=16)]), x8(1), calib=[x8()])
 
@@ -317,7 +318,7 @@ def test_retraining_b_decodes_exactly_to_what_it_trained(tmp_path):
     model, x = tiny(), x8()
     with torch.no_grad():
         target = model(x)
-    result = compress(model, Plan([Astc(footprint="6x6", layer_footprints=("3=10x10/2",), min_weights=16,
+    result = compress(model, Plan([Astc(footprint="6x6", layers={"3": {"footprint": "10x10/2"}}, min_weights=16,
                                         retrain="blocks", steps=20)]), x[:1],
                       train=_trainer(x, target))
     for entry in result.steps[0].details["layers"].values():

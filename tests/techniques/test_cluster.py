@@ -57,15 +57,25 @@ def test_centroid_fine_tuning_trains_only_the_codebook():
     assert sparsity_of(after) == pytest.approx(0.5, abs=1e-3)
 
 
-def test_layer_bits_overrides_and_validation():
+def test_layer_rules_and_validation():
     model = zoo.build("lenet300")
-    out = compress(model, Plan([ShareWeights(bits=2, layer_bits=("fc3=5",))]), torch.zeros(1, 1, 28, 28))
-    assert out.steps[0].details["layers"]["fc3"]["bits"] == 5
+    out = compress(model, Plan([ShareWeights(bits=2, layers={"fc3": {"bits": 5}, "fc2": "skip"})]),
+                   torch.zeros(1, 1, 28, 28))
+    assert out.steps[0].details["layers"]["fc3"]["bits"] == 5 and "fc2" not in out.steps[0].details["layers"]
     assert torch.unique(out.model.fc1.weight).numel() <= 4
-    with pytest.raises(ConfigError, match="fc1=3"):
-        ShareWeights(layer_bits=("fc1:3",))
-    with pytest.raises(ConfigError, match="unknown layers"):
-        compress(model, Plan([ShareWeights(layer_bits=("fc9=3",))]), torch.zeros(1, 1, 28, 28))
+    assert torch.equal(out.model.fc2.weight, model.fc2.weight)
+    with pytest.raises(ConfigError, match=r"share_weights.layers\['fc1'\].bits must be a whole number from 1 to 8"):
+        ShareWeights(layers={"fc1": {"bits": 9}})
+    with pytest.raises(ConfigError, match="must be 'skip' or a mapping of bits"):
+        ShareWeights(layers={"fc1": "float"})
+    with pytest.raises(ConfigError, match="'fc9' match no Conv/Linear layer; Conv/Linear layers are fc1, fc2, fc3"):
+        compress(model, Plan([ShareWeights(layers={"fc9": {"bits": 3}})]), torch.zeros(1, 1, 28, 28))
+    # a version-1 plan's spellings are read into the rules
+    old = Plan.from_dict({"version": 1, "steps": [{"share_weights": {"bits": 2, "exclude": ["fc2"],
+                                                                     "layer_bits": ["fc3=5"]}}]})
+    assert old.steps[0].layers == {"fc2": "skip", "fc3": {"bits": 5}}
+    with pytest.raises(ConfigError, match="has no option 'exclude'"):
+        Plan.from_dict({"version": 2, "steps": [{"share_weights": {"exclude": ["fc2"]}}]})
 
 
 def test_pruned_and_shared_model_round_trips_through_the_container(tmp_path):

@@ -129,10 +129,30 @@ def test_concat_groups_are_pruned_at_their_offsets():
     assert result.steps[0].details["mac_ratio"] <= 0.7
 
 
+def test_channel_counts_the_plan_sets_are_kept_and_the_rest_allocated():
+    model, x = _randomized("resnet8"), _x(32)
+    step = ChannelPrune(mac_ratio=0.6, executor="serial", samples=16, measured_levels=3,
+                        layers={"layer2.conv1": {"channels": 8}, "layer3.conv1": "skip"})
+    result = compress(model, Plan([step]), x[:2], calib=[x])
+    d = result.steps[0].details
+    assert d["groups"]["layer2.conv1"] == {"channels": 32, "kept": 8} and result.model.layer2.conv1.out_channels == 8
+    assert result.model.layer3.conv1.out_channels == model.layer3.conv1.out_channels
+    assert d["mac_ratio"] <= 0.6 and any("layer3.conv1" in s["layer"] and "layer rules" in s["reason"]
+                                         for s in result.steps[0].skipped)
+
+
 def test_weight_svd_on_lenet300_and_bad_configs():
     model, x = zoo.build("lenet300").eval(), _x(32)
     result = compress(model, Plan([WeightSVD(mac_ratio=0.5, executor="serial")]), x[:2], calib=[x])
     assert 0.49 <= result.steps[0].details["mac_ratio"] <= 0.5
+    # a rank the plan sets is applied first, the other layers' ranks chosen around it; a skip is left alone
+    rules = {"fc1": {"rank": 100}, "fc3": "skip"}
+    fixed = compress(model, Plan([WeightSVD(mac_ratio=0.5, executor="serial", layers=rules)]), x[:2], calib=[x])
+    d = fixed.steps[0].details
+    assert d["layers"]["fc1"]["rank"] == 100 and fixed.model.fc1[0].out_features == 100 and "fc2" in d["layers"]
+    assert isinstance(fixed.model.fc3, nn.Linear) and "fc3" not in d["layers"] and 0.49 <= d["mac_ratio"] <= 0.5
+    with pytest.raises(ConfigError, match="rank must be a whole number"):
+        WeightSVD(layers={"fc1": {"rank": 0}})
     with pytest.raises(ConfigError, match="mac_ratio"):
         ChannelPrune(mac_ratio=1.5)
     with pytest.raises(ConfigError, match="executor"):

@@ -171,14 +171,14 @@ def test_quantize_config_errors_name_the_problem():
         Quantize(weight_bits=9)
     with pytest.raises(ConfigError, match="act_estimator"):
         Quantize(act_estimator="kl")
-    with pytest.raises(ConfigError, match="no quantizable layer named 'nope'"):
-        _quantized("lenet5", keep_float=("nope",))
+    with pytest.raises(ConfigError, match="'nope' match no quantized layer"):
+        _quantized("lenet5", layers={"nope": "skip"})
     with pytest.raises(ConfigError, match="calibration"):
         compress(zoo.build("lenet5"), Plan([Quantize()]), _data(2), calib=None)
 
 
-def test_keep_float_and_layer_bits():
-    _, sim, x = _quantized("lenet5", keep_float=("fc1",), layer_bits={"conv2": 4})
+def test_layer_rules_keep_float_and_give_bits():
+    _, sim, x = _quantized("lenet5", layers={"fc1": "skip", "conv2": {"bits": 4}})
     assert sim.float_layers == {"fc1"}
     w = sim.weight(next(op for op in sim.ops if op.name == "conv2"))
     assert all(len(torch.unique(row)) <= 15 for row in w.reshape(w.shape[0], -1))

@@ -114,25 +114,31 @@ def test_sparsify_step_one_shot_and_gradual():
     assert seen[0] < 0.3 and seen[-1] == pytest.approx(0.8, abs=1e-3)
     with pytest.raises(ConfigError, match="needs a train"):
         compress(model, Plan([Sparsify(sparsity=0.8, steps=10)]), x)
-    nm = compress(model, Plan([Sparsify(pattern="2:4", exclude=("conv1",))]), x).model
+    nm = compress(model, Plan([Sparsify(pattern="2:4", layers={"conv1": "skip"})]), x).model
     assert (n_m_mask(nm.fc1.weight, 2, 4) * (nm.fc1.weight != 0)).sum() == (nm.fc1.weight != 0).sum()
 
 
 def test_per_layer_targets():
     model = _model()
     x = torch.zeros(1, 1, 28, 28)
-    out = compress(model, Plan([Sparsify(sparsity=0.5, layer_sparsity=("fc1=0.95", "conv1=0.1"))]), x)
+    out = compress(model, Plan([Sparsify(sparsity=0.5, layers={"fc1": {"sparsity": 0.95}, "conv*": {"sparsity": 0.1},
+                                                                "conv2": {"sparsity": 0.9}})]), x)
     layers = out.steps[0].details["layers"]
     assert layers["fc1"] == pytest.approx(0.95, abs=1e-3) and layers["conv1"] == pytest.approx(0.1, abs=0.01)
-    assert layers["conv2"] == pytest.approx(0.5, abs=1e-3)
+    assert layers["conv2"] == pytest.approx(0.1, abs=0.01)  # the first matching rule wins
+    assert layers["fc2"] == pytest.approx(0.5, abs=1e-3)
     pruner = Pruner(_model(), final_sparsity={"fc1": 0.8, "fc2": 0.4}, steps=10, frequency=1)
     for _ in range(10):
         pruner.step()
     assert pruner.layer_sparsity() == pytest.approx({"fc1": 0.8, "fc2": 0.4}, abs=1e-3)
-    with pytest.raises(ConfigError, match="fc1=0.95"):
-        Sparsify(layer_sparsity=("fc1:0.95",))
-    with pytest.raises(ConfigError, match="unknown"):
-        compress(model, Plan([Sparsify(layer_sparsity=("fc9=0.5",))]), x)
+    with pytest.raises(ConfigError, match="a fraction in"):
+        Sparsify(layers={"fc1": {"sparsity": 1.5}})
+    with pytest.raises(ConfigError, match="match no Conv/Linear layer"):
+        compress(model, Plan([Sparsify(layers={"fc9": {"sparsity": 0.5}})]), x)
+    old = Plan.from_dict({"version": 1, "steps": [{"sparsify": {"exclude": ["conv*"], "layer_sparsity": ["fc1=0.95"]}}]})
+    assert old.steps[0].layers == {"conv*": "skip", "fc1": {"sparsity": 0.95}}
+    with pytest.raises(ConfigError, match="layer_sparsity"):
+        Plan.from_dict({"version": 1, "steps": [{"sparsify": {"layer_sparsity": ["fc1:0.95"]}}]})
 
 
 def test_one_shot_pruning_with_sparsegpt_reconstruction_holds_where_magnitude_collapses(mnist, lenet5_trained):
@@ -152,7 +158,7 @@ def test_one_shot_pruning_with_sparsegpt_reconstruction_holds_where_magnitude_co
     result, rebuilt = run(sparsity=0.7, reconstruct="sparsegpt", calib_samples=256)
     assert magnitude < 0.8 and rebuilt > float_acc - 0.02
     assert result.steps[0].details["sparsity"] >= 0.695 and result.steps[0].details["reconstructed"]
-    result, acc = run(pattern="2:4", exclude=("conv1",), reconstruct="sparsegpt")
+    result, acc = run(pattern="2:4", layers={"conv1": "skip"}, reconstruct="sparsegpt")
     w = result.model.fc1.weight.detach().reshape(500, -1, 4)
     assert int((w != 0).sum(-1).max()) <= 2 and acc > float_acc - 0.01
 

@@ -16,7 +16,8 @@ import yaml
 from torch import nn
 
 from nnshrink.errors import ConfigError
-from nnshrink.plan.config import PLAN_VERSION, StepConfig, StepResult, registered_steps, step_from_dict
+from nnshrink.plan.config import (PLAN_VERSION, READABLE_PLAN_VERSIONS, SKIP, StepConfig, StepResult, match_layers,
+                                  registered_steps, step_from_dict)
 from nnshrink.plan.steps import FineTune, FoldBatchNorm
 
 
@@ -42,13 +43,13 @@ class Plan:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
                               "a plan has 'version', 'steps' and an optional 'description'")
         version = data.get("version")
-        if version != PLAN_VERSION:
+        if version not in READABLE_PLAN_VERSIONS or isinstance(version, bool):
             raise ConfigError(f"{where}: plan version {version!r} is not supported; this nnshrink reads "
-                              f"version {PLAN_VERSION}")
+                              f"versions {', '.join(map(str, READABLE_PLAN_VERSIONS))}")
         steps = data.get("steps")
         if not isinstance(steps, list):
             raise ConfigError(f"{where}: 'steps' must be a list of steps")
-        return cls([step_from_dict(s, f"{where}, step {i + 1}") for i, s in enumerate(steps)])
+        return cls([step_from_dict(s, f"{where}, step {i + 1}", version) for i, s in enumerate(steps)])
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Plan:
@@ -135,5 +136,5 @@ def compress(model: nn.Module, plan: Plan, example_input: torch.Tensor,
     return CompressResult(current.eval(), results)
 
 
-__all__ = ["CompressResult", "Context", "FineTune", "FoldBatchNorm", "PLAN_VERSION", "Plan",
+__all__ = ["SKIP", "CompressResult", "Context", "FineTune", "FoldBatchNorm", "PLAN_VERSION", "Plan", "match_layers",
            "StepConfig", "StepResult", "compress", "registered_steps"]

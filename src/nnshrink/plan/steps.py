@@ -17,6 +17,7 @@ class FoldBatchNorm(StepConfig):
     """Fold each batch norm into the conv or linear layer that feeds it (inference form)."""
 
     kind = "fold_batchnorm"
+    takes_layers = False  # folding changes no output: nothing to choose per layer
 
     def apply(self, model: nn.Module, ctx) -> StepResult:
         try:
@@ -32,7 +33,9 @@ class FoldBatchNorm(StepConfig):
 
 @dataclass(frozen=True)
 class FineTune(StepConfig):
-    """Train the model for ``steps`` optimiser steps with the user's or the bundled trainer."""
+    """Train the model for ``steps`` optimiser steps with the user's or the bundled trainer.
+
+    ``layers: {"conv1": skip}`` holds those layers' parameters fixed while the rest train."""
 
     kind = "finetune"
     steps: int = 200
@@ -46,7 +49,18 @@ class FineTune(StepConfig):
         if ctx.train is None:
             raise ConfigError("the finetune step needs a train(model, steps) function or bundled data")
         new = copy.deepcopy(model)
+        owners = [n for n, m in new.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+        frozen = self.skipped_layers(owners, "layer with parameters")
+        held = [p for n in frozen for p in new.get_submodule(n).parameters(recurse=False) if p.requires_grad]
         before = ctx.evaluate(new) if ctx.evaluate else None
-        new = ctx.train(new, self.steps) or new
+        for p in held:
+            p.requires_grad_(False)
+        try:
+            new = ctx.train(new, self.steps) or new
+        finally:
+            for p in held:
+                p.requires_grad_(True)
         after = ctx.evaluate(new) if ctx.evaluate else None
-        return StepResult(self.kind, new.eval(), {"steps": self.steps, "val_before": before, "val_after": after})
+        skipped = [{"layer": n, "reason": "held fixed by the plan's layer rules"} for n in frozen]
+        return StepResult(self.kind, new.eval(), {"steps": self.steps, "val_before": before, "val_after": after},
+                          skipped)

@@ -24,12 +24,11 @@ bytes buy, which is what the knapsack needs; the evaluations after retraining de
 from __future__ import annotations
 
 import copy
-import fnmatch
 import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ from nnshrink.cache import code_fingerprint
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import analyze
 from nnshrink.io import container
-from nnshrink.plan.config import StepConfig, StepResult
+from nnshrink.plan.config import SKIP, StepConfig, StepResult, glob_escape
 from nnshrink.progress import progress_bar
 from nnshrink.search.engine import EXECUTORS, measure_curves, output_loss, sensitivity_table
 from nnshrink.search.solvers import budgets, estimated_noise, least_noise, total_bytes
@@ -167,12 +166,14 @@ class Budget(StepConfig):
     """
 
     kind = "budget"
+    layer_settings = {"sparsity": lambda v: _settings(v, lambda s: 0 <= s < 1, "a fraction in [0, 1), or a list of them"),
+                      "bits": lambda v: _settings(v, lambda b: b == int(b) and (b == 0 or 2 <= b <= 8),
+                                                  "whole numbers 0 (float) or 2-8, one or a list")}
     target: str = ""
     max_drop: float | None = None
     techniques: tuple[str, ...] = TECHNIQUES
     sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
     bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
-    layers: dict = field(default_factory=dict)
     prune_steps: int = 1500
     share_steps: int = 300
     bias_bits: int = 5
@@ -206,8 +207,6 @@ class Budget(StepConfig):
             raise ConfigError(f"budget.sensitivity must be reconstructed or one-shot, got {self.sensitivity!r}")
         if self.executor not in EXECUTORS:
             raise ConfigError(f"budget.executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
-        for pattern, rule in self.layers.items():
-            _check_rule(pattern, rule)
 
     # -- settings ---------------------------------------------------------------------------------
     def _grid(self, rule) -> list[int]:
@@ -222,22 +221,14 @@ class Budget(StepConfig):
 
     def _units(self, model: nn.Module) -> tuple[dict[str, list[int]], list[dict]]:
         layers = prunable_layers(model)
-        used, units, skipped = set(), {}, []
+        rules = self.layer_rules(layers)
+        units, skipped = {}, []
         for name in layers:
-            rule = None
-            for pattern, r in self.layers.items():
-                if fnmatch.fnmatchcase(name, pattern):
-                    rule = r
-                    used.add(pattern)
-                    break
-            if rule == "skip":
+            rule = rules.get(name)
+            if rule == SKIP:
                 skipped.append({"layer": name, "reason": "skipped by the plan's layer rules"})
                 continue
             units[name] = self._grid(rule)
-        unknown = sorted(set(self.layers) - used)
-        if unknown:
-            raise ConfigError(f"budget.layers: pattern(s) {', '.join(map(repr, unknown))} match no Conv/Linear layer; "
-                              f"layers are {', '.join(layers)}")
         if not units:
             raise ConfigError("budget: every Conv/Linear layer is skipped; nothing to choose")
         return units, skipped
@@ -251,13 +242,13 @@ class Budget(StepConfig):
         steps = {"prune": self.prune_steps if train else 0, "share": self.share_steps if train else 0}
         if sparse:
             result = Sparsify(sparsity=0.0, steps=steps["prune"], scope="layer",
-                              layer_sparsity=tuple(f"{n}={s}" for n, s in sparse.items())).apply(current, _quiet(ctx))
+                              layers={glob_escape(n): {"sparsity": s} for n, s in sparse.items()}).apply(current, _quiet(ctx))
             current, done["sparsify"] = result.model, result.details
         shared = {n: b for n, (_, b) in settings.items() if b}
         if shared:
             others = tuple(n for n in prunable_layers(current) if n not in shared)
-            result = ShareWeights(bits=max(shared.values()), steps=steps["share"], exclude=others,
-                                  layer_bits=tuple(f"{n}={b}" for n, b in shared.items())).apply(current, _quiet(ctx))
+            rules = {**{glob_escape(n): SKIP for n in others}, **{glob_escape(n): {"bits": b} for n, b in shared.items()}}
+            result = ShareWeights(bits=max(shared.values()), steps=steps["share"], layers=rules).apply(current, _quiet(ctx))
             current, done["share_weights"] = result.model, result.details
         if self.bias_bits:
             current, done["biases"] = _share_biases(current, list(choice), self.bias_bits)
@@ -440,22 +431,11 @@ def _values(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _check_rule(pattern: object, rule: object) -> None:
-    if not isinstance(pattern, str):
-        raise ConfigError(f"budget.layers keys are layer name patterns, got {pattern!r}")
-    if rule == "skip":
-        return
-    if not isinstance(rule, dict) or not rule or set(rule) - {"sparsity", "bits"}:
-        raise ConfigError(f"budget.layers[{pattern!r}] must be 'skip' or a mapping of sparsity and/or bits, "
-                          f"got {rule!r}")
-    for key, lo, hi in (("sparsity", 0.0, 0.9999), ("bits", 0, 8)):
-        if key in rule:
-            values = _values(rule[key])
-            if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi
-                                 or (key == "bits" and (v != int(v) or v == 1)) for v in values):
-                raise ConfigError(f"budget.layers[{pattern!r}].{key} must be "
-                                  f"{'in [0, 1)' if key == 'sparsity' else 'whole numbers 0 (float) or 2-8'}, "
-                                  f"got {rule[key]!r}")
+def _settings(value, good, wanted: str) -> str | None:
+    """A budget rule's value (one, or a list to choose among) checked: ``wanted`` if bad."""
+    values = _values(value)
+    ok = values and all(not isinstance(v, bool) and isinstance(v, (int, float)) and good(v) for v in values)
+    return None if ok else wanted
 
 
 def _quiet(ctx):

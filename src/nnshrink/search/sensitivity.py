@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from nnshrink.plan import Plan
+from nnshrink.plan.config import glob_escape
 from nnshrink.progress import progress_bar
 from nnshrink.techniques import ShareWeights, Sparsify, magnitude_masks, share_weights
 from nnshrink.techniques.sparsity import prunable_layers
@@ -105,6 +106,6 @@ def per_layer_plan(sens: Sensitivity, max_drop: float, prune_steps: int = 800, s
     """Prune and share with per-layer settings from :func:`allocate`, retraining after each."""
     sparsity, bits = allocate(sens, max_drop)
     return Plan([
-        Sparsify(sparsity=0.0, steps=prune_steps, layer_sparsity=tuple(f"{n}={s}" for n, s in sparsity.items())),
-        ShareWeights(bits=max(bits.values()), steps=share_steps, layer_bits=tuple(f"{n}={b}" for n, b in bits.items())),
+        Sparsify(sparsity=0.0, steps=prune_steps, layers={glob_escape(n): {"sparsity": s} for n, s in sparsity.items()}),
+        ShareWeights(bits=max(bits.values()), steps=share_steps, layers={glob_escape(n): {"bits": b} for n, b in bits.items()}),
     ])

@@ -25,7 +25,6 @@ each group keeps comes from the decision engine (:mod:`nnshrink.search.solvers`)
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 from dataclasses import dataclass
 
@@ -37,7 +36,7 @@ from torch import nn
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import analyze
 from nnshrink.graph.groups import ChannelGroup, build_dependency_graph
-from nnshrink.plan.config import StepConfig, StepResult
+from nnshrink.plan.config import SKIP, StepConfig, StepResult
 from nnshrink.search.engine import Unit, interpolate, level_table, measure_curves, output_loss
 from nnshrink.search.solvers import allocate, repair
 from nnshrink.techniques.allocation import check_target_options, sample_inputs, target_macs
@@ -215,7 +214,10 @@ class ChannelPrune(StepConfig):
     Attributes:
         mac_ratio: MACs after / MACs of the model the plan started from.
         tolerance: The result lies in ``[mac_ratio - tolerance, mac_ratio]``.
-        exclude: Layer name patterns (fnmatch): a group with a matching producer is left alone.
+        layers: Per-layer rules on the layers that produce a channel group (first matching
+            pattern wins): ``skip`` leaves the group alone; ``{"channels": 16}`` prunes it to that
+            many channels (with the reconstruction) before the other groups' counts are chosen.
+            Version-1 plans' ``exclude`` is read into it.
         min_keep: Fewest channels a group keeps, as a fraction of its channels.
         samples: Inputs sampled for selection, reconstruction and the sensitivity curves.
         measured_levels: Channel counts measured per group (interpolated between them).
@@ -233,13 +235,16 @@ class ChannelPrune(StepConfig):
     kind = "channel_prune"
     mac_ratio: float = 0.5
     tolerance: float = 0.01
-    exclude: tuple[str, ...] = ()
     min_keep: float = 0.1
     samples: int = 256
     measured_levels: int = 8
     reconstruct: bool = True
     round_to: int | None = None
     executor: str = "process"
+
+    layer_settings = {"channels": lambda v: None if isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                      else "a whole number, at least 1"}
+    legacy = {"exclude": lambda v: dict.fromkeys(v, SKIP)}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -255,6 +260,19 @@ class ChannelPrune(StepConfig):
         model = copy.deepcopy(model).eval()
         info = analyze(model, x[:1])
         base, budget, floor = target_macs(ctx, model, x, self.mac_ratio, self.tolerance)
+        rules = self.layer_rules([li.name for li in info.layers])
+        fixed = {}  # groups given a channel count by the plan: pruned first, the rest allocated around them
+        for g in build_dependency_graph(model, x[:1]).groups:
+            counts = {rules[n]["channels"] for n, _ in g.producers if isinstance(rules.get(n), dict)}
+            if not counts:
+                continue
+            keep = min(counts)
+            if not g.prunable or keep >= g.channels:
+                raise ConfigError(f"channel_prune.layers: group {_label(g)} ({g.channels} channels) cannot be pruned "
+                                  f"to {keep}: {g.reason or 'it has no more than that'}")
+            fixed[_label(g)] = {"channels": g.channels, "kept": keep}
+        for label, v in fixed.items():
+            prune_group(model, x, label, v["kept"], self.reconstruct)
         deps = build_dependency_graph(model, x[:1])
         skipped, groups = [], []
         for g in deps.groups:
@@ -263,8 +281,10 @@ class ChannelPrune(StepConfig):
             names = [n for n, _ in g.producers]
             if not g.prunable:
                 skipped.append({"layer": ", ".join(names), "reason": g.reason or "not prunable"})
-            elif any(fnmatch.fnmatch(n, p) for n in names for p in self.exclude):
-                skipped.append({"layer": ", ".join(names), "reason": "excluded by the plan"})
+            elif _label(g) in fixed:
+                continue
+            elif any(rules.get(n) == SKIP for n in names):
+                skipped.append({"layer": ", ".join(names), "reason": "skipped by the plan's layer rules"})
             elif g.channels < 2 or not g.consumers:
                 skipped.append({"layer": ", ".join(names), "reason": "nothing reads it" if not g.consumers
                                 else "a single channel"})
@@ -317,7 +337,7 @@ class ChannelPrune(StepConfig):
         details = {"mac_ratio_target": self.mac_ratio, "mac_ratio": after.total_macs / base,
                    "round_to": grid, "not_multiple_of_round_to": odd,
                    "candidates": {str(g): {"val": c[3], "output_error": round(c[2], 6)} for g, (_, c) in candidates.items()},
-                   "macs_before": info.total_macs, "macs_after": after.total_macs, "groups": pruned,
+                   "macs_before": info.total_macs, "macs_after": after.total_macs, "groups": {**fixed, **pruned},
                    "layers_shrunk": shrunk, "measurements": len(tasks),
                    "sensitivity": level_table("relative output error (MSE / output power)", losses,
                                               {_label(g): list(range(g.channels - 1, 0, -1)) for g in groups},

@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import is_compressible
-from nnshrink.plan.config import StepConfig, StepResult
+from nnshrink.plan.config import SKIP, StepConfig, StepResult, pairs
 from nnshrink.techniques.records import attach, record_of, register
 
 INITS = ("linear", "density")
@@ -132,16 +132,20 @@ class ShareWeights(StepConfig):
         bits: Codebook size ``2**bits`` per layer (1 to 8).
         init: ``linear`` (evenly spaced, as Deep Compression) or ``density`` (quantiles).
         steps: Centroid fine-tuning steps with the bundled or the user's trainer (0: none).
-        exclude: Layer names left as they are.
-        layer_bits: ``"name=bits"`` overrides, for layers that need more (or fewer) centroids.
+        layers: Per-layer rules (first matching pattern wins): ``skip`` leaves a layer as it
+            is; ``{"bits": 3}`` gives it its own codebook size. Version-1 plans' ``exclude`` and
+            ``layer_bits`` (``"fc1=3"``) are read into it.
     """
 
     kind = "share_weights"
     bits: int = 4
     init: str = "linear"
     steps: int = 0
-    exclude: tuple[str, ...] = ()
-    layer_bits: tuple[str, ...] = ()
+
+    layer_settings = {"bits": lambda v: None if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 8
+                      else "a whole number from 1 to 8"}
+    legacy = {"exclude": lambda v: dict.fromkeys(v, SKIP),
+              "layer_bits": lambda v: {n: {"bits": b} for n, b in pairs(v, int).items()}}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -151,24 +155,13 @@ class ShareWeights(StepConfig):
             raise ConfigError(f"share_weights.init must be one of {INITS}, got {self.init!r}")
         if self.steps < 0:
             raise ConfigError("share_weights.steps must be >= 0")
-        self.overrides()
-
-    def overrides(self) -> dict[str, int]:
-        out = {}
-        for item in self.layer_bits:
-            name, _, bits = item.partition("=")
-            if not bits.isdigit() or not 1 <= int(bits) <= 8:
-                raise ConfigError(f"share_weights.layer_bits entries look like 'fc1=3', got {item!r}")
-            out[name] = int(bits)
-        return out
 
     def apply(self, model: nn.Module, ctx) -> StepResult:
         new = copy.deepcopy(model)
-        overrides = self.overrides()
-        layers = {n: m for n, m in new.named_modules() if is_compressible(m) and n not in self.exclude}
-        unknown = set(overrides) - set(layers)
-        if unknown:
-            raise ConfigError(f"share_weights.layer_bits names unknown layers {sorted(unknown)}")
+        names = [n for n, m in new.named_modules() if is_compressible(m)]
+        left = self.skipped_layers(names)
+        overrides = self.layer_setting(names, "bits")
+        layers = {n: new.get_submodule(n) for n in names if n not in left}
         records = {n: share_weights(m, overrides.get(n, self.bits), self.init) for n, m in layers.items()}
         if self.steps:
             if ctx.train is None:
@@ -190,4 +183,4 @@ class ShareWeights(StepConfig):
         details = {"layers": {n: {"bits": r.bits, "centroids": int(r.codebook.size)} for n, r in records.items()},
                    "val_after": ctx.evaluate(new) if ctx.evaluate else None}
         return StepResult(self.kind, new.eval(), details,
-                          [{"layer": n, "reason": "excluded by the plan"} for n in self.exclude])
+                          [{"layer": n, "reason": "skipped by the plan's layer rules"} for n in left])

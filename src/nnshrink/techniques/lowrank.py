@@ -16,7 +16,6 @@ Lagrangian allocation that meets the MAC ratio (of the model the plan started fr
 from __future__ import annotations
 
 import copy
-import fnmatch
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +24,7 @@ from torch import nn
 
 from nnshrink.graph.analysis import analyze
 from nnshrink.graph.surgery import replace_module
-from nnshrink.plan.config import StepConfig, StepResult
+from nnshrink.plan.config import SKIP, StepConfig, StepResult
 from nnshrink.search.engine import Unit, interpolate, level_table, measure_curves, output_loss
 from nnshrink.search.solvers import allocate
 from nnshrink.techniques.allocation import check_target_options, sample_inputs, target_macs
@@ -129,13 +128,15 @@ def _svd_loss(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: 
 class _SVDStep(StepConfig):
     mac_ratio: float = 0.5
     tolerance: float = 0.01
-    exclude: tuple[str, ...] = ()
     samples: int = 256
     measured_levels: int = 8
     executor: str = "process"
     required: bool = True
 
     method = "weight"
+    layer_settings = {"rank": lambda v: None if isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                      else "a whole number, at least 1"}
+    legacy = {"exclude": lambda v: dict.fromkeys(v, SKIP)}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -144,14 +145,27 @@ class _SVDStep(StepConfig):
 
     def apply(self, model: nn.Module, ctx, show_progress: bool = True) -> StepResult:
         x = sample_inputs(ctx, self.samples)
-        info = analyze(model, x[:1])
         base, budget, floor = target_macs(ctx, model, x, self.mac_ratio, self.tolerance)
+        given = analyze(model, x[:1])
+        rules = self.layer_rules([li.name for li in given.layers])
+        fixed = {}  # layers given a rank by the plan: decomposed first, the rest allocated around them
+        model = copy.deepcopy(model)
+        for name, rule in rules.items():
+            if isinstance(rule, dict):
+                module = model.get_submodule(name)
+                if _eligible(module, self.method) is not None:
+                    raise ConfigError(f"{self.kind}.layers[{name!r}]: {_eligible(module, self.method)}; no rank to set")
+                replace_module(model, name, decompose(self.method, module, int(rule["rank"])))
+                fixed[name] = {"rank": int(rule["rank"]), "set_by": "the plan's layer rules"}
+        info = analyze(model, x[:1])
         units, skipped, per_rank, full_rank = [], [], {}, {}
         for li in info.layers:
+            if any(li.name.startswith(f"{n}.") for n in fixed):  # the factors of a layer set by the plan
+                continue
             module = model.get_submodule(li.name)
             reason = _eligible(module, self.method)
-            if reason is None and any(fnmatch.fnmatch(li.name, p) for p in self.exclude):
-                reason = "excluded by the plan"
+            if reason is None and rules.get(li.name) == SKIP:
+                reason = "skipped by the plan's layer rules"
             ranks = []
             if reason is None:
                 full = min(module.weight.shape[0], int(np.prod(module.weight.shape[1:])))
@@ -172,7 +186,7 @@ class _SVDStep(StepConfig):
         floor_macs = info.total_macs - sum(v[-1] for v in saving.values())
         if floor_macs > budget and not self.required:  # a stage of a flow that has little to work on here
             details = {"mac_ratio_target": self.mac_ratio, "mac_ratio": info.total_macs / base,
-                       "macs_before": info.total_macs, "macs_after": info.total_macs, "layers": {},
+                       "macs_before": given.total_macs, "macs_after": info.total_macs, "layers": fixed,
                        "measurements": 0,
                        "not_applied": f"the eligible layers cannot reach the target ({floor_macs:,} MACs at the "
                                       f"lowest ranks, target {budget:,}); the model is passed on unchanged"}
@@ -210,8 +224,8 @@ class _SVDStep(StepConfig):
         table = level_table("relative output error (MSE / output power)", by_rank,
                             {n: ranks for n, (_, ranks) in per_rank.items()},
                             full_rank, "rank")
-        details = {"mac_ratio_target": self.mac_ratio, "mac_ratio": after / base, "macs_before": info.total_macs,
-                   "macs_after": after, "layers": layers, "measurements": len(tasks), "sensitivity": table}
+        details = {"mac_ratio_target": self.mac_ratio, "mac_ratio": after / base, "macs_before": given.total_macs,
+                   "macs_after": after, "layers": {**fixed, **layers}, "measurements": len(tasks), "sensitivity": table}
         return StepResult(self.kind, new.eval(), details, skipped)
 
 
@@ -222,7 +236,9 @@ class WeightSVD(_SVDStep):
     Attributes:
         mac_ratio: MACs after / MACs of the model the plan started from.
         tolerance: The result lies in ``[mac_ratio - tolerance, mac_ratio]``.
-        exclude: Layer name patterns (fnmatch) left alone.
+        layers: Per-layer rules (first matching pattern wins): ``skip`` leaves a layer alone;
+            ``{"rank": 16}`` decomposes it at that rank before the others' ranks are chosen.
+            Version-1 plans' ``exclude`` is read into it.
         samples: Inputs used to measure each layer's curve.
         measured_levels: Ranks measured per layer (the curve is interpolated between them).
         executor: ``process`` (local pool), ``serial`` or ``ray``.

@@ -19,7 +19,7 @@ from torch import nn
 
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import is_compressible
-from nnshrink.plan.config import StepConfig, StepResult
+from nnshrink.plan.config import SKIP, StepConfig, StepResult, glob_escape, pairs
 from nnshrink.search.engine import EXECUTORS, measure_curves, output_loss, output_rows, sensitivity_table
 from nnshrink.search.solvers import least_noise
 from nnshrink.techniques.calibration import calibration_inputs, inverse_hessian_factor, layer_hessians
@@ -30,11 +30,6 @@ SCOPES = ("global", "layer")
 def _check_fraction(name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ConfigError(f"{name} must be in [0, 1), got {value}")
-
-
-def glob_escape(name: str) -> str:
-    """A layer name as an fnmatch pattern that matches only it."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def prunable_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
@@ -262,19 +257,20 @@ class Sparsify(StepConfig):
         steps: Fine-tuning steps with the bundled or the user's trainer; pruning reaches
             ``sparsity`` after ``ramp`` of them and the rest recover accuracy. 0: one-shot.
         ramp: Fraction of ``steps`` over which the sparsity rises.
+        layers: Per-layer rules (first matching pattern wins): ``skip`` leaves a layer dense;
+            ``{"sparsity": 0.95}`` gives it its own fraction (then every layer is pruned to its
+            own fraction, ``sparsity`` for the layers without one), as a sensitivity search sets
+            them. Version-1 plans' ``exclude`` and ``layer_sparsity`` are read into it.
         scope: ``global``, ``layer``, or ``sensitivity``: one-shot unstructured, each layer's
             fraction chosen from measured costs so that ``sparsity`` of the weights go overall
             with the least added output error: every layer is pruned alone at each fraction of
             ``sensitivities`` (with SparseGPT's refit where ``reconstruct`` asks, fitted on half
             of the calibration inputs and scored on the other half), and the fractions are a
             multiple-choice knapsack over the weights kept (the table is in the details).
-        exclude: Layer name patterns left dense.
         pattern: ``unstructured``, ``2:4`` or ``4:8``.
         nm_groups: For ``2:4``/``4:8``: ``k`` (default: groups along each output row's flattened
             inputs, as GPU sparse tensor cores take them) or ``channels`` (along the input channels
             at each kernel position, as Ethos-U85 takes them).
-        layer_sparsity: ``"name=fraction"`` per-layer targets (then every layer is pruned to its
-            own fraction, ``sparsity`` for the layers not named), as a sensitivity search sets them.
         reconstruct: ``none``, or ``sparsegpt`` for one-shot pruning without retraining: each
             layer's fraction as magnitude pruning (and ``scope``) sets it, the weights to prune and
             the refit of the kept ones chosen layer by layer from calibration inputs (no labels).
@@ -288,14 +284,17 @@ class Sparsify(StepConfig):
     steps: int = 0
     ramp: float = 0.6
     scope: str = "global"
-    exclude: tuple[str, ...] = ()
     pattern: str = "unstructured"
     nm_groups: str = "k"
-    layer_sparsity: tuple[str, ...] = ()
     reconstruct: str = "none"
     calib_samples: int = 256
     sensitivities: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
     executor: str = "process"
+
+    layer_settings = {"sparsity": lambda v: None if isinstance(v, (int, float)) and not isinstance(v, bool)
+                      and 0 <= v < 1 else "a fraction in [0, 1)"}
+    legacy = {"exclude": lambda v: dict.fromkeys(v, SKIP),
+              "layer_sparsity": lambda v: {n: {"sparsity": s} for n, s in pairs(v, float).items()}}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -305,10 +304,9 @@ class Sparsify(StepConfig):
         if self.executor not in EXECUTORS:
             raise ConfigError(f"sparsify.executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         if self.scope == "sensitivity":
-            if self.pattern != "unstructured" or self.steps or self.layer_sparsity:
+            if self.pattern != "unstructured" or self.steps or any(isinstance(r, dict) for r in self.layers.values()):
                 raise ConfigError("sparsify.scope sensitivity chooses per-layer fractions for one-shot unstructured "
-                                  "pruning: it takes no pattern, steps or layer_sparsity")
-        self.overrides()
+                                  "pruning: it takes no pattern, steps or per-layer sparsity (skip rules only)")
         if self.steps < 0 or not 0 < self.ramp <= 1:
             raise ConfigError("sparsify.steps must be >= 0 and ramp in (0, 1]")
         if self.scope not in (*SCOPES, "sensitivity"):
@@ -324,23 +322,15 @@ class Sparsify(StepConfig):
         if self.reconstruct != "none" and self.steps:
             raise ConfigError("sparsify.reconstruct is for one-shot pruning (steps: 0); retraining recovers otherwise")
 
-    def overrides(self) -> dict[str, float]:
-        out = {}
-        for item in self.layer_sparsity:
-            name, _, value = item.partition("=")
-            try:
-                out[name] = float(value)
-            except ValueError:
-                raise ConfigError(f"sparsify.layer_sparsity entries look like 'fc1=0.95', got {item!r}") from None
-            _check_fraction(f"sparsify.layer_sparsity of {name}", out[name])
-        return out
-
     def apply(self, model: nn.Module, ctx) -> StepResult:
         import copy
 
         new = copy.deepcopy(model)
         n_m = None if self.pattern == "unstructured" else tuple(int(v) for v in self.pattern.split(":"))
-        exclude, skipped = tuple(self.exclude), []
+        names = list(prunable_layers(new))
+        ruled = self.skipped_layers(names)
+        exclude = tuple(glob_escape(n) for n in ruled)
+        skipped = [{"layer": n, "reason": "skipped by the plan's layer rules"} for n in ruled]
         for name, layer in prunable_layers(new, exclude).items():
             row = layer.weight[0].numel()
             if self.nm_groups == "channels" and layer.weight.dim() >= 3:
@@ -359,7 +349,7 @@ class Sparsify(StepConfig):
                 skipped.append({"layer": name, "reason": reason})
         ramp_steps = max(1, int(self.steps * self.ramp))
         target: float | dict[str, float] = self.sparsity
-        overrides = self.overrides()
+        overrides = {n: float(v) for n, v in self.layer_setting(names, "sparsity").items() if n not in ruled}
         table = None
         if self.scope == "sensitivity":
             overrides, table = self._allocate(model, prunable_layers(new, exclude), ctx)
@@ -369,9 +359,6 @@ class Sparsify(StepConfig):
                 del overrides[name]
         if overrides:
             layers = prunable_layers(new, exclude)
-            unknown = set(overrides) - set(layers)
-            if unknown:
-                raise ConfigError(f"sparsify.layer_sparsity names unknown or excluded layers {sorted(unknown)}")
             target = {n: overrides.get(n, self.sparsity) for n in layers}
         pruner = Pruner(new, final_sparsity=target, steps=ramp_steps, frequency=max(1, ramp_steps // 20),
                         scope="layer" if self.scope == "sensitivity" else self.scope, exclude=exclude, n_m=n_m, nm_groups=self.nm_groups)

@@ -26,7 +26,7 @@ from torch import nn
 from nnshrink.errors import ConfigError, UnsupportedModelError
 from nnshrink.graph.analysis import is_compressible
 from nnshrink.graph.surgery import fold_batchnorms
-from nnshrink.plan.config import StepConfig, StepResult
+from nnshrink.plan.config import SKIP, StepConfig, StepResult
 from nnshrink.techniques.calibration import calibration_inputs, inverse_hessian_factor, layer_hessians
 from nnshrink.techniques.records import attach, record_of, register
 
@@ -221,7 +221,8 @@ class QuantizeWeights(StepConfig):
 
     Attributes:
         bits: Bit width, 2 to 8.
-        exclude: Layer names left in float.
+        layers: Per-layer rules (first matching pattern wins): ``skip`` leaves a layer float;
+            ``{"bits": 4}`` gives it its own width. Version-1 plans' ``exclude`` is read into it.
         scales: ``minmax`` or ``mse`` (the clipping that minimizes each channel's or group's
             squared rounding error).
         rounding: ``nearest`` or ``gptq`` (error feedback through the inverse Hessian of the
@@ -233,11 +234,14 @@ class QuantizeWeights(StepConfig):
 
     kind = "quantize_weights"
     bits: int = 8
-    exclude: tuple[str, ...] = ()
     scales: str = "minmax"
     rounding: str = "nearest"
     group_size: int = 0
     calib_samples: int = 256
+
+    layer_settings = {"bits": lambda v: None if isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= 8
+                      else "a whole number from 2 to 8"}
+    legacy = {"exclude": lambda v: dict.fromkeys(v, SKIP)}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -257,19 +261,23 @@ class QuantizeWeights(StepConfig):
             new, folded = copy.deepcopy(model), []
         plain = self.scales == "minmax" and self.rounding == "nearest" and not self.group_size
         targets, layers, skipped = {}, {}, []
+        owners = [n for n, m in new.named_modules() if weight_params(m)]
+        rules = self.layer_rules(owners, "layer with weights")
+        bits_of = {n: r.get("bits", self.bits) if isinstance(r, dict) else self.bits for n, r in rules.items()}
         for name, module in new.named_modules():
             params = weight_params(module)
             if not params:
                 continue
-            if name in self.exclude:
-                skipped.append({"layer": name, "reason": "excluded by the plan"})
+            if rules.get(name) == SKIP:
+                skipped.append({"layer": name, "reason": "skipped by the plan's layer rules"})
                 continue
+            bits = bits_of.get(name, self.bits)
             # per-channel min-max with nearest rounding stays quantize_weights' arithmetic (float32
             # throughout), so the int8 containers written before these options are reproduced
             if plain or not is_compressible(module) or getattr(module, "groups", 1) != 1:
                 why = None if plain else ("not a Conv/Linear" if not is_compressible(module) else "grouped conv")
-                records = [quantize_weights(module, self.bits, p, axis) for p, axis in params]
-                layers[name] = {"bits": self.bits, "distinct_values": max(int(np.unique(r.q).size) for r in records)}
+                records = [quantize_weights(module, bits, p, axis) for p, axis in params]
+                layers[name] = {"bits": bits, "distinct_values": max(int(np.unique(r.q).size) for r in records)}
                 if why:
                     layers[name]["method"] = f"per-channel min-max, nearest ({why})"
                 if len(params) > 1:
@@ -281,8 +289,9 @@ class QuantizeWeights(StepConfig):
             hessians = layer_hessians(new, targets, calibration_inputs(ctx.calib, self.calib_samples,
                                                                        "quantize_weights with rounding gptq"))
         for name, module in targets.items():
-            record = quantize_layer(module, self.bits, self.scales, self.group_size, hessians.get(name))
-            layers[name] = {"bits": self.bits, "distinct_values": int(np.unique(record.q).size),
+            bits = bits_of.get(name, self.bits)
+            record = quantize_layer(module, bits, self.scales, self.group_size, hessians.get(name))
+            layers[name] = {"bits": bits, "distinct_values": int(np.unique(record.q).size),
                             "method": f"{'per-group ' + str(self.group_size) if self.group_size else 'per-channel'} "
                                       f"{self.scales}, {self.rounding}"}
         return StepResult(self.kind, new, {"layers": layers, "folded": [list(p) for p in folded]}, skipped)

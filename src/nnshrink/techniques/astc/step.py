@@ -38,7 +38,7 @@ from torch import nn
 
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import is_compressible
-from nnshrink.plan.config import StepConfig, StepResult
+from nnshrink.plan.config import SKIP, StepConfig, StepResult, pairs
 from nnshrink.progress import progress_bar
 from nnshrink.techniques.astc import codec
 from nnshrink.techniques.astc.layout import LAYOUTS, chain_order, make_layout
@@ -132,15 +132,13 @@ def record_bytes(record: AstcRecord) -> int:
     return int(record.blocks.nbytes + record.offset.nbytes + record.scale.nbytes)
 
 
-def _pairs(items: tuple[str, ...], what: str, check) -> dict[str, str]:
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ConfigError(f"astc.{what} entries look like 'fc1=...', got {item!r}")
+def _problem(check, value, wanted: str) -> str | None:
+    """``wanted`` if ``check(value)`` refuses it (a ``layers:`` rule's check), else None."""
+    try:
         check(value)
-        out[name] = value
-    return out
+    except (ConfigError, TypeError, ValueError):
+        return wanted
+    return None
 
 
 def _option(text: str) -> tuple | None:
@@ -171,7 +169,10 @@ class Astc(StepConfig):
     Attributes:
         footprint: Block footprint of every layer (``8x8``; any of the 14 2-D ones, 4x4 to 12x12).
         channels: Weights per texel: 1 (luminance) or 2 (luminance and alpha: half the bits).
-        layer_footprints: ``"name=12x12"``, ``"name=12x12/2"`` (two channels) or ``"name=float"`` overrides.
+        layers: Per-layer rules (first matching pattern wins): ``skip`` leaves a layer as it is;
+            ``{"footprint": "12x12"}`` (``"12x12/2"``: two channels; ``"float"``) fixes its
+            footprint, ``{"layout": "rows"}`` its layout. Version-1 plans' ``exclude``,
+            ``layer_footprints`` and ``layer_layouts`` (``"name=..."``) are read into it.
         bits_per_weight: Size budget: footprints chosen per layer so the encoded layers average at
             most this many stored bits per weight (scales included), least output noise first.
         max_drop: Accuracy budget: the smallest footprints whose metric stays within this
@@ -180,7 +181,6 @@ class Astc(StepConfig):
             and at two channels, and float).
         layout: ``auto`` (conv kernels tiled, a Linear after a flatten as input-shaped tiles,
             else rows), ``rows``, ``kernels`` or ``input``.
-        layer_layouts: ``"name=rows"`` overrides.
         range: ``layer`` (one scale and offset per layer) or ``row`` (one per output).
         quality: astcenc's search preset (``fastest`` ... ``exhaustive``) or 0-100.
         retrain: ``none``, ``interleaved`` (A) or ``blocks`` (B).
@@ -191,18 +191,15 @@ class Astc(StepConfig):
             ``none``: outputs in their own order.
         min_weights: Layers with fewer weights stay float (named in the report).
         calib_samples: Calibration inputs the sensitivity is measured on.
-        exclude: Layer names left as they are.
     """
 
     kind = "astc"
     footprint: str = "8x8"
     channels: int = 1
-    layer_footprints: tuple[str, ...] = ()
     bits_per_weight: float | None = None
     max_drop: float | None = None
     footprints: tuple[str, ...] = ()
     layout: str = "auto"
-    layer_layouts: tuple[str, ...] = ()
     range: str = "layer"
     quality: str | float = "medium"
     retrain: str = "none"
@@ -211,16 +208,19 @@ class Astc(StepConfig):
     order: str = "auto"
     min_weights: int = 64
     calib_samples: int = 256
-    exclude: tuple[str, ...] = ()
+
+    layer_settings = {"footprint": lambda v: _problem(_option, v, "a footprint like 12x12, 12x12/2 or float"),
+                      "layout": lambda v: _problem(_check_layout, v, f"one of {', '.join(LAYOUTS)}")}
+    legacy = {"exclude": lambda v: dict.fromkeys(v, SKIP),
+              "layer_footprints": lambda v: {n: {"footprint": f} for n, f in pairs(v).items()},
+              "layer_layouts": lambda v: {n: {"layout": f} for n, f in pairs(v).items()}}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         codec.parse_footprint(self.footprint)
         if self.channels not in (1, 2):
             raise ConfigError(f"astc.channels must be 1 or 2, got {self.channels}")
-        self.overrides()
         _check_layout(self.layout)
-        _pairs(self.layer_layouts, "layer_layouts", _check_layout)
         for f in self.footprints:
             _option(f)
         if self.order not in ORDERS:
@@ -239,9 +239,6 @@ class Astc(StepConfig):
         if self.steps < 1 or self.rounds < 1 or self.min_weights < 1 or self.calib_samples < 1:
             raise ConfigError("astc.steps, rounds, min_weights and calib_samples must be at least 1")
 
-    def overrides(self) -> dict[str, tuple | None]:
-        return {n: _option(v) for n, v in _pairs(self.layer_footprints, "layer_footprints", _option).items()}
-
     # -- the pieces ---------------------------------------------------------------------------
 
     def _candidates(self) -> list[tuple | None]:
@@ -251,8 +248,7 @@ class Astc(StepConfig):
             cands = [None] + [(f, c) for f in codec.FOOTPRINTS for c in (1, 2)]
         return sorted(set(cands), key=lambda o: 0 if o is None else o[0][0] * o[0][1] * o[1])
 
-    def _encoder(self, layers: dict[str, nn.Module], shapes: dict, threads: int):
-        layouts = _pairs(self.layer_layouts, "layer_layouts", _check_layout)
+    def _encoder(self, layers: dict[str, nn.Module], shapes: dict, threads: int, layouts: dict[str, str]):
         cache: dict = {}
         placement: dict[str, tuple[str, np.ndarray | None]] = {}
 
@@ -354,15 +350,13 @@ class Astc(StepConfig):
         t0 = time.perf_counter()
         new = copy.deepcopy(model).eval()
         show = getattr(ctx, "show_progress", True)
-        overrides = self.overrides()
         candidates = {n: m for n, m in new.named_modules() if is_compressible(m)}
-        unknown = (set(overrides) | set(_pairs(self.layer_layouts, "layer_layouts", _check_layout))) - set(candidates)
-        if unknown:
-            raise ConfigError(f"astc names unknown layers {sorted(unknown)}; layers: {', '.join(candidates)}")
-        skipped = [{"layer": n, "reason": "excluded by the plan"} for n in self.exclude if n in candidates]
+        left = self.skipped_layers(candidates)
+        overrides = {n: _option(v) for n, v in self.layer_setting(candidates, "footprint").items() if n not in left}
+        skipped = [{"layer": n, "reason": "skipped by the plan's layer rules"} for n in left]
         layers = {}
         for n, m in candidates.items():
-            if n in self.exclude:
+            if n in left:
                 continue
             if m.weight.numel() < self.min_weights:
                 skipped.append({"layer": n, "reason": f"{m.weight.numel()} weights, fewer than min_weights "
@@ -372,7 +366,8 @@ class Astc(StepConfig):
         if self.retrain != "none" and ctx.train is None:
             raise ConfigError(f"astc.retrain {self.retrain} needs a train(model, steps) function or bundled data")
         shapes = input_shapes(new, ctx.example_input)
-        encode, place = self._encoder(layers, shapes, torch.get_num_threads())
+        encode, place = self._encoder(layers, shapes, torch.get_num_threads(),
+                                      self.layer_setting(candidates, "layout"))
         fixed = {n: fp for n, fp in overrides.items() if n in layers}
         free = {n: m for n, m in layers.items() if n not in fixed}
         details: dict = {}

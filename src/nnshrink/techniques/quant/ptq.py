@@ -56,6 +56,15 @@ def build_sim(model: nn.Module, example_input: torch.Tensor, weight_bits: int = 
                 aq = sim.aq[_key(op.name)]
                 aq.fixed = (1.0 / 256, aq.qmin) if op.op_type == "Sigmoid" else (1.0 / 128, 0)
     signature.attach(sim, signature.get(model))  # the QDQ file keeps an imported model's interface
+    set_weight_quantizers(sim, weight_bits, per_channel, weight_symmetric, weight_estimator, layer_bits, keep_float)
+    return sim
+
+
+def set_weight_quantizers(sim: QuantSim, weight_bits: int, per_channel: bool, weight_symmetric: bool,
+                          weight_estimator: str, layer_bits: dict[str, int] | None = None,
+                          keep_float: Iterable[str] = ()) -> None:
+    """(Re)make every layer's weight quantizer: ``weight_bits``, or its own ``layer_bits``
+    (capped at 7 for ``ort-x86``), and the layers of ``keep_float`` left float."""
     names = {op.name for op in sim.layer_ops()}
     layer_bits = dict(layer_bits or {})
     unknown = sorted((set(layer_bits) | set(keep_float)) - names)
@@ -64,14 +73,13 @@ def build_sim(model: nn.Module, example_input: torch.Tensor, weight_bits: int = 
                           f"layers: {', '.join(sorted(names))}")
     for op in sim.layer_ops():
         bits = int(layer_bits.get(op.name, weight_bits))
-        bits = min(bits, X86_WEIGHT_BITS) if target == "ort-x86" else bits
+        bits = min(bits, X86_WEIGHT_BITS) if sim.target == "ort-x86" else bits
         layer = sim.layer(op.name)
         # a transposed conv holds its output channels on axis 1; grouped, per tensor
         axis = 1 if op.kind == "convt" else 0
         channelwise = per_channel and (op.kind != "convt" or layer.groups == 1)
         sim.wq[_key(op.name)] = WeightQuantizer(bits, weight_symmetric, channelwise, weight_estimator, axis)
     sim.float_layers = set(keep_float)
-    return sim
 
 
 def init_weight_quantizers(sim: QuantSim) -> None:

@@ -3,8 +3,8 @@
 Quantizing a layer here means its weights and its output activations (the quantizers an NPU
 would apply for it); the model input's quantizer counts with every layer. "Only this layer"
 shows the damage a layer does on its own; "all but this layer" shows how much the whole model
-recovers when that layer stays at higher precision: the layer to name in ``keep_float`` or to
-give more bits in ``layer_bits``. On a small validation set accuracies move in steps of one
+recovers when that layer stays at higher precision: the layer to ``skip`` in the quantize step's ``layers`` rules or to
+give more ``bits`` there. On a small validation set accuracies move in steps of one
 image, so each "only this layer" is also scored by the signal-to-quantization-noise ratio of the
 model's output (SQNR, dB, against the float output on a batch of inputs), which ranks layers
 finely where accuracies tie.

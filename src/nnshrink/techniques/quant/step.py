@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from nnshrink.errors import ConfigError, UnsupportedModelError
-from nnshrink.plan.config import StepConfig, StepResult
+from nnshrink.plan.config import SKIP, StepConfig, StepResult, glob_escape, pairs
 from nnshrink.techniques.quant.ptq import (adaround, bias_correction, build_sim, calibrate, calibration_batches,
+                                           set_weight_quantizers,
                                            cle_pairs, equalize, finish_qat, float_copy, init_weight_quantizers, prepare_qat)
 from nnshrink.techniques.quant.graph import float_ops, float_summary
 from nnshrink.techniques.quant.mixed import FLOAT_BITS, choose_bits
@@ -55,10 +56,13 @@ class Quantize(StepConfig):
         adaround_iterations: Optimisation steps per layer.
         qat_steps: Quantization-aware training steps after PTQ (0: none).
         lsq: Learn the quantizers' step sizes during QAT (else fixed, straight-through only).
-        keep_float: Layers whose weights stay float (their inputs and outputs stay 8-bit).
+        layers: Per-layer rules on the quantized layers (first matching pattern wins): ``skip``
+            keeps a layer's weights float (its inputs and outputs stay 8-bit); ``{"bits": 4}``
+            gives its weights their own width. Version-1 plans' ``keep_float`` and ``layer_bits``
+            are read into it.
         mixed_bits: Weight bits to choose from per layer (``[4, 8]``; ``32`` is float), chosen for
             the budget (``min_sqnr_db`` or ``max_drop``) from each layer's measured sensitivity
-            (:mod:`.mixed`); empty (default): ``weight_bits`` and ``layer_bits`` as given. The
+            (:mod:`.mixed`); empty (default): ``weight_bits`` and the ``layers`` rules as given. The
             choice, its measured SQNR and the full evaluations it took are in the details.
         min_sqnr_db: Fidelity budget for ``mixed_bits``: output SQNR (dB) against the float model
             on held-out calibration inputs.
@@ -68,7 +72,6 @@ class Quantize(StepConfig):
             CPU fallback), naming them grouped by op type, before any calibration. Default: such
             ops stay float between the integer islands (``DQ`` -> float -> ``Q``), listed in the
             step's ``float_ops``.
-        layer_bits: Per-layer weight bits overriding ``weight_bits``.
         sensitivity: Also measure, on the plan's metric, each layer quantized alone and each
             kept float alone (two evaluations a layer), into the details' ``quant_sensitivity``
             (the report's per-layer quantization chart; ``nnshrink quant-sensitivity`` alone).
@@ -98,8 +101,6 @@ class Quantize(StepConfig):
     adaround_iterations: int = 500
     qat_steps: int = 0
     lsq: bool = True
-    keep_float: tuple[str, ...] = ()
-    layer_bits: dict = field(default_factory=dict)
     target: str = "ort-x86"
     strict: bool = False
     mixed_bits: tuple[int, ...] = ()
@@ -123,9 +124,6 @@ class Quantize(StepConfig):
             raise ConfigError(f"quantize.percentile must be in (50, 100], got {self.percentile}")
         if self.calib_samples < 1 or self.adaround_iterations < 1 or self.qat_steps < 0:
             raise ConfigError("quantize.calib_samples and adaround_iterations must be positive, qat_steps >= 0")
-        for k, v in self.layer_bits.items():
-            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
-                raise ConfigError(f"quantize.layer_bits maps layer names to bits from 2 to 8, got {k!r}: {v!r}")
 
         bad = [b for b in self.mixed_bits if isinstance(b, bool) or not isinstance(b, int) or not (2 <= b <= 8 or b == 32)]
         if bad or (self.mixed_bits and len(set(self.mixed_bits)) < 2):
@@ -143,13 +141,23 @@ class Quantize(StepConfig):
     def use_adaround(self) -> bool:
         if self.adaround is not None:
             return self.adaround
-        return self.weight_bits < 8 or any(b < 8 for b in self.layer_bits.values())
+        return self.weight_bits < 8 or any(isinstance(r, dict) and r.get("bits", 8) < 8 for r in self.layers.values())
 
     def build(self, model: nn.Module, example_input):
         est = self.weight_estimator or ("mse" if self.weight_bits < 8 else "minmax")
-        return build_sim(model, example_input, self.weight_bits, self.act_bits, self.per_channel,
-                         self.weight_symmetric, self.act_symmetric, self.act_estimator, est,
-                         self.layer_bits, self.keep_float, self.target)
+        sim = build_sim(model, example_input, self.weight_bits, self.act_bits, self.per_channel,
+                        self.weight_symmetric, self.act_symmetric, self.act_estimator, est, target=self.target)
+        if self.layers:  # the rules name the lowered layers, known only now
+            names = [op.name for op in sim.layer_ops()]
+            set_weight_quantizers(sim, self.weight_bits, self.per_channel, self.weight_symmetric, est,
+                                  self.layer_setting(names, "bits", "quantized layer"),
+                                  self.skipped_layers(names, "quantized layer"))
+        return sim
+
+    layer_settings = {"bits": lambda v: None if isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= 8
+                      else "a whole number from 2 to 8"}
+    legacy = {"keep_float": lambda v: dict.fromkeys(v, SKIP),
+              "layer_bits": lambda v: {n: {"bits": b} for n, b in pairs(v, int).items()}}
 
     def _ptq(self, model: nn.Module, ctx, batches, cle: bool, bias_corr: bool, use_adaround: bool,
              show_progress: bool) -> tuple[nn.Module, dict]:
@@ -260,7 +268,7 @@ class Quantize(StepConfig):
             details["quant_sensitivity"] = quant_sensitivity(sim, ctx.evaluate, torch.cat(batches)[:256],
                                                              show_progress).to_dict()
         details["seconds"] = round(time.perf_counter() - t0, 2)
-        skipped = [{"layer": n, "reason": "kept in float by the plan"} for n in sorted(self.keep_float)]
+        skipped = [{"layer": n, "reason": "kept in float by the plan"} for n in sorted(sim.float_layers)]
         skipped += [{"layer": f"{g['op_type']} x{g['count']}", "reason": g["reason"]} for g in left_float]
         return StepResult(self.kind, sim.eval(), details, skipped)
 
@@ -290,11 +298,12 @@ class Quantize(StepConfig):
                              ctx.evaluate, show_progress)
         choice["seconds"] = round(time.perf_counter() - t0, 2)
         chosen = choice["bits"]
+        kept = set(sim.float_layers) | {n for n, b in chosen.items() if b >= FLOAT_BITS}
         final = dataclasses.replace(self, mixed_bits=(), min_sqnr_db=None, max_drop=None,
                                     weight_bits=max(b for b in self.mixed_bits if b < FLOAT_BITS),
-                                    layer_bits={n: b for n, b in chosen.items() if b < FLOAT_BITS},
-                                    keep_float=tuple(sorted(set(self.keep_float) | {n for n, b in chosen.items()
-                                                                                     if b >= FLOAT_BITS})))
+                                    layers={**{glob_escape(n): SKIP for n in sorted(kept)},
+                                            **{glob_escape(n): {"bits": b} for n, b in chosen.items()
+                                               if b < FLOAT_BITS and n not in kept}})
         result = final.apply(model, ctx, show_progress)
         result.details["mixed_precision"] = choice
         return result
