@@ -26,10 +26,11 @@ def test_demo_prints_analysis_and_accuracy(capsys, lenet5_trained):
 
 @pytest.mark.slow
 def test_full_demo_ends_with_the_deep_compression_frontier(capsys, tmp_path, lenet5_trained):
-    plot = tmp_path / "frontier.png"
-    code, out, _ = _run(capsys, "demo", "--plot", str(plot))
+    plot, page = tmp_path / "frontier.png", tmp_path / "report.html"
+    code, out, _ = _run(capsys, "demo", "--plot", str(plot), "--html", str(page))
     assert code == 0
     assert "smaller than float32" in out and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 'data-plot="metric-bytes"' in page.read_text()
 
 
 def test_analyze_json_schema(capsys):
