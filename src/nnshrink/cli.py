@@ -527,7 +527,7 @@ def report_cmd(report: Annotated[Path, typer.Argument(help="A report JSON of 'nn
                html_out: Annotated[Path | None, typer.Option(
                    "--html", help="Write it as one self-contained HTML page.")] = None) -> None:
     """Summarise a compress report, and write it as a self-contained HTML page with --html."""
-    from nnshrink.report import read_report
+    from nnshrink.report import metric_value, read_report
 
     _check_outputs([report], html=html_out)
     doc = read_report(report)
@@ -535,7 +535,7 @@ def report_cmd(report: Annotated[Path, typer.Argument(help="A report JSON of 'nn
     metric = doc["run"].get("metric") or "metric"
 
     def value(side):
-        v = (side.get("metric") or {}).get("value", side.get("accuracy"))
+        v = metric_value(side)
         return "n/a" if v is None else f"{v:.2%}" if before.get("accuracy") is not None else f"{v:.4g}"
     ratio = before["bytes"] / after["bytes"] if after.get("bytes") else float("nan")
     out.print(f"{doc['run'].get('model')}: {metric} {value(before)} -> {value(after)}; bytes {before['bytes']:,} -> "

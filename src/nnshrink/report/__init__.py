@@ -82,9 +82,9 @@ def compress_report(model: str, plan: dict, data: str, before: dict, after: dict
         "layers": layers, "steps": steps,
         "streams": [s.to_dict() for s in streams or []],
     }
-    doc["run"] = {**_run_of(doc), "nnshrink": __version__,
+    doc["run"] = {"nnshrink": __version__,
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(run or {})}
-    return derive(doc)
+    return derive(doc)  # which adds what was asked (model, data, plan, target, metric) to run
 
 
 def _run_of(doc: dict) -> dict:
@@ -175,13 +175,17 @@ def _frontier(doc: dict) -> dict:
         return {"source": "budget", "metric": "validation", "reference": d.get("val_before"), "points": points}
     before, after = doc.get("before") or {}, doc.get("after") or {}
 
-    def value(side):
-        return (side.get("metric") or {}).get("value", side.get("accuracy"))
     points = [{"label": "original (float32)", "bytes": before.get("bytes"), "macs": before.get("macs"),
-               "metric": value(before), "chosen": False},
+               "metric": metric_value(before), "chosen": False},
               {"label": "compressed", "bytes": after.get("bytes"), "macs": after.get("macs"),
-               "metric": value(after), "chosen": True}]
-    return {"source": "run", "metric": "test", "reference": value(before), "points": points}
+               "metric": metric_value(after), "chosen": True}]
+    return {"source": "run", "metric": "test", "reference": metric_value(before), "points": points}
+
+
+def metric_value(side: dict):
+    """The metric of a report's ``before`` or ``after`` (its ``metric.value``; a ``/1`` file
+    without one has only ``accuracy``)."""
+    return (side.get("metric") or {}).get("value", side.get("accuracy"))
 
 
 def read_report(path: str | Path) -> dict:

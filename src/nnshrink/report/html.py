@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from nnshrink.cache import atomic_write_bytes
-from nnshrink.report import plots
+from nnshrink.report import metric_value, plots
 
 #: Largest page :func:`write_html` writes; a bigger one points at a report too big to share.
 MAX_BYTES = 2_000_000
@@ -207,14 +207,11 @@ def _run_line(doc: dict) -> str:
 def _cards(doc: dict, labelled: bool) -> str:
     before, after = doc.get("before") or {}, doc.get("after") or {}
 
-    def value(side):
-        return (side.get("metric") or {}).get("value", side.get("accuracy"))
-
     def shown(v):
         if v is None:
             return "-"
         return f"{100 * v:.2f}%" if labelled else f"{v:.4g}"
-    b, a = value(before), value(after)
+    b, a = metric_value(before), metric_value(after)
     delta = "" if a is None or b is None else f"{100 * (a - b):+.2f} points" if labelled else f"{a - b:+.4g}"
     tone = "" if a is None or b is None else "good" if a >= b else "bad"
     ratio = before.get("bytes") / after["bytes"] if after.get("bytes") else None
