@@ -4,6 +4,7 @@ import json
 import math
 import uuid
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,23 +12,57 @@ from nnshrink import ConfigError, zoo
 from nnshrink.cli import main
 from nnshrink.io import save
 from nnshrink.plan import Plan, compress
-from nnshrink.search.budget import Budget, parse_target
+from nnshrink.search.budget import Budget, parse_targets
 from nnshrink.search.engine import measure_curves
+from nnshrink.search.solvers import least_noise, least_noise_ilp
 
 # a small grid keeps the measurements to a few seconds
 SMALL = dict(sparsities=(0.9, 0.97), bits=(3, 5), prune_steps=0, share_steps=0, executor="serial", samples=64)
 
 
-@pytest.mark.parametrize("text, expected", [("size=25KB", ("size", 25000.0)), ("size=2 KiB", ("size", 2048.0)),
-                                            ("ratio=100x", ("ratio", 100.0)), ("RATIO=12.5", ("ratio", 12.5))])
+@pytest.mark.parametrize("text, expected", [("size=25KB", {"size": 25000.0}), ("size=2 KiB", {"size": 2048.0}),
+                                            ("ratio=100x", {"ratio": 100.0}), ("RATIO=12.5", {"ratio": 12.5}),
+                                            ("macs=0.5", {"macs": 0.5}),
+                                            ("ratio=20x, macs=0.25", {"ratio": 20.0, "macs": 0.25})])
 def test_targets_parse(text, expected):
-    assert parse_target(text) == expected
+    assert parse_targets(text) == expected
 
 
-@pytest.mark.parametrize("text", ["size=", "size=12parsecs", "ratio=0.5x", "macs", "speed=2x"])
+@pytest.mark.parametrize("text", ["size=", "size=12parsecs", "ratio=0.5x", "macs", "speed=2x", "macs=1.5",
+                                  "macs=0", "size=0KB", "ratio=10x,"])
 def test_bad_targets_are_refused(text):
     with pytest.raises(ConfigError, match="not understood"):
-        parse_target(text)
+        parse_targets(text)
+
+
+@pytest.mark.parametrize("text", ["size=2KB,ratio=10x", "macs=0.5,macs=0.4"])
+def test_a_target_kind_given_twice_is_refused(text):
+    with pytest.raises(ConfigError, match="twice"):
+        parse_targets(text)
+
+
+def test_the_integer_programme_agrees_with_the_knapsack_and_holds_two_budgets():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        options = {f"l{i}": [(float(b), float(e)) for b, e in zip(rng.integers(10, 500, 6), rng.random(6))]
+                   for i in range(int(rng.integers(2, 7)))}
+        budget = float(rng.integers(100, 1500))
+        dp, ilp = least_noise(options, budget), least_noise_ilp(options, {"bytes": ({n: [b for b, _ in o] for n, o in
+                                                                                    options.items()}, budget)})
+        assert (dp is None) == (ilp is None)
+        if dp is None:
+            continue
+        noise = {k: sum(options[n][i][1] for n, i in a.items()) for k, a in (("dp", dp), ("ilp", ilp))}
+        # the programme is exact; the knapsack rounds bytes up to its resolution, so it can only be worse
+        assert noise["ilp"] <= noise["dp"] + 1e-9
+        assert sum(options[n][i][0] for n, i in ilp.items()) <= budget
+    # a second budget (MAC changes) that the byte budget alone would break
+    options = {"a": [(100.0, 0.0), (50.0, 0.3), (60.0, 0.1)], "b": [(100.0, 0.0), (40.0, 0.2)]}
+    macs = {"a": [0, 0, -70], "b": [0, -20]}
+    chosen = least_noise_ilp(options, {"bytes": ({n: [b for b, _ in o] for n, o in options.items()}, 160.0),
+                                       "macs": (macs, -60)})
+    assert chosen == {"a": 2, "b": 0}
+    assert least_noise_ilp(options, {"macs": (macs, -100)}) is None
 
 
 def test_a_budget_needs_a_target_or_a_drop():
@@ -37,6 +72,14 @@ def test_a_budget_needs_a_target_or_a_drop():
         Budget(target="ratio=10x", bits=(1,))
     with pytest.raises(ConfigError, match="must be 'skip' or a mapping"):
         Budget(target="ratio=10x", layers={"fc1": "float"})
+    with pytest.raises(ConfigError, match="needs the rank technique"):
+        Budget(target="macs=0.5", techniques=("prune", "share"))
+    with pytest.raises(ConfigError, match="knapsack solves one byte budget"):
+        Budget(target="macs=0.5", solver="knapsack")
+    with pytest.raises(ConfigError, match="ranks are fractions"):
+        Budget(target="macs=0.5", ranks=(0.5, 1.0))
+    assert Budget(target="ratio=10x").chosen_techniques() == ("prune", "share")
+    assert Budget(target="ratio=10x,macs=0.5").chosen_techniques() == ("prune", "share", "rank")
 
 
 def test_the_step_is_found_from_a_plan_file():
@@ -100,6 +143,66 @@ def test_layer_rules_skip_and_fix_settings(lenet5_trained, mnist):
     assert result.steps[0].skipped == [{"layer": "conv1", "reason": "skipped by the plan's layer rules"}]
     with pytest.raises(ConfigError, match="'conv9' match no Conv/Linear layer"):
         _run(lenet5_trained, mnist, target="ratio=20x", layers={"conv9": "skip"})
+
+
+def _factors_match(model, name, setting):
+    """The written model holds what the step says it chose for ``name``."""
+    module = model.get_submodule(name)
+    if not setting.get("rank"):
+        assert isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))
+        return
+    first, second = module[0], module[1]
+    assert (first.out_channels if setting["method"] == "spatial" or isinstance(first, torch.nn.Conv2d)
+            else first.out_features) == setting["rank"]
+    if setting["bits"]:
+        for factor in (first, second):
+            assert len(torch.unique(factor.weight)) <= 2 ** setting["bits"]
+
+
+def test_a_mac_target_is_met_by_ranks_from_the_graph_counter(lenet5_trained, mnist):
+    from nnshrink.graph import analyze
+
+    result = _run(lenet5_trained, mnist, target="macs=0.5")
+    d = result.steps[0].details
+    x = zoo.example_input(lenet5_trained)
+    before, after = analyze(lenet5_trained, x).total_macs, analyze(result.model, x).total_macs
+    assert after <= 0.5 * before and d["macs_after"] == after and d["mac_ratio"] == round(after / before, 4)
+    assert after >= 0.4 * before  # the least noise within the target spends most of it
+    assert d["solver"] == "ilp" and d["techniques"] == ["prune", "share", "rank"]
+    ranked = {n: s for n, s in d["layers"].items() if s.get("rank")}
+    assert ranked and all(s["sparsity"] == 0 and s["bits"] is None for s in d["layers"].values())  # MACs alone buy no bytes
+    for name, setting in d["layers"].items():
+        _factors_match(result.model, name, setting)
+    assert d["val_after"] > d["val_before"] - 0.03  # one-shot, half the MACs: within a few points
+    assert sum(s["macs_change"] for s in d["layers"].values()) == after - before  # per-layer changes add exactly
+
+
+def test_a_size_and_a_mac_target_are_met_together(lenet5_trained, mnist, tmp_path):
+    from nnshrink.graph import analyze
+
+    result = _run(lenet5_trained, mnist, target="ratio=20x,macs=0.6")
+    d = result.steps[0].details
+    x = zoo.example_input(lenet5_trained)
+    assert analyze(result.model, x).total_macs <= 0.6 * analyze(lenet5_trained, x).total_macs
+    path = tmp_path / "b.nsz"
+    save(result.model, path, x.repeat(2, 1, 1, 1))
+    assert path.stat().st_size <= d["target_bytes"] and abs(path.stat().st_size / d["bytes_estimated"] - 1) < 0.02
+    for name, setting in d["layers"].items():
+        _factors_match(result.model, name, setting)
+    with pytest.raises(ConfigError, match=r"macs=0.05 \([\d,]+ MACs\) cannot be reached: the fewest these settings "
+                                          r"make is [\d,]+ MACs"):
+        _run(lenet5_trained, mnist, target="macs=0.05", ranks=(0.5,))
+    with pytest.raises(ConfigError, match="smallest model these settings make within the MAC target is"):
+        _run(lenet5_trained, mnist, target="ratio=2000x,macs=0.6")
+
+
+def test_rank_rules_fix_a_layers_rank(lenet5_trained, mnist):
+    result = _run(lenet5_trained, mnist, target="macs=0.6", layers={"conv2": {"rank": 20}, "fc1": {"rank": 0}})
+    d = result.steps[0].details
+    assert d["layers"]["conv2"]["rank"] == 20 and not d["layers"]["fc1"].get("rank")
+    assert result.model.conv2[0].out_channels == 20 and isinstance(result.model.fc1, torch.nn.Linear)
+    with pytest.raises(ConfigError, match="above the layer's full rank"):
+        _run(lenet5_trained, mnist, target="macs=0.6", layers={"fc2": {"rank": 500}})
 
 
 CALLS = []

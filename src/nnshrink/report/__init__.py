@@ -118,9 +118,9 @@ def derive(doc: dict) -> dict:
     rows = []
     for row in doc.get("layers") or []:
         row = dict(row)
-        row["settings"] = {r["step"]: _brief(r["details"]["layers"][row["name"]]) for r in steps
+        row["settings"] = {r["step"]: _brief(r["details"]["layers"][key]) for r in steps
                            if isinstance((r.get("details") or {}).get("layers"), dict)
-                           and row["name"] in r["details"]["layers"]}
+                           for key in [_owner(row["name"], r["details"]["layers"])] if key is not None}
         row["skipped"] = [f"{s['step']}: {s['reason']}" for s in skipped
                           if row["name"] in [p.strip() for p in str(s["layer"]).split(",")]]
         rows.append(row)
@@ -142,6 +142,16 @@ def _tables(details: dict) -> list[dict]:
     return found
 
 
+def _owner(name: str, layers: dict) -> str | None:
+    """The key of ``layers`` that layer ``name`` of the written model came from: itself, or the
+    layer it is a factor of (``conv2.0`` of a decomposed ``conv2``)."""
+    while name:
+        if name in layers:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
 def _brief(setting) -> str:
     """One layer's setting in a step, as a short text: ``sparsity=0.7, bits=4``."""
     if not isinstance(setting, dict):
@@ -156,7 +166,7 @@ def _brief(setting) -> str:
 
 # measurements and bookkeeping a step keeps per layer beside what it chose
 _NOT_A_SETTING = {"bytes", "output_error", "predicted_loss", "trained_max_diff", "blocks", "origin", "layout_note",
-                  "output_order", "distinct_values"}
+                  "output_order", "distinct_values", "macs_change"}
 
 
 def _frontier(doc: dict) -> dict:

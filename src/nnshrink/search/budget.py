@@ -1,17 +1,22 @@
-"""The ``budget`` step: one target (bytes, a ratio, an accuracy drop) met by choosing, per layer,
-among pruning and weight-sharing settings, priced in the bytes the container will really hold.
+"""The ``budget`` step: one target (bytes, a ratio, a MAC fraction, an accuracy drop, or several
+at once) met by choosing, per layer, among pruning, weight-sharing and low-rank settings, priced
+in the bytes the container will really hold and the MACs the graph counter counts.
 
 1. **Units and settings.** Every Conv/Linear layer is a unit; its settings are a sparsity (magnitude
-   pruning, 0 = dense) and a codebook size (k-means weight sharing, ``bits``; 0 = float values),
-   the grid an option of the step, restricted or fixed per layer by ``layers`` rules.
+   pruning, 0 = dense), a codebook size (k-means weight sharing, ``bits``; 0 = float values) and
+   a rank (weight SVD of a Linear or 1x1 conv, spatial SVD of a k x k conv; 0 = not decomposed,
+   and then not pruned), the grid an option of the step, restricted or fixed per layer by
+   ``layers`` rules.
 2. **Measured, not modelled.** Each (layer, setting) is applied to that layer alone, one-shot, and
    scored by the normalised output error on sampled inputs; its price is the bytes the container's
-   codec spends on the resulting record (:func:`nnshrink.io.container.record_bytes`). Both run on
-   the decision engine (:mod:`nnshrink.search.engine`: process pool or Ray, cached on disk, so a
+   codec spends on the resulting records (:func:`nnshrink.io.container.record_bytes`) and the
+   model's MACs with it (:func:`nnshrink.graph.analysis.analyze`, no formula). All run on the
+   decision engine (:mod:`nnshrink.search.engine`: process pool or Ray, cached on disk, so a
    second run and a resumed one measure nothing already measured). The fixed part of the file
    (graph, index, biases) is measured once from a real container.
 3. **Chosen exactly.** Noises add, so the least-noise assignment within a byte budget is a
-   multiple-choice knapsack (:func:`nnshrink.search.solvers.least_noise`); for an accuracy drop,
+   multiple-choice knapsack (:func:`nnshrink.search.solvers.least_noise`, or with a MAC budget
+   beside it an integer programme, :func:`nnshrink.search.solvers.least_noise_ilp`); for an accuracy drop,
    budgets are bisected, each candidate retrained (masks grow gradually to each layer's sparsity,
    then the codebooks train with indices and zeros held) and evaluated on validation data: about
    five full evaluations. Every evaluated candidate is a point of the frontier, with its bytes
@@ -38,50 +43,94 @@ from torch import nn
 from nnshrink.cache import code_fingerprint
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import analyze
+from nnshrink.graph.surgery import replace_module
 from nnshrink.io import container
 from nnshrink.plan.config import SKIP, StepConfig, StepResult, glob_escape
 from nnshrink.progress import progress_bar
-from nnshrink.search.engine import EXECUTORS, measure_curves, output_loss, sensitivity_table
-from nnshrink.search.solvers import budgets, estimated_noise, least_noise, total_bytes
+from nnshrink.search.engine import EXECUTORS, measure_curves, output_loss, output_rows, sensitivity_table
+from nnshrink.search.solvers import budgets, estimated_noise, least_noise, least_noise_ilp, total_bytes
 from nnshrink.techniques.allocation import sample_inputs
 from nnshrink.techniques.calibration import layer_hessians
 from nnshrink.techniques.cluster import ShareWeights, codebook_record, share_weights
+from nnshrink.techniques.lowrank import decompose, eligible, full_rank
 from nnshrink.techniques.records import attach
 from nnshrink.techniques.sparsity import Sparsify, magnitude_masks, prunable_layers, sparsegpt
 
-TECHNIQUES = ("prune", "share")
+TECHNIQUES = ("prune", "share", "rank")
+SOLVERS = ("auto", "knapsack", "ilp")
 _SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000 ** 2, "mib": 1024 ** 2}
+_TARGET_HELP = ("use size=25KB (B, KB, KiB, MB, MiB), ratio=100x (float32 bytes / container bytes) or macs=0.5 "
+                "(MACs after / MACs before), or a size and MACs together: size=25KB,macs=0.5")
 
 
-def parse_target(text: str) -> tuple[str, float]:
-    """``size=25KB`` -> ("size", 25000.0); ``ratio=100x`` -> ("ratio", 100.0). Raises ConfigError."""
-    kind, sep, value = text.strip().partition("=")
+def parse_targets(text: str) -> dict[str, float]:
+    """``size=25KB`` -> {"size": 25000.0}; ``ratio=100x,macs=0.5`` -> {"ratio": 100.0, "macs": 0.5}.
+
+    Raises:
+        ConfigError: A part is not understood, or a kind is given twice (size and ratio are one kind).
+    """
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        kind, value = _parse_one(part, text)
+        if kind in out or {kind, *out} >= {"size", "ratio"}:
+            raise ConfigError(f"budget target {text!r} gives {'size or ratio' if kind in ('size', 'ratio') else kind} "
+                              "twice; give each kind once")
+        out[kind] = value
+    return out
+
+
+def _parse_one(part: str, text: str) -> tuple[str, float]:
+    kind, sep, value = part.strip().partition("=")
     kind, value = kind.strip().lower(), value.strip().lower()
     if sep and kind == "size":
         m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(b|kb|kib|mb|mib)?", value)
-        if m:
+        if m and float(m.group(1)) > 0:
             return "size", float(m.group(1)) * _SIZE_UNITS[m.group(2) or "b"]
     elif sep and kind == "ratio":
         m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*x?", value)
         if m and float(m.group(1)) >= 1:
             return "ratio", float(m.group(1))
-    raise ConfigError(f"budget target {text!r} is not understood: use size=25KB (B, KB, KiB, MB, MiB) or "
-                      "ratio=100x (float32 bytes / container bytes)")
+    elif sep and kind == "macs":
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)", value)
+        if m and 0 < float(m.group(1)) <= 1:
+            return "macs", float(m.group(1))
+    raise ConfigError(f"budget target {text!r} is not understood: {_TARGET_HELP}")
 
 
-def _level(sparsity: float, bits: int) -> int:
-    return int(round(sparsity * 1000)) * 16 + bits
+def _level(sparsity: float, bits: int, rank: int = 0, spatial: bool = False) -> int:
+    """One integer per setting (the engine's cache keys levels by integers); a setting without a
+    rank keeps the number it had before ranks were settings, so earlier caches stay valid."""
+    return ((rank * 2 + int(spatial)) * 1001 + int(round(sparsity * 1000))) * 16 + bits
 
 
 def _setting(level: int) -> tuple[float, int]:
-    return (level // 16) / 1000, level % 16
+    """(sparsity, bits) of a level."""
+    return ((level // 16) % 1001) / 1000, level % 16
+
+
+def _rank(level: int) -> tuple[int, str | None]:
+    """(rank, ``weight`` or ``spatial``) of a level; (0, None) where it decomposes nothing."""
+    code = level // 16 // 1001
+    return (code // 2, "spatial" if code % 2 else "weight") if code else (0, None)
+
+
+def _layer_names(name: str, level: int) -> list[str]:
+    """The Conv/Linear layers that ``name`` becomes at ``level``: itself, or its two factors."""
+    return [f"{name}.0", f"{name}.1"] if _rank(level)[0] else [name]
 
 
 def _compressed(layer: nn.Module, level: int, hessian: torch.Tensor | None = None) -> nn.Module:
-    """A copy of ``layer`` pruned and shared at ``level``, one-shot: pruned by magnitude, or with
-    a ``hessian`` of its inputs by SparseGPT, which refits the kept weights to what the pruned ones
-    did (closer to what retraining recovers than magnitude pruning alone)."""
+    """A copy of ``layer`` decomposed, pruned and shared at ``level``, one-shot: pruned by
+    magnitude, or with a ``hessian`` of its inputs by SparseGPT, which refits the kept weights to
+    what the pruned ones did (closer to what retraining recovers than magnitude pruning alone)."""
     sparsity, bits = _setting(level)
+    rank, method = _rank(level)
+    if rank:
+        new = decompose(method, layer, rank)
+        if bits:
+            for factor in new:
+                share_weights(factor, bits)
+        return new
     new = copy.deepcopy(layer)
     if sparsity > 0:
         if hessian is not None and getattr(new, "groups", 1) == 1:
@@ -95,14 +144,27 @@ def _compressed(layer: nn.Module, level: int, hessian: torch.Tensor | None = Non
     return new
 
 
+def _stored_bytes(module: nn.Module) -> int:
+    """The container's bytes for the weights of ``module`` (a layer, or a decomposed layer's factors)."""
+    layers = list(module) if isinstance(module, nn.Sequential) else [module]
+    total = 0
+    for layer in layers:
+        record = codebook_record(layer)
+        total += container.record_bytes(record) if record is not None else \
+            container.float_bytes(layer.weight.detach().cpu().numpy())
+    return total
+
+
 _HESSIANS: dict = {}  # (model id, unit) -> input Hessian of the unit, per process
+_MACS: dict = {}  # (model id, inputs) -> the model's MACs as it is, per process
 
 
 def _measure(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str, level: int,
              reconstruct: bool = False) -> list[float]:
-    """[output error, stored bytes] of layer ``unit`` alone at ``level`` (the model is restored).
-    With ``reconstruct`` the first half of ``x`` fits the SparseGPT refit and the error is measured
-    on the second half, so the refit is not scored on the inputs it was fitted to."""
+    """[output error, stored bytes, the model's MACs] with layer ``unit`` alone at ``level`` (the
+    model is restored). With ``reconstruct`` the first half of ``x`` fits the SparseGPT refit and
+    the error is measured on the second half, so the refit is not scored on the inputs it was
+    fitted to."""
     layer = model.get_submodule(unit)
     hessian, scored = None, slice(None)
     if reconstruct and len(x) >= 2 and _setting(level)[0] > 0:  # only a pruned setting is refitted
@@ -116,19 +178,21 @@ def _measure(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: s
     # magnitude); SparseGPT's refit, where asked, only scores it
     priced = _compressed(layer, level)
     small = priced if hessian is None else _compressed(layer, level, hessian)
-    record = codebook_record(priced)
-    stored = container.record_bytes(record) if record is not None else \
-        container.float_bytes(priced.weight.detach().cpu().numpy())
+    stored = float(_stored_bytes(priced))
+    base = (id(model), x.data_ptr())
+    if base not in _MACS:
+        _MACS.clear()
+        _MACS[base] = analyze(model, x[:1]).total_macs
     if level == 0:
-        return [0.0, float(stored)]
-    original = layer.weight.detach().clone()
+        return [0.0, stored, float(_MACS[base])]
+    replace_module(model, unit, small)
     try:
         with torch.no_grad():
-            layer.weight.copy_(small.weight)
-            return [output_loss(reference[scored], model(x[scored])), float(stored)]
+            error = output_loss(output_rows(reference, scored), model(x[scored]))
+        macs = analyze(model, x[:1]).total_macs if _rank(level)[0] else _MACS[base]
+        return [error, stored, float(macs)]
     finally:
-        with torch.no_grad():
-            layer.weight.copy_(original)
+        replace_module(model, unit, layer)
 
 
 def _measure_reconstructed(model, x, reference, unit, level) -> list[float]:
@@ -137,20 +201,26 @@ def _measure_reconstructed(model, x, reference, unit, level) -> list[float]:
 
 @dataclass(frozen=True)
 class Budget(StepConfig):
-    """Per-layer pruning and weight sharing for one target, chosen from measured costs.
+    """Per-layer pruning, weight sharing and low rank for one target, chosen from measured costs.
 
     Attributes:
         target: ``size=25KB`` or ``ratio=100x`` (of the float32 bytes of the model the plan
-            started from); empty: the smallest model within ``max_drop``.
+            started from), ``macs=0.5`` (of its MACs), or a size and a MAC fraction together
+            (``ratio=20x,macs=0.5``); empty: the smallest model within ``max_drop``.
         max_drop: Largest validation-metric drop allowed, in the metric's own units (0.002 is
             0.2 point of accuracy): checked by evaluating retrained candidates.
-        techniques: Which to combine: ``prune``, ``share`` or both.
+        techniques: Which to combine: ``prune``, ``share``, ``rank`` (weight SVD of Linear and 1x1
+            conv layers, spatial SVD of k x k convs). Empty (the default): prune and share, and
+            rank where the target has ``macs`` (pruned weights are still multiplied by a dense
+            kernel, so pruning and sharing save bytes, not MACs).
         sparsities: Sparsity grid per layer (0 is always included).
         bits: Codebook sizes per layer (``2**bits`` centroids); float values always included.
+        ranks: Ranks per layer as fractions of its full rank (undecomposed is always included).
         layers: Rules by layer name pattern (first match wins): ``skip`` leaves a layer as it is;
-            a mapping with ``sparsity`` and/or ``bits`` (a value or a list) fixes or narrows its
-            grid, e.g. ``{"conv1": skip, "fc*": {"bits": [4, 5]}}``.
-        prune_steps: Retraining steps while the masks grow to each layer's sparsity.
+            a mapping with ``sparsity``, ``bits`` and/or ``rank`` (a value or a list; rank 0 is
+            not decomposed) fixes or narrows its grid, e.g. ``{"conv1": skip, "fc*": {"bits": [4, 5]}}``.
+        prune_steps: Retraining steps while the masks grow to each layer's sparsity (or, with
+            no layer pruned, fine-tuning the decomposed layers).
         share_steps: Centroid training steps with the indices (and zeros) held.
         bias_bits: Each chosen layer's bias shared with ``2**bias_bits`` centroids after
             retraining, where that is smaller than its float32 bytes (0: biases stay float). A
@@ -162,96 +232,150 @@ class Budget(StepConfig):
             LeNet-5 within 0.2 point it chose no pruning at all and reached 15.8x.
         samples: Sampled inputs for measuring each setting's output error.
         candidates: Byte budgets the bisection for ``max_drop`` chooses among.
+        solver: ``knapsack`` (dynamic programme over bytes: one budget only), ``ilp`` (an
+            integer programme through HiGHS: bytes and MACs at once) or ``auto`` (the knapsack
+            unless a MAC target needs the integer programme).
         executor: ``process``, ``serial`` or ``ray`` for the measurements.
     """
 
     kind = "budget"
     layer_settings = {"sparsity": lambda v: _settings(v, lambda s: 0 <= s < 1, "a fraction in [0, 1), or a list of them"),
                       "bits": lambda v: _settings(v, lambda b: b == int(b) and (b == 0 or 2 <= b <= 8),
-                                                  "whole numbers 0 (float) or 2-8, one or a list")}
+                                                  "whole numbers 0 (float) or 2-8, one or a list"),
+                      "rank": lambda v: _settings(v, lambda r: r == int(r) and r >= 0,
+                                                  "whole numbers, 0 (not decomposed) or more, one or a list")}
     target: str = ""
     max_drop: float | None = None
-    techniques: tuple[str, ...] = TECHNIQUES
+    techniques: tuple[str, ...] = ()
     sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
     bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    ranks: tuple[float, ...] = (0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
     prune_steps: int = 1500
     share_steps: int = 300
     bias_bits: int = 5
     sensitivity: str = "reconstructed"
     samples: int = 512
     candidates: int = 24
+    solver: str = "auto"
     executor: str = "process"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.target and self.max_drop is None:
-            raise ConfigError("budget needs a target (size=..., ratio=...) or max_drop, or both")
-        if self.target:
-            parse_target(self.target)
+            raise ConfigError("budget needs a target (size=..., ratio=..., macs=...) or max_drop, or both")
+        targets = parse_targets(self.target) if self.target else {}
         if self.max_drop is not None and self.max_drop < 0:
             raise ConfigError(f"budget.max_drop must be >= 0, got {self.max_drop}")
         bad = sorted(set(self.techniques) - set(TECHNIQUES))
-        if bad or not self.techniques:
+        if bad:
             raise ConfigError(f"budget.techniques are chosen from {', '.join(TECHNIQUES)}, got {list(self.techniques)}")
+        if "macs" in targets and "rank" not in self.chosen_techniques():
+            raise ConfigError("budget target macs=... needs the rank technique: pruning and sharing do not reduce "
+                              "the MACs a dense kernel computes")
         for s in self.sparsities:
             if not 0 <= s < 1:
                 raise ConfigError(f"budget.sparsities must lie in [0, 1), got {s}")
         for b in self.bits:
             if not 2 <= b <= 8:  # one bit beside a pinned zero is a single value: every sign lost
                 raise ConfigError(f"budget.bits must be from 2 to 8, got {b}")
+        for r in self.ranks:
+            if not 0 < r < 1:
+                raise ConfigError(f"budget.ranks are fractions of each layer's full rank in (0, 1), got {r}")
         if self.bias_bits != 0 and not 2 <= self.bias_bits <= 8:
             raise ConfigError(f"budget.bias_bits must be 0 (float) or from 2 to 8, got {self.bias_bits}")
         if min(self.prune_steps, self.share_steps) < 0 or self.samples < 1 or self.candidates < 2:
             raise ConfigError("budget.prune_steps and share_steps must be >= 0, samples >= 1, candidates >= 2")
         if self.sensitivity not in ("reconstructed", "one-shot"):
             raise ConfigError(f"budget.sensitivity must be reconstructed or one-shot, got {self.sensitivity!r}")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"budget.solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if self.solver == "knapsack" and "macs" in targets:
+            raise ConfigError("budget.solver knapsack solves one byte budget; a macs target needs solver ilp (or auto)")
         if self.executor not in EXECUTORS:
             raise ConfigError(f"budget.executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
 
+    def chosen_techniques(self) -> tuple[str, ...]:
+        """The techniques this budget combines (the default: prune and share, and rank for a MAC target)."""
+        if self.techniques:
+            return tuple(self.techniques)
+        macs = bool(self.target) and "macs" in parse_targets(self.target)
+        return ("prune", "share", "rank") if macs else ("prune", "share")
+
     # -- settings ---------------------------------------------------------------------------------
-    def _grid(self, rule) -> list[int]:
-        sparsities = [0.0] + list(self.sparsities) if "prune" in self.techniques else [0.0]
-        bits = [0] + list(self.bits) if "share" in self.techniques else [0]
+    def _grid(self, name: str, layer: nn.Module, rule, byte_settings: bool) -> tuple[list[int], tuple[str, int] | None]:
+        """The unit's levels, and (method, full rank) where it can be decomposed. Without
+        ``byte_settings`` (a MAC target alone) pruning and sharing, which buy bytes only, are left out."""
+        techniques = self.chosen_techniques()
+        sparsities = [0.0] + list(self.sparsities) if "prune" in techniques and byte_settings else [0.0]
+        bits = [0] + list(self.bits) if "share" in techniques and byte_settings else [0]
+        method = next((m for m in ("weight", "spatial") if eligible(layer, m) is None), None)
+        full = full_rank(layer, method) if method else 0
+        ranks = sorted({max(1, int(round(f * full))) for f in self.ranks} - {full}, reverse=True) \
+            if method and "rank" in techniques else []
+        whole = True  # the undecomposed layer is an option
         if isinstance(rule, dict):
             if "sparsity" in rule:
                 sparsities = [float(v) for v in _values(rule["sparsity"])]
             if "bits" in rule:
                 bits = [int(v) for v in _values(rule["bits"])]
-        return sorted({_level(s, b) for s in sparsities for b in bits})
+            if "rank" in rule:
+                asked = [int(v) for v in _values(rule["rank"])]
+                whole, ranks = 0 in asked, sorted({r for r in asked if r}, reverse=True)
+                if ranks and method is None:
+                    raise ConfigError(f"budget.layers[{name!r}]: {eligible(layer, 'weight')}, and for spatial SVD "
+                                      f"{eligible(layer, 'spatial')}; no rank to set")
+                if ranks and ranks[0] > full:
+                    raise ConfigError(f"budget.layers[{name!r}]: rank {ranks[0]} is above the layer's full rank {full}")
+        levels = {_level(s, b) for s in sparsities for b in bits} if whole else set()
+        levels |= {_level(0.0, b, r, method == "spatial") for r in ranks for b in bits}
+        return sorted(levels), ((method, full) if method else None)
 
-    def _units(self, model: nn.Module) -> tuple[dict[str, list[int]], list[dict]]:
+    def _units(self, model: nn.Module, byte_settings: bool) -> tuple[dict[str, list[int]], dict[str, tuple], list[dict]]:
         layers = prunable_layers(model)
         rules = self.layer_rules(layers)
-        units, skipped = {}, []
-        for name in layers:
+        units, decomposable, skipped = {}, {}, []
+        for name, layer in layers.items():
             rule = rules.get(name)
             if rule == SKIP:
                 skipped.append({"layer": name, "reason": "skipped by the plan's layer rules"})
                 continue
-            units[name] = self._grid(rule)
+            units[name], info = self._grid(name, layer, rule, byte_settings)
+            if info is not None:
+                decomposable[name] = info
         if not units:
             raise ConfigError("budget: every Conv/Linear layer is skipped; nothing to choose")
-        return units, skipped
+        return units, decomposable, skipped
 
     # -- the pipeline -----------------------------------------------------------------------------
     def _build(self, model: nn.Module, choice: dict[str, int], ctx, train: bool) -> tuple[nn.Module, dict]:
-        """Prune (gradually, retraining) and share (codebooks trained) per ``choice`` (unit -> level)."""
+        """Decompose, prune (gradually, retraining) and share (codebooks trained) per ``choice``
+        (unit -> level)."""
         settings = {n: _setting(lv) for n, lv in choice.items()}
         current, done = model, {}
+        ranked = {n: _rank(lv) for n, lv in choice.items() if _rank(lv)[0]}
+        if ranked:
+            current = copy.deepcopy(model)
+            for n, (rank, method) in ranked.items():
+                replace_module(current, n, decompose(method, current.get_submodule(n), rank))
+            done["decomposed"] = {n: {"rank": rank, "method": method} for n, (rank, method) in ranked.items()}
         sparse = {n: s for n, (s, _) in settings.items() if s > 0}
         steps = {"prune": self.prune_steps if train else 0, "share": self.share_steps if train else 0}
         if sparse:
             result = Sparsify(sparsity=0.0, steps=steps["prune"], scope="layer",
                               layers={glob_escape(n): {"sparsity": s} for n, s in sparse.items()}).apply(current, _quiet(ctx))
             current, done["sparsify"] = result.model, result.details
-        shared = {n: b for n, (_, b) in settings.items() if b}
+        elif ranked and steps["prune"]:  # the factors fine-tuned (with a pruned layer that is Sparsify's retraining)
+            current = ctx.train(current, steps["prune"]) or current
+            done["finetune"] = {"steps": steps["prune"]}
+        shared = {sub: b for n, (_, b) in settings.items() if b for sub in _layer_names(n, choice[n])}
         if shared:
             others = tuple(n for n in prunable_layers(current) if n not in shared)
             rules = {**{glob_escape(n): SKIP for n in others}, **{glob_escape(n): {"bits": b} for n, b in shared.items()}}
             result = ShareWeights(bits=max(shared.values()), steps=steps["share"], layers=rules).apply(current, _quiet(ctx))
             current, done["share_weights"] = result.model, result.details
         if self.bias_bits:
-            current, done["biases"] = _share_biases(current, list(choice), self.bias_bits)
+            current, done["biases"] = _share_biases(current, [sub for n, lv in choice.items()
+                                                              for sub in _layer_names(n, lv)], self.bias_bits)
         return current, done
 
     def apply(self, model: nn.Module, ctx, show_progress: bool = True) -> StepResult:
@@ -259,17 +383,49 @@ class Budget(StepConfig):
         timings: dict[str, float] = {}
         if self.max_drop is not None and ctx.evaluate is None:
             raise ConfigError("budget.max_drop needs an evaluation function (--eval, or bundled data)")
+        targets = parse_targets(self.target) if self.target else {}
+        byte_settings = "size" in targets or "ratio" in targets or self.max_drop is not None
         train = ctx.train is not None and (self.prune_steps > 0 or self.share_steps > 0)
         x = sample_inputs(ctx, self.samples)
-        units, skipped = self._units(model)
+        units, decomposable, skipped = self._units(model, byte_settings)
         tasks = [(n, lv) for n, levels in units.items() for lv in levels]
         codec = code_fingerprint(container, sys.modules["nnshrink.codec.stream"])
         fn = _measure_reconstructed if self.sensitivity == "reconstructed" else _measure
         measured = measure_curves(model, x, tasks, fn, ["budget", codec], self.executor,
-                                  show_progress=show_progress, description="budget: output error and bytes per setting")
+                                  show_progress=show_progress, description="budget: output error, bytes and MACs per setting")
         timings["measure"] = time.perf_counter() - started
-        # options[unit] = [(bytes, output error)] in the order of the unit's levels
+        # options[unit] = [(bytes, output error)] in the order of the unit's levels; mac_change[unit]
+        # = the model's MACs at each of them less its MACs as it is (per-layer changes add exactly)
         options = {n: [(measured[(n, lv)][1], measured[(n, lv)][0]) for lv in levels] for n, levels in units.items()}
+        macs_now = analyze(model, x[:1]).total_macs
+        mac_change = {n: [measured[(n, lv)][2] - macs_now for lv in levels] for n, levels in units.items()}
+
+        base_model = ctx.original if ctx.original is not None else model
+        base_info = analyze(base_model, ctx.example_input[:1])
+        float32 = base_info.total_bytes
+        mac_limit = None
+        if "macs" in targets:
+            mac_limit = targets["macs"] * base_info.total_macs
+            fewest = macs_now + sum(min(c) for c in mac_change.values())
+            if fewest > mac_limit:
+                raise ConfigError(f"budget target macs={targets['macs']:g} ({mac_limit:,.0f} MACs) cannot be reached: "
+                                  f"the fewest these settings make is {fewest:,.0f} MACs "
+                                  f"({fewest / base_info.total_macs:.3f} of the original); allow lower ranks "
+                                  "(budget.ranks) or more MACs")
+        use_ilp = self.solver == "ilp" or mac_limit is not None
+
+        def solve(byte_room: float | None) -> dict[str, int] | None:
+            """The least-noise assignment within ``byte_room`` bytes (None: any) and the MAC target."""
+            if not use_ilp:
+                room = byte_room if byte_room is not None else total_bytes(options, {n: int(np.argmax([b for b, _ in o]))
+                                                                                     for n, o in options.items()})
+                return least_noise(options, room)
+            limits = {}
+            if byte_room is not None:
+                limits["bytes"] = ({n: [b for b, _ in o] for n, o in options.items()}, byte_room)
+            if mac_limit is not None:
+                limits["macs"] = (mac_change, mac_limit - macs_now)
+            return least_noise_ilp(options, limits)
 
         # the file's fixed part: one real container of the smallest one-shot assignment
         t0 = time.perf_counter()
@@ -278,17 +434,18 @@ class Budget(StepConfig):
         overhead = _file_bytes(probe, ctx.example_input) - total_bytes(options, smallest)
         timings["measure_overhead"] = time.perf_counter() - t0
 
-        base_model = ctx.original if ctx.original is not None else model
-        float32 = analyze(base_model, ctx.example_input[:1]).total_bytes
         limit = None
-        if self.target:
-            kind, value = parse_target(self.target)
-            limit = value if kind == "size" else float32 / value
+        if "size" in targets or "ratio" in targets:
+            limit = targets["size"] if "size" in targets else float32 / targets["ratio"]
             reachable = overhead + total_bytes(options, smallest)
+            if mac_limit is not None:  # the smallest that also meets the MAC target
+                least = least_noise_ilp({n: [(b, b) for b, _ in o] for n, o in options.items()},
+                                        {"macs": (mac_change, mac_limit - macs_now)})
+                reachable = overhead + total_bytes(options, least)
             if limit < reachable:
                 raise ConfigError(f"budget target {self.target} ({limit:,.0f} B) cannot be reached: the smallest "
-                                  f"model these settings make is {reachable:,.0f} B "
-                                  f"({float32 / reachable:.1f}x smaller than float32)")
+                                  f"model these settings make{' within the MAC target' * (mac_limit is not None)} is "
+                                  f"{reachable:,.0f} B ({float32 / reachable:.1f}x smaller than float32)")
         baseline = ctx.evaluate(model) if ctx.evaluate else None
         floor = None if self.max_drop is None else baseline - self.max_drop
 
@@ -317,12 +474,22 @@ class Budget(StepConfig):
             return floor is None or (val is not None and val >= floor)
 
         t0 = time.perf_counter()
-        grid = budgets(options, self.candidates)
-        if limit is not None:  # 1% kept back (one-shot the estimate was within 0.3% of the file; a retrained
-            # model's codebooks can code to a few % more, which the check against the file below catches)
-            room = (limit - overhead) - 0.01 * limit
-            grid = [room] + [b for b in grid if b < room]
-        plans = [p for p in (least_noise(options, b) for b in grid) if p is not None]
+        if byte_settings:
+            grid = budgets(options, self.candidates)
+            if limit is not None:  # 1% kept back (one-shot the estimate was within 0.3% of the file; a retrained
+                # model's codebooks can code to a few % more, which the check against the file below catches)
+                room = (limit - overhead) - 0.01 * limit
+                grid = [room] + [b for b in grid if b < room]
+        else:  # a MAC target alone: the least noise within it, whatever the bytes
+            grid = [None]
+        with progress_bar("budget: choosing per layer", len(grid), show_progress) as advance:
+            plans = []
+            for b in grid:
+                plans.append(solve(b))
+                advance(1)
+        plans = [p for i, p in enumerate(plans) if p is not None and p not in plans[:i]]
+        if not plans:
+            raise ConfigError(f"budget target {self.target}: no assignment of the measured settings meets it")
         with progress_bar("budget: retraining and evaluating candidates",
                           max(1, int(np.ceil(np.log2(len(plans) + 1)))) if floor is not None else 1,
                           show_progress) as advance:
@@ -332,7 +499,7 @@ class Budget(StepConfig):
                 advance(1)
             else:
                 lo, hi = 0, len(plans) - 1
-                if limit is None:
+                if limit is None and mac_limit is None:
                     accepted = 0  # the largest budget (every layer as it is) meets any drop
                 elif accept(plans[0]):
                     accepted, hi = 0, 0
@@ -350,8 +517,9 @@ class Budget(StepConfig):
                 if accepted is None:
                     val = built[tuple(sorted(plans[0].items()))][2]
                     raise ConfigError(f"budget target {self.target} and max_drop {self.max_drop} cannot both be met: "
-                                      f"at {points[0]['bytes']:,} B the validation metric is {val:.4g}, "
-                                      f"{baseline - val:.4g} below {baseline:.4g}; drop the target or allow more")
+                                      f"at {points[0]['bytes']:,} B and {points[0]['macs']:,} MACs the validation "
+                                      f"metric is {val:.4g}, {baseline - val:.4g} below {baseline:.4g}; drop the "
+                                      "target or allow more")
                 chosen = plans[accepted]
                 if tuple(sorted(chosen.items())) not in built:  # the full model itself
                     candidate(chosen)
@@ -359,7 +527,7 @@ class Budget(StepConfig):
         final_bytes = next(p["bytes"] for p in points if p["key"] == key)
         if limit is not None and final_bytes > limit:  # the estimate was short: once more, smaller
             room -= final_bytes - limit + 0.01 * limit
-            smaller = least_noise(options, room)
+            smaller = solve(room)
             if smaller is None or not accept(smaller):
                 raise ConfigError(f"budget target {self.target} was missed: the file is {final_bytes:,} B "
                                   f"(estimated {points[-1]['bytes_estimated']:,} B)")
@@ -371,20 +539,27 @@ class Budget(StepConfig):
         timings["search"] = time.perf_counter() - t0
         new, steps_done, val = built[key]
         final = next(p for p in points if p["key"] == key)
+        if mac_limit is not None and final["macs"] > mac_limit:  # per-layer MACs add exactly: a defect if not
+            raise ConfigError(f"budget target {self.target} was missed: {final['macs']:,} MACs for {mac_limit:,.0f}")
         for p in points:
             p["chosen"] = p.pop("key") == key
         layers = {n: {**_describe(units[n][i]), "bytes": int(options[n][i][0]),
+                      "macs_change": int(mac_change[n][i]),
                       "output_error": round(float(options[n][i][1]), 6)} for n, i in chosen.items()}
         timings["total"] = time.perf_counter() - started
         details = {
             "target": self.target or None, "target_bytes": None if limit is None else round(limit),
+            "target_macs": None if mac_limit is None else int(mac_limit),
+            "techniques": list(self.chosen_techniques()), "solver": "ilp" if use_ilp else "knapsack",
             "max_drop": self.max_drop, "val_before": baseline, "val_after": val,
             "bytes_estimated": final["bytes_estimated"], "bytes_file": final["bytes"],
             "estimate_error": round(final["bytes_estimated"] / final["bytes"] - 1, 4),
-            "ratio": final["ratio"], "overhead_bytes": round(overhead), "layers": layers,
+            "ratio": final["ratio"], "macs_before": base_info.total_macs, "macs_after": final["macs"],
+            "mac_ratio": round(final["macs"] / base_info.total_macs, 4),
+            "overhead_bytes": round(overhead), "layers": layers,
             "measurements": len(tasks), "evaluations": evaluations[0], "retrained": train,
             "frontier": sorted(points, key=lambda p: p["bytes"]), "steps": steps_done,
-            "sensitivity": _sensitivity(units, options),
+            "sensitivity": _sensitivity(units, options, decomposable),
             "seconds": {k: round(v, 2) for k, v in timings.items()},
         }
         return StepResult(self.kind, new.eval(), details, skipped)
@@ -405,25 +580,42 @@ def _share_biases(model: nn.Module, names: list[str], bits: int) -> tuple[nn.Mod
     return new, shared
 
 
-def _sensitivity(units: dict[str, list[int]], options: dict[str, list[tuple[float, float]]]) -> dict:
+def _sensitivity(units: dict[str, list[int]], options: dict[str, list[tuple[float, float]]],
+                 decomposable: dict[str, tuple[str, int]]) -> dict:
     """Each layer's output error at each setting it was measured at (layers x settings), the
-    settings mildest first (by their mean log error over the layers measured there)."""
-    def mean_log(level: int) -> float:
-        errs = [options[n][levels.index(level)][1] for n, levels in units.items() if level in levels]
-        return float(np.mean(np.log10(np.clip(errs, 1e-12, None))))
-    columns = sorted({lv for levels in units.values() for lv in levels}, key=lambda lv: (mean_log(lv), lv))
-
-    def title(level: int) -> str:
+    settings mildest first (by their mean log error over the layers measured there). A rank is
+    titled by the fraction of the layer's full rank it keeps (each cell labelled with its rank)."""
+    def title(name: str, level: int) -> str:
         sparsity, bits = _setting(level)
-        return " + ".join([f"{sparsity:.0%} pruned"] * (sparsity > 0) + [f"{bits}-bit"] * bool(bits)) or "as is"
-    values = {n: [options[n][levels.index(c)][1] if c in levels else None for c in columns]
-              for n, levels in units.items()}
-    return sensitivity_table("relative output error (MSE / output power)", [title(c) for c in columns], values)
+        rank, _ = _rank(level)
+        parts = [f"rank {rank / decomposable[name][1]:.0%}"] * bool(rank) + \
+            [f"{sparsity:.0%} pruned"] * (sparsity > 0) + [f"{bits}-bit"] * bool(bits)
+        return " + ".join(parts) or "as is"
+    cells: dict[str, dict[str, tuple[float, int]]] = {}  # unit -> title -> (error, level)
+    for n, levels in units.items():
+        for i, lv in enumerate(levels):
+            cells.setdefault(n, {}).setdefault(title(n, lv), (options[n][i][1], lv))
+    titles = {t for c in cells.values() for t in c}
+
+    def mean_log(t: str) -> float:
+        errs = [c[t][0] for c in cells.values() if t in c]
+        return float(np.mean(np.log10(np.clip(errs, 1e-12, None))))
+    columns = sorted(titles, key=lambda t: (mean_log(t), t))
+    values = {n: [c[t][0] if t in c else None for t in columns] for n, c in cells.items()}
+    labels = None
+    if any(_rank(lv)[0] for levels in units.values() for lv in levels):
+        labels = {n: [f"rank {_rank(c[t][1])[0]}/{decomposable[n][1]}" if t in c and _rank(c[t][1])[0] else ""
+                      for t in columns] for n, c in cells.items()}
+    return sensitivity_table("relative output error (MSE / output power)", columns, values, labels)
 
 
 def _describe(level: int) -> dict:
     sparsity, bits = _setting(level)
-    return {"sparsity": sparsity, "bits": bits or None}
+    rank, method = _rank(level)
+    out = {"sparsity": sparsity, "bits": bits or None}
+    if rank:
+        out.update(rank=rank, method=method)
+    return out
 
 
 def _values(value) -> list:

@@ -20,10 +20,14 @@ Two solvers, one per kind of budget:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nnshrink.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nnshrink.search.engine import Unit
 
 
 def allocate(units: list[Unit], macs_of: Callable[[dict[str, int]], int], target: int, floor: int,
@@ -164,3 +168,52 @@ def smallest_within(options: dict[str, list[tuple[float, float]]], accept: Calla
         else:
             hi = mid - 1
     return plans[lo], evaluations
+
+
+def least_noise_ilp(options: dict[str, list[tuple[float, float]]], limits: dict[str, tuple[dict[str, list[float]], float]],
+                    time_limit: float = 60.0) -> dict[str, int] | None:
+    """The multiple-choice knapsack of :func:`least_noise` under several budgets at once, as an
+    integer linear programme: ``limits[name] = (cost[unit][option], limit)``, each a sum over the
+    units that must stay ``<= limit`` (bytes, and MACs as each unit's change from the original).
+    ``options`` gives the noise (its bytes are a cost only where ``limits`` names them). None if no
+    assignment fits.
+
+    Solved exactly by HiGHS through :func:`scipy.optimize.milp` (one binary per unit and option,
+    one "exactly one option" row per unit, one row per budget): the dynamic programme of
+    :func:`least_noise` handles one budget only, and a MAC budget beside a byte budget is two.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    names = list(options)
+    offsets, count = {}, 0
+    for n in names:
+        offsets[n] = count
+        count += len(options[n])
+    if not names:
+        return {}
+    noise = np.zeros(count)
+    for n in names:
+        noise[offsets[n]:offsets[n] + len(options[n])] = [e for _, e in options[n]]
+    one = np.zeros((len(names), count))
+    for i, n in enumerate(names):
+        one[i, offsets[n]:offsets[n] + len(options[n])] = 1
+    rows, upper = [], []
+    for cost, limit in limits.values():
+        row = np.zeros(count)
+        for n in names:
+            row[offsets[n]:offsets[n] + len(options[n])] = cost[n]
+        rows.append(row)
+        upper.append(limit)
+    constraints = [LinearConstraint(one, 1, 1)]
+    if rows:
+        # a relative slack of 1e-9 so that a limit met exactly is not lost to the solver's rounding
+        constraints.append(LinearConstraint(np.array(rows), -np.inf, np.array(upper) + 1e-9 * np.abs(upper)))
+    res = milp(noise, integrality=np.ones(count), bounds=Bounds(0, 1), constraints=constraints,
+               options={"time_limit": time_limit})
+    if res.x is None:
+        return None
+    out = {n: int(np.argmax(res.x[offsets[n]:offsets[n] + len(options[n])])) for n in names}
+    for cost, limit in limits.values():  # the answer is held to the limits as given, not the solver's tolerance
+        if sum(cost[n][i] for n, i in out.items()) > limit + 1e-6 * max(1.0, abs(limit)):
+            return None
+    return out

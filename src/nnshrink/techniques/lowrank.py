@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import analyze
 from nnshrink.graph.surgery import replace_module
 from nnshrink.plan.config import SKIP, StepConfig, StepResult
@@ -72,7 +73,7 @@ def spatial_svd(conv: nn.Conv2d, rank: int) -> nn.Sequential:
     return nn.Sequential(first, second).train(conv.training)
 
 
-def _eligible(module: nn.Module, method: str) -> str | None:
+def eligible(module: nn.Module, method: str) -> str | None:
     """None if ``module`` can be decomposed by ``method``, else the reason it cannot."""
     if method == "weight":
         if isinstance(module, nn.Linear):
@@ -95,6 +96,14 @@ def _eligible(module: nn.Module, method: str) -> str | None:
     if isinstance(module.padding, str) or module.padding_mode != "zeros":
         return "padding given as a string or not zeros"
     return None
+
+
+def full_rank(module: nn.Module, method: str) -> int:
+    """The rank at which ``method`` reproduces ``module`` exactly (its largest useful rank)."""
+    if method == "spatial":
+        o, c, kh, kw = module.weight.shape
+        return min(c * kh, o * kw)
+    return min(module.weight.shape[0], int(np.prod(module.weight.shape[1:])))
 
 
 def _rank_macs(info, method: str, rank: int) -> int:
@@ -153,26 +162,23 @@ class _SVDStep(StepConfig):
         for name, rule in rules.items():
             if isinstance(rule, dict):
                 module = model.get_submodule(name)
-                if _eligible(module, self.method) is not None:
-                    raise ConfigError(f"{self.kind}.layers[{name!r}]: {_eligible(module, self.method)}; no rank to set")
+                if eligible(module, self.method) is not None:
+                    raise ConfigError(f"{self.kind}.layers[{name!r}]: {eligible(module, self.method)}; no rank to set")
                 replace_module(model, name, decompose(self.method, module, int(rule["rank"])))
                 fixed[name] = {"rank": int(rule["rank"]), "set_by": "the plan's layer rules"}
         info = analyze(model, x[:1])
-        units, skipped, per_rank, full_rank = [], [], {}, {}
+        units, skipped, per_rank, full_ranks = [], [], {}, {}
         for li in info.layers:
             if any(li.name.startswith(f"{n}.") for n in fixed):  # the factors of a layer set by the plan
                 continue
             module = model.get_submodule(li.name)
-            reason = _eligible(module, self.method)
+            reason = eligible(module, self.method)
             if reason is None and rules.get(li.name) == SKIP:
                 reason = "skipped by the plan's layer rules"
             ranks = []
             if reason is None:
-                full = min(module.weight.shape[0], int(np.prod(module.weight.shape[1:])))
-                if self.method == "spatial":
-                    o, c, kh, kw = module.weight.shape
-                    full = min(c * kh, o * kw)
-                full_rank[li.name] = full
+                full = full_rank(module, self.method)
+                full_ranks[li.name] = full
                 ranks = [r for r in range(full, 0, -1) if _rank_macs(li, self.method, r) < li.macs]
                 if not ranks:
                     reason = "a decomposition of any rank costs more MACs than the layer"
@@ -223,7 +229,7 @@ class _SVDStep(StepConfig):
                    if (n, r * 2 + tag) in losses}
         table = level_table("relative output error (MSE / output power)", by_rank,
                             {n: ranks for n, (_, ranks) in per_rank.items()},
-                            full_rank, "rank")
+                            full_ranks, "rank")
         details = {"mac_ratio_target": self.mac_ratio, "mac_ratio": after / base, "macs_before": given.total_macs,
                    "macs_after": after, "layers": {**fixed, **layers}, "measurements": len(tasks), "sensitivity": table}
         return StepResult(self.kind, new.eval(), details, skipped)
