@@ -152,8 +152,7 @@ def _factors_match(model, name, setting):
         assert isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))
         return
     first, second = module[0], module[1]
-    assert (first.out_channels if setting["method"] == "spatial" or isinstance(first, torch.nn.Conv2d)
-            else first.out_features) == setting["rank"]
+    assert getattr(first, "out_channels", getattr(first, "out_features", None)) == setting["rank"]
     if setting["bits"]:
         for factor in (first, second):
             assert len(torch.unique(factor.weight)) <= 2 ** setting["bits"]

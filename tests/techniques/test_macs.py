@@ -39,6 +39,12 @@ def test_full_rank_decompositions_are_exact():
     pw = nn.Conv2d(8, 5, 1, stride=2)
     y = torch.randn(2, 8, 6, 6)
     torch.testing.assert_close(weight_svd(pw, 5)(y), pw(y), rtol=1e-4, atol=1e-4)
+    # weight SVD of a k x k conv and of a 1-D conv keeps the kernel in the first factor (the budget's choice)
+    kxk = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1)
+    torch.testing.assert_close(weight_svd(kxk, 6)(x), kxk(x), rtol=1e-4, atol=1e-4)
+    c1 = nn.Conv1d(5, 7, 5, stride=2, padding=2, dilation=1)
+    z = torch.randn(2, 5, 30)
+    torch.testing.assert_close(weight_svd(c1, 7)(z), c1(z), rtol=1e-4, atol=1e-4)
 
 
 def test_truncated_spatial_svd_is_the_best_rank_r_fit_and_saves_macs():

@@ -302,16 +302,17 @@ class Budget(StepConfig):
         return ("prune", "share", "rank") if macs else ("prune", "share")
 
     # -- settings ---------------------------------------------------------------------------------
-    def _grid(self, name: str, layer: nn.Module, rule, byte_settings: bool) -> tuple[list[int], tuple[str, int] | None]:
-        """The unit's levels, and (method, full rank) where it can be decomposed. Without
+    def _grid(self, name: str, layer: nn.Module, rule, byte_settings: bool) -> tuple[list[int], dict[str, int] | None]:
+        """The unit's levels, and its full rank by method where it can be decomposed. Without
         ``byte_settings`` (a MAC target alone) pruning and sharing, which buy bytes only, are left out."""
         techniques = self.chosen_techniques()
         sparsities = [0.0] + list(self.sparsities) if "prune" in techniques and byte_settings else [0.0]
         bits = [0] + list(self.bits) if "share" in techniques and byte_settings else [0]
-        method = next((m for m in ("weight", "spatial") if eligible(layer, m) is None), None)
-        full = full_rank(layer, method) if method else 0
-        ranks = sorted({max(1, int(round(f * full))) for f in self.ranks} - {full}, reverse=True) \
-            if method and "rank" in techniques else []
+        # a k x k conv may take either decomposition: the measurements decide, per layer and rank
+        methods = [m for m in ("spatial", "weight") if eligible(layer, m, any_kernel=True) is None]
+        full = {m: full_rank(layer, m) for m in methods}
+        ranks = {m: sorted({max(1, int(round(f * full[m]))) for f in self.ranks} - {full[m]}, reverse=True)
+                 for m in methods} if "rank" in techniques else {}
         whole = True  # the undecomposed layer is an option
         if isinstance(rule, dict):
             if "sparsity" in rule:
@@ -319,18 +320,20 @@ class Budget(StepConfig):
             if "bits" in rule:
                 bits = [int(v) for v in _values(rule["bits"])]
             if "rank" in rule:
-                asked = [int(v) for v in _values(rule["rank"])]
-                whole, ranks = 0 in asked, sorted({r for r in asked if r}, reverse=True)
-                if ranks and method is None:
-                    raise ConfigError(f"budget.layers[{name!r}]: {eligible(layer, 'weight')}, and for spatial SVD "
-                                      f"{eligible(layer, 'spatial')}; no rank to set")
-                if ranks and ranks[0] > full:
-                    raise ConfigError(f"budget.layers[{name!r}]: rank {ranks[0]} is above the layer's full rank {full}")
+                asked = sorted({int(v) for v in _values(rule["rank"]) if v}, reverse=True)
+                whole = 0 in [int(v) for v in _values(rule["rank"])]
+                if asked and not methods:
+                    raise ConfigError(f"budget.layers[{name!r}]: {eligible(layer, 'weight', any_kernel=True)}; "
+                                      "no rank to set")
+                ranks = {m: [r for r in asked if r <= full[m]] for m in methods}
+                if asked and not any(ranks.values()):
+                    raise ConfigError(f"budget.layers[{name!r}]: rank {asked[0]} is above the layer's full rank "
+                                      f"({', '.join(f'{full[m]} for {m} SVD' for m in methods)})")
         levels = {_level(s, b) for s in sparsities for b in bits} if whole else set()
-        levels |= {_level(0.0, b, r, method == "spatial") for r in ranks for b in bits}
-        return sorted(levels), ((method, full) if method else None)
+        levels |= {_level(0.0, b, r, m == "spatial") for m, rs in ranks.items() for r in rs for b in bits}
+        return sorted(levels), (full if methods else None)
 
-    def _units(self, model: nn.Module, byte_settings: bool) -> tuple[dict[str, list[int]], dict[str, tuple], list[dict]]:
+    def _units(self, model: nn.Module, byte_settings: bool) -> tuple[dict[str, list[int]], dict[str, dict], list[dict]]:
         layers = prunable_layers(model)
         rules = self.layer_rules(layers)
         units, decomposable, skipped = {}, {}, []
@@ -581,14 +584,14 @@ def _share_biases(model: nn.Module, names: list[str], bits: int) -> tuple[nn.Mod
 
 
 def _sensitivity(units: dict[str, list[int]], options: dict[str, list[tuple[float, float]]],
-                 decomposable: dict[str, tuple[str, int]]) -> dict:
+                 decomposable: dict[str, dict[str, int]]) -> dict:
     """Each layer's output error at each setting it was measured at (layers x settings), the
     settings mildest first (by their mean log error over the layers measured there). A rank is
     titled by the fraction of the layer's full rank it keeps (each cell labelled with its rank)."""
     def title(name: str, level: int) -> str:
         sparsity, bits = _setting(level)
-        rank, _ = _rank(level)
-        parts = [f"rank {rank / decomposable[name][1]:.0%}"] * bool(rank) + \
+        rank, method = _rank(level)
+        parts = ([f"{method} rank {rank / decomposable[name][method]:.0%}"] if rank else []) + \
             [f"{sparsity:.0%} pruned"] * (sparsity > 0) + [f"{bits}-bit"] * bool(bits)
         return " + ".join(parts) or "as is"
     cells: dict[str, dict[str, tuple[float, int]]] = {}  # unit -> title -> (error, level)
@@ -604,7 +607,7 @@ def _sensitivity(units: dict[str, list[int]], options: dict[str, list[tuple[floa
     values = {n: [c[t][0] if t in c else None for t in columns] for n, c in cells.items()}
     labels = None
     if any(_rank(lv)[0] for levels in units.values() for lv in levels):
-        labels = {n: [f"rank {_rank(c[t][1])[0]}/{decomposable[n][1]}" if t in c and _rank(c[t][1])[0] else ""
+        labels = {n: [f"rank {_rank(c[t][1])[0]}/{decomposable[n][_rank(c[t][1])[1]]}" if t in c and _rank(c[t][1])[0] else ""
                       for t in columns] for n, c in cells.items()}
     return sensitivity_table("relative output error (MSE / output power)", columns, values, labels)
 

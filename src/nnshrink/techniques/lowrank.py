@@ -37,16 +37,19 @@ def _sqrt_split(u: torch.Tensor, s: torch.Tensor, vt: torch.Tensor, r: int):
 
 
 def weight_svd(layer: nn.Module, rank: int) -> nn.Sequential:
-    """A Linear or 1x1 conv as two layers of rank ``rank``."""
+    """A Linear or conv (1-D or 2-D, any kernel, ungrouped) as two layers of rank ``rank``: a
+    conv keeps its kernel, stride, padding and dilation with ``rank`` outputs, then a 1x1 conv
+    (with the bias) maps them to the outputs."""
     w = layer.weight.detach().double()
     out_f = w.shape[0]
     u, s, vt = torch.linalg.svd(w.reshape(out_f, -1), full_matrices=False)
-    a, b = _sqrt_split(u, s, vt, rank)  # w ~ a @ b, a: out x r, b: r x in
+    a, b = _sqrt_split(u, s, vt, rank)  # w ~ a @ b, a: out x r, b: r x (in k)
     if isinstance(layer, nn.Linear):
         first, second = nn.Linear(layer.in_features, rank, bias=False), nn.Linear(rank, out_f, bias=layer.bias is not None)
     else:
-        first = nn.Conv2d(layer.in_channels, rank, 1, layer.stride, layer.padding, bias=False)
-        second = nn.Conv2d(rank, out_f, 1, bias=layer.bias is not None)
+        conv = nn.Conv1d if isinstance(layer, nn.Conv1d) else nn.Conv2d
+        first = conv(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=False)
+        second = conv(rank, out_f, 1, bias=layer.bias is not None)
     with torch.no_grad():
         first.weight.copy_(b.reshape(first.weight.shape).float())
         second.weight.copy_(a.reshape(second.weight.shape).float())
@@ -73,18 +76,20 @@ def spatial_svd(conv: nn.Conv2d, rank: int) -> nn.Sequential:
     return nn.Sequential(first, second).train(conv.training)
 
 
-def eligible(module: nn.Module, method: str) -> str | None:
-    """None if ``module`` can be decomposed by ``method``, else the reason it cannot."""
+def eligible(module: nn.Module, method: str, any_kernel: bool = False) -> str | None:
+    """None if ``module`` can be decomposed by ``method``, else the reason it cannot. Weight SVD
+    takes Linear and 1x1 convs, or with ``any_kernel`` every ungrouped Conv1d/Conv2d (the
+    budget's choice between it and spatial SVD, per layer); the SVD steps keep to 1x1."""
     if method == "weight":
         if isinstance(module, nn.Linear):
             return None
-        if isinstance(module, nn.Conv2d):
-            if module.kernel_size != (1, 1):
+        if isinstance(module, (nn.Conv2d, nn.Conv1d)) and (any_kernel or isinstance(module, nn.Conv2d)):
+            if not any_kernel and module.kernel_size != (1, 1):
                 return "not 1x1 (spatial SVD handles k x k convs)"
             if module.groups != 1:
                 return "grouped conv"
-            if module.padding_mode != "zeros":
-                return "padding mode other than zeros"
+            if isinstance(module.padding, str) or module.padding_mode != "zeros":
+                return "padding given as a string or not zeros"
             return None
         return "not a Linear or Conv2d"
     if not isinstance(module, nn.Conv2d):
