@@ -66,11 +66,29 @@ def fold_bn(conv: nn.Conv1d | nn.Conv2d | nn.Linear | nn.ConvTranspose2d, bn: nn
     return fused
 
 
-def fold_batchnorms(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
+class ChannelAffine(nn.Module):
+    """``x * scale + shift`` per channel (axis 1): an inference-mode batch norm kept apart from
+    the layer before it (ONNX exporters fuse a BatchNormalization into the conv before it, which
+    would change that conv's stored weights)."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [-1] + [1] * (x.dim() - 2)
+        return x * self.scale.reshape(shape) + self.shift.reshape(shape)
+
+
+def fold_batchnorms(model: nn.Module, hold=None) -> tuple[nn.Module, list[tuple[str, str]]]:
     """Fold every batch norm that directly follows a conv, linear or (ungrouped) transposed conv.
 
     A pair is folded only when the layer's output feeds the batch norm alone; the batch norm is
     replaced by ``nn.Identity`` so module names stay stable. The input model is not changed.
+    ``hold(layer) -> bool`` names layers whose weights must stay as they are (a stored record:
+    a codebook scaled per channel is no longer a codebook); the batch norm after one becomes a
+    :class:`ChannelAffine` (in eval mode) instead, and the pair is not listed.
 
     Returns:
         A new model and the ``(layer, batchnorm)`` pairs that were folded.
@@ -90,6 +108,12 @@ def fold_batchnorms(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]
                 isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)) and layer.groups == 1):
             continue
         bn = modules[node.target]
+        if hold is not None and hold(layer):
+            scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
+                1 / torch.sqrt(bn.running_var + bn.eps)
+            shift = (bn.bias.detach() if bn.affine else 0) - bn.running_mean * scale
+            replace_module(new, node.target, ChannelAffine(scale, shift))
+            continue
         fused = fold_bn(layer, bn).train(layer.training)
         replace_module(new, src.target, fused)
         replace_module(new, node.target, nn.Identity())

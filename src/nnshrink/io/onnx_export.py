@@ -118,13 +118,17 @@ def _inference_form(model: nn.Module) -> nn.Module:
     """A copy in eval mode with batch norms folded, so each Conv keeps its own module name.
 
     (torch's exporter fuses BatchNorm into Conv itself, but then records the batch norm's name
-    on the fused node.) Models that torch.fx cannot trace are exported as they are.
+    on the fused node.) A layer with a stored record (a codebook, quantized or sparse weights)
+    keeps its weights: its batch norm is written as a per-channel Mul and Add, which the exporter
+    leaves apart, so the container still finds the record's weights in the graph. Models that
+    torch.fx cannot trace are exported as they are.
     """
     from nnshrink.errors import UnsupportedModelError as TraceFailed
     from nnshrink.graph.surgery import fold_batchnorms
+    from nnshrink.techniques.records import records_of
 
     try:
-        folded, _ = fold_batchnorms(model)
+        folded, _ = fold_batchnorms(model, hold=lambda layer: bool(records_of(layer)))
     except TraceFailed:
         folded = copy.deepcopy(model)
     return folded.eval()
