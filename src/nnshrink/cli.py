@@ -348,7 +348,7 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
              report: Annotated[Path, typer.Option("--report", help="Report JSON to write.")],
              plan: Annotated[Path | None, typer.Option("--plan", help="Plan YAML (see examples/plans/).")] = None,
              target: Annotated[str | None, typer.Option(
-                 "--target", help="size=25KB, ratio=100x or macs=0.5, or a size and MACs together "
+                 "--target", help="size=25KB, ratio=100x, macs=0.5 or latency=0.6, or several together "
                                   "(ratio=20x,macs=0.5): the budget step's target (added to the plan, or "
                                   "the plan's budget step gets it).")] = None,
              max_drop: Annotated[float | None, typer.Option(
@@ -387,7 +387,7 @@ def compress(model: Annotated[str, typer.Argument(help="Zoo name or model file."
     _check_outputs([model, plan, data if calib is None else calib, eval_spec.rpartition(":")[0] if eval_spec else None],
                    out=out_path, report=report, plot=plot, html=html_out)
     if plan is None and target is None and max_drop is None:
-        raise ConfigError("compress needs --plan PLAN.yaml, or a budget: --target size=25KB|ratio=100x|macs=0.5 and/or --max-drop")
+        raise ConfigError("compress needs --plan PLAN.yaml, or a budget: --target size=25KB|ratio=100x|macs=0.5|latency=0.6 and/or --max-drop")
     the_plan = Plan.from_yaml(plan) if plan is not None else Plan([])
     if out_path.suffix.lower() != ".nsz":
         raise ConfigError(f"--out must be an .nsz container, got {out_path.name} (use 'nnshrink export' for ONNX)")

@@ -23,13 +23,16 @@ SMALL = dict(sparsities=(0.9, 0.97), bits=(3, 5), prune_steps=0, share_steps=0, 
 @pytest.mark.parametrize("text, expected", [("size=25KB", {"size": 25000.0}), ("size=2 KiB", {"size": 2048.0}),
                                             ("ratio=100x", {"ratio": 100.0}), ("RATIO=12.5", {"ratio": 12.5}),
                                             ("macs=0.5", {"macs": 0.5}),
-                                            ("ratio=20x, macs=0.25", {"ratio": 20.0, "macs": 0.25})])
+                                            ("ratio=20x, macs=0.25", {"ratio": 20.0, "macs": 0.25}),
+                                            ("latency=0.6", {"latency": 0.6}),
+                                            ("size=9KB,latency=0.5", {"size": 9000.0, "latency": 0.5})])
 def test_targets_parse(text, expected):
     assert parse_targets(text) == expected
 
 
 @pytest.mark.parametrize("text", ["size=", "size=12parsecs", "ratio=0.5x", "macs", "speed=2x", "macs=1.5",
-                                  "macs=0", "size=0KB", "ratio=10x,"])
+                                  "macs=0", "size=0KB", "ratio=10x,",
+                                  "latency=2", "latency=0"])
 def test_bad_targets_are_refused(text):
     with pytest.raises(ConfigError, match="not understood"):
         parse_targets(text)
@@ -262,3 +265,25 @@ def test_cli_target_writes_a_container_within_it(capsys, tmp_path, lenet5_traine
     assert out.stat().st_size <= 40_000 and doc["sizes"]["container"] == out.stat().st_size
     step = doc["steps"][0]
     assert step["step"] == "budget" and step["details"]["target"] == "size=40KB"
+
+
+def test_a_latency_target_is_met_by_ranks_priced_from_onnx_runtime_profiles(lenet5_trained, mnist):
+    from nnshrink.search.latency import unit_latencies
+    from nnshrink.techniques.sparsity import prunable_layers
+
+    x = zoo.example_input(lenet5_trained)
+    layers = list(prunable_layers(lenet5_trained))
+    kernels, every = unit_latencies(lenet5_trained, x, layers, runs=5)
+    assert set(kernels) == set(layers) and 0 < sum(kernels.values()) <= every  # every layer's nodes charged to it
+    result = _run(lenet5_trained, mnist, target="latency=0.7", ranks=(0.5, 0.25))
+    d = result.steps[0].details
+    assert d["solver"] == "ilp" and d["latency_estimated_s"] <= d["target_latency_s"] + 1e-12
+    assert d["target_latency_s"] == pytest.approx(0.7 * d["latency_before_s"])
+    assert d["latency_after_s"] > 0 and d["latency_ratio"] == round(d["latency_after_s"] / d["latency_before_s"], 4)
+    assert any(s.get("rank") for s in d["layers"].values()) and d["mac_ratio"] < 1  # ranks bought the time
+    for name, setting in d["layers"].items():
+        _factors_match(result.model, name, setting)
+    with pytest.raises(ConfigError, match="needs the rank technique"):
+        Budget(target="latency=0.5", techniques=("prune", "share"))
+    with pytest.raises(ConfigError, match="needs solver ilp"):
+        Budget(target="latency=0.5", solver="knapsack")

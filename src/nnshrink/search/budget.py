@@ -48,6 +48,7 @@ from nnshrink.io import container
 from nnshrink.plan.config import SKIP, StepConfig, StepResult, glob_escape
 from nnshrink.progress import progress_bar
 from nnshrink.search.engine import EXECUTORS, measure_curves, output_loss, output_rows, sensitivity_table
+from nnshrink.search.latency import model_latency, same_weights, unit_latencies
 from nnshrink.search.solvers import budgets, estimated_noise, least_noise, least_noise_ilp, total_bytes
 from nnshrink.techniques.allocation import sample_inputs
 from nnshrink.techniques.calibration import layer_hessians
@@ -59,8 +60,10 @@ from nnshrink.techniques.sparsity import Sparsify, magnitude_masks, prunable_lay
 TECHNIQUES = ("prune", "share", "rank")
 SOLVERS = ("auto", "knapsack", "ilp")
 _SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000 ** 2, "mib": 1024 ** 2}
-_TARGET_HELP = ("use size=25KB (B, KB, KiB, MB, MiB), ratio=100x (float32 bytes / container bytes) or macs=0.5 "
-                "(MACs after / MACs before), or a size and MACs together: size=25KB,macs=0.5")
+_TARGET_HELP = ("use size=25KB (B, KB, KiB, MB, MiB), ratio=100x (float32 bytes / container bytes), macs=0.5 "
+                "(MACs after / MACs before) or latency=0.6 (ONNX Runtime latency after / before), or several "
+                "together: size=25KB,macs=0.5")
+_FRACTIONS = ("macs", "latency")  # targets given as a fraction of the original in (0, 1]
 
 
 def parse_targets(text: str) -> dict[str, float]:
@@ -90,10 +93,10 @@ def _parse_one(part: str, text: str) -> tuple[str, float]:
         m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*x?", value)
         if m and float(m.group(1)) >= 1:
             return "ratio", float(m.group(1))
-    elif sep and kind == "macs":
+    elif sep and kind in _FRACTIONS:
         m = re.fullmatch(r"([0-9]*\.?[0-9]+)", value)
         if m and 0 < float(m.group(1)) <= 1:
-            return "macs", float(m.group(1))
+            return kind, float(m.group(1))
     raise ConfigError(f"budget target {text!r} is not understood: {_TARGET_HELP}")
 
 
@@ -269,9 +272,10 @@ class Budget(StepConfig):
         bad = sorted(set(self.techniques) - set(TECHNIQUES))
         if bad:
             raise ConfigError(f"budget.techniques are chosen from {', '.join(TECHNIQUES)}, got {list(self.techniques)}")
-        if "macs" in targets and "rank" not in self.chosen_techniques():
-            raise ConfigError("budget target macs=... needs the rank technique: pruning and sharing do not reduce "
-                              "the MACs a dense kernel computes")
+        for kind in _FRACTIONS:
+            if kind in targets and "rank" not in self.chosen_techniques():
+                raise ConfigError(f"budget target {kind}=... needs the rank technique: pruning and sharing do not "
+                                  f"reduce the {'MACs' if kind == 'macs' else 'time'} a dense kernel takes")
         for s in self.sparsities:
             if not 0 <= s < 1:
                 raise ConfigError(f"budget.sparsities must lie in [0, 1), got {s}")
@@ -289,8 +293,10 @@ class Budget(StepConfig):
             raise ConfigError(f"budget.sensitivity must be reconstructed or one-shot, got {self.sensitivity!r}")
         if self.solver not in SOLVERS:
             raise ConfigError(f"budget.solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
-        if self.solver == "knapsack" and "macs" in targets:
-            raise ConfigError("budget.solver knapsack solves one byte budget; a macs target needs solver ilp (or auto)")
+        for kind in _FRACTIONS:
+            if self.solver == "knapsack" and kind in targets:
+                raise ConfigError(f"budget.solver knapsack solves one byte budget; a {kind} target needs solver ilp "
+                                  "(or auto)")
         if self.executor not in EXECUTORS:
             raise ConfigError(f"budget.executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
 
@@ -298,8 +304,8 @@ class Budget(StepConfig):
         """The techniques this budget combines (the default: prune and share, and rank for a MAC target)."""
         if self.techniques:
             return tuple(self.techniques)
-        macs = bool(self.target) and "macs" in parse_targets(self.target)
-        return ("prune", "share", "rank") if macs else ("prune", "share")
+        fractions = bool(self.target) and bool(set(parse_targets(self.target)) & set(_FRACTIONS))
+        return ("prune", "share", "rank") if fractions else ("prune", "share")
 
     # -- settings ---------------------------------------------------------------------------------
     def _grid(self, name: str, layer: nn.Module, rule, byte_settings: bool) -> tuple[list[int], dict[str, int] | None]:
@@ -381,6 +387,39 @@ class Budget(StepConfig):
                                                               for sub in _layer_names(n, lv)], self.bias_bits)
         return current, done
 
+    def _latency_costs(self, model: nn.Module, base_model: nn.Module, example: torch.Tensor,
+                       units: dict[str, list[int]], show_progress: bool) -> tuple[dict[str, list[float]], float, float]:
+        """Each unit's latency change at each of its levels (seconds, as a share of the model's
+        timed latency), the model's latency and the plan's original model's: ONNX Runtime
+        profiles of the model and of one variant per rank position (every unit at its k-th rank at
+        once), each node charged to the unit whose weights it reads (:mod:`nnshrink.search.latency`).
+        Pruning and sharing change no dense kernel's time, so only the rank of a level counts."""
+        forms = {n: sorted({_rank(lv) for lv in levels if _rank(lv)[0]}, reverse=True) for n, levels in units.items()}
+        variants = max((len(f) for f in forms.values()), default=0)
+        with progress_bar("budget: ONNX Runtime latency per layer and rank", variants + 1, show_progress) as advance:
+            now = model_latency(model, example)
+            base = now if base_model is model or same_weights(base_model, model) else model_latency(base_model, example)
+            kernels, every = unit_latencies(model, example, list(units))
+            advance(1)
+            scale = now / every if every > 0 else 0.0  # kernel seconds -> seconds of the timed model
+            times: dict[tuple[str, tuple], float] = {}
+            for k in range(variants):
+                variant = copy.deepcopy(model)
+                for n, f in forms.items():
+                    if len(f) > k:
+                        rank, method = f[k]
+                        replace_module(variant, n, decompose(method, variant.get_submodule(n), rank))
+                timed, _ = unit_latencies(variant, example, list(units))
+                for n, f in forms.items():
+                    if len(f) > k:
+                        times[(n, f[k])] = timed.get(n, kernels.get(n, 0.0))
+                advance(1)
+        change = {}
+        for n, levels in units.items():
+            here = kernels.get(n, 0.0)
+            change[n] = [(times[(n, _rank(lv))] - here) * scale if _rank(lv)[0] else 0.0 for lv in levels]
+        return change, now, base
+
     def apply(self, model: nn.Module, ctx, show_progress: bool = True) -> StepResult:
         started = time.perf_counter()
         timings: dict[str, float] = {}
@@ -415,7 +454,22 @@ class Budget(StepConfig):
                                   f"the fewest these settings make is {fewest:,.0f} MACs "
                                   f"({fewest / base_info.total_macs:.3f} of the original); allow lower ranks "
                                   "(budget.ranks) or more MACs")
-        use_ilp = self.solver == "ilp" or mac_limit is not None
+        latency_limit = latency_now = None
+        latency_room = [0.0]  # seconds the latency may still change by (the solver's limit)
+        if "latency" in targets:
+            t0 = time.perf_counter()
+            lat_change, latency_now, latency_base = self._latency_costs(model, base_model, ctx.example_input, units,
+                                                                        show_progress)
+            latency_limit = targets["latency"] * latency_base
+            latency_room[0] = latency_limit - latency_now
+            timings["latency"] = time.perf_counter() - t0
+            fastest = latency_now + sum(min(c) for c in lat_change.values())
+            if fastest > latency_limit:
+                raise ConfigError(f"budget target latency={targets['latency']:g} ({latency_limit * 1e6:,.0f} us) cannot be "
+                                  f"reached: the fastest these settings make is estimated at {fastest * 1e6:,.0f} us "
+                                  f"({fastest / latency_base:.3f} of the original); allow lower ranks (budget.ranks) "
+                                  "or more time")
+        use_ilp = self.solver == "ilp" or mac_limit is not None or latency_limit is not None
 
         def solve(byte_room: float | None) -> dict[str, int] | None:
             """The least-noise assignment within ``byte_room`` bytes (None: any) and the MAC target."""
@@ -428,6 +482,8 @@ class Budget(StepConfig):
                 limits["bytes"] = ({n: [b for b, _ in o] for n, o in options.items()}, byte_room)
             if mac_limit is not None:
                 limits["macs"] = (mac_change, mac_limit - macs_now)
+            if latency_limit is not None:
+                limits["latency"] = (lat_change, latency_room[0])
             return least_noise_ilp(options, limits)
 
         # the file's fixed part: one real container of the smallest one-shot assignment
@@ -465,10 +521,14 @@ class Budget(StepConfig):
                 evaluations[0] += 1
                 est = overhead + total_bytes(options, assign)
                 real = _file_bytes(new, ctx.example_input)
-                points.append({"key": key, "bytes": real, "bytes_estimated": round(est), "ratio": round(float32 / real, 2),
-                               "macs": analyze(new, ctx.example_input[:1]).total_macs, "val_metric": val,
+                point = {"key": key, "bytes": real, "bytes_estimated": round(est), "ratio": round(float32 / real, 2),
+                         "macs": analyze(new, ctx.example_input[:1]).total_macs, "val_metric": val,
                                "estimated_noise": estimated_noise(options, assign),
-                               "layers": {n: _describe(units[n][i]) for n, i in assign.items()}})
+                         "layers": {n: _describe(units[n][i]) for n, i in assign.items()}}
+                if latency_limit is not None:  # timed whole, as deployed: the check on the estimate
+                    point["latency_s"] = model_latency(new, ctx.example_input)
+                    point["latency_estimated_s"] = latency_now + sum(lat_change[n][i] for n, i in assign.items())
+                points.append(point)
                 built[key] = (new, steps_done, val)
             return built[key]
 
@@ -477,6 +537,25 @@ class Budget(StepConfig):
             return floor is None or (val is not None and val >= floor)
 
         t0 = time.perf_counter()
+        if latency_limit is not None:
+            # Profiled kernel times add, but each node also costs the runtime a little the profile
+            # does not show (a decomposed layer is two nodes): the chosen assignment is timed
+            # whole (one-shot: retraining changes no shape, so no time), and while it is slower
+            # than the target the room is cut by the excess and the choice made again.
+            byte_room = None if limit is None else (limit - overhead) - 0.01 * limit
+            for _ in range(6):
+                first = solve(byte_room)
+                if first is None:
+                    raise ConfigError(f"budget target {self.target}: no assignment of the measured settings meets "
+                                      f"{latency_limit * 1e6:,.0f} us once timed whole (ONNX Runtime, one thread); "
+                                      "allow more time or lower ranks")
+                shot, _ = self._build(model, {n: units[n][i] for n, i in first.items()}, ctx, train=False)
+                timed = model_latency(shot, ctx.example_input)
+                if timed <= latency_limit:
+                    break
+                latency_room[0] -= timed - latency_limit + 0.02 * latency_limit
+            timings["fit_latency"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
         if limit is not None:
             # The fixed part (graph, index, biases) depends on the form each layer takes (a
             # decomposed layer adds a node and a record), so the probe's figure can be short for
@@ -578,6 +657,11 @@ class Budget(StepConfig):
             "ratio": final["ratio"], "macs_before": base_info.total_macs, "macs_after": final["macs"],
             "mac_ratio": round(final["macs"] / base_info.total_macs, 4),
             "overhead_bytes": round(overhead), "layers": layers,
+            **({} if latency_limit is None else {
+                "target_latency_s": latency_limit, "latency_before_s": latency_base,
+                "latency_after_s": final["latency_s"], "latency_estimated_s": final["latency_estimated_s"],
+                "latency_ratio": round(final["latency_s"] / latency_base, 4),
+                "latency_met": final["latency_s"] <= latency_limit}),
             "measurements": len(tasks), "evaluations": evaluations[0], "retrained": train,
             "frontier": sorted(points, key=lambda p: p["bytes"]), "steps": steps_done,
             "sensitivity": _sensitivity(units, options, decomposable),
