@@ -126,3 +126,19 @@ def test_the_page_opens_in_headless_chromium_without_errors(budget_run, tmp_path
         width, height = im.size
     assert width == VIEWPORT["width"] == seen["size"]["width"]
     assert height == seen["size"]["height"] and 1000 < height < 8000
+
+
+def test_a_latency_target_adds_latency_to_the_frontier_and_its_plot(budget_run):
+    from nnshrink.report import derive
+    from nnshrink.report.html import render
+
+    doc = json.loads(budget_run[0].read_text())
+    details = doc["steps"][0]["details"]
+    for i, p in enumerate(details["frontier"]):  # as a latency= budget records them
+        p["latency_s"] = 40e-6 + 5e-6 * i
+    details["latency_before_s"] = 90e-6
+    doc = derive(doc)
+    points = doc["frontier"]["points"]
+    assert [p["latency_us"] for p in points] == [40.0 + 5 * i for i in range(len(points) - 1)] + [90.0]
+    text = render(doc)
+    assert set(re.findall(r'data-plot="([^"]+)"', text)) == PLOTS | {"metric-latency"}

@@ -169,6 +169,11 @@ _NOT_A_SETTING = {"bytes", "output_error", "predicted_loss", "trained_max_diff",
                   "output_order", "distinct_values", "macs_change"}
 
 
+def _latency_us(seconds) -> dict:
+    """``{"latency_us": ...}`` where a budget with a latency target timed the point, else nothing."""
+    return {} if seconds is None else {"latency_us": round(seconds * 1e6, 2)}
+
+
 def _frontier(doc: dict) -> dict:
     """Points of metric against bytes and MACs: the last budget step's verified candidates
     (validation metric), or the model before and after (test metric)."""
@@ -178,10 +183,11 @@ def _frontier(doc: dict) -> dict:
         chosen = d.get("bytes_file")
         points = [{"label": f"{p.get('ratio', 0):g}x", "bytes": p["bytes"], "macs": p.get("macs"),
                    "metric": p.get("val_metric"), "chosen": p.get("chosen", p["bytes"] == chosen),
-                   "layers": p.get("layers")} for p in d["frontier"]]
+                   "layers": p.get("layers"), **_latency_us(p.get("latency_s"))} for p in d["frontier"]]
         before = doc.get("before") or {}
         points.append({"label": "float32", "bytes": before.get("bytes"), "macs": before.get("macs"),
-                       "metric": d.get("val_before"), "chosen": False, "original": True})
+                       "metric": d.get("val_before"), "chosen": False, "original": True,
+                       **_latency_us(d.get("latency_before_s"))})
         return {"source": "budget", "metric": "validation", "reference": d.get("val_before"), "points": points}
     before, after = doc.get("before") or {}, doc.get("after") or {}
 

@@ -126,6 +126,9 @@ def render(doc: dict) -> str:
                             f"{metric} against container bytes: {what}", "metric-bytes"))
         parts.append(figure(plots.metric_figure(frontier, "macs", metric, labelled),
                             f"{metric} against MACs: {what}", "metric-macs"))
+        if any(p.get("latency_us") for p in frontier["points"]):
+            parts.append(figure(plots.metric_figure(frontier, "latency_us", metric, labelled),
+                                f"{metric} against ONNX Runtime latency (batch 1, one thread): {what}", "metric-latency"))
     else:
         parts.append('<p class="muted">No metric was measured, so there is no trade-off to draw.</p>')
     parts.append("</div>")

@@ -131,7 +131,7 @@ def _short(name: str, width: int = 28) -> str:
 
 
 def metric_figure(frontier: dict, axis: str, metric: str, percent: bool):
-    """The report's metric against ``axis`` (``bytes`` or ``macs``) for every point of its
+    """The report's metric against ``axis`` (``bytes``, ``macs`` or ``latency_us``) for every point of its
     ``frontier`` object; the chosen point circled, the original model's metric a dashed line."""
     plt = _plt()
     scale = 100 if percent else 1
@@ -167,7 +167,8 @@ def metric_figure(frontier: dict, axis: str, metric: str, percent: bool):
         ax.axhline(scale * frontier["reference"], color="tab:green", linestyle="--", linewidth=1)
     if len(set(xs)) > 1 and max(xs) / max(1, min(xs)) > 8:
         ax.set_xscale("log")
-    ax.set_xlabel("bytes (container on disk; float32 for the original)" if axis == "bytes" else "MACs per inference")
+    ax.set_xlabel({"bytes": "bytes (container on disk; float32 for the original)", "macs": "MACs per inference",
+                   "latency_us": "microseconds per inference (ONNX Runtime, batch 1, one thread)"}[axis])
     ax.set_ylabel(f"{metric.split(' (')[0]}, {frontier['metric']} split" + (" (%)" if percent else ""))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
