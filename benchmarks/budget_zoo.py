@@ -14,12 +14,14 @@ evaluations, and wall time. One seed; two threads.
 - ``macs=0.5`` combines ranks per layer (weight SVD of Linear and of any conv, spatial SVD of
   k x k convs) priced by the graph's MAC counter: the least output error within half the MACs.
 - ``ratio=8x`` combines pruning, k-means codebooks and ranks priced in container bytes.
+- ``latency=0.7`` (with ``--targets``) chooses ranks priced in ONNX Runtime time (batch 1, one
+  thread); printed: the timed latency of the result and the step's estimate, as ratios to the
+  original's.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import tempfile
@@ -53,7 +55,7 @@ def run(name: str, target: str, steps: int) -> dict:
     def train(m, n):
         return R.fit(m, t, steps=n, lr=t.lr / 10, show_progress=False)
 
-    macs_target = "macs" in target and "ratio" not in target and "size" not in target
+    macs_target = "ratio" not in target and "size" not in target  # macs= or latency= alone: ranks only
     budget = Budget(target=target, prune_steps=steps, share_steps=0 if macs_target else steps // 3, samples=256,
                     techniques=("prune", "share", "rank"))
     started = time.perf_counter()
@@ -71,7 +73,9 @@ def run(name: str, target: str, steps: int) -> dict:
             "mac_ratio": after.total_macs / before.total_macs, "ratio": before.total_bytes / real,
             "estimate": d["bytes_estimated"] / real - 1, "measurements": d["measurements"],
             "evaluations": d["evaluations"] + one_shot.steps[0].details["evaluations"], "ranked": ranked,
-            "layers": len(d["layers"]), "seconds_one_shot": mid - started, "seconds": done - mid}
+            "layers": len(d["layers"]), "seconds_one_shot": mid - started, "seconds": done - mid,
+            "latency_ratio": d.get("latency_ratio"), "latency_estimated": d.get("latency_estimated_s"),
+            "latency_before": d.get("latency_before_s")}
 
 
 def main(argv=None) -> int:
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rows = []
     print(f"{'model':12} {'target':10} {'metric':28} {'float':>7} {'1-shot':>7} {'after':>7} {'rel':>7} "
-          f"{'MACs':>6} {'ratio':>6} {'est':>6} {'ranked':>7} {'meas':>5} {'evals':>5} {'s':>6}")
+          f"{'MACs':>6} {'ratio':>6} {'est':>6} {'ranked':>7} {'meas':>5} {'evals':>5} {'s':>6} {'latency':>8} {'l-est':>6}")
     for name in args.models.split(","):
         for target in args.targets.split(";"):
             try:
@@ -95,7 +99,9 @@ def main(argv=None) -> int:
             print(f"{name:12} {target:10} {r['metric'][:28]:28} {r['float']:7.4f} {r['one_shot']:7.4f} "
                   f"{r['after']:7.4f} {rel:+7.2%} {r['mac_ratio']:6.3f} {r['ratio']:6.2f} {r['estimate']:+6.1%} "
                   f"{r['ranked']:>3}/{r['layers']:<3} {r['measurements']:5d} {r['evaluations']:5d} "
-                  f"{r['seconds_one_shot'] + r['seconds']:6.0f}", flush=True)
+                  f"{r['seconds_one_shot'] + r['seconds']:6.0f}"
+                  + (f" {r['latency_ratio']:8.3f} {r['latency_estimated'] / r['latency_before']:6.3f}"
+                     if r["latency_ratio"] is not None else ""), flush=True)
     return 0
 
 

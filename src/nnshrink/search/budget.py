@@ -448,12 +448,8 @@ class Budget(StepConfig):
         mac_limit = None
         if "macs" in targets:
             mac_limit = targets["macs"] * base_info.total_macs
-            fewest = macs_now + sum(min(c) for c in mac_change.values())
-            if fewest > mac_limit:
-                raise ConfigError(f"budget target macs={targets['macs']:g} ({mac_limit:,.0f} MACs) cannot be reached: "
-                                  f"the fewest these settings make is {fewest:,.0f} MACs "
-                                  f"({fewest / base_info.total_macs:.3f} of the original); allow lower ranks "
-                                  "(budget.ranks) or more MACs")
+            _reachable("macs", targets["macs"], macs_now, mac_change, base_info.total_macs,
+                       lambda v: f"{v:,.0f} MACs", "the fewest these settings make is", "more MACs")
         latency_limit = latency_now = None
         latency_room = [0.0]  # seconds the latency may still change by (the solver's limit)
         if "latency" in targets:
@@ -463,16 +459,12 @@ class Budget(StepConfig):
             latency_limit = targets["latency"] * latency_base
             latency_room[0] = latency_limit - latency_now
             timings["latency"] = time.perf_counter() - t0
-            fastest = latency_now + sum(min(c) for c in lat_change.values())
-            if fastest > latency_limit:
-                raise ConfigError(f"budget target latency={targets['latency']:g} ({latency_limit * 1e6:,.0f} us) cannot be "
-                                  f"reached: the fastest these settings make is estimated at {fastest * 1e6:,.0f} us "
-                                  f"({fastest / latency_base:.3f} of the original); allow lower ranks (budget.ranks) "
-                                  "or more time")
+            _reachable("latency", targets["latency"], latency_now, lat_change, latency_base,
+                       lambda v: f"{v * 1e6:,.0f} us", "the fastest these settings make is estimated at", "more time")
         use_ilp = self.solver == "ilp" or mac_limit is not None or latency_limit is not None
 
         def solve(byte_room: float | None) -> dict[str, int] | None:
-            """The least-noise assignment within ``byte_room`` bytes (None: any) and the MAC target."""
+            """The least-noise assignment within ``byte_room`` bytes (None: any) and the MAC and latency targets."""
             if not use_ilp:
                 room = byte_room if byte_room is not None else total_bytes(options, {n: int(np.argmax([b for b, _ in o]))
                                                                                      for n, o in options.items()})
@@ -523,7 +515,7 @@ class Budget(StepConfig):
                 real = _file_bytes(new, ctx.example_input)
                 point = {"key": key, "bytes": real, "bytes_estimated": round(est), "ratio": round(float32 / real, 2),
                          "macs": analyze(new, ctx.example_input[:1]).total_macs, "val_metric": val,
-                               "estimated_noise": estimated_noise(options, assign),
+                         "estimated_noise": estimated_noise(options, assign),
                          "layers": {n: _describe(units[n][i]) for n, i in assign.items()}}
                 if latency_limit is not None:  # timed whole, as deployed: the check on the estimate
                     point["latency_s"] = model_latency(new, ctx.example_input)
@@ -537,45 +529,36 @@ class Budget(StepConfig):
             return floor is None or (val is not None and val >= floor)
 
         t0 = time.perf_counter()
-        if latency_limit is not None:
-            # Profiled kernel times add, but each node also costs the runtime a little the profile
-            # does not show (a decomposed layer is two nodes): the chosen assignment is timed
-            # whole (one-shot: retraining changes no shape, so no time), and while it is slower
-            # than the target the room is cut by the excess and the choice made again.
-            byte_room = None if limit is None else (limit - overhead) - 0.01 * limit
-            for _ in range(6):
-                first = solve(byte_room)
-                if first is None:
-                    raise ConfigError(f"budget target {self.target}: no assignment of the measured settings meets "
-                                      f"{latency_limit * 1e6:,.0f} us once timed whole (ONNX Runtime, one thread); "
-                                      "allow more time or lower ranks")
-                shot, _ = self._build(model, {n: units[n][i] for n, i in first.items()}, ctx, train=False)
-                timed = model_latency(shot, ctx.example_input)
-                if timed <= latency_limit:
-                    break
-                latency_room[0] -= timed - latency_limit + 0.02 * latency_limit
-            timings["fit_latency"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-        if limit is not None:
-            # The fixed part (graph, index, biases) depends on the form each layer takes (a
-            # decomposed layer adds a node and a record), so the probe's figure can be short for
-            # the assignment chosen: the chosen one is written one-shot, and while its file is over
-            # the target the fixed part is raised to what that file shows and the choice made
-            # again (the fixed part only grows, so this ends). 1% is kept back for retraining,
-            # whose codebooks can code to a little more; the check against the file below
-            # catches the rest.
-            room = (limit - overhead) - 0.01 * limit
+        room = None if limit is None else (limit - overhead) - 0.01 * limit
+        if limit is not None or latency_limit is not None:
+            # What the measurements price can be short of what the file and the runtime show:
+            # the fixed part of the file (graph, index, biases) depends on the form each layer
+            # takes (a decomposed layer adds a node and a record), and each node costs the
+            # runtime a little its profile does not show. So the chosen assignment is built
+            # one-shot, written and timed whole, and while it misses a target that target's
+            # room is cut by what the build shows and the choice made again (the fixed part
+            # only grows and the time room only shrinks, so this ends). 1% of the bytes is kept
+            # back for retraining, whose codebooks can code to a little more (the check against
+            # the file below catches the rest); retraining changes no shape, so no time.
             for _ in range(6):
                 first = solve(room)
                 if first is None:
                     break
                 shot, _ = self._build(model, {n: units[n][i] for n, i in first.items()}, ctx, train=False)
-                real = _file_bytes(shot, ctx.example_input)
-                if real <= limit - 0.01 * limit:
+                missed = False
+                if limit is not None:
+                    real = _file_bytes(shot, ctx.example_input)
+                    if real > limit - 0.01 * limit:
+                        overhead = max(overhead, real - total_bytes(options, first))
+                        room, missed = (limit - overhead) - 0.01 * limit, True
+                if latency_limit is not None:
+                    timed = model_latency(shot, ctx.example_input)
+                    if timed > latency_limit:
+                        latency_room[0] -= timed - latency_limit + 0.02 * latency_limit
+                        missed = True
+                if not missed:
                     break
-                overhead = max(overhead, real - total_bytes(options, first))
-                room = (limit - overhead) - 0.01 * limit
-            timings["fit_overhead"] = time.perf_counter() - t0
+            timings["fit_to_the_file"] = time.perf_counter() - t0
         if byte_settings:
             grid = budgets(options, self.candidates)
             if limit is not None:
@@ -668,6 +651,16 @@ class Budget(StepConfig):
             "seconds": {k: round(v, 2) for k, v in timings.items()},
         }
         return StepResult(self.kind, new.eval(), details, skipped)
+
+
+def _reachable(kind: str, fraction: float, now: float, changes: dict[str, list[float]], original: float,
+               show, what: str, more: str) -> None:
+    """Refuse a ``macs``/``latency`` target that no assignment reaches, naming the nearest one."""
+    limit = fraction * original
+    best = now + sum(min(c) for c in changes.values())
+    if best > limit:
+        raise ConfigError(f"budget target {kind}={fraction:g} ({show(limit)}) cannot be reached: {what} {show(best)} "
+                          f"({best / original:.3f} of the original); allow lower ranks (budget.ranks) or {more}")
 
 
 def _share_biases(model: nn.Module, names: list[str], bits: int) -> tuple[nn.Module, dict]:
