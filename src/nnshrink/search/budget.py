@@ -1,6 +1,7 @@
-"""The ``budget`` step: one target (bytes, a ratio, a MAC fraction, an accuracy drop, or several
-at once) met by choosing, per layer, among pruning, weight-sharing and low-rank settings, priced
-in the bytes the container will really hold and the MACs the graph counter counts.
+"""The ``budget`` step: one target (bytes, a ratio, a MAC or latency fraction, an accuracy drop, or
+several at once) met by choosing, per layer, among pruning, weight-sharing and low-rank settings,
+priced in the bytes the container will really hold, the MACs the graph counter counts and the
+time ONNX Runtime takes (:mod:`nnshrink.search.latency`).
 
 1. **Units and settings.** Every Conv/Linear layer is a unit; its settings are a sparsity (magnitude
    pruning, 0 = dense), a codebook size (k-means weight sharing, ``bits``; 0 = float values) and
@@ -208,8 +209,9 @@ class Budget(StepConfig):
 
     Attributes:
         target: ``size=25KB`` or ``ratio=100x`` (of the float32 bytes of the model the plan
-            started from), ``macs=0.5`` (of its MACs), or a size and a MAC fraction together
-            (``ratio=20x,macs=0.5``); empty: the smallest model within ``max_drop``.
+            started from), ``macs=0.5`` (of its MACs), ``latency=0.6`` (of its ONNX Runtime
+            latency, batch 1, one thread), or several together (``ratio=20x,macs=0.5``); empty:
+            the smallest model within ``max_drop``.
         max_drop: Largest validation-metric drop allowed, in the metric's own units (0.002 is
             0.2 point of accuracy): checked by evaluating retrained candidates.
         techniques: Which to combine: ``prune``, ``share``, ``rank`` (weight SVD of Linear and 1x1
