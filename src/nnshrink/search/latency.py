@@ -28,9 +28,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnshrink.errors import ConfigError
+
 
 def _session(proto_bytes: bytes, threads: int, profile: str | None = None, optimized: str | None = None):
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ConfigError("a latency target times the model in ONNX Runtime, which is not installed: "
+                          "pip install 'nnshrink[onnx]'") from exc
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
