@@ -6,8 +6,8 @@ setting) would be hundreds of exports; instead a few *variants* are timed: the m
 and variants in which every unit takes its k-th setting at once. ONNX Runtime's profiler gives
 each node's kernel time, and each node is charged to the unit whose weights it reads (through
 the graph ORT actually runs, after its fusions), so one profile prices every unit at once. Per-node
-times are medians over repeated runs, on one thread (an edge CPU's view; stable on a shared
-machine). End-to-end latency is timed separately, without the profiler, and a chosen model is
+times are trimmed means over repeated runs (the profiler counts whole microseconds), on one
+thread (an edge CPU's view; stable on a shared machine). End-to-end latency is timed separately, without the profiler, and a chosen model is
 verified by timing it whole.
 
 Why not ``torch.profiler`` or wall-clock of torch modules: the deployed artifact runs in ONNX
