@@ -163,7 +163,7 @@ def test_one_shot_pruning_with_sparsegpt_reconstruction_holds_where_magnitude_co
     assert int((w != 0).sum(-1).max()) <= 2 and acc > float_acc - 0.01
 
 
-def test_per_layer_fractions_from_sensitivity_hold_where_a_uniform_fraction_collapses(mnist, lenet5_trained):
+def test_per_layer_fractions_from_sensitivity_beat_a_uniform_fraction(mnist, lenet5_trained):
     x = torch.zeros(1, 1, 28, 28)
     calib = mnist.loader("train", batch_size=64, shuffle=True, seed=0)
     float_acc = zoo.accuracy(lenet5_trained, mnist, "val")
@@ -176,8 +176,9 @@ def test_per_layer_fractions_from_sensitivity_hold_where_a_uniform_fraction_coll
     _, uniform = run(scope="layer")
     result, chosen = run(scope="sensitivity", executor="serial")
     d = result.steps[0].details
-    # measured on LeNet-5: 90% of every layer one-shot takes it to about 52%, the chosen fractions to 95.6%
-    assert uniform < float_acc - 0.2 and chosen > float_acc - 0.04
+    # measured on LeNet-5 (98.0% on validation): 90% of every layer one-shot, reconstructed layer
+    # by layer, takes it to 96.0% (by magnitude alone, 25.8%); the chosen fractions to 97.2%
+    assert chosen > uniform + 0.005 and chosen > float_acc - 0.015
     assert 0.9 <= sparsity_of(result.model) <= 0.92  # the target, within the 5% grid on the largest layer
     assert d["layers"]["fc1"] > 0.9 and set(d["sensitivity"]["layers"]) == {"conv1", "conv2", "fc1", "fc2"}
     kept_dense = {s["layer"] for s in result.steps[0].skipped}

@@ -30,16 +30,26 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import analyze
 from nnshrink.graph.groups import ChannelGroup, build_dependency_graph
 from nnshrink.plan.config import SKIP, StepConfig, StepResult
-from nnshrink.search.engine import Unit, interpolate, level_table, measure_curves, output_loss
+from nnshrink.search.engine import (
+    Unit,
+    interpolate,
+    level_table,
+    measure_curves,
+    output_loss,
+)
 from nnshrink.search.solvers import allocate, repair
-from nnshrink.techniques.allocation import check_target_options, sample_inputs, target_macs
+from nnshrink.techniques.allocation import (
+    check_target_options,
+    sample_inputs,
+    target_macs,
+)
+from nnshrink.techniques.calibration import input_columns, watch
 
 _PATCHES_PER_IMAGE = 16
 
@@ -65,38 +75,24 @@ def _consumer_columns(layer: nn.Module, offset: int, width: int, channels: list[
     return (ch[:, None] * per + np.arange(per)[None, :]).reshape(-1)
 
 
-@torch.no_grad()
 def _sample(model: nn.Module, x: torch.Tensor, layers: list[str], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Each named layer's input matrix on ``x``: im2col patches (a random subset) for convs, rows
-    for linears."""
+    """Each named layer's input matrix on ``x``: im2col patches (a random subset per sample) for
+    convs, rows for linears."""
     gen = torch.Generator().manual_seed(seed)
-    got: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in layers:
-        layer = model.get_submodule(name)
+    got: dict[str, list[torch.Tensor]] = {}
 
-        def hook(module, inputs, output, name=name):
-            inp = inputs[0]
-            if isinstance(module, nn.Linear):
-                rows = inp.reshape(-1, inp.shape[-1])
-            else:
-                cols = F.unfold(inp, module.kernel_size, module.dilation, module.padding, module.stride)
-                n, d, positions = cols.shape
-                take = min(positions, _PATCHES_PER_IMAGE)
-                idx = torch.randint(0, positions, (n, take), generator=gen)
-                rows = torch.gather(cols, 2, idx[:, None, :].expand(n, d, take)).transpose(1, 2).reshape(-1, d)
-            got[name] = rows.double() if name not in got else torch.cat([got[name], rows.double()])
+    def keep(name: str, module: nn.Module, inp: torch.Tensor) -> None:
+        cols = input_columns(module, inp.double())  # (n, positions, d)
+        if not isinstance(module, nn.Linear):
+            n, positions, d = cols.shape
+            take = min(positions, _PATCHES_PER_IMAGE)
+            idx = torch.randint(0, positions, (n, take), generator=gen)
+            cols = torch.gather(cols, 1, idx[:, :, None].expand(n, take, d))
+        got.setdefault(name, []).append(cols.reshape(-1, cols.shape[-1]))
 
-        handles.append(layer.register_forward_hook(hook))
-    was = model.training
-    model.eval()
-    try:
+    with watch(model, {n: model.get_submodule(n) for n in layers}, keep):
         model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    return got
+    return {n: torch.cat(v) for n, v in got.items()}
 
 
 def _weight_matrix(layer: nn.Module) -> torch.Tensor:

@@ -20,9 +20,20 @@ from torch import nn
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import is_compressible
 from nnshrink.plan.config import SKIP, StepConfig, StepResult, glob_escape, pairs
-from nnshrink.search.engine import EXECUTORS, measure_curves, output_loss, output_rows, sensitivity_table
+from nnshrink.search.engine import (
+    EXECUTORS,
+    measure_curves,
+    output_loss,
+    output_rows,
+    sensitivity_table,
+)
 from nnshrink.search.solvers import least_noise
-from nnshrink.techniques.calibration import calibration_inputs, inverse_hessian_factor, layer_hessians
+from nnshrink.techniques.calibration import (
+    calibration_inputs,
+    inverse_hessian_factor,
+    layer_hessians,
+    reconstruct,
+)
 
 SCOPES = ("global", "layer")
 
@@ -272,8 +283,11 @@ class Sparsify(StepConfig):
             inputs, as GPU sparse tensor cores take them) or ``channels`` (along the input channels
             at each kernel position, as Ethos-U85 takes them).
         reconstruct: ``none``, or ``sparsegpt`` for one-shot pruning without retraining: each
-            layer's fraction as magnitude pruning (and ``scope``) sets it, the weights to prune and
-            the refit of the kept ones chosen layer by layer from calibration inputs (no labels).
+            layer's fraction as magnitude pruning (and ``scope``) sets it; layer by layer in the
+            order the model runs them, on the inputs the layers pruned before it give, SparseGPT
+            chooses the weights to prune and the kept weights and bias are refit by least squares
+            to the original layer's outputs (:func:`~nnshrink.techniques.calibration.reconstruct`),
+            from calibration inputs only (no labels).
         calib_samples: Calibration inputs for ``sparsegpt`` and ``scope: sensitivity``.
         sensitivities: The fractions ``scope: sensitivity`` chooses among per layer (0 added).
         executor: Where ``scope: sensitivity`` measures: ``serial``, ``process`` or ``ray``.
@@ -341,9 +355,10 @@ class Sparsify(StepConfig):
             if n_m is not None and row % n_m[1]:  # sparse kernels take rows in whole groups of m
                 reason = f"{what} {row} is not a multiple of {n_m[1]}: left dense"
             elif self.reconstruct == "sparsegpt" and getattr(layer, "groups", 1) != 1:
-                # a depthwise conv has a few weights per channel and no Hessian to refit them
-                # from: pruned without reconstruction one-shot, it took MobileNetV3 from 96% to 19%
-                reason = "grouped conv: no reconstruction for it; left dense"
+                # a depthwise conv has a few weights per channel and SparseGPT no column walk for
+                # them: pruned without reconstruction one-shot, it took MobileNetV3 from 96% to 19%
+                # (it is refit densely instead, with the other layers left dense)
+                reason = "grouped conv: SparseGPT does not prune it; left dense"
             if reason:
                 exclude += (glob_escape(name),)
                 skipped.append({"layer": name, "reason": reason})
@@ -366,28 +381,33 @@ class Sparsify(StepConfig):
             if ctx.train is None:
                 raise ConfigError("gradual sparsify needs a train(model, steps) function or bundled data")
             new = ctx.train(new, self.steps) or new
-        reconstructed = []
+        reconstructed, errors, held = [], {}, {}
         if self.reconstruct == "sparsegpt":
             batches = calibration_inputs(ctx.calib, self.calib_samples, "sparsify with reconstruct sparsegpt")
             pruner.finalize()  # the magnitude pass sets each layer's fraction; SparseGPT starts from the dense weights
             fractions = {n: float((m.weight == 0).float().mean()) for n, m in pruner.layers.items()}
-            dense = copy.deepcopy(model)
-            dense_layers = prunable_layers(dense, exclude)
-            targets = {n: m for n, m in dense_layers.items() if getattr(m, "groups", 1) == 1}
-            hessians = layer_hessians(dense, targets, batches)
-            for name, layer in pruner.layers.items():
-                if name not in targets:
-                    continue
+            targets = {n: m for n, m in pruner.layers.items() if getattr(m, "groups", 1) == 1}
+            for name, layer in targets.items():
                 with torch.no_grad():
-                    layer.weight.copy_(dense_layers[name].weight)
-                sparsegpt(layer, hessians[name], fractions[name], n_m)
-                reconstructed.append(name)
+                    layer.weight.copy_(model.get_submodule(name).weight)
+            # the layers left dense for their shape take up the error of those pruned before them;
+            # those the plan's rules skip stay as they are
+            held = {n: m for n, m in prunable_layers(new, tuple(glob_escape(n) for n in ruled)).items()
+                    if n not in targets}
+
+            def choose(name: str, layer: nn.Module, hessian: torch.Tensor) -> None:
+                sparsegpt(layer, hessian, fractions[name], n_m)
+
+            errors = reconstruct(model, new, {**targets, **held}, batches, choose, dense=tuple(held))
+            reconstructed = [n for n in errors if n not in held]
         else:
             pruner.finalize()
         details = {"sparsity": pruner.sparsity(), "layers": pruner.layer_sparsity(), "pattern": self.pattern,
                    "steps": self.steps, "val_after": ctx.evaluate(new) if ctx.evaluate else None}
         if self.reconstruct != "none":
             details["reconstructed"] = reconstructed
+            details["refit_dense"] = sorted(held)
+            details["reconstruction_error"] = {n: float(f"{e:.4g}") for n, e in errors.items()}
         if table is not None:
             details["sensitivity"] = table
         return StepResult(self.kind, new.eval(), details, skipped)
