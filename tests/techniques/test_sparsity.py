@@ -243,3 +243,37 @@ def test_n_m_groups_along_input_channels_as_ethos_u85_takes_them():
         Sparsify(pattern="2:4", nm_groups="channels", reconstruct="sparsegpt")
     with pytest.raises(ConfigError, match="nm_groups"):
         Sparsify(pattern="2:4", nm_groups="rows")
+
+
+def test_reconstruction_refits_each_layer_to_the_original_outputs():
+    from nnshrink.techniques.calibration import Refit, paired_grams
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                          nn.Conv2d(8, 16, 1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 36, 12)).eval()
+    x = torch.randn(64, 3, 6, 6)
+    x[:, 0, 0, :] = 0.0  # a row of inputs that never fires
+    for name in ("0", "2", "4"):  # an identical model is its own best refit, grouped or not
+        layer = model.get_submodule(name)
+        refit = Refit(paired_grams(model, layer, model, layer, [x[:32], x[32:]]), layer.weight, layer.bias)
+        weight, bias = refit.solve()
+        assert torch.allclose(weight.reshape(layer.weight.shape).float(), layer.weight, atol=1e-5)
+        assert refit.error(weight, bias) < 1e-9
+    with torch.no_grad():
+        ref = model(x)
+
+    def run(**kw):
+        result = compress(model, Plan([Sparsify(pattern="2:4", **kw)]), x[:1], calib=[x])
+        with torch.no_grad():
+            return result, float(((result.model(x) - ref) ** 2).mean() / (ref ** 2).mean())
+
+    (_, magnitude), (result, rebuilt) = run(), run(reconstruct="sparsegpt", calib_samples=64)
+    d = result.steps[0].details
+    assert rebuilt < 0.5 * magnitude
+    assert d["reconstructed"] == ["4", "7"] and d["refit_dense"] == ["0", "2"]  # 27 inputs, and grouped
+    assert set(d["reconstruction_error"]) == {"0", "2", "4", "7"}
+    for name in ("4", "7"):
+        w = result.model.get_submodule(name).weight.detach().reshape(-1, 4)
+        assert int((w != 0).sum(1).max()) <= 2
+    assert bool((result.model.get_submodule("2").weight != 0).all())  # refit, still dense
+    assert result.model.get_submodule("4").bias is not None  # the refit gives a layer without one its bias
