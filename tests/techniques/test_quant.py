@@ -11,6 +11,7 @@ from nnshrink.errors import ConfigError, UnsupportedModelError
 from nnshrink.plan import Plan, compress
 from nnshrink.techniques import Quantize
 from nnshrink.techniques.quant import build_sim, calibrate, equalize, fake_quantize, int_range, lower
+from nnshrink.techniques.quant.graph import freeze
 from nnshrink.techniques.quant.ptq import float_copy, init_weight_quantizers
 from nnshrink.techniques.quant.quantizers import estimate_range, scale_zero_point
 from nnshrink.techniques.quant.reference import IntegerModel, multiply_by_quantized_multiplier, quantize_multiplier
@@ -131,6 +132,15 @@ def test_mixed_precision_meets_its_budget_with_few_evaluations():
         Quantize(mixed_bits=(4, 8))
     with pytest.raises(ConfigError, match="mixed_bits"):
         Quantize(mixed_bits=(4,), min_sqnr_db=20)
+    # activation widths in the same search: a budget 8-bit outputs cannot meet raises some to 16
+    best, _ = mean_bits(Quantize(mixed_bits=(4, 8), min_sqnr_db=99, adaround=False))  # 8-bit weights and outputs
+    goal = best["sqnr_db"] + 3
+    both, sim = mean_bits(Quantize(mixed_bits=(4, 8), mixed_act_bits=(8, 16), min_sqnr_db=goal, adaround=False))
+    assert both["sqnr_db"] >= goal and set(best["bits"].values()) == {7}
+    assert 16 in both["act_bits"].values() and "8-bit output" in both["sensitivity"]["settings"]
+    assert sim.act_bits_of() == {n: 16 for n, b in both["act_bits"].items() if b == 16}
+    with pytest.raises(ConfigError, match="mixed_act_bits"):
+        Quantize(mixed_act_bits=(8, 16), min_sqnr_db=20)
 
 
 def test_lowering_refuses_a_second_input():
@@ -239,6 +249,43 @@ def test_integer_reference_equals_onnx_runtime_on_every_element(name):
         else:
             continue
         assert np.abs(y - ort_ints[op.name]).max() <= 1, op.name
+
+
+def test_a_layer_with_16_bit_activations_runs_in_onnx_runtime_as_the_reference_computes_it():
+    from nnshrink.errors import UnsupportedModelError
+    from nnshrink.io.qdq import int_tensor_names, to_qdq_onnx
+    from nnshrink.io.tflite import to_tflite
+
+    model, sim, x = _quantized("lenet5", layers={"conv2": {"act_bits": 16}, "fc2": {"act_bits": 16}})
+    widths = {n: t.bits for n, t in freeze(sim).tensors.items()}
+    assert widths["conv2"] == widths["fc2"] == 16 and widths["fc1"] == 8
+    assert sum(b == 16 for b in widths.values()) >= 3  # the pool after conv2 moves it at 16 bits
+    with torch.no_grad():  # the 16-bit output is 256 times finer than W8A8's
+        ref, wide, narrow = model(x), sim(x), _quantized("lenet5")[1](x)
+    assert (wide - ref).abs().max() < 0.25 * (narrow - ref).abs().max()
+    names = int_tensor_names(sim)
+    proto = to_qdq_onnx(sim, int_outputs=names)
+    assert {i.name: i.data_type for i in proto.graph.initializer}["conv2.act_zero_point"] == onnx_int16()
+    got = {n: o.astype(np.int64) - (128 if o.dtype == np.uint8 else 0)
+           for n, o in zip(names, _session(proto).run(None, {"input": x.numpy()}))}
+    reference = IntegerModel(sim, "float")
+    env = reference.run(x.numpy())
+    for n in ("conv1", "pool1"):  # the 8-bit island before: ONNX Runtime's integer kernels, exact
+        np.testing.assert_array_equal(got[n], env[n], err_msg=n)
+    # each layer reading or writing int16 runs in ONNX Runtime as DQ -> float -> Q, whose float
+    # sums may round an element the other way: on ONNX Runtime's own inputs, within 1 LSB
+    for op in (op for op in sim.ops if op.name in ("conv2", "fc1", "fc2")):
+        assert np.abs(reference._layer(op, got[op.inputs[0]]) - got[op.name]).max() <= 1, op.name
+    with pytest.raises(UnsupportedModelError, match="16-bit activations at conv2"):
+        to_tflite(sim, x[:1])
+    with pytest.raises(ConfigError, match="act_bits must be 8 or 16"):
+        Quantize(layers={"fc1": {"act_bits": 12}})
+
+
+def onnx_int16() -> int:
+    import onnx
+
+    return onnx.TensorProto.INT16
 
 
 def _ort_ints(proto, x, precision_mode=False):

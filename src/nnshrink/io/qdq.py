@@ -113,15 +113,14 @@ class _Writer(nn.Module):
         self.graph, self.int_outputs = graph, int_outputs
         self.mods = nn.ModuleDict(dict(graph.modules.items()))
         self.names: dict[str, str] = {}  # buffer -> initializer name in the file
-        bits = graph.act_bits
-        self.act_dtype = (torch.uint8 if act_type == "uint8" else torch.int8) if bits == 8 else torch.int16
-        offset = 128 if self.act_dtype == torch.uint8 else 0
+        self.act_dtype = torch.uint8 if act_type == "uint8" else torch.int8  # of the 8-bit activations
         for k, c in graph.consts.items():
             self._buffer(f"const_{k}", c.detach().clone(), k)
         for t in {t.owner: t for t in graph.tensors.values()}.values():
+            dtype = self.act_dtype if t.bits == 8 else torch.int16  # each tensor at its own width
+            offset = 128 if dtype == torch.uint8 else 0
             self._buffer(f"s_{key(t.owner)}", torch.tensor(np.float32(t.scale)), f"{t.owner}.act_scale")
-            self._buffer(f"z_{key(t.owner)}", torch.tensor(t.zp + offset, dtype=self.act_dtype),
-                         f"{t.owner}.act_zero_point")
+            self._buffer(f"z_{key(t.owner)}", torch.tensor(t.zp + offset, dtype=dtype), f"{t.owner}.act_zero_point")
         for name, lq in graph.layers.items():
             k = key(name)
             if lq.q is None:
@@ -328,7 +327,8 @@ def to_qdq_onnx(sim, int_outputs: list[str] | None = None, act_type: str = "uint
     for a in axes:  # a size-1 axis would be made a constant 1
         if example.shape[a] == 1:
             example = torch.cat([example, example], dim=a)
-    opset = 21 if graph.act_bits == 16 else max(18, sig.opset if sig is not None else 18)
+    wide = any(t.bits == 16 for t in graph.tensors.values())  # int16 Q/DQ are opset 21
+    opset = 21 if wide else max(18, sig.opset if sig is not None else 18)
     opset = min(opset, 21)
     names = [n for n, _ in sig.inputs] if sig is not None and len(sig.inputs) == 1 else ["input"]
     if int_outputs is not None:

@@ -849,8 +849,11 @@ def _graph(model) -> QuantGraph:
         graph = freeze(model)
     else:
         raise ConfigError("TFLite export takes a quantized model (the result of a quantize step with target npu)")
-    if graph.act_bits != 8:
-        raise UnsupportedModelError(f"the model has {graph.act_bits}-bit activations; the TFLite writer takes 8-bit ones")
+    wide = sorted(t.owner for t in {t.owner: t for t in graph.tensors.values()}.values() if t.bits != 8)
+    if graph.act_bits != 8 or wide:
+        what = f"{graph.act_bits}-bit activations" if graph.act_bits != 8 else \
+            f"16-bit activations at {', '.join(wide[:3])}{' ...' if len(wide) > 3 else ''}"
+        raise UnsupportedModelError(f"the model has {what}; the TFLite writer takes 8-bit ones")
     return graph
 
 

@@ -16,6 +16,14 @@ saved first, giving one ordered list of assignments from largest to smallest:
   AMP does) takes ``layers x candidates``.
 
 ``32`` among the candidates is float: a layer can stay float where even 8 bits cost too much.
+
+With activation candidates (``act_twins``: each layer's output quantizer at 8 and at 16 bits,
+calibrated from the same observations), every layer starts with a 16-bit output as well, and
+lowering an output to 8 bits is one more kind of move in the same list: it saves the output's
+bytes per inference (what an NPU writes and reads back), at the noise that layer's output alone
+adds at 8 bits. Weight bytes and activation bytes are one currency: both are memory traffic, which
+dominates an NPU's time (and int16 layers run at about half the int8 rate on Ethos-U). 4-bit
+activations are not offered: no deployed runtime here (ONNX Runtime, TFLite) has kernels for them.
 """
 
 from __future__ import annotations
@@ -53,10 +61,31 @@ def _noise(sim, held: torch.Tensor, ref: torch.Tensor) -> float:
     return float((flat_outputs(sim(held)) - ref).pow(2).mean())
 
 
+def _output_elements(sim, held: torch.Tensor, names: list[str]) -> dict[str, int]:
+    """Elements per sample of each named layer's output (what its quantizer sees)."""
+    seen: dict[str, int] = {}
+
+    def hook(name: str):
+        def fn(module, args, out) -> None:  # returns None: the output stays as it is
+            seen.setdefault(name, args[0][0].numel())
+        return fn
+
+    handles = [sim.aq[n.replace(".", "__")].register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            sim(held[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 def choose_bits(sim, held: torch.Tensor, candidates: list[int], bits_of: Callable[[int], int],
                 min_sqnr_db: float | None = None, floor: float | None = None,
-                evaluate: Callable | None = None, show_progress: bool = True) -> dict:
-    """Choose per-layer weight bits on a calibrated ``sim`` (left at the choice).
+                evaluate: Callable | None = None, show_progress: bool = True,
+                act_twins: dict[str, dict[int, object]] | None = None) -> dict:
+    """Choose per-layer weight bits (and output bits, with ``act_twins``) on a calibrated
+    ``sim`` (left at the choice).
 
     Args:
         sim: A calibrated sim (activation ranges set).
@@ -66,16 +95,20 @@ def choose_bits(sim, held: torch.Tensor, candidates: list[int], bits_of: Callabl
         min_sqnr_db: Fidelity budget: the output SQNR against the float model to keep.
         floor: Accuracy budget: the lowest ``evaluate`` metric to accept.
         evaluate: The metric (higher is better) of a model, for ``floor``.
+        act_twins: Layer -> ``{8: quantizer, 16: quantizer}`` of its output, for a choice of
+            activation widths too (the layers not named keep theirs).
 
     Returns:
         ``bits`` (layer -> bits, 32 for float), the measured ``sqnr_db``, ``metric`` (with an
         accuracy budget), ``evaluations`` (full evaluations run) and ``weight_bits`` (the
-        parameter-weighted mean).
+        parameter-weighted mean); with ``act_twins``, ``act_bits`` (layer -> its output's bits).
     """
     cands = sorted(set(candidates))
     top = cands[-1]
     layers = [op.name for op in sim.layer_ops()]
     params = {n: sim.layer(n).weight.numel() for n in layers}
+    twins = act_twins or {}
+    elements = _output_elements(sim, held, list(twins))
     cache: dict = {}
     sim.eval()
     sim.enable_only(set())
@@ -83,19 +116,33 @@ def choose_bits(sim, held: torch.Tensor, candidates: list[int], bits_of: Callabl
         ref = flat_outputs(sim(held))
     sim.enable_only(None)
     signal = float(ref.pow(2).mean())
+
+    def set_act(n: str, b: int) -> None:
+        sim.aq[n.replace(".", "__")] = twins[n][b]
+
     for n in layers:
         _set_bits(sim, n, top, cache)
+    for n in twins:
+        set_act(n, 16)
     base = _noise(sim, held, ref)
     added: dict[tuple[str, int], float] = {}
-    with progress_bar("mixed precision: per-layer sensitivity", len(layers) * (len(cands) - 1), show_progress) as adv:
+    act_added: dict[str, float] = {}
+    with progress_bar("mixed precision: per-layer sensitivity", len(layers) * (len(cands) - 1) + len(twins),
+                      show_progress) as adv:
         for n in layers:
             for b in cands[:-1]:
                 _set_bits(sim, n, b, cache)
                 added[(n, b)] = max(0.0, _noise(sim, held, ref) - base)
                 adv(1)
             _set_bits(sim, n, top, cache)
-    # the greedy list: each move lowers one layer one candidate step
+        for n in twins:
+            set_act(n, 8)
+            act_added[n] = max(0.0, _noise(sim, held, ref) - base)
+            set_act(n, 16)
+            adv(1)
+    # the greedy list: each move lowers one layer's weights one candidate step, or its output to 8 bits
     level = {n: len(cands) - 1 for n in layers}
+    wide = set(twins)
     moves, est = [], base
     while True:
         best = None
@@ -111,22 +158,36 @@ def choose_bits(sim, held: torch.Tensor, candidates: list[int], bits_of: Callabl
             ratio = max(cost, 0.0) / saved
             if best is None or ratio < best[0]:
                 best = (ratio, n, lo, cost)
+        for n in wide:
+            ratio = act_added[n] / max(1, elements.get(n, 1))
+            if best is None or ratio < best[0]:
+                best = (ratio, n, "act8", act_added[n])
         if best is None:
             break
         _, n, lo, cost = best
-        level[n] -= 1
+        if lo == "act8":
+            wide.discard(n)
+        else:
+            level[n] -= 1
         est += max(cost, 0.0)
         moves.append((n, lo, est))
 
     def assign(k: int) -> dict[str, int]:
         bits = dict.fromkeys(layers, top)
+        bits.update({("act", n): 16 for n in twins})
         for n, b, _ in moves[:k]:
-            bits[n] = b
+            if b == "act8":
+                bits[("act", n)] = 8
+            else:
+                bits[n] = b
         return bits
 
-    def apply(bits: dict[str, int]) -> None:
+    def apply(bits: dict) -> None:
         for n, b in bits.items():
-            _set_bits(sim, n, b, cache)
+            if isinstance(n, tuple):
+                set_act(n[1], b)
+            else:
+                _set_bits(sim, n, b, cache)
 
     def sqnr_of(noise: float) -> float:
         return float("inf") if noise <= 0 else 10 * math.log10(signal / noise)
@@ -154,6 +215,8 @@ def choose_bits(sim, held: torch.Tensor, candidates: list[int], bits_of: Callabl
     bits = assign(k)
     apply(bits)
     noise = _noise(sim, held, ref)
+    acts = {n[1]: b for n, b in bits.items() if isinstance(n, tuple)}
+    bits = {n: b for n, b in bits.items() if not isinstance(n, tuple)}
     out = {"bits": {n: bits_of(b) if b < FLOAT_BITS else FLOAT_BITS for n, b in bits.items()},
            "sqnr_db": round(sqnr_of(noise), 2), "estimated_sqnr_db": round(sqnr_of(moves[k - 1][2] if k else base), 2),
            "evaluations": evaluations,
@@ -162,8 +225,14 @@ def choose_bits(sim, held: torch.Tensor, candidates: list[int], bits_of: Callabl
     if floor is not None:
         out["metric"] = evaluate(sim)
         out["evaluations"] += 1
+    if twins:
+        out["act_bits"] = acts
     order = cands[::-1]  # mildest first
-    out["sensitivity"] = sensitivity_table(
-        "relative output error added (MSE / output power)", ["float" if b >= FLOAT_BITS else f"{bits_of(b)}-bit" for b in order],
-        {n: [0.0 if b == top else added[(n, b)] / signal for b in order] for n in layers})
+    columns = ["float" if b >= FLOAT_BITS else f"{bits_of(b)}-bit" for b in order]
+    rows = {n: [0.0 if b == top else added[(n, b)] / signal for b in order] for n in layers}
+    if twins:
+        columns.append("8-bit output")
+        for n in layers:
+            rows[n].append(act_added.get(n, 0.0) / signal)
+    out["sensitivity"] = sensitivity_table("relative output error added (MSE / output power)", columns, rows)
     return out

@@ -93,8 +93,9 @@ def calibration_batches(calib, samples: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def calibrate(sim: QuantSim, batches: list[torch.Tensor], show_progress: bool = True) -> None:
-    """Observe activations on ``batches`` (weights quantized) and set every activation range."""
+def calibrate(sim: QuantSim, batches: list[torch.Tensor], show_progress: bool = True, keep_samples: bool = False) -> None:
+    """Observe activations on ``batches`` (weights quantized) and set every activation range
+    (keeping what was observed with ``keep_samples``, for twins of other widths)."""
     sim.eval()
     sim.set_observing(True)
     try:
@@ -105,7 +106,7 @@ def calibrate(sim: QuantSim, batches: list[torch.Tensor], show_progress: bool = 
     finally:
         sim.set_observing(False)
     for q in sim.aq.values():
-        q.calibrate()
+        q.calibrate(forget=not keep_samples)
 
 
 # -- cross-layer equalization ------------------------------------------------------------------

@@ -210,13 +210,13 @@ class ActQuantizer(nn.Module):
             idx = torch.randint(0, flat.numel(), (take,), generator=self._gen)
             self._samples.append(flat[idx])
 
-    def calibrate(self) -> None:
+    def calibrate(self, forget: bool = True) -> None:
         """Set scale and zero point from what was observed (or the fixed ones an op's kernels
-        require: a softmax's 1/256); forget the samples."""
+        require: a softmax's 1/256); forget the samples unless ``forget`` is False (then
+        :meth:`at_bits` can make twins of other widths from them, and :meth:`forget` drops them)."""
         if self.fixed is not None:
             self.set(*self.fixed)
-            self._samples, self._lo, self._hi = [], None, None
-            self.observing = False
+            self.forget()
             return
         if self._lo is None:
             raise ConfigError("an activation quantizer saw no data during calibration")
@@ -230,8 +230,21 @@ class ActQuantizer(nn.Module):
         with torch.no_grad():
             self.scale.copy_(scale[0])
         self.zero_point = zp[0].clone()
+        if forget:
+            self.forget()
+        self.observing = False
+
+    def forget(self) -> None:
         self._samples, self._lo, self._hi = [], None, None
         self.observing = False
+
+    def at_bits(self, bits: int) -> ActQuantizer:
+        """A twin of this quantizer at another width, calibrated from the same observations (kept
+        by ``calibrate(forget=False)``)."""
+        twin = ActQuantizer(bits, self.symmetric, self.estimator, self.percentile, self.max_samples)
+        twin._samples, twin._lo, twin._hi = list(self._samples), self._lo, self._hi
+        twin.calibrate()
+        return twin
 
     def set(self, scale: float, zero_point: int) -> None:
         with torch.no_grad():

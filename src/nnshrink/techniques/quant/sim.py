@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnshrink.errors import UnsupportedModelError
+from nnshrink.errors import ConfigError, UnsupportedModelError
 from nnshrink.techniques.quant.graph import LAYER_KINDS, Lowered, Op, _fill, invoke, key
 from nnshrink.techniques.quant.quantizers import ActQuantizer, WeightQuantizer
 
@@ -66,6 +66,7 @@ class QuantSim(nn.Module):
         self.input_quantized = lowered.input_quantized
         self.aliases = dict(lowered.aliases)  # fx node name -> op name
         self.aq_bits = act_bits
+        self._act_config = (act_symmetric, estimator)
         self.layers = nn.ModuleDict({key(k): v for k, v in lowered.layers.items()})
         self.mods = nn.ModuleDict(lowered.modules)
         self.consts = nn.ParameterDict({k: nn.Parameter(v, requires_grad=False) if v.is_floating_point() else v
@@ -93,6 +94,25 @@ class QuantSim(nn.Module):
     @property
     def output(self) -> str:
         return self.outputs[0]
+
+    def set_act_bits(self, bits: dict[str, int]) -> None:
+        """Give the named layers' outputs their own activation width (8 or 16), before
+        calibration: every op that moves such a tensor (pooling, reshapes) keeps it, and its
+        readers take it at that width (ONNX Runtime runs a layer with a 16-bit input or output as
+        ``DQ -> float -> Q``; TFLite takes no mix of widths)."""
+        symmetric, estimator = self._act_config
+        outs = set(self.outputs)
+        for name, b in bits.items():
+            op = self._index.get(name)
+            if op is None or op.kind not in LAYER_KINDS or key(name) not in self.aq:
+                raise ConfigError(f"act_bits names {name!r}, which is not a quantized layer with its own output")
+            if b != self.aq[key(name)].bits:
+                self.aq[key(name)] = ActQuantizer(b, symmetric, "minmax" if name in outs else estimator)
+
+    def act_bits_of(self) -> dict[str, int]:
+        """Each layer whose output width differs from the model's (``aq_bits``)."""
+        return {op.name: self.aq[key(op.name)].bits for op in self.layer_ops()
+                if key(op.name) in self.aq and self.aq[key(op.name)].bits != self.aq_bits}
 
     # -- naming ---------------------------------------------------------------------------
     def layer(self, name: str) -> nn.Module:

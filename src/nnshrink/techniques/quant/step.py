@@ -15,7 +15,7 @@ from nnshrink.plan.config import SKIP, StepConfig, StepResult, glob_escape, pair
 from nnshrink.techniques.quant.ptq import (adaround, bias_correction, build_sim, calibrate, calibration_batches,
                                            set_weight_quantizers,
                                            cle_pairs, equalize, finish_qat, float_copy, init_weight_quantizers, prepare_qat)
-from nnshrink.techniques.quant.graph import float_ops, float_summary
+from nnshrink.techniques.quant.graph import float_ops, float_summary, key
 from nnshrink.techniques.quant.mixed import FLOAT_BITS, choose_bits
 from nnshrink.techniques.quant.quantizers import ESTIMATORS
 from nnshrink.techniques.quant.sensitivity import quant_sensitivity
@@ -58,12 +58,18 @@ class Quantize(StepConfig):
         lsq: Learn the quantizers' step sizes during QAT (else fixed, straight-through only).
         layers: Per-layer rules on the quantized layers (first matching pattern wins): ``skip``
             keeps a layer's weights float (its inputs and outputs stay 8-bit); ``{"bits": 4}``
-            gives its weights their own width. Version-1 plans' ``keep_float`` and ``layer_bits``
+            gives its weights their own width (``32``: float, as ``skip``, while its other
+            settings hold); ``{"act_bits": 16}`` its output (a layer whose
+            8-bit output loses too much, a regression head or the input of a softmax; its readers
+            take it at 16 bits, ONNX Runtime runs it as ``DQ -> float -> Q``). Version-1 plans' ``keep_float`` and ``layer_bits``
             are read into it.
         mixed_bits: Weight bits to choose from per layer (``[4, 8]``; ``32`` is float), chosen for
             the budget (``min_sqnr_db`` or ``max_drop``) from each layer's measured sensitivity
             (:mod:`.mixed`); empty (default): ``weight_bits`` and the ``layers`` rules as given. The
             choice, its measured SQNR and the full evaluations it took are in the details.
+        mixed_act_bits: ``[8, 16]``: with ``mixed_bits``, each layer's output width is chosen
+            in the same search (bytes of weights and of activations one currency), except where
+            a ``layers`` rule sets its ``act_bits``.
         min_sqnr_db: Fidelity budget for ``mixed_bits``: output SQNR (dB) against the float model
             on held-out calibration inputs.
         max_drop: Accuracy budget for ``mixed_bits``: the largest relative drop of the plan's
@@ -104,6 +110,7 @@ class Quantize(StepConfig):
     target: str = "ort-x86"
     strict: bool = False
     mixed_bits: tuple[int, ...] = ()
+    mixed_act_bits: tuple[int, ...] = ()
     min_sqnr_db: float | None = None
     max_drop: float | None = None
     sensitivity: bool = False
@@ -129,6 +136,9 @@ class Quantize(StepConfig):
         if bad or (self.mixed_bits and len(set(self.mixed_bits)) < 2):
             raise ConfigError(f"quantize.mixed_bits lists two or more weight bits from 2 to 8 (32: float), "
                               f"got {list(self.mixed_bits)}")
+        if self.mixed_act_bits and (sorted(self.mixed_act_bits) != [8, 16] or not self.mixed_bits):
+            raise ConfigError(f"quantize.mixed_act_bits is [8, 16] (each layer's output at 8 or 16 bits), beside "
+                              f"mixed_bits; got {list(self.mixed_act_bits)}" + ("" if self.mixed_bits else " without mixed_bits"))
         if self.mixed_bits and (self.min_sqnr_db is None) == (self.max_drop is None):
             raise ConfigError("quantize.mixed_bits needs one budget: min_sqnr_db or max_drop")
         if self.max_drop is not None and not 0 <= self.max_drop < 1:
@@ -149,13 +159,16 @@ class Quantize(StepConfig):
                         self.weight_symmetric, self.act_symmetric, self.act_estimator, est, target=self.target)
         if self.layers:  # the rules name the lowered layers, known only now
             names = [op.name for op in sim.layer_ops()]
+            bits = self.layer_setting(names, "bits", "quantized layer")
+            floats = self.skipped_layers(names, "quantized layer") + [n for n, b in bits.items() if b == FLOAT_BITS]
             set_weight_quantizers(sim, self.weight_bits, self.per_channel, self.weight_symmetric, est,
-                                  self.layer_setting(names, "bits", "quantized layer"),
-                                  self.skipped_layers(names, "quantized layer"))
+                                  {n: b for n, b in bits.items() if b != FLOAT_BITS}, floats)
+            sim.set_act_bits(self.layer_setting(names, "act_bits", "quantized layer"))
         return sim
 
-    layer_settings = {"bits": lambda v: None if isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= 8
-                      else "a whole number from 2 to 8"}
+    layer_settings = {"bits": lambda v: None if isinstance(v, int) and not isinstance(v, bool)
+                      and (2 <= v <= 8 or v == FLOAT_BITS) else "a whole number from 2 to 8, or 32 (float)",
+                      "act_bits": lambda v: None if v in (8, 16) and not isinstance(v, bool) else "8 or 16"}
     legacy = {"keep_float": lambda v: dict.fromkeys(v, SKIP),
               "layer_bits": lambda v: {n: {"bits": b} for n, b in pairs(v, int).items()}}
 
@@ -267,6 +280,8 @@ class Quantize(StepConfig):
                 raise ConfigError("quantize.sensitivity needs an evaluation function (--eval, or bundled data)")
             details["quant_sensitivity"] = quant_sensitivity(sim, ctx.evaluate, torch.cat(batches)[:256],
                                                              show_progress).to_dict()
+        if sim.act_bits_of():
+            details["act_bits_per_layer"] = sim.act_bits_of()
         details["seconds"] = round(time.perf_counter() - t0, 2)
         skipped = [{"layer": n, "reason": "kept in float by the plan"} for n in sorted(sim.float_layers)]
         skipped += [{"layer": f"{g['op_type']} x{g['count']}", "reason": g["reason"]} for g in left_float]
@@ -282,7 +297,17 @@ class Quantize(StepConfig):
         for q in sim.aq.values():
             q.percentile = self.percentile
         init_weight_quantizers(sim)
-        calibrate(sim, list(flat.split(64)), show_progress)
+        fixed = sim.act_bits_of()  # widths the plan's rules set are not searched
+        calibrate(sim, list(flat.split(64)), show_progress, keep_samples=bool(self.mixed_act_bits))
+        twins = None
+        if self.mixed_act_bits:
+            twins = {}
+            for op in sim.layer_ops():
+                q = sim.aq[key(op.name)] if key(op.name) in sim.aq else None
+                if q is not None and q.fixed is None and op.name not in fixed:
+                    twins[op.name] = {q.bits: q, 24 - q.bits: q.at_bits(24 - q.bits)}
+            for q in sim.aq.values():
+                q.forget()
         floor = None
         if self.max_drop is not None:
             if ctx.evaluate is None:
@@ -295,15 +320,15 @@ class Quantize(StepConfig):
             return b if b >= FLOAT_BITS else min(b, cap)
 
         choice = choose_bits(sim, held, list(self.mixed_bits), bits_of, self.min_sqnr_db, floor,
-                             ctx.evaluate, show_progress)
+                             ctx.evaluate, show_progress, twins)
         choice["seconds"] = round(time.perf_counter() - t0, 2)
         chosen = choice["bits"]
         kept = set(sim.float_layers) | {n for n, b in chosen.items() if b >= FLOAT_BITS}
-        final = dataclasses.replace(self, mixed_bits=(), min_sqnr_db=None, max_drop=None,
-                                    weight_bits=max(b for b in self.mixed_bits if b < FLOAT_BITS),
-                                    layers={**{glob_escape(n): SKIP for n in sorted(kept)},
-                                            **{glob_escape(n): {"bits": b} for n, b in chosen.items()
-                                               if b < FLOAT_BITS and n not in kept}})
+        acts = {**fixed, **{n: b for n, b in choice.get("act_bits", {}).items() if b != self.act_bits}}
+        rules = {glob_escape(n): {"bits": FLOAT_BITS if n in kept else chosen[n], **({"act_bits": acts[n]} if n in acts else {})}
+                 for n in sorted(kept | set(chosen))}
+        final = dataclasses.replace(self, mixed_bits=(), mixed_act_bits=(), min_sqnr_db=None, max_drop=None,
+                                    weight_bits=max(b for b in self.mixed_bits if b < FLOAT_BITS), layers=rules)
         result = final.apply(model, ctx, show_progress)
         result.details["mixed_precision"] = choice
         return result
