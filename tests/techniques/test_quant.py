@@ -106,6 +106,7 @@ def test_partial_quantization_leaves_what_has_no_integer_kernel_float():
 
 
 def test_mixed_precision_meets_its_budget_with_few_evaluations():
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(),
                           nn.Linear(16 * 24 * 24, 10)).eval()
     x = _data(256 + 128)
@@ -134,7 +135,7 @@ def test_mixed_precision_meets_its_budget_with_few_evaluations():
         Quantize(mixed_bits=(4,), min_sqnr_db=20)
     # activation widths in the same search: a budget 8-bit outputs cannot meet raises some to 16
     best, _ = mean_bits(Quantize(mixed_bits=(4, 8), min_sqnr_db=99, adaround=False))  # 8-bit weights and outputs
-    goal = best["sqnr_db"] + 3
+    goal = best["sqnr_db"] + 0.5  # above what 8-bit outputs reach with every weight at its widest
     both, sim = mean_bits(Quantize(mixed_bits=(4, 8), mixed_act_bits=(8, 16), min_sqnr_db=goal, adaround=False))
     assert both["sqnr_db"] >= goal and set(best["bits"].values()) == {7}
     assert 16 in both["act_bits"].values() and "8-bit output" in both["sensitivity"]["settings"]
