@@ -109,15 +109,16 @@ def execution_order(model: nn.Module, layers: dict[str, nn.Module], x: torch.Ten
 
 
 def paired_grams(original: nn.Module, reference: nn.Module, model: nn.Module, layer: nn.Module, batches,
-                 chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 rows: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(G, C, D)`` for one layer over ``batches`` (float64, one matrix per group of a grouped
     conv, so each is ``(groups, k + 1, k + 1)``): ``G = A^T A``, ``C = A^T B`` and ``D = B^T B``,
     where ``A`` is the group's input columns in ``model`` and ``B`` the columns of the same
     positions in ``original`` at its layer ``reference``, each with a column of ones appended (the
     bias).
 
-    Every call of the layer counts; the inputs are unfolded ``chunk`` samples at a time, so a
-    large feature map never becomes one matrix.
+    Every call of the layer counts; the inputs are unfolded a few samples at a time, about
+    ``rows`` rows of columns at once (one sample at least), so a large feature map never becomes
+    one matrix.
     """
     got: dict[int, list[torch.Tensor]] = {0: [], 1: []}
     groups = getattr(layer, "groups", 1)
@@ -130,6 +131,8 @@ def paired_grams(original: nn.Module, reference: nn.Module, model: nn.Module, la
         if len(got[0]) != len(got[1]):  # pragma: no cover - the two models are the same graph
             raise ConfigError("the compressed and the original model call a layer a different number of times")
         for xa, xb in zip(got[0], got[1]):
+            per_sample = max(1, input_columns(layer, xa[:1]).shape[1])
+            chunk = max(1, rows // per_sample)
             for i in range(0, len(xa), chunk):
                 a, d = (_with_ones(input_columns(m, x[i:i + chunk].double()), groups)
                         for m, x in ((layer, xa), (reference, xb)))
