@@ -48,7 +48,7 @@ from nnshrink.graph.surgery import replace_module
 from nnshrink.io import container
 from nnshrink.plan.config import SKIP, StepConfig, StepResult, glob_escape
 from nnshrink.progress import progress_bar
-from nnshrink.search.engine import EXECUTORS, measure_curves, output_loss, output_rows, sensitivity_table
+from nnshrink.search.engine import EXECUTORS, held_memo, measure_curves, output_loss, output_rows, sensitivity_table
 from nnshrink.search.latency import model_latency, same_weights, unit_latencies
 from nnshrink.search.solvers import budgets, estimated_noise, least_noise, least_noise_ilp, total_bytes
 from nnshrink.techniques.allocation import sample_inputs
@@ -159,8 +159,8 @@ def _stored_bytes(module: nn.Module) -> int:
     return total
 
 
-_HESSIANS: dict = {}  # (model id, unit) -> input Hessian of the unit, per process
-_MACS: dict = {}  # (model id, inputs) -> the model's MACs as it is, per process
+_HESSIANS: dict = {}  # unit -> its input Hessian for one model and inputs (held_memo), per process
+_MACS: dict = {}  # the model's MACs as it is, for one model and inputs (held_memo), per process
 
 
 def _measure(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str, level: int,
@@ -173,27 +173,21 @@ def _measure(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: s
     hessian, scored = None, slice(None)
     if reconstruct and len(x) >= 2 and _setting(level)[0] > 0:  # only a pruned setting is refitted
         half = len(x) // 2
-        key = (id(model), unit, x.data_ptr())
-        if key not in _HESSIANS:
-            _HESSIANS.clear()
-            _HESSIANS[key] = layer_hessians(model, {unit: layer}, [x[:half]])[unit]
-        hessian, scored = _HESSIANS[key], slice(half, None)
+        hessian = held_memo(_HESSIANS, unit, (model, x), lambda: layer_hessians(model, {unit: layer}, [x[:half]])[unit])
+        scored = slice(half, None)
     # priced as magnitude pruning makes it, which is what the retraining does (the masks grow by
     # magnitude); SparseGPT's refit, where asked, only scores it
     priced = _compressed(layer, level)
     small = priced if hessian is None else _compressed(layer, level, hessian)
     stored = float(_stored_bytes(priced))
-    base = (id(model), x.data_ptr())
-    if base not in _MACS:
-        _MACS.clear()
-        _MACS[base] = analyze(model, x[:1]).total_macs
+    base = held_memo(_MACS, "macs", (model, x), lambda: analyze(model, x[:1]).total_macs)
     if level == 0:
-        return [0.0, stored, float(_MACS[base])]
+        return [0.0, stored, float(base)]
     replace_module(model, unit, small)
     try:
         with torch.no_grad():
             error = output_loss(output_rows(reference, scored), model(x[scored]))
-        macs = analyze(model, x[:1]).total_macs if _rank(level)[0] else _MACS[base]
+        macs = analyze(model, x[:1]).total_macs if _rank(level)[0] else base
         return [error, stored, float(macs)]
     finally:
         replace_module(model, unit, layer)

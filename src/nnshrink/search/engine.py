@@ -108,6 +108,19 @@ def interpolate(measured: dict[int, float], count: int) -> list[float]:
     return list(np.interp(np.arange(count), xs, [measured[x] for x in xs]))
 
 
+def held_memo(store: dict, key: object, owners: tuple, compute):
+    """``compute()``, remembered under ``key`` for as long as it is asked for with the very same
+    ``owners`` (a model and its inputs). One entry a store: another key or other owners drop it.
+    The entry holds its owners, so no later object can take their ids or memory (a cache keyed by
+    ``id()`` or ``data_ptr()`` gave a new tensor an old tensor's Hessian when it reused its
+    memory)."""
+    entry = store.get(key)
+    if entry is None or len(entry[0]) != len(owners) or any(a is not b for a, b in zip(entry[0], owners)):
+        store.clear()
+        store[key] = entry = (owners, compute())
+    return entry[1]
+
+
 def _fingerprint(model: nn.Module, x: torch.Tensor, extra: object) -> str:
     h = hashlib.sha256()
     for k, v in model.state_dict().items():

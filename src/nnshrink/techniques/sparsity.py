@@ -22,6 +22,7 @@ from nnshrink.graph.analysis import is_compressible
 from nnshrink.plan.config import SKIP, StepConfig, StepResult, glob_escape, pairs
 from nnshrink.search.engine import (
     EXECUTORS,
+    held_memo,
     measure_curves,
     output_loss,
     output_rows,
@@ -438,7 +439,7 @@ def _oneshot_level(sparsity: float, refit: bool) -> int:
     return int(round(sparsity * 1000)) * 2 + int(refit)
 
 
-_HESSIAN: dict = {}  # (model id, unit, inputs) -> the unit's input Hessian on the fitting half, per process
+_HESSIAN: dict = {}  # unit -> its input Hessian on the fitting half, for one model and inputs (held_memo)
 
 
 def _oneshot_loss(model: nn.Module, x: torch.Tensor, reference, unit: str, level: int) -> float:
@@ -451,11 +452,8 @@ def _oneshot_loss(model: nn.Module, x: torch.Tensor, reference, unit: str, level
     original = layer.weight.detach().clone()
     try:
         if refit and getattr(layer, "groups", 1) == 1:
-            key = (id(model), unit, x.data_ptr(), len(x))
-            if key not in _HESSIAN:
-                _HESSIAN.clear()
-                _HESSIAN[key] = layer_hessians(model, {unit: layer}, [x[:half]])[unit]
-            sparsegpt(layer, _HESSIAN[key], sparsity)
+            sparsegpt(layer, held_memo(_HESSIAN, unit, (model, x),
+                                       lambda: layer_hessians(model, {unit: layer}, [x[:half]])[unit]), sparsity)
         else:
             mask = magnitude_masks({unit: layer}, {unit: sparsity}, "layer")[unit]
             with torch.no_grad():
