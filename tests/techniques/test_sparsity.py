@@ -277,3 +277,26 @@ def test_reconstruction_refits_each_layer_to_the_original_outputs():
         assert int((w != 0).sum(1).max()) <= 2
     assert bool((result.model.get_submodule("2").weight != 0).all())  # refit, still dense
     assert result.model.get_submodule("4").bias is not None  # the refit gives a layer without one its bias
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(3, 4, 3, dilation=2, padding="same"),
+    nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.Conv1d(3, 4, 5, padding=2, padding_mode="circular"),
+    nn.Conv1d(3, 4, 3, stride=2, padding="valid"), nn.Linear(6, 4)],
+    ids=["reflect", "same-dilated", "grouped", "circular-1d", "valid-strided-1d", "linear-3d"])
+def test_input_columns_times_the_weights_are_the_layer(layer):
+    from nnshrink.techniques.calibration import input_columns
+
+    torch.manual_seed(0)
+    shape = {nn.Linear: (2, 5, 6), nn.Conv1d: (2, 3, 16), nn.Conv2d: (2, getattr(layer, "in_channels", 0), 9, 9)}[type(layer)]
+    x = torch.randn(shape)
+    with torch.no_grad():
+        want = layer(x)
+        cols = input_columns(layer, x)  # (batch, positions, groups * k)
+        g = getattr(layer, "groups", 1)
+        w = layer.weight.reshape(g, layer.weight.shape[0] // g, -1)
+        got = torch.einsum("npgk,gok->npgo", cols.reshape(*cols.shape[:2], g, -1), w).reshape(*cols.shape[:2], -1)
+        got = got + layer.bias
+    if not isinstance(layer, nn.Linear):
+        want = want.flatten(2).transpose(1, 2)
+    assert torch.allclose(got.reshape(want.shape), want, atol=1e-5)

@@ -52,16 +52,19 @@ def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if isinstance(module, nn.Linear):
         return x.reshape(x.shape[0], -1, x.shape[-1])
+    padding = module.padding
+    if getattr(module, "padding_mode", "zeros") != "zeros":  # reflect/replicate/circular: padded as the conv pads
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = (0,) * len(module.kernel_size)
+    elif isinstance(padding, str):  # torch's "valid"/"same": unfold takes numbers, so spell them out
+        reach = [di * (ki - 1) for di, ki in zip(module.dilation, module.kernel_size)]
+        if padding == "same" and any(r % 2 for r in reach):
+            raise ConfigError("a conv with padding='same' and an even kernel cannot be unfolded for reconstruction")
+        padding = (0,) * len(reach) if padding == "valid" else tuple(r // 2 for r in reach)
+    k, d, p, st = module.kernel_size, module.dilation, padding, module.stride
     if isinstance(module, nn.Conv1d):
         x = x.unsqueeze(2)
-        k, d, p, st = (1, *module.kernel_size), (1, *module.dilation), (0, *module.padding), (1, *module.stride)
-    else:
-        k, d, p, st = module.kernel_size, module.dilation, module.padding, module.stride
-    if isinstance(p, str):  # torch's "valid"/"same": unfold takes numbers, so spell them out
-        reach = [di * (ki - 1) for di, ki in zip(d, k)]
-        if p == "same" and any(r % 2 for r in reach):
-            raise ConfigError("a conv with padding='same' and an even kernel cannot be unfolded for reconstruction")
-        p = (0,) * len(k) if p == "valid" else tuple(r // 2 for r in reach)
+        k, d, p, st = (1, *k), (1, *d), (0, *p), (1, *st)
     return F.unfold(x, k, dilation=d, padding=p, stride=st).transpose(1, 2)
 
 
