@@ -385,12 +385,10 @@ class Sparsify(StepConfig):
         reconstructed, errors, held = [], {}, {}
         if self.reconstruct == "sparsegpt":
             batches = calibration_inputs(ctx.calib, self.calib_samples, "sparsify with reconstruct sparsegpt")
-            pruner.finalize()  # the magnitude pass sets each layer's fraction; SparseGPT starts from the dense weights
+            pruner.finalize()  # the magnitude pass sets each layer's fraction
             fractions = {n: float((m.weight == 0).float().mean()) for n, m in pruner.layers.items()}
+            # reconstruct() starts each layer from the original model's weights, not the magnitude pass's
             targets = {n: m for n, m in pruner.layers.items() if getattr(m, "groups", 1) == 1}
-            for name, layer in targets.items():
-                with torch.no_grad():
-                    layer.weight.copy_(model.get_submodule(name).weight)
             # the layers left dense for their shape take up the error of those pruned before them;
             # those the plan's rules skip stay as they are
             held = {n: m for n, m in prunable_layers(new, tuple(glob_escape(n) for n in ruled)).items()
