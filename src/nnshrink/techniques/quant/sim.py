@@ -75,12 +75,9 @@ class QuantSim(nn.Module):
         self.aq = nn.ModuleDict()
         if self.input_quantized:
             self.aq["input"] = ActQuantizer(act_bits, act_symmetric, estimator)
-        outs = set(self.outputs)
         for op in self.ops:
             if op.quant == "own":
-                # a model output keeps its full range: clipping the largest logits makes ties
-                # that argmax breaks arbitrarily
-                aq = ActQuantizer(act_bits, act_symmetric, "minmax" if op.name in outs else estimator)
+                aq = self._output_quantizer(op.name, act_bits)
                 if op.op_type == "Softmax" and op.integer:
                     # ONNX Runtime's QLinearSoftmax scales by floor(1 / y_scale) and TFLite's
                     # int8 softmax requires 1/256: probabilities on [0, 1) from the lowest integer
@@ -100,14 +97,18 @@ class QuantSim(nn.Module):
         calibration: every op that moves such a tensor (pooling, reshapes) keeps it, and its
         readers take it at that width (ONNX Runtime runs a layer with a 16-bit input or output as
         ``DQ -> float -> Q``; TFLite takes no mix of widths)."""
-        symmetric, estimator = self._act_config
-        outs = set(self.outputs)
         for name, b in bits.items():
             op = self._index.get(name)
             if op is None or op.kind not in LAYER_KINDS or key(name) not in self.aq:
                 raise ConfigError(f"act_bits names {name!r}, which is not a quantized layer with its own output")
             if b != self.aq[key(name)].bits:
-                self.aq[key(name)] = ActQuantizer(b, symmetric, "minmax" if name in outs else estimator)
+                self.aq[key(name)] = self._output_quantizer(name, b)
+
+    def _output_quantizer(self, name: str, bits: int) -> ActQuantizer:
+        """A fresh quantizer for op ``name``'s output. A model output keeps its full range:
+        clipping the largest logits makes ties that argmax breaks arbitrarily."""
+        symmetric, estimator = self._act_config
+        return ActQuantizer(bits, symmetric, "minmax" if name in self.outputs else estimator)
 
     def act_bits_of(self) -> dict[str, int]:
         """Each layer whose output width differs from the model's (``aq_bits``)."""
