@@ -153,7 +153,9 @@ def _ktx_float16(path):
 
 def test_exported_textures_read_back_and_decode_to_the_weights(tmp_path):
     model, x = tiny(), x8()
-    result = compress(model, Plan([Astc(footprint="5x5", layers={"3": {"footprint": "8x8/2"}}, min_weights=16)]), x[:1])
+    result = compress(model, Plan([Astc(footprint="5x5", layers={"3": {"footprint": "8x8/2"}}, min_weights=16)]), x[:1],
+                      calib=[x])  # compensated blocks (written strip by strip), as a budget run makes them
+    assert all(e["compensated"] for e in result.steps[0].details["layers"].values())
     path = tmp_path / "m.nsz"
     save(result.model, path, x[:1])
     written = export_textures(path, tmp_path / "tex")
@@ -218,6 +220,47 @@ def test_damaged_blocks_and_headers_are_refused_naming_the_layer(tmp_path):
         load(path)
 
 
+def _correlated(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(6, 48, generator=torch.Generator().manual_seed(7))
+    return torch.randn(n, 6, generator=g) @ mix + 0.1 * torch.randn(n, 48, generator=g)
+
+
+@pytest.mark.parametrize("fp", ["4x4", "5x4/2"])
+def test_compensated_encoding_leaves_less_output_error_in_the_same_bytes(fp):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 20))
+    calib, held = _correlated(256, 1), _correlated(256, 2)
+    with torch.no_grad():
+        ref = model(held)
+    error, blocks = {}, {}
+    for how in ("none", "hessian"):
+        result = compress(model, Plan([Astc(layers={"0": {"footprint": fp}}, compensate=how, min_weights=16)]),
+                          held[:1], calib=[calib])
+        layer, entry = result.model[0], result.steps[0].details["layers"]["0"]
+        record = record_of(layer)
+        assert entry["compensated"] == (how == "hessian")
+        assert np.array_equal(layer.weight.detach().numpy(), record.dequantize())  # astcenc's decode of the blocks
+        with torch.no_grad():
+            error[how] = float((result.model(held) - ref).pow(2).mean())
+        blocks[how] = record.blocks.shape
+    assert blocks["none"] == blocks["hessian"]
+    assert error["hessian"] < 0.5 * error["none"]
+
+
+def test_compensation_needs_calibration_and_leaves_grouped_convs_plain():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    x = torch.rand(32, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match="calibration"):
+        compress(model, Plan([Astc(footprint="6x6", compensate="hessian", min_weights=16)]), x[:1])
+    result = compress(model, Plan([Astc(footprint="6x6", min_weights=16)]), x[:1], calib=[x])
+    layers = result.steps[0].details["layers"]
+    assert not layers["0"]["compensated"] and layers["3"]["compensated"]
+    plain = compress(model, Plan([Astc(footprint="6x6", min_weights=16)]), x[:1])  # auto, no calibration
+    assert not any(e["compensated"] for e in plain.steps[0].details["layers"].values())
+    assert np.array_equal(record_of(plain.model[0]).blocks, record_of(result.model[0]).blocks)
+
+
 def test_small_layers_stay_float_with_the_reason():
     result = compress(tiny(), Plan([Astc(footprint="4x4", min_weights=64)]), x8(1))
     reasons = {s["layer"]: s["reason"] for s in result.steps[0].skipped}
@@ -227,7 +270,8 @@ def test_small_layers_stay_float_with_the_reason():
 @pytest.mark.parametrize("bad", [dict(footprint="7x7"), dict(channels=3), dict(footprints=("8x8/3",)),
                                  dict(layers={"fc1": {"footprint": "7x7"}}), dict(layers={"fc1": "float"}),
                                  dict(layers={"fc1": {"size": 3}}), dict(bits_per_weight=1.0, max_drop=0.01),
-                                 dict(quality="best"), dict(layout="diagonal")])
+                                 dict(quality="best"), dict(layout="diagonal"),
+                                 dict(compensate="gptq")])
 def test_bad_settings_are_config_errors(bad):
     with pytest.raises(ConfigError):
         Astc(**bad)

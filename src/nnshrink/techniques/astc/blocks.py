@@ -304,27 +304,33 @@ class _Weight(nn.Module):
         self.register_buffer("offset", torch.from_numpy(record.offset.astype(np.float32)))
         self.shape, self.outputs = record.shape, record.layout.outputs
 
-    def forward(self, original: torch.Tensor) -> torch.Tensor:
-        t = self.blocks()[self.rows, self.cols, self.chan].reshape(self.outputs, -1)
+    def weight_of(self, texture: torch.Tensor) -> torch.Tensor:
+        t = texture[self.rows, self.cols, self.chan].reshape(self.outputs, -1)
         return (t * self.scale.reshape(-1, 1) + self.offset.reshape(-1, 1)).reshape(self.shape)
 
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return self.weight_of(self.blocks())
 
-def fit(model: BlockModel, target: torch.Tensor, steps: int = 200, lr: float = 0.05) -> float:
-    """Fit the blocks to a texture (mean squared error; Adam, cosine-decayed step size, keeping
-    the best integers seen); returns the final error."""
+
+def fit(model: BlockModel, target: torch.Tensor | None, steps: int = 200, lr: float = 0.05,
+        error=None) -> float:
+    """Fit the blocks to a texture (mean squared error), or to least ``error(texture)``; Adam,
+    cosine-decayed step size, keeping the best integers seen. Returns the final error."""
+    if error is None:
+        error = lambda texture: (texture - target).pow(2).mean()  # noqa: E731
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr / 100)
     best, best_state = math.inf, None
     for _ in range(steps):
         opt.zero_grad()
-        loss = (model() - target).pow(2).mean()
+        loss = error(model())
         if float(loss.detach()) < best:
             best, best_state = float(loss.detach()), {k: v.detach().clone() for k, v in model.state_dict().items()}
         loss.backward()
         opt.step()
         sched.step()
     with torch.no_grad():
-        final = float((model() - target).pow(2).mean())
+        final = float(error(model()))
     if best_state is not None and best < final:
         model.load_state_dict(best_state)
         final = best
@@ -353,13 +359,29 @@ def best_configuration(texture: np.ndarray, fp: tuple[int, int], sample: int = 2
     return best
 
 
+def output_error(weight: nn.Module, original: torch.Tensor, gram: torch.Tensor):
+    """``error(texture)`` for :func:`fit`: the layer's output error ``tr(dW H dW^T)`` on its
+    calibration inputs (``H = X^T X``), relative to ``tr(W H W^T)``, with the weight the texture
+    makes through ``weight`` (a :class:`_Weight`)."""
+    w0 = original.detach().reshape(original.shape[0], -1).float()
+    H = gram.float()
+    power = float(((w0 @ H) * w0).sum()) or 1.0
+
+    def error(texture: torch.Tensor) -> torch.Tensor:
+        d = weight.weight_of(texture).reshape(w0.shape) - w0
+        return ((d @ H) * d).sum() / power
+    return error
+
+
 def retrain_blocks(model: nn.Module, layers: dict[str, nn.Module], plan: dict, encode, ctx, steps: int,
-                   show: bool = True) -> dict[str, AstcRecord]:
+                   show: bool = True, grams: dict | None = None) -> dict[str, AstcRecord]:
     """Re-training B on ``layers`` (name -> module) at ``plan[name] = (footprint, channels)``.
 
     ``encode(name, option)`` gives the astcenc record (for its layout and range). Each layer's
-    blocks start from a fit to its texture, train with the task loss through ``ctx.train``, and
-    are written as real blocks; the returned records are attached (weights = astcenc's decode).
+    blocks start from a fit to its texture, refined, where the layer's ``grams`` (``X^T X`` on
+    calibration inputs) are given, to the least output error; they then train with the task loss
+    through ``ctx.train`` and are written as real blocks; the returned records are attached
+    (weights = astcenc's decode).
     """
     records: dict[str, AstcRecord] = {}
     models: dict[str, tuple[BlockModel, AstcRecord]] = {}
@@ -373,8 +395,12 @@ def retrain_blocks(model: nn.Module, layers: dict[str, nn.Module], plan: dict, e
             gw, gh, lv = best_configuration(texture, fp)
             bm = BlockModel(texture, fp, gw, gh, lv)
             fit(bm, torch.from_numpy(texture), 300)
+            weight = _Weight(bm, ref)
+            gram = (grams or {}).get(name)
+            if gram is not None and tuple(gram.shape) == (w.shape[1],) * 2:
+                fit(bm, None, 300, 0.02, output_error(weight, layer.weight, gram))
             models[name] = (bm, ref)
-            parametrize.register_parametrization(layer, "weight", _Weight(bm, ref))
+            parametrize.register_parametrization(layer, "weight", weight)
             layer.parametrizations.weight.original.requires_grad_(False)
             adv(1)
     model.train()

@@ -19,6 +19,7 @@ not a luminance block nnshrink wrote (an illegal block decodes to the error colo
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import numpy as np
@@ -83,7 +84,10 @@ def _astc():
     return astc_encoder, enum
 
 
+@functools.lru_cache(maxsize=64)
 def _context(fp: tuple[int, int], quality: float, threads: int):
+    """astcenc's context for a footprint and preset, kept: making one costs about 10 ms, as much as
+    encoding a small strip (re-training and error compensation encode many)."""
     A, E = _astc()
     config = A.ASTCConfig(E.ASTCProfile.LDR, fp[0], fp[1], 1, quality, 0)
     return A.ASTCContext(config, max(1, threads)), A.ASTCSwizzle.from_str("rgba")

@@ -41,15 +41,17 @@ from nnshrink.graph.analysis import is_compressible
 from nnshrink.plan.config import SKIP, StepConfig, StepResult, pairs
 from nnshrink.progress import progress_bar
 from nnshrink.techniques.astc import codec
+from nnshrink.techniques.astc.compensate import Gram, encode_compensated
 from nnshrink.techniques.astc.layout import LAYOUTS, chain_order, make_layout
 from nnshrink.techniques.astc.record import AstcRecord
 from nnshrink.search.engine import sensitivity_table
 from nnshrink.search.solvers import estimated_noise, least_noise, smallest_within, total_bytes
-from nnshrink.techniques.calibration import calibration_inputs
+from nnshrink.techniques.calibration import calibration_inputs, layer_hessians
 from nnshrink.techniques.records import attach, record_of
 
 RANGES = ("layer", "row")
 ORDERS = ("auto", "none")
+COMPENSATE = ("auto", "hessian", "none")
 _PROBE = ((8, 8), 1)  # the option a layer's layout and order are chosen at
 RETRAIN = ("none", "interleaved", "blocks")
 _FLOAT = "float"
@@ -93,25 +95,28 @@ def encode_weight(weight: np.ndarray, fp: tuple[int, int], layout_kind: str = "a
                   input_hw: tuple[int, int] | None = None, value_range: str = "layer",
                   quality: str | float = "medium", threads: int = 1,
                   name: str = "weight", channels: int = 1,
-                  order: np.ndarray | None = None) -> tuple[AstcRecord, str | None]:
+                  order: np.ndarray | None = None, gram: Gram | None = None) -> tuple[AstcRecord, str | None]:
     """The record of ``weight`` at footprint ``fp`` with ``channels`` weights per texel (outputs
-    placed in ``order``, else their own), and why its layout is not the one asked for. The same weights and settings give the same blocks
-    (the last few hundred encodings are kept, so a second budget on a model costs no encoding)."""
+    placed in ``order``, else their own), and why its layout is not the one asked for. With the
+    layer's ``gram`` the texture is encoded strip by strip with error compensation
+    (:mod:`.compensate`). The same weights and settings give the same blocks (the last few hundred
+    encodings are kept, so a second budget on a model costs no encoding)."""
     w = np.asarray(weight, np.float32)
     key = (hashlib.sha1(w.tobytes()).hexdigest(), w.shape, fp, layout_kind, input_hw, value_range,
-           codec.quality_value(quality), channels, None if order is None else tuple(order))
+           codec.quality_value(quality), channels, None if order is None else tuple(order),
+           None if gram is None else gram.digest)
     if key in _ENCODED:
         _ENCODED.move_to_end(key)
         record, why = _ENCODED[key]
         return dataclasses.replace(record, name=name, _cache=dict(record._cache)), why
-    result = _encode(w, fp, layout_kind, input_hw, value_range, quality, threads, name, channels, order)
+    result = _encode(w, fp, layout_kind, input_hw, value_range, quality, threads, name, channels, order, gram)
     _ENCODED[key] = result
     while len(_ENCODED) > _ENCODED_MAX:
         _ENCODED.popitem(last=False)
     return result
 
 
-def _encode(w, fp, layout_kind, input_hw, value_range, quality, threads, name, channels, order):
+def _encode(w, fp, layout_kind, input_hw, value_range, quality, threads, name, channels, order, gram):
     layout, why = make_layout(layout_kind, w.shape, fp, input_hw, channels, order)
     rows = w.reshape(w.shape[0], -1)
     if value_range == "row":
@@ -120,10 +125,15 @@ def _encode(w, fp, layout_kind, input_hw, value_range, quality, threads, name, c
         lo, hi = rows.min(keepdims=True).reshape(1), rows.max(keepdims=True).reshape(1)
     scale = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
     offset = lo.astype(np.float32)
-    t = np.clip((rows - offset.reshape(-1, 1)) / scale.reshape(-1, 1), 0.0, 1.0)
-    blocks = codec.encode(layout.to_texture(t), fp, quality, threads)
+    blocks = None if gram is None else encode_compensated(rows, gram.matrix, layout, fp, offset, scale, quality,
+                                                          threads)
+    compensated = blocks is not None
+    if blocks is None:
+        t = np.clip((rows - offset.reshape(-1, 1)) / scale.reshape(-1, 1), 0.0, 1.0)
+        blocks = codec.encode(layout.to_texture(t), fp, quality, threads)
     record = AstcRecord(tuple(w.shape), fp, layout, np.frombuffer(blocks, np.uint8).reshape(-1, codec.BLOCK_BYTES),
                         offset, scale, "astcenc", name)
+    record._cache["compensated"] = compensated
     return record, why
 
 
@@ -189,8 +199,13 @@ class Astc(StepConfig):
         order: ``auto``: each layer's outputs may be placed in a nearest-neighbour chain (and a
             Linear's rows as rows), whichever encodes its weights with less error at 8x8;
             ``none``: outputs in their own order.
+        compensate: ``hessian``: each texture is encoded a column of blocks at a time, and the
+            weights not yet encoded make up for the error so far, weighted by how the layer's
+            inputs co-vary on calibration data (:mod:`.compensate`; about a tenth of the output
+            error at the same bytes); ``none``: one astcenc pass over the texture; ``auto``:
+            ``hessian`` where calibration inputs are given. Grouped convs are encoded plainly.
         min_weights: Layers with fewer weights stay float (named in the report).
-        calib_samples: Calibration inputs the sensitivity is measured on.
+        calib_samples: Calibration inputs the sensitivity and the compensation are measured on.
     """
 
     kind = "astc"
@@ -206,6 +221,7 @@ class Astc(StepConfig):
     steps: int = 300
     rounds: int = 1
     order: str = "auto"
+    compensate: str = "auto"
     min_weights: int = 64
     calib_samples: int = 256
 
@@ -225,6 +241,8 @@ class Astc(StepConfig):
             _option(f)
         if self.order not in ORDERS:
             raise ConfigError(f"astc.order must be one of {ORDERS}, got {self.order!r}")
+        if self.compensate not in COMPENSATE:
+            raise ConfigError(f"astc.compensate must be one of {COMPENSATE}, got {self.compensate!r}")
         if self.range not in RANGES:
             raise ConfigError(f"astc.range must be one of {RANGES}, got {self.range!r}")
         if self.retrain not in RETRAIN:
@@ -248,7 +266,16 @@ class Astc(StepConfig):
             cands = [None] + [(f, c) for f in codec.FOOTPRINTS for c in (1, 2)]
         return sorted(set(cands), key=lambda o: 0 if o is None else o[0][0] * o[0][1] * o[1])
 
-    def _encoder(self, layers: dict[str, nn.Module], shapes: dict, threads: int, layouts: dict[str, str]):
+    def _grams(self, model: nn.Module, layers: dict[str, nn.Module], batches) -> dict[str, Gram]:
+        """Each layer's ``X^T X`` on the calibration inputs, where compensation is on (not for
+        grouped convs, whose groups each read other inputs)."""
+        plain = {n: m for n, m in layers.items() if getattr(m, "groups", 1) == 1}
+        if not batches or not plain:
+            return {}
+        return {n: Gram(h) for n, h in layer_hessians(model, plain, batches).items()}
+
+    def _encoder(self, layers: dict[str, nn.Module], shapes: dict, threads: int, layouts: dict[str, str],
+                 grams: dict[str, Gram]):
         cache: dict = {}
         placement: dict[str, tuple[str, np.ndarray | None]] = {}
 
@@ -281,14 +308,14 @@ class Astc(StepConfig):
             if key not in cache:
                 kind, order = place(name)
                 cache[key] = encode_weight(weight(name), option[0], kind, shapes.get(name), self.range,
-                                           self.quality, threads, name, option[1], order)
+                                           self.quality, threads, name, option[1], order, grams.get(name))
             return cache[key]
         return encode, place
 
-    def _choose(self, model, layers, encode, ctx, show) -> tuple[dict, dict]:
+    def _choose(self, model, layers, encode, ctx, batches, show) -> tuple[dict, dict]:
         """Per-layer footprints for the budget, and what the choice measured."""
         cands = self._candidates()
-        held = torch.cat(calibration_inputs(ctx.calib, self.calib_samples, "astc footprint choice"))
+        held = torch.cat(batches)
         with torch.no_grad():
             ref = model(held)
         signal = float(ref.pow(2).mean())
@@ -366,13 +393,18 @@ class Astc(StepConfig):
         if self.retrain != "none" and ctx.train is None:
             raise ConfigError(f"astc.retrain {self.retrain} needs a train(model, steps) function or bundled data")
         shapes = input_shapes(new, ctx.example_input)
-        encode, place = self._encoder(layers, shapes, torch.get_num_threads(),
-                                      self.layer_setting(candidates, "layout"))
         fixed = {n: fp for n, fp in overrides.items() if n in layers}
         free = {n: m for n, m in layers.items() if n not in fixed}
+        budgeted = (self.bits_per_weight is not None or self.max_drop is not None) and free
+        compensating = self.compensate == "hessian" or (self.compensate == "auto" and ctx.calib is not None)
+        batches = (calibration_inputs(ctx.calib, self.calib_samples, "astc footprint choice and compensation")
+                   if budgeted or compensating else [])
+        grams = self._grams(new, layers, batches) if compensating else {}
+        encode, place = self._encoder(layers, shapes, torch.get_num_threads(),
+                                      self.layer_setting(candidates, "layout"), grams)
         details: dict = {}
-        if (self.bits_per_weight is not None or self.max_drop is not None) and free:
-            chosen, details["choice"] = self._choose(new, free, encode, ctx, show)
+        if budgeted:
+            chosen, details["choice"] = self._choose(new, free, encode, ctx, batches, show)
         else:
             chosen = dict.fromkeys(free, (codec.parse_footprint(self.footprint), self.channels))
         chosen.update(fixed)
@@ -381,12 +413,12 @@ class Astc(StepConfig):
                 skipped.append({"layer": n, "reason": "left float by the plan or the budget"})
         plan = {n: fp for n, fp in chosen.items() if fp is not None}
         if self.retrain == "interleaved":
-            records = self._interleaved(new, layers, plan, shapes, place, ctx, show)
+            records = self._interleaved(new, layers, plan, shapes, place, ctx, batches if compensating else [], show)
         elif self.retrain == "blocks":
             from nnshrink.techniques.astc.blocks import retrain_blocks
 
             records = retrain_blocks(new, {n: layers[n] for n in plan}, plan, lambda n, fp: encode(n, fp)[0],
-                                     ctx, self.steps, show)
+                                     ctx, self.steps, show, {n: g.matrix for n, g in grams.items()})
         else:
             records = {}
             with progress_bar("astc: encoding", len(plan), show) as adv:
@@ -404,7 +436,7 @@ class Astc(StepConfig):
                      "layout": r.layout.kind, "output_order": "chain" if r.layout.order else "own",
                      "texture": [r.layout.width, r.layout.height], "blocks": int(r.blocks.shape[0]),
                      "bytes": record_bytes(r), "bits_per_weight": round(record_bytes(r) * 8 / count, 4),
-                     "origin": r.origin}
+                     "origin": r.origin, "compensated": bool(r._cache.get("compensated", False))}
             if layouts.get(n):
                 entry["layout_note"] = layouts[n]
             if r.origin == "trained":
@@ -421,8 +453,9 @@ class Astc(StepConfig):
                         "val_after": ctx.evaluate(new) if ctx.evaluate else None})
         return StepResult(self.kind, new.eval(), details, skipped)
 
-    def _interleaved(self, model, layers, plan, shapes, place, ctx, show) -> dict[str, AstcRecord]:
-        """Re-training A: encode the largest layer, fine-tune the rest, encode the next, ..."""
+    def _interleaved(self, model, layers, plan, shapes, place, ctx, batches, show) -> dict[str, AstcRecord]:
+        """Re-training A: encode the largest layer, fine-tune the rest, encode the next, ... (with
+        compensation on, each layer's Gram is measured on the model as re-training left it)."""
         order = sorted(plan, key=lambda n: -layers[n].weight.numel())
         threads = torch.get_num_threads()
         records: dict[str, AstcRecord] = {}
@@ -430,8 +463,9 @@ class Astc(StepConfig):
         def encode_now(n):
             w = layers[n].weight.detach().cpu().numpy()
             kind, outputs = place(n)  # the placement chosen on the weights before re-training
+            gram = self._grams(model, {n: layers[n]}, batches).get(n)
             records[n] = attach(layers[n], encode_weight(w, plan[n][0], kind, shapes.get(n), self.range,
-                                                         self.quality, threads, n, plan[n][1], outputs)[0])
+                                                         self.quality, threads, n, plan[n][1], outputs, gram)[0])
             layers[n].weight.requires_grad_(False)
 
         with progress_bar("astc: interleaved re-training", len(order) * self.rounds, show) as adv:
