@@ -3,7 +3,8 @@
 Each layer's weights are mapped to [0, 1] by a scale and offset (per layer, or per output with
 ``range: row``), laid out as a 2-D texture (:mod:`.layout`), and encoded by astcenc at the
 layer's footprint; the layer's weights become exactly the decode of its blocks (:mod:`.codec`'s
-decode profile), which the container stores byte for byte with the scales.
+decode profile), which the container stores byte for byte with the scales. With calibration
+inputs each texture is encoded strip by strip with error compensation (:mod:`.compensate`).
 
 Footprints: one for every layer, per-layer overrides, or chosen per layer for a budget
 (``bits_per_weight`` or ``max_drop``) from measured sensitivity: every layer is encoded at every
