@@ -271,7 +271,7 @@ def test_small_layers_stay_float_with_the_reason():
                                  dict(layers={"fc1": {"footprint": "7x7"}}), dict(layers={"fc1": "float"}),
                                  dict(layers={"fc1": {"size": 3}}), dict(bits_per_weight=1.0, max_drop=0.01),
                                  dict(quality="best"), dict(layout="diagonal"),
-                                 dict(compensate="gptq")])
+                                 dict(compensate="gptq"), dict(executor="cluster")])
 def test_bad_settings_are_config_errors(bad):
     with pytest.raises(ConfigError):
         Astc(**bad)
@@ -290,6 +290,27 @@ def test_size_budget_is_met_with_the_least_estimated_noise():
     details = result.steps[0].details
     assert details["bits_per_weight"] <= 2.5
     assert details["choice"]["estimated_bits_per_weight"] == pytest.approx(details["bits_per_weight"], abs=1e-3)
+
+
+def test_budget_sensitivity_comes_from_the_engine_cached_and_the_same_in_a_pool(tmp_path, monkeypatch):
+    monkeypatch.setenv("NNSHRINK_CACHE_DIR", str(tmp_path))
+    model, x = tiny(), x8()
+
+    def run(executor):
+        plan = Plan([Astc(bits_per_weight=2.5, min_weights=16, footprints=("4x4", "6x6", "8x8/2", "12x12"),
+                          executor=executor)])
+        d = compress(model, plan, x[:1], calib=[x]).steps[0].details
+        return d["choice"]["sensitivity"]["layers"], {n: v["footprint"] for n, v in d["layers"].items()}
+
+    pooled, chosen = run("process")
+    (cached,) = (tmp_path / "sensitivity").glob("*.json")
+    cached.unlink()
+    serial, again = run("serial")
+    assert again == chosen
+    for n in serial:  # workers run torch on one thread: the same figures to rounding
+        assert serial[n] == pytest.approx(pooled[n], rel=1e-5)
+    stamp = cached.stat().st_mtime_ns
+    assert run("serial") == (serial, chosen) and cached.stat().st_mtime_ns == stamp  # measured nothing
 
 
 def test_accuracy_budget_keeps_the_metric_within_the_drop():

@@ -154,7 +154,8 @@ def measure_curves(model: nn.Module, x: torch.Tensor, tasks: Sequence[tuple[str,
     float or a list of floats (several figures of one setting measured at once).
 
     ``fn`` must not change ``model`` (it compresses a copy) and, for the process pool and Ray,
-    must be a module-level function. Results are cached under the cache folder by a hash of the
+    must be a module-level function, or a :func:`functools.partial` of one whose bound arguments
+    pickle (settings the measurement needs; ``key`` must then name them). Results are cached under the cache folder by a hash of the
     weights, ``x``, ``key`` and the code of this module and of ``fn``'s; the file is rewritten
     (atomically) as results arrive, at most every two seconds, so a search killed half-way
     resumes where it stopped. ``cache=False`` for a measurement the hash cannot see (a user's
@@ -168,8 +169,9 @@ def measure_curves(model: nn.Module, x: torch.Tensor, tasks: Sequence[tuple[str,
     path = None
     done: dict[tuple[str, int], float] = {}
     if cache:
-        code = code_fingerprint(sys.modules[__name__], sys.modules[fn.__module__])
-        name = _fingerprint(model, x, [key, fn.__module__, fn.__name__, code])
+        base = getattr(fn, "func", fn)  # a partial: the function it binds
+        code = code_fingerprint(sys.modules[__name__], sys.modules[base.__module__])
+        name = _fingerprint(model, x, [key, base.__module__, base.__name__, code])
         path = cache_dir() / "sensitivity" / f"{name}.json"
         if path.is_file():
             try:

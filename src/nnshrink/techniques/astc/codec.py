@@ -84,6 +84,11 @@ def _astc():
     return astc_encoder, enum
 
 
+def encoder_version() -> str:
+    """The astc-encoder-py release that encodes (part of the keys of cached measurements)."""
+    return str(getattr(_astc()[0], "__version__", "unknown"))
+
+
 @functools.lru_cache(maxsize=64)
 def _context(fp: tuple[int, int], quality: float, threads: int):
     """astcenc's context for a footprint and preset, kept: making one costs about 10 ms, as much as

@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import hashlib
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnshrink.cache import code_fingerprint
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import is_compressible
 from nnshrink.plan.config import SKIP, StepConfig, StepResult, pairs
@@ -45,7 +47,7 @@ from nnshrink.techniques.astc import codec
 from nnshrink.techniques.astc.compensate import Gram, encode_compensated
 from nnshrink.techniques.astc.layout import LAYOUTS, chain_order, make_layout
 from nnshrink.techniques.astc.record import AstcRecord
-from nnshrink.search.engine import sensitivity_table
+from nnshrink.search.engine import EXECUTORS, held_memo, measure_curves, output_loss, sensitivity_table
 from nnshrink.search.solvers import estimated_noise, least_noise, smallest_within, total_bytes
 from nnshrink.techniques.calibration import calibration_inputs, layer_hessians
 from nnshrink.techniques.records import attach, record_of
@@ -205,6 +207,9 @@ class Astc(StepConfig):
             inputs co-vary on calibration data (:mod:`.compensate`; about a tenth of the output
             error at the same bytes); ``none``: one astcenc pass over the texture; ``auto``:
             ``hessian`` where calibration inputs are given. Grouped convs are encoded plainly.
+        executor: Where a budget's per-layer sensitivity is measured (by
+            :func:`nnshrink.search.engine.measure_curves`, cached, so a second run measures
+            nothing): ``process`` (a local pool), ``serial`` or ``ray``.
         min_weights: Layers with fewer weights stay float (named in the report).
         calib_samples: Calibration inputs the sensitivity and the compensation are measured on.
     """
@@ -223,6 +228,7 @@ class Astc(StepConfig):
     rounds: int = 1
     order: str = "auto"
     compensate: str = "auto"
+    executor: str = "process"
     min_weights: int = 64
     calib_samples: int = 256
 
@@ -244,6 +250,8 @@ class Astc(StepConfig):
             raise ConfigError(f"astc.order must be one of {ORDERS}, got {self.order!r}")
         if self.compensate not in COMPENSATE:
             raise ConfigError(f"astc.compensate must be one of {COMPENSATE}, got {self.compensate!r}")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"astc.executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         if self.range not in RANGES:
             raise ConfigError(f"astc.range must be one of {RANGES}, got {self.range!r}")
         if self.retrain not in RETRAIN:
@@ -313,30 +321,30 @@ class Astc(StepConfig):
             return cache[key]
         return encode, place
 
-    def _choose(self, model, layers, encode, ctx, batches, show) -> tuple[dict, dict]:
+    def _choose(self, model, layers, encode, place, shapes, grams, ctx, batches, show) -> tuple[dict, dict]:
         """Per-layer footprints for the budget, and what the choice measured."""
         cands = self._candidates()
         held = torch.cat(batches)
-        with torch.no_grad():
-            ref = model(held)
-        signal = float(ref.pow(2).mean())
-        options: dict[str, list[tuple[float, float]]] = {}
-        with progress_bar("astc: per-layer sensitivity", len(layers) * len(cands), show) as adv:
-            for name, layer in layers.items():
-                original = layer.weight.detach().clone()
-                opts = []
-                for fp in cands:
-                    if fp is None:
-                        opts.append((original.numel() * 4.0, 0.0))
-                    else:
-                        record, _ = encode(name, fp)
-                        with torch.no_grad():
-                            layer.weight.copy_(torch.from_numpy(record.dequantize()))
-                            noise = float((model(held) - ref).pow(2).mean())
-                            layer.weight.copy_(original)
-                        opts.append((float(record_bytes(record)), noise))
-                    adv(1)
-                options[name] = opts
+        setup = {"candidates": [_option_name(o) for o in cands], "range": self.range,
+                 "quality": codec.quality_value(self.quality), "batches": [len(b) for b in batches],
+                 "layers": {}}
+        for n in layers:
+            kind, order = place(n)  # measured here, once, before any worker starts
+            setup["layers"][n] = {"layout": kind, "input_hw": shapes.get(n), "compensate": n in grams,
+                                  "order": None if order is None else [int(i) for i in order]}
+        # the key names every setting but the output orders (which the weights, hashed by the
+        # engine, decide), and the code of the encoding modules beside this one's
+        from nnshrink.techniques.astc import compensate, layout, record
+
+        key = ["astc-footprint", {k: v for k, v in setup.items() if k != "layers"},
+               {n: {k: v for k, v in s.items() if k != "order"} for n, s in setup["layers"].items()},
+               code_fingerprint(codec, compensate, layout, record), codec.encoder_version()]
+        tasks = [(n, i) for n in layers for i, o in enumerate(cands) if o is not None]
+        measured = measure_curves(model, held, tasks, functools.partial(_footprint_loss, setup=setup), key,
+                                  self.executor, show_progress=show, description="astc: per-layer sensitivity")
+        options = {n: [(layer.weight.numel() * 4.0, 0.0) if o is None else
+                       (float(measured[(n, i)][1]), float(measured[(n, i)][0])) for i, o in enumerate(cands)]
+                   for n, layer in layers.items()}
         params = sum(layer.weight.numel() for layer in layers.values())
         originals = {n: layer.weight.detach().cpu().numpy().copy() for n, layer in layers.items()}
 
@@ -367,9 +375,9 @@ class Astc(StepConfig):
         info = {"candidates": [_option_name(o) for o in cands], "evaluations": evaluations,
                 "sensitivity": sensitivity_table("relative output error (MSE / output power)",
                                                  [_option_name(o) for o in cands],
-                                                 {n: [e / signal for _, e in o] for n, o in options.items()}),
+                                                 {n: [e for _, e in o] for n, o in options.items()}),
                 "estimated_bits_per_weight": round(total_bytes(options, assign) * 8 / params, 4),
-                "estimated_sqnr_db": round(float(10 * np.log10(signal / est)), 2) if est > 0 else None}
+                "estimated_sqnr_db": round(float(10 * np.log10(1 / est)), 2) if est > 0 else None}
         return choice, info
 
     # -- apply --------------------------------------------------------------------------------
@@ -405,7 +413,7 @@ class Astc(StepConfig):
                                       self.layer_setting(candidates, "layout"), grams)
         details: dict = {}
         if budgeted:
-            chosen, details["choice"] = self._choose(new, free, encode, ctx, batches, show)
+            chosen, details["choice"] = self._choose(new, free, encode, place, shapes, grams, ctx, batches, show)
         else:
             chosen = dict.fromkeys(free, (codec.parse_footprint(self.footprint), self.channels))
         chosen.update(fixed)
@@ -486,3 +494,34 @@ class Astc(StepConfig):
             if record_of(layers[n]) is None:  # pragma: no cover - frozen weights cannot drift
                 raise RuntimeError(f"astc: layer {n}'s weights changed after encoding")
         return records
+
+
+_GRAM: dict = {}  # unit -> its Gram on the measured inputs, for one model and inputs (held_memo)
+
+
+def _footprint_loss(model: nn.Module, x: torch.Tensor, reference, unit: str, level: int, *,
+                    setup: dict) -> list[float]:
+    """``[output error, stored bytes]`` with layer ``unit`` alone encoded at candidate ``level``
+    (an index into ``setup["candidates"]``), in the layout, output order and compensation the
+    step chose (the Gram from ``x`` split into the step's calibration batches, as the step
+    measures it). The engine's measurement for the footprint budget; the encoding stays in
+    :func:`encode_weight`'s memory, so in the step's own process the final encoding is free."""
+    fp, channels = _option(setup["candidates"][level])
+    rule = setup["layers"][unit]
+    layer = model.get_submodule(unit)
+    original = layer.weight.detach().clone()
+    gram = None
+    if rule["compensate"]:
+        gram = held_memo(_GRAM, unit, (model, x), lambda: Gram(layer_hessians(
+            model, {unit: layer}, torch.split(x, setup["batches"]))[unit]))
+    order = None if rule["order"] is None else np.asarray(rule["order"])
+    input_hw = None if rule["input_hw"] is None else tuple(rule["input_hw"])
+    record, _ = encode_weight(original.cpu().numpy(), fp, rule["layout"], input_hw, setup["range"],
+                              setup["quality"], torch.get_num_threads(), unit, channels, order, gram)
+    try:
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(record.dequantize()))
+            return [output_loss(reference, model(x)), float(record_bytes(record))]
+    finally:
+        with torch.no_grad():
+            layer.weight.copy_(original)
