@@ -1,7 +1,8 @@
 """The budget step on LeNet-5 and LeNet-300-100: the smallest model within 0.2 point, and the most
 accurate at 20x, 50x and 100x beside uniform prune + share plans of equal or larger size.
 
-Run: ``python benchmarks/budget.py [--seeds 3] [--data mnist10k] [--models lenet5,lenet300]``.
+Run: ``python benchmarks/budget.py [--seeds 3] [--data mnist10k] [--models lenet5,lenet300]
+[--techniques prune,share,astc]`` (``astc``: ASTC footprints as one more per-layer choice).
 
 - **Within a drop**: ``budget`` with ``max_drop`` (0.2 point on validation); the container's
   ratio to float32 and its held-out test accuracy against float, means over the seeds.
@@ -66,7 +67,10 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", default="lenet5", help="models for the size-target comparison")
     ap.add_argument("--max-drop", type=float, default=0.002)
     ap.add_argument("--skip-drop", action="store_true", help="only the size targets")
+    ap.add_argument("--techniques", default="",
+                    help="the budget's techniques, comma-joined (prune,share,rank,astc; default: the step's)")
     args = ap.parse_args(argv)
+    techniques = tuple(t for t in args.techniques.split(",") if t)
     ds = load_dataset(args.data)
     OUT.mkdir(exist_ok=True)
     summary: dict = {}
@@ -84,7 +88,7 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 if not args.skip_drop:
                     t = time.perf_counter()
-                    r = compress(model, Plan([Budget(max_drop=args.max_drop)]), x, evaluate=ev, train=tr, calib=calib)
+                    r = compress(model, Plan([Budget(max_drop=args.max_drop, techniques=techniques)]), x, evaluate=ev, train=tr, calib=calib)
                     d = r.steps[0].details
                     real = file_bytes(r.model, x, tmp)
                     test = zoo.accuracy(r.model, ds, "test")
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
                 sizes = uniform_bytes(model, x, calib, tmp)
                 for ratio in (float(v) for v in args.ratios.split(",")):
                     t = time.perf_counter()
-                    r = compress(model, Plan([Budget(target=f"ratio={ratio:g}x")]), x, evaluate=ev, train=tr,
+                    r = compress(model, Plan([Budget(target=f"ratio={ratio:g}x", techniques=techniques)]), x, evaluate=ev, train=tr,
                                  calib=calib)
                     searched = file_bytes(r.model, x, tmp)
                     s_test = zoo.accuracy(r.model, ds, "test")

@@ -320,3 +320,28 @@ def test_a_latency_target_is_met_by_ranks_and_a_slow_first_choice_is_redone(lene
         Budget(target="latency=0.5", techniques=("prune", "share"))
     with pytest.raises(ConfigError, match="needs solver ilp"):
         Budget(target="latency=0.5", solver="knapsack")
+
+
+def test_astc_footprints_are_budget_settings_held_through_retraining(lenet5_trained, mnist, tmp_path):
+    from nnshrink.techniques.astc import AstcRecord
+    from nnshrink.techniques.records import record_of
+
+    result = _run(lenet5_trained, mnist, target="ratio=60x", techniques=("prune", "share", "astc"),
+                  footprints=("8x8", "12x12/2"), prune_steps=20)
+    d = result.steps[0].details
+    textures = {n: s["astc"] for n, s in d["layers"].items() if "astc" in s}
+    assert textures and set(textures.values()) <= {"8x8", "12x12/2"}
+    assert "astc 12x12/2" in d["sensitivity"]["settings"]
+    for name in textures:  # the blocks are the weights, after retraining the other layers
+        layer = result.model.get_submodule(name)
+        record = record_of(layer)
+        assert isinstance(record, AstcRecord) and layer.weight.requires_grad
+        assert np.array_equal(record.dequantize(), layer.weight.detach().numpy())
+    path = tmp_path / "b.nsz"
+    save(result.model, path, zoo.example_input(lenet5_trained).repeat(2, 1, 1, 1))
+    assert path.stat().st_size <= d["target_bytes"] and abs(path.stat().st_size / d["bytes_estimated"] - 1) < 0.02
+    for bad in ({"fc1": {"footprint": "7x7"}}, {"fc1": {"footprint": "8x8/3"}}):
+        with pytest.raises(ConfigError, match="footprint"):
+            Budget(target="ratio=60x", techniques=("astc",), layers=bad)
+    with pytest.raises(ConfigError, match="footprints"):
+        Budget(target="ratio=60x", techniques=("astc",), footprints=("9x9",))

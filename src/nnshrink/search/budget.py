@@ -30,6 +30,7 @@ bytes buy, which is what the knapsack needs; the evaluations after retraining de
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import sys
 import tempfile
@@ -55,10 +56,10 @@ from nnshrink.techniques.allocation import sample_inputs
 from nnshrink.techniques.calibration import layer_hessians
 from nnshrink.techniques.cluster import ShareWeights, codebook_record, share_weights
 from nnshrink.techniques.lowrank import decompose, eligible, full_rank
-from nnshrink.techniques.records import attach
+from nnshrink.techniques.records import attach, record_of
 from nnshrink.techniques.sparsity import Sparsify, magnitude_masks, prunable_layers, sparsegpt
 
-TECHNIQUES = ("prune", "share", "rank")
+TECHNIQUES = ("prune", "share", "rank", "astc")
 SOLVERS = ("auto", "knapsack", "ilp")
 _SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000 ** 2, "mib": 1024 ** 2}
 _TARGET_HELP = ("use size=25KB (B, KB, KiB, MB, MiB), ratio=100x (float32 bytes / container bytes), macs=0.5 "
@@ -107,15 +108,35 @@ def _level(sparsity: float, bits: int, rank: int = 0, spatial: bool = False) -> 
     return ((rank * 2 + int(spatial)) * 1001 + int(round(sparsity * 1000))) * 16 + bits
 
 
+_ASTC_LEVELS = 1 << 40  # ASTC footprints are numbered from here, above any rank's levels
+
+
+def _astc_level(option: tuple) -> int:
+    """The level of an ASTC option ``((w, h), channels)``: the layer's weights as texture blocks
+    (neither pruned, shared nor decomposed: the blocks are the storage)."""
+    (w, h), channels = option
+    return _ASTC_LEVELS + (w * 16 + h) * 4 + channels
+
+
+def _astc(level: int) -> tuple | None:
+    """The ASTC option of a level, or None."""
+    if level < _ASTC_LEVELS:
+        return None
+    code = level - _ASTC_LEVELS
+    return ((code // 4) // 16, (code // 4) % 16), code % 4
+
+
 def _setting(level: int) -> tuple[float, int]:
     """(sparsity, bits) of a level."""
+    if level >= _ASTC_LEVELS:
+        return 0.0, 0
     return ((level // 16) % 1001) / 1000, level % 16
 
 
 def _rank(level: int) -> tuple[int, str | None]:
     """(rank, ``weight`` or ``spatial``) of a level; (0, None) where it decomposes nothing."""
     code = level // 16 // 1001
-    return (code // 2, "spatial" if code % 2 else "weight") if code else (0, None)
+    return (code // 2, "spatial" if code % 2 else "weight") if code and level < _ASTC_LEVELS else (0, None)
 
 
 def _layer_names(name: str, level: int) -> list[str]:
@@ -123,10 +144,20 @@ def _layer_names(name: str, level: int) -> list[str]:
     return [f"{name}.0", f"{name}.1"] if _rank(level)[0] else [name]
 
 
-def _compressed(layer: nn.Module, level: int, hessian: torch.Tensor | None = None) -> nn.Module:
+def _compressed(layer: nn.Module, level: int, hessian: torch.Tensor | None = None,
+                input_hw: tuple[int, int] | None = None, quality: str = "medium") -> nn.Module:
     """A copy of ``layer`` decomposed, pruned and shared at ``level``, one-shot: pruned by
     magnitude, or with a ``hessian`` of its inputs by SparseGPT, which refits the kept weights to
-    what the pruned ones did (closer to what retraining recovers than magnitude pruning alone)."""
+    what the pruned ones did (closer to what retraining recovers than magnitude pruning alone);
+    or its weights as ASTC blocks (error-compensated through the ``hessian``; ``input_hw``: the
+    image a Linear after a flatten reads, for its layout)."""
+    option = _astc(level)
+    if option is not None:
+        from nnshrink.techniques.astc.step import encode_layer
+
+        new = copy.deepcopy(layer)
+        encode_layer(new, option, input_hw, hessian, quality, torch.get_num_threads())
+        return new
     sparsity, bits = _setting(level)
     rank, method = _rank(level)
     if rank:
@@ -153,7 +184,7 @@ def _stored_bytes(module: nn.Module) -> int:
     layers = list(module) if isinstance(module, nn.Sequential) else [module]
     total = 0
     for layer in layers:
-        record = codebook_record(layer)
+        record = codebook_record(layer) or record_of(layer)
         total += container.record_bytes(record) if record is not None else \
             container.float_bytes(layer.weight.detach().cpu().numpy())
     return total
@@ -161,24 +192,32 @@ def _stored_bytes(module: nn.Module) -> int:
 
 _HESSIANS: dict = {}  # unit -> its input Hessian for one model and inputs (held_memo), per process
 _MACS: dict = {}  # the model's MACs as it is, for one model and inputs (held_memo), per process
+_SHAPES: dict = {}  # the image each Linear after a flatten reads, for one model and inputs (held_memo)
 
 
 def _measure(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str, level: int,
-             reconstruct: bool = False) -> list[float]:
+             reconstruct: bool = False, astc_quality: str = "medium") -> list[float]:
     """[output error, stored bytes, the model's MACs] with layer ``unit`` alone at ``level`` (the
     model is restored). With ``reconstruct`` the first half of ``x`` fits the SparseGPT refit and
     the error is measured on the second half, so the refit is not scored on the inputs it was
-    fitted to."""
+    fitted to; an ASTC setting is always error-compensated so, through the same half."""
     layer = model.get_submodule(unit)
     hessian, scored = None, slice(None)
-    if reconstruct and len(x) >= 2 and _setting(level)[0] > 0:  # only a pruned setting is refitted
+    astc = _astc(level) is not None
+    if (reconstruct and _setting(level)[0] > 0 or astc) and len(x) >= 2:  # a pruned setting is refitted
         half = len(x) // 2
         hessian = held_memo(_HESSIANS, unit, (model, x), lambda: layer_hessians(model, {unit: layer}, [x[:half]])[unit])
         scored = slice(half, None)
-    # priced as magnitude pruning makes it, which is what the retraining does (the masks grow by
-    # magnitude); SparseGPT's refit, where asked, only scores it
-    priced = _compressed(layer, level)
-    small = priced if hessian is None else _compressed(layer, level, hessian)
+    if astc:  # the blocks' count, so their bytes, does not depend on the compensation
+        from nnshrink.techniques.astc.step import input_shapes
+
+        shapes = held_memo(_SHAPES, "shapes", (model, x), lambda: input_shapes(model, x[:1]))
+        priced = small = _compressed(layer, level, hessian, shapes.get(unit), astc_quality)
+    else:
+        # priced as magnitude pruning makes it, which is what the retraining does (the masks grow
+        # by magnitude); SparseGPT's refit, where asked, only scores it
+        priced = _compressed(layer, level)
+        small = priced if hessian is None else _compressed(layer, level, hessian)
     stored = float(_stored_bytes(priced))
     base = held_memo(_MACS, "macs", (model, x), lambda: analyze(model, x[:1]).total_macs)
     if level == 0:
@@ -193,9 +232,6 @@ def _measure(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: s
         replace_module(model, unit, layer)
 
 
-def _measure_reconstructed(model, x, reference, unit, level) -> list[float]:
-    return _measure(model, x, reference, unit, level, reconstruct=True)
-
 
 @dataclass(frozen=True)
 class Budget(StepConfig):
@@ -209,9 +245,15 @@ class Budget(StepConfig):
         max_drop: Largest validation-metric drop allowed, in the metric's own units (0.002 is
             0.2 point of accuracy): checked by evaluating retrained candidates.
         techniques: Which to combine: ``prune``, ``share``, ``rank`` (weight SVD of Linear and 1x1
-            conv layers, spatial SVD of k x k convs). Empty (the default): prune and share, and
-            rank where the target has ``macs`` (pruned weights are still multiplied by a dense
-            kernel, so pruning and sharing save bytes, not MACs).
+            conv layers, spatial SVD of k x k convs), ``astc`` (a layer's weights as ASTC texture
+            blocks a GPU decodes, error-compensated, instead of pruned and shared; encoded
+            before retraining and held, so the other layers learn to make up for its error).
+            Empty (the default): prune and share, and rank where the target has ``macs``
+            (pruned weights are still multiplied by a dense kernel, so pruning and sharing save
+            bytes, not MACs).
+        footprints: The ASTC options, like ``10x10`` or ``10x10/2`` (two weights per texel);
+            default: all 14 footprints at one and at two channels.
+        astc_quality: astcenc's search preset for ASTC settings.
         sparsities: Sparsity grid per layer (0 is always included).
         bits: Codebook sizes per layer (``2**bits`` centroids); float values always included.
         ranks: Ranks per layer as fractions of its full rank (undecomposed is always included).
@@ -242,13 +284,16 @@ class Budget(StepConfig):
                       "bits": lambda v: _settings(v, lambda b: b == int(b) and (b == 0 or 2 <= b <= 8),
                                                   "whole numbers 0 (float) or 2-8, one or a list"),
                       "rank": lambda v: _settings(v, lambda r: r == int(r) and r >= 0,
-                                                  "whole numbers, 0 (not decomposed) or more, one or a list")}
+                                                  "whole numbers, 0 (not decomposed) or more, one or a list"),
+                      "footprint": lambda v: _footprints(v)}
     target: str = ""
     max_drop: float | None = None
     techniques: tuple[str, ...] = ()
     sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
     bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     ranks: tuple[float, ...] = (0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
+    footprints: tuple[str, ...] = ()
+    astc_quality: str = "medium"
     prune_steps: int = 1500
     share_steps: int = 300
     bias_bits: int = 5
@@ -295,6 +340,12 @@ class Budget(StepConfig):
                                   "(or auto)")
         if self.executor not in EXECUTORS:
             raise ConfigError(f"budget.executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        problem = _footprints(list(self.footprints)) if self.footprints else None
+        if problem:
+            raise ConfigError(f"budget.footprints must be {problem}, got {list(self.footprints)}")
+        from nnshrink.techniques.astc.codec import quality_value
+
+        quality_value(self.astc_quality)
 
     def chosen_techniques(self) -> tuple[str, ...]:
         """The techniques this budget combines (the default: prune and share, and rank for a MAC target)."""
@@ -331,8 +382,16 @@ class Budget(StepConfig):
                 if asked and not any(ranks.values()):
                     raise ConfigError(f"budget.layers[{name!r}]: rank {asked[0]} is above the layer's full rank "
                                       f"({', '.join(f'{full[m]} for {m} SVD' for m in methods)})")
+        astc = _astc_options(self.footprints) if "astc" in techniques and byte_settings else []
+        if isinstance(rule, dict) and "footprint" in rule:
+            astc = _astc_options(_values(rule["footprint"]))
+        if astc and (layer.weight.dim() not in (2, 4) or isinstance(layer, nn.ConvTranspose2d)):
+            if isinstance(rule, dict) and "footprint" in rule:
+                raise ConfigError(f"budget.layers[{name!r}]: ASTC lays out Linear and Conv2d weights only")
+            astc = []  # the textures' layouts are for Linear and Conv2d weights
         levels = {_level(s, b) for s in sparsities for b in bits} if whole else set()
         levels |= {_level(0.0, b, r, m == "spatial") for m, rs in ranks.items() for r in rs for b in bits}
+        levels |= {_astc_level(o) for o in astc}
         return sorted(levels), (full if methods else None)
 
     def _units(self, model: nn.Module, byte_settings: bool) -> tuple[dict[str, list[int]], dict[str, dict], list[dict]]:
@@ -352,11 +411,25 @@ class Budget(StepConfig):
         return units, decomposable, skipped
 
     # -- the pipeline -----------------------------------------------------------------------------
-    def _build(self, model: nn.Module, choice: dict[str, int], ctx, train: bool) -> tuple[nn.Module, dict]:
-        """Decompose, prune (gradually, retraining) and share (codebooks trained) per ``choice``
-        (unit -> level)."""
+    def _build(self, model: nn.Module, choice: dict[str, int], ctx, train: bool,
+               astc_inputs: tuple[dict, dict] = ({}, {})) -> tuple[nn.Module, dict]:
+        """Encode as ASTC (held from then on), decompose, prune (gradually, retraining) and share
+        (codebooks trained) per ``choice`` (unit -> level). ``astc_inputs``: each ASTC unit's
+        input Hessian on the sampled inputs and the image a Linear after a flatten reads."""
         settings = {n: _setting(lv) for n, lv in choice.items()}
         current, done = model, {}
+        textures = {n: _astc(lv) for n, lv in choice.items() if _astc(lv) is not None}
+        if textures:
+            from nnshrink.techniques.astc.step import encode_layer
+
+            hessians, shapes = astc_inputs
+            current = copy.deepcopy(model)
+            for n, option in textures.items():
+                layer = current.get_submodule(n)
+                encode_layer(layer, option, shapes.get(n), hessians.get(n), self.astc_quality,
+                             torch.get_num_threads(), n)
+                layer.weight.requires_grad_(False)  # the blocks are the weights: retraining works around them
+            done["astc"] = {n: _option_name(o) for n, o in textures.items()}
         ranked = {n: _rank(lv) for n, lv in choice.items() if _rank(lv)[0]}
         if ranked:
             current = copy.deepcopy(model)
@@ -367,9 +440,10 @@ class Budget(StepConfig):
         steps = {"prune": self.prune_steps if train else 0, "share": self.share_steps if train else 0}
         if sparse:
             result = Sparsify(sparsity=0.0, steps=steps["prune"], scope="layer",
-                              layers={glob_escape(n): {"sparsity": s} for n, s in sparse.items()}).apply(current, _quiet(ctx))
+                              layers={**{glob_escape(n): SKIP for n in textures},
+                                      **{glob_escape(n): {"sparsity": s} for n, s in sparse.items()}}).apply(current, _quiet(ctx))
             current, done["sparsify"] = result.model, result.details
-        elif ranked and steps["prune"]:  # the factors fine-tuned (with a pruned layer that is Sparsify's retraining)
+        elif (ranked or textures) and steps["prune"]:  # the rest fine-tuned (with a pruned layer, Sparsify's retraining)
             current = ctx.train(current, steps["prune"]) or current
             done["finetune"] = {"steps": steps["prune"]}
         shared = {sub: b for n, (_, b) in settings.items() if b for sub in _layer_names(n, choice[n])}
@@ -381,6 +455,11 @@ class Budget(StepConfig):
         if self.bias_bits:
             current, done["biases"] = _share_biases(current, [sub for n, lv in choice.items()
                                                               for sub in _layer_names(n, lv)], self.bias_bits)
+        for n in textures:
+            layer = current.get_submodule(n)
+            if record_of(layer) is None:  # pragma: no cover - held weights cannot drift
+                raise RuntimeError(f"budget: layer {n}'s ASTC blocks no longer match its weights")
+            layer.weight.requires_grad_(True)
         return current, done
 
     def _latency_costs(self, model: nn.Module, base_model: nn.Module, example: torch.Tensor,
@@ -428,8 +507,18 @@ class Budget(StepConfig):
         units, decomposable, skipped = self._units(model, byte_settings)
         tasks = [(n, lv) for n, levels in units.items() for lv in levels]
         codec = code_fingerprint(container, sys.modules["nnshrink.codec.stream"])
-        fn = _measure_reconstructed if self.sensitivity == "reconstructed" else _measure
-        measured = measure_curves(model, x, tasks, fn, ["budget", codec], self.executor,
+        fn = functools.partial(_measure, reconstruct=self.sensitivity == "reconstructed", astc_quality=self.astc_quality)
+        key = ["budget", codec, self.sensitivity]
+        astc_units = [n for n, levels in units.items() if any(_astc(lv) for lv in levels)]
+        astc_inputs: tuple[dict, dict] = ({}, {})
+        if astc_units:
+            from nnshrink.techniques.astc import compensate, layout, record, step
+
+            key += [code_fingerprint(step, compensate, layout, record, sys.modules["nnshrink.techniques.astc.codec"]),
+                    self.astc_quality]
+            plain = {n: model.get_submodule(n) for n in astc_units if getattr(model.get_submodule(n), "groups", 1) == 1}
+            astc_inputs = (layer_hessians(model, plain, torch.split(x, 64)), step.input_shapes(model, x[:1]))
+        measured = measure_curves(model, x, tasks, fn, key, self.executor,
                                   show_progress=show_progress, description="budget: output error, bytes and MACs per setting")
         timings["measure"] = time.perf_counter() - started
         # options[unit] = [(bytes, output error)] in the order of the unit's levels; mac_change[unit]
@@ -477,7 +566,7 @@ class Budget(StepConfig):
         # the file's fixed part: one real container of the smallest one-shot assignment
         t0 = time.perf_counter()
         smallest = {n: int(np.argmin([b for b, _ in o])) for n, o in options.items()}
-        probe, _ = self._build(model, {n: units[n][i] for n, i in smallest.items()}, ctx, train=False)
+        probe, _ = self._build(model, {n: units[n][i] for n, i in smallest.items()}, ctx, False, astc_inputs)
         overhead = _file_bytes(probe, ctx.example_input) - total_bytes(options, smallest)
         timings["measure_overhead"] = time.perf_counter() - t0
 
@@ -504,7 +593,7 @@ class Budget(StepConfig):
             key = tuple(sorted(assign.items()))
             if key not in built:
                 choice = {n: units[n][i] for n, i in assign.items()}
-                new, steps_done = self._build(model, choice, ctx, train)
+                new, steps_done = self._build(model, choice, ctx, train, astc_inputs)
                 val = ctx.evaluate(new) if ctx.evaluate else None
                 evaluations[0] += 1
                 est = overhead + total_bytes(options, assign)
@@ -540,7 +629,7 @@ class Budget(StepConfig):
                 first = solve(room)
                 if first is None:
                     break
-                shot, _ = self._build(model, {n: units[n][i] for n, i in first.items()}, ctx, train=False)
+                shot, _ = self._build(model, {n: units[n][i] for n, i in first.items()}, ctx, False, astc_inputs)
                 missed = False
                 if limit is not None:
                     real = _file_bytes(shot, ctx.example_input)
@@ -680,6 +769,8 @@ def _sensitivity(units: dict[str, list[int]], options: dict[str, list[tuple[floa
     settings mildest first (by their mean log error over the layers measured there). A rank is
     titled by the fraction of the layer's full rank it keeps (each cell labelled with its rank)."""
     def title(name: str, level: int) -> str:
+        if _astc(level) is not None:
+            return f"astc {_option_name(_astc(level))}"
         sparsity, bits = _setting(level)
         rank, method = _rank(level)
         parts = ([f"{method} rank {rank / decomposable[name][method]:.0%}"] if rank else []) + \
@@ -707,9 +798,47 @@ def _describe(level: int) -> dict:
     sparsity, bits = _setting(level)
     rank, method = _rank(level)
     out = {"sparsity": sparsity, "bits": bits or None}
+    if _astc(level) is not None:
+        out["astc"] = _option_name(_astc(level))
     if rank:
         out.update(rank=rank, method=method)
     return out
+
+
+def _astc_options(names) -> list[tuple]:
+    """``["8x8", "12x12/2"]`` as ASTC options (empty: all 14 footprints at one and two channels)."""
+    from nnshrink.techniques.astc.codec import FOOTPRINTS, parse_footprint
+
+    if not names:
+        return [(fp, c) for fp in FOOTPRINTS for c in (1, 2)]
+    out = []
+    for name in names:
+        fp, sep, ch = str(name).partition("/")
+        out.append((parse_footprint(fp), int(ch) if sep else 1))
+    return out
+
+
+def _option_name(option: tuple) -> str:
+    from nnshrink.techniques.astc.codec import footprint_name
+
+    return footprint_name(option[0]) + ("/2" if option[1] == 2 else "")
+
+
+def _footprints(value) -> str | None:
+    """ASTC options (one or a list, like ``8x8`` or ``12x12/2``) checked: what is wanted if bad."""
+    wanted = "ASTC footprints like 8x8 or 12x12/2 (one or a list)"
+    values = _values(value)
+    if not values:
+        return wanted
+    for v in values:
+        fp, sep, ch = str(v).partition("/")
+        if sep and ch not in ("1", "2"):
+            return wanted
+        try:
+            _astc_options([fp])
+        except (ConfigError, ValueError, TypeError):
+            return wanted
+    return None
 
 
 def _values(value) -> list:

@@ -140,6 +140,45 @@ def _encode(w, fp, layout_kind, input_hw, value_range, quality, threads, name, c
     return record, why
 
 
+def placement_of(weight: np.ndarray, kind: str = "auto", input_hw: tuple[int, int] | None = None,
+                 value_range: str = "layer", quality: str | float = "medium", threads: int = 1,
+                 order: str = "auto", free_layout: bool = True) -> tuple[str, np.ndarray | None]:
+    """A layer's layout and output order: with ``order`` ``auto``, its outputs in their own order
+    or in a nearest-neighbour chain (and, for a Linear whose layout no rule fixed, its rows as
+    rows), whichever encodes its weights with the least error at 8x8; deterministic, so a worker
+    measuring a layer places it as the step that encodes it does."""
+    w = np.asarray(weight, np.float32)
+    choices = [(kind, None)]
+    chain = chain_order(w.reshape(w.shape[0], -1)) if order == "auto" else None
+    if chain is not None:
+        choices.append((kind, chain))
+        if kind == "auto" and free_layout and w.ndim == 2:
+            choices.append(("rows", chain))
+    if len(choices) == 1:
+        return choices[0]
+
+    def error(choice):
+        rec = encode_weight(w, _PROBE[0], choice[0], input_hw, value_range, quality, threads, "probe",
+                            _PROBE[1], choice[1])[0]
+        return float(((rec.dequantize() - w) ** 2).sum())
+    return min(choices, key=error)
+
+
+def encode_layer(layer: nn.Module, option: tuple, input_hw: tuple[int, int] | None = None,
+                 hessian: torch.Tensor | None = None, quality: str | float = "medium", threads: int = 1,
+                 name: str = "weight") -> AstcRecord:
+    """``layer``'s weights as ASTC blocks at ``option`` (``((w, h), channels)``) in the step's
+    default placement (:func:`placement_of`) and per-layer range, error-compensated with the
+    ``hessian`` of its inputs where one is given (not for a grouped conv); the record is attached,
+    so the weights become its decode. For other searches that offer a footprint (the ``budget``
+    step)."""
+    w = layer.weight.detach().cpu().numpy()
+    kind, order = placement_of(w, "auto", input_hw, "layer", quality, threads)
+    gram = Gram(hessian) if hessian is not None and getattr(layer, "groups", 1) == 1 else None
+    record, _ = encode_weight(w, option[0], kind, input_hw, "layer", quality, threads, name, option[1], order, gram)
+    return attach(layer, record)
+
+
 def record_bytes(record: AstcRecord) -> int:
     """Stored bytes of a record: its blocks and its scales and offsets."""
     return int(record.blocks.nbytes + record.offset.nbytes + record.scale.nbytes)
@@ -292,24 +331,9 @@ class Astc(StepConfig):
             return layers[name].weight.detach().cpu().numpy()
 
         def place(name: str) -> tuple[str, np.ndarray | None]:
-            """The layout and output order of a layer: the one that encodes it best at 8x8."""
             if name not in placement:
-                kind = layouts.get(name, self.layout)
-                w = weight(name)
-                choices = [(kind, None)]
-                order = chain_order(w.reshape(w.shape[0], -1)) if self.order == "auto" else None
-                if order is not None:
-                    choices.append((kind, order))
-                    if kind == "auto" and name not in layouts and w.ndim == 2:
-                        choices.append(("rows", order))
-                if len(choices) == 1:
-                    placement[name] = choices[0]
-                else:
-                    def error(choice):
-                        rec = encode_weight(w, _PROBE[0], choice[0], shapes.get(name), self.range, self.quality,
-                                            threads, name, _PROBE[1], choice[1])[0]
-                        return float(((rec.dequantize() - w) ** 2).sum())
-                    placement[name] = min(choices, key=error)
+                placement[name] = placement_of(weight(name), layouts.get(name, self.layout), shapes.get(name),
+                                               self.range, self.quality, threads, self.order, name not in layouts)
             return placement[name]
 
         def encode(name: str, option: tuple) -> tuple[AstcRecord, str | None]:
