@@ -232,7 +232,6 @@ def _measure(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: s
         replace_module(model, unit, layer)
 
 
-
 @dataclass(frozen=True)
 class Budget(StepConfig):
     """Per-layer pruning, weight sharing and low rank for one target, chosen from measured costs.

@@ -451,7 +451,7 @@ class Astc(StepConfig):
             from nnshrink.techniques.astc.blocks import retrain_blocks
 
             records = retrain_blocks(new, {n: layers[n] for n in plan}, plan, lambda n, fp: encode(n, fp)[0],
-                                     ctx, self.steps, show, {n: g.matrix for n, g in grams.items()})
+                                     ctx, self.steps, show)
         else:
             records = {}
             with progress_bar("astc: encoding", len(plan), show) as adv:
