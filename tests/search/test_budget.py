@@ -326,13 +326,18 @@ def test_astc_footprints_are_budget_settings_held_through_retraining(lenet5_trai
     from nnshrink.techniques.astc import AstcRecord
     from nnshrink.techniques.records import record_of
 
-    result = _run(lenet5_trained, mnist, target="ratio=60x", techniques=("prune", "share", "astc"),
-                  footprints=("8x8", "12x12/2"), prune_steps=20)
+    x = zoo.example_input(lenet5_trained)
+    budget = Budget(**{**SMALL, "target": "ratio=30x", "techniques": ("astc",), "footprints": ("8x8", "12x12/2"),
+                       "prune_steps": 20})
+    result = compress(lenet5_trained, Plan([budget]), x, evaluate=zoo.make_evaluator(mnist, "val"),
+                      train=zoo.make_trainer(mnist, show_progress=False),
+                      calib=mnist.loader("train", batch_size=64, shuffle=True, seed=0))
     d = result.steps[0].details
     textures = {n: s["astc"] for n, s in d["layers"].items() if "astc" in s}
     assert textures and set(textures.values()) <= {"8x8", "12x12/2"}
     assert "astc 12x12/2" in d["sensitivity"]["settings"]
-    for name in textures:  # the blocks are the weights, after retraining the other layers
+    assert d["steps"]["finetune"] == {"steps": 20}
+    for name in textures:  # the blocks are the weights after the rest was fine-tuned around them
         layer = result.model.get_submodule(name)
         record = record_of(layer)
         assert isinstance(record, AstcRecord) and layer.weight.requires_grad
@@ -345,3 +350,13 @@ def test_astc_footprints_are_budget_settings_held_through_retraining(lenet5_trai
             Budget(target="ratio=60x", techniques=("astc",), layers=bad)
     with pytest.raises(ConfigError, match="footprints"):
         Budget(target="ratio=60x", techniques=("astc",), footprints=("9x9",))
+
+
+def test_a_choice_with_astc_is_checked_against_the_best_without(lenet5_trained, mnist):
+    d = _run(lenet5_trained, mnist, target="ratio=60x", techniques=("prune", "share", "astc"),
+             footprints=("8x8", "12x12/2")).steps[0].details
+    textured = [p for p in d["frontier"] if any("astc" in s for s in p["layers"].values())]
+    plain = [p for p in d["frontier"] if not any("astc" in s for s in p["layers"].values())]
+    assert textured and plain  # both retrained (here: none) and evaluated
+    best = max(d["frontier"], key=lambda p: p["val_metric"])
+    assert best["chosen"] and d["val_after"] == best["val_metric"]
