@@ -665,6 +665,7 @@ class Budget(StepConfig):
         with progress_bar("budget: retraining and evaluating candidates",
                           max(1, int(np.ceil(np.log2(len(plans) + 1)))) if floor is not None else 1,
                           show_progress) as advance:
+            with_astc = True
             if floor is None:
                 chosen = plans[0]
                 candidate(chosen)
@@ -676,7 +677,7 @@ class Budget(StepConfig):
                     # retrained and evaluated too, and the better on validation kept.
                     other = solve(grid[0], astc=False)
                     if other is not None and other != chosen and candidate(other)[2] > candidate(chosen)[2]:
-                        chosen = other
+                        chosen, with_astc = other, False
             else:
                 lo, hi = 0, len(plans) - 1
                 if limit is None and mac_limit is None:
@@ -707,7 +708,7 @@ class Budget(StepConfig):
         final_bytes = next(p["bytes"] for p in points if p["key"] == key)
         if limit is not None and final_bytes > limit:  # the estimate was short: once more, smaller
             room -= final_bytes - limit + 0.01 * limit
-            smaller = solve(room)
+            smaller = solve(room, with_astc)  # among the settings the kept choice was chosen from
             if smaller is None or not accept(smaller):
                 raise ConfigError(f"budget target {self.target} was missed: the file is {final_bytes:,} B "
                                   f"(estimated {points[-1]['bytes_estimated']:,} B)")
@@ -819,38 +820,29 @@ def _describe(level: int) -> dict:
 
 def _astc_options(names) -> list[tuple]:
     """``["8x8", "12x12/2"]`` as ASTC options (empty: all 14 footprints at one and two channels)."""
-    from nnshrink.techniques.astc.codec import FOOTPRINTS, parse_footprint
+    from nnshrink.techniques.astc.codec import FOOTPRINTS
+    from nnshrink.techniques.astc.step import parse_option
 
     if not names:
         return [(fp, c) for fp in FOOTPRINTS for c in (1, 2)]
-    out = []
-    for name in names:
-        fp, sep, ch = str(name).partition("/")
-        out.append((parse_footprint(fp), int(ch) if sep else 1))
-    return out
+    return [parse_option(n) for n in names]
 
 
 def _option_name(option: tuple) -> str:
-    from nnshrink.techniques.astc.codec import footprint_name
+    from nnshrink.techniques.astc.step import option_name
 
-    return footprint_name(option[0]) + ("/2" if option[1] == 2 else "")
+    return option_name(option)
 
 
 def _footprints(value) -> str | None:
-    """ASTC options (one or a list, like ``8x8`` or ``12x12/2``) checked: what is wanted if bad."""
+    """ASTC options (one or a list, like ``8x8`` or ``12x12/2``; not ``float``, which is the
+    budget's own setting 0) checked: what is wanted if bad."""
     wanted = "ASTC footprints like 8x8 or 12x12/2 (one or a list)"
     values = _values(value)
-    if not values:
+    try:
+        return None if values and None not in _astc_options(values) else wanted
+    except (ConfigError, ValueError, TypeError):
         return wanted
-    for v in values:
-        fp, sep, ch = str(v).partition("/")
-        if sep and ch not in ("1", "2"):
-            return wanted
-        try:
-            _astc_options([fp])
-        except (ConfigError, ValueError, TypeError):
-            return wanted
-    return None
 
 
 def _values(value) -> list:

@@ -193,7 +193,7 @@ def _problem(check, value, wanted: str) -> str | None:
     return None
 
 
-def _option(text: str) -> tuple | None:
+def parse_option(text: str) -> tuple | None:
     """``"10x10"`` -> ((10, 10), 1); ``"10x10/2"`` -> ((10, 10), 2); ``"float"`` -> None."""
     if text == _FLOAT:
         return None
@@ -203,7 +203,7 @@ def _option(text: str) -> tuple | None:
     return codec.parse_footprint(fp), int(ch) if sep else 1
 
 
-def _option_name(option: tuple | None) -> str:
+def option_name(option: tuple | None) -> str:
     if option is None:
         return _FLOAT
     return codec.footprint_name(option[0]) + ("/2" if option[1] == 2 else "")
@@ -271,7 +271,7 @@ class Astc(StepConfig):
     min_weights: int = 64
     calib_samples: int = 256
 
-    layer_settings = {"footprint": lambda v: _problem(_option, v, "a footprint like 12x12, 12x12/2 or float"),
+    layer_settings = {"footprint": lambda v: _problem(parse_option, v, "a footprint like 12x12, 12x12/2 or float"),
                       "layout": lambda v: _problem(_check_layout, v, f"one of {', '.join(LAYOUTS)}")}
     legacy = {"exclude": lambda v: dict.fromkeys(v, SKIP),
               "layer_footprints": lambda v: {n: {"footprint": f} for n, f in pairs(v).items()},
@@ -284,7 +284,7 @@ class Astc(StepConfig):
             raise ConfigError(f"astc.channels must be 1 or 2, got {self.channels}")
         _check_layout(self.layout)
         for f in self.footprints:
-            _option(f)
+            parse_option(f)
         if self.order not in ORDERS:
             raise ConfigError(f"astc.order must be one of {ORDERS}, got {self.order!r}")
         if self.compensate not in COMPENSATE:
@@ -309,7 +309,7 @@ class Astc(StepConfig):
 
     def _candidates(self) -> list[tuple | None]:
         if self.footprints:
-            cands = [_option(n) for n in self.footprints]
+            cands = [parse_option(n) for n in self.footprints]
         else:
             cands = [None] + [(f, c) for f in codec.FOOTPRINTS for c in (1, 2)]
         return sorted(set(cands), key=lambda o: 0 if o is None else o[0][0] * o[0][1] * o[1])
@@ -349,7 +349,7 @@ class Astc(StepConfig):
         """Per-layer footprints for the budget, and what the choice measured."""
         cands = self._candidates()
         held = torch.cat(batches)
-        setup = {"candidates": [_option_name(o) for o in cands], "range": self.range,
+        setup = {"candidates": [option_name(o) for o in cands], "range": self.range,
                  "quality": codec.quality_value(self.quality), "batches": [len(b) for b in batches],
                  "layers": {}}
         for n in layers:
@@ -396,9 +396,9 @@ class Astc(StepConfig):
                 layers[n].weight.copy_(torch.from_numpy(w))
         choice = {n: cands[i] for n, i in assign.items()}
         est = estimated_noise(options, assign)
-        info = {"candidates": [_option_name(o) for o in cands], "evaluations": evaluations,
+        info = {"candidates": [option_name(o) for o in cands], "evaluations": evaluations,
                 "sensitivity": sensitivity_table("relative output error (MSE / output power)",
-                                                 [_option_name(o) for o in cands],
+                                                 [option_name(o) for o in cands],
                                                  {n: [e for _, e in o] for n, o in options.items()}),
                 "estimated_bits_per_weight": round(total_bytes(options, assign) * 8 / params, 4),
                 "estimated_sqnr_db": round(float(10 * np.log10(1 / est)), 2) if est > 0 else None}
@@ -412,7 +412,7 @@ class Astc(StepConfig):
         show = getattr(ctx, "show_progress", True)
         candidates = {n: m for n, m in new.named_modules() if is_compressible(m)}
         left = self.skipped_layers(candidates)
-        overrides = {n: _option(v) for n, v in self.layer_setting(candidates, "footprint").items() if n not in left}
+        overrides = {n: parse_option(v) for n, v in self.layer_setting(candidates, "footprint").items() if n not in left}
         skipped = [{"layer": n, "reason": "skipped by the plan's layer rules"} for n in left]
         layers = {}
         for n, m in candidates.items():
@@ -530,7 +530,7 @@ def _footprint_loss(model: nn.Module, x: torch.Tensor, reference, unit: str, lev
     step chose (the Gram from ``x`` split into the step's calibration batches, as the step
     measures it). The engine's measurement for the footprint budget; the encoding stays in
     :func:`encode_weight`'s memory, so in the step's own process the final encoding is free."""
-    fp, channels = _option(setup["candidates"][level])
+    fp, channels = parse_option(setup["candidates"][level])
     rule = setup["layers"][unit]
     layer = model.get_submodule(unit)
     original = layer.weight.detach().clone()
