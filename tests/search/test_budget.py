@@ -360,3 +360,17 @@ def test_a_choice_with_astc_is_checked_against_the_best_without(lenet5_trained, 
     assert textured and plain  # both retrained (here: none) and evaluated
     best = max(d["frontier"], key=lambda p: p["val_metric"])
     assert best["chosen"] and d["val_after"] == best["val_metric"]
+
+
+def test_a_choice_of_ranks_and_textures_builds_both(lenet5_trained):
+    from torch import nn
+
+    from nnshrink.search.budget import _astc_level, _level
+    from nnshrink.techniques.astc import AstcRecord
+    from nnshrink.techniques.records import record_of
+
+    choice = {"fc1": _level(0.0, 0, 8), "conv2": _astc_level(((8, 8), 1))}
+    model, done = Budget(target="ratio=20x", techniques=("rank", "astc"))._build(lenet5_trained, choice, None, False)
+    assert isinstance(record_of(model.conv2), AstcRecord) and isinstance(model.fc1, nn.Sequential)
+    assert done["astc"] == {"conv2": "8x8"} and done["decomposed"]["fc1"]["rank"] == 8
+    assert isinstance(record_of(lenet5_trained.conv2), type(None))  # the model given is not changed

@@ -431,7 +431,7 @@ class Budget(StepConfig):
             done["astc"] = {n: _option_name(o) for n, o in textures.items()}
         ranked = {n: _rank(lv) for n, lv in choice.items() if _rank(lv)[0]}
         if ranked:
-            current = copy.deepcopy(model)
+            current = copy.deepcopy(model) if current is model else current  # keeping the textures
             for n, (rank, method) in ranked.items():
                 replace_module(current, n, decompose(method, current.get_submodule(n), rank))
             done["decomposed"] = {n: {"rank": rank, "method": method} for n, (rank, method) in ranked.items()}
