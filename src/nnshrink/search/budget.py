@@ -53,6 +53,11 @@ from nnshrink.search.engine import EXECUTORS, held_memo, measure_curves, output_
 from nnshrink.search.latency import model_latency, same_weights, unit_latencies
 from nnshrink.search.solvers import budgets, estimated_noise, least_noise, least_noise_ilp, total_bytes
 from nnshrink.techniques.allocation import sample_inputs
+from nnshrink.techniques.astc import codec as astc_codec
+from nnshrink.techniques.astc import compensate as astc_compensate
+from nnshrink.techniques.astc import layout as astc_layout
+from nnshrink.techniques.astc import record as astc_record
+from nnshrink.techniques.astc import step as astc_step
 from nnshrink.techniques.calibration import layer_hessians
 from nnshrink.techniques.cluster import ShareWeights, codebook_record, share_weights
 from nnshrink.techniques.lowrank import decompose, eligible, full_rank
@@ -153,10 +158,8 @@ def _compressed(layer: nn.Module, level: int, hessian: torch.Tensor | None = Non
     image a Linear after a flatten reads, for its layout)."""
     option = _astc(level)
     if option is not None:
-        from nnshrink.techniques.astc.step import encode_layer
-
         new = copy.deepcopy(layer)
-        encode_layer(new, option, input_hw, hessian, quality, torch.get_num_threads())
+        astc_step.encode_layer(new, option, input_hw, hessian, quality, torch.get_num_threads())
         return new
     sparsity, bits = _setting(level)
     rank, method = _rank(level)
@@ -209,9 +212,7 @@ def _measure(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: s
         hessian = held_memo(_HESSIANS, unit, (model, x), lambda: layer_hessians(model, {unit: layer}, [x[:half]])[unit])
         scored = slice(half, None)
     if astc:  # the blocks' count, so their bytes, does not depend on the compensation
-        from nnshrink.techniques.astc.step import input_shapes
-
-        shapes = held_memo(_SHAPES, "shapes", (model, x), lambda: input_shapes(model, x[:1]))
+        shapes = held_memo(_SHAPES, "shapes", (model, x), lambda: astc_step.input_shapes(model, x[:1]))
         priced = small = _compressed(layer, level, hessian, shapes.get(unit), astc_quality)
     else:
         # priced as magnitude pruning makes it, which is what the retraining does (the masks grow
@@ -342,9 +343,7 @@ class Budget(StepConfig):
         problem = _footprints(list(self.footprints)) if self.footprints else None
         if problem:
             raise ConfigError(f"budget.footprints must be {problem}, got {list(self.footprints)}")
-        from nnshrink.techniques.astc.codec import quality_value
-
-        quality_value(self.astc_quality)
+        astc_codec.quality_value(self.astc_quality)
 
     def chosen_techniques(self) -> tuple[str, ...]:
         """The techniques this budget combines (the default: prune and share, and rank for a MAC target)."""
@@ -419,16 +418,14 @@ class Budget(StepConfig):
         current, done = model, {}
         textures = {n: _astc(lv) for n, lv in choice.items() if _astc(lv) is not None}
         if textures:
-            from nnshrink.techniques.astc.step import encode_layer
-
             hessians, shapes = astc_inputs
             current = copy.deepcopy(model)
             for n, option in textures.items():
                 layer = current.get_submodule(n)
-                encode_layer(layer, option, shapes.get(n), hessians.get(n), self.astc_quality,
+                astc_step.encode_layer(layer, option, shapes.get(n), hessians.get(n), self.astc_quality,
                              torch.get_num_threads(), n)
                 layer.weight.requires_grad_(False)  # the blocks are the weights: retraining works around them
-            done["astc"] = {n: _option_name(o) for n, o in textures.items()}
+            done["astc"] = {n: astc_step.option_name(o) for n, o in textures.items()}
         ranked = {n: _rank(lv) for n, lv in choice.items() if _rank(lv)[0]}
         if ranked:
             current = copy.deepcopy(model) if current is model else current  # keeping the textures
@@ -511,12 +508,10 @@ class Budget(StepConfig):
         astc_units = [n for n, levels in units.items() if any(_astc(lv) for lv in levels)]
         astc_inputs: tuple[dict, dict] = ({}, {})
         if astc_units:
-            from nnshrink.techniques.astc import compensate, layout, record, step
-
-            key += [code_fingerprint(step, compensate, layout, record, sys.modules["nnshrink.techniques.astc.codec"]),
+            key += [code_fingerprint(astc_step, astc_compensate, astc_layout, astc_record, astc_codec),
                     self.astc_quality]
             plain = {n: model.get_submodule(n) for n in astc_units if getattr(model.get_submodule(n), "groups", 1) == 1}
-            astc_inputs = (layer_hessians(model, plain, torch.split(x, 64)), step.input_shapes(model, x[:1]))
+            astc_inputs = (layer_hessians(model, plain, torch.split(x, 64)), astc_step.input_shapes(model, x[:1]))
         measured = measure_curves(model, x, tasks, fn, key, self.executor,
                                   show_progress=show_progress, description="budget: output error, bytes and MACs per setting")
         timings["measure"] = time.perf_counter() - started
@@ -783,7 +778,7 @@ def _sensitivity(units: dict[str, list[int]], options: dict[str, list[tuple[floa
     titled by the fraction of the layer's full rank it keeps (each cell labelled with its rank)."""
     def title(name: str, level: int) -> str:
         if _astc(level) is not None:
-            return f"astc {_option_name(_astc(level))}"
+            return f"astc {astc_step.option_name(_astc(level))}"
         sparsity, bits = _setting(level)
         rank, method = _rank(level)
         parts = ([f"{method} rank {rank / decomposable[name][method]:.0%}"] if rank else []) + \
@@ -812,7 +807,7 @@ def _describe(level: int) -> dict:
     rank, method = _rank(level)
     out = {"sparsity": sparsity, "bits": bits or None}
     if _astc(level) is not None:
-        out["astc"] = _option_name(_astc(level))
+        out["astc"] = astc_step.option_name(_astc(level))
     if rank:
         out.update(rank=rank, method=method)
     return out
@@ -820,18 +815,9 @@ def _describe(level: int) -> dict:
 
 def _astc_options(names) -> list[tuple]:
     """``["8x8", "12x12/2"]`` as ASTC options (empty: all 14 footprints at one and two channels)."""
-    from nnshrink.techniques.astc.codec import FOOTPRINTS
-    from nnshrink.techniques.astc.step import parse_option
-
     if not names:
-        return [(fp, c) for fp in FOOTPRINTS for c in (1, 2)]
-    return [parse_option(n) for n in names]
-
-
-def _option_name(option: tuple) -> str:
-    from nnshrink.techniques.astc.step import option_name
-
-    return option_name(option)
+        return [(fp, c) for fp in astc_codec.FOOTPRINTS for c in (1, 2)]
+    return [astc_step.parse_option(n) for n in names]
 
 
 def _footprints(value) -> str | None:
