@@ -45,6 +45,7 @@ from torch import nn
 from nnshrink.cache import code_fingerprint
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import analyze
+from nnshrink.graph.groups import ChannelGroup, build_dependency_graph
 from nnshrink.graph.surgery import replace_module
 from nnshrink.io import container
 from nnshrink.plan.config import SKIP, StepConfig, StepResult, glob_escape
@@ -59,12 +60,13 @@ from nnshrink.techniques.astc import layout as astc_layout
 from nnshrink.techniques.astc import record as astc_record
 from nnshrink.techniques.astc import step as astc_step
 from nnshrink.techniques.calibration import layer_hessians
+from nnshrink.techniques.channels import group_label, prunable_groups, prune_group
 from nnshrink.techniques.cluster import ShareWeights, codebook_record, share_weights
 from nnshrink.techniques.lowrank import decompose, eligible, full_rank
 from nnshrink.techniques.records import attach, record_of
 from nnshrink.techniques.sparsity import Sparsify, magnitude_masks, prunable_layers, sparsegpt
 
-TECHNIQUES = ("prune", "share", "rank", "astc")
+TECHNIQUES = ("prune", "share", "rank", "astc", "channels")
 SOLVERS = ("auto", "knapsack", "ilp")
 _SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000 ** 2, "mib": 1024 ** 2}
 _TARGET_HELP = ("use size=25KB (B, KB, KiB, MB, MiB), ratio=100x (float32 bytes / container bytes), macs=0.5 "
@@ -142,6 +144,22 @@ def _rank(level: int) -> tuple[int, str | None]:
     """(rank, ``weight`` or ``spatial``) of a level; (0, None) where it decomposes nothing."""
     code = level // 16 // 1001
     return (code // 2, "spatial" if code % 2 else "weight") if code and level < _ASTC_LEVELS else (0, None)
+
+
+_CHANNELS = "channels:"  # a channel group's unit: this, then the group's label (its first producing layer)
+
+
+def _is_group(unit: str) -> bool:
+    """Whether ``unit`` is a channel group (its levels are channel counts), not a layer."""
+    return unit.startswith(_CHANNELS)
+
+
+def _group_count(count: float, channels: int, multiple: int) -> int:
+    """``count`` channels of a group of ``channels`` rounded to a multiple of ``multiple`` (halved
+    until the group holds two of it: a 12-channel group counts in fours), at least one multiple."""
+    while multiple > 1 and channels < 2 * multiple:
+        multiple //= 2
+    return int(min(channels, max(multiple, round(count / multiple) * multiple)))
 
 
 def _layer_names(name: str, level: int) -> list[str]:
@@ -233,6 +251,20 @@ def _measure(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: s
         replace_module(model, unit, layer)
 
 
+def _measure_group(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str, level: int) -> list[float]:
+    """[output error, stored bytes (0: a group's layers are priced by their own settings), the
+    model's MACs] with channel group ``unit`` alone pruned to ``level`` channels: ThiNet's
+    selection and the consumers' least-squares refit from the first half of ``x``
+    (:func:`nnshrink.techniques.channels.prune_group`), the error measured on the second half."""
+    trial = copy.deepcopy(model)
+    half = len(x) // 2 if len(x) >= 2 else len(x)
+    scored = slice(half, None) if len(x) >= 2 else slice(None)
+    prune_group(trial, x[:half], unit[len(_CHANNELS):], level)
+    with torch.no_grad():
+        error = output_loss(output_rows(reference, scored), trial(x[scored]))
+    return [error, 0.0, float(analyze(trial, x[:1]).total_macs)]
+
+
 @dataclass(frozen=True)
 class Budget(StepConfig):
     """Per-layer pruning, weight sharing and low rank for one target, chosen from measured costs.
@@ -247,7 +279,10 @@ class Budget(StepConfig):
         techniques: Which to combine: ``prune``, ``share``, ``rank`` (weight SVD of Linear and 1x1
             conv layers, spatial SVD of k x k convs), ``astc`` (a layer's weights as ASTC texture
             blocks a GPU decodes, error-compensated, instead of pruned and shared; encoded
-            before retraining and held, so the other layers learn to make up for its error).
+            before retraining and held, so the other layers learn to make up for its error),
+            ``channels`` (channel pruning of each dependency group, ThiNet's selection with the
+            consumers refit by least squares; for ``macs`` and ``latency`` targets: fewer
+            channels are what a dense kernel runs faster on, where a lower rank adds a node).
             Empty (the default): prune and share, and rank where the target has ``macs``
             (pruned weights are still multiplied by a dense kernel, so pruning and sharing save
             bytes, not MACs).
@@ -257,9 +292,16 @@ class Budget(StepConfig):
         sparsities: Sparsity grid per layer (0 is always included).
         bits: Codebook sizes per layer (``2**bits`` centroids); float values always included.
         ranks: Ranks per layer as fractions of its full rank (undecomposed is always included).
-        layers: Rules by layer name pattern (first match wins): ``skip`` leaves a layer as it is;
-            a mapping with ``sparsity``, ``bits`` and/or ``rank`` (a value or a list; rank 0 is
-            not decomposed) fixes or narrows its grid, e.g. ``{"conv1": skip, "fc*": {"bits": [4, 5]}}``.
+        channel_fractions: Channel counts per group as fractions of its channels (all of them
+            is always included), rounded to multiples of ``channel_multiple``.
+        channel_multiple: Channel counts are multiples of this (halved for a group smaller
+            than two of it): ONNX Runtime's x86 blocked kernels ran a MobileNet pruned to
+            multiples of 2 1.4x slower than the unpruned one at half the MACs.
+        layers: Rules by layer name pattern (first match wins): ``skip`` leaves a layer as it is
+            (and a channel group it produces); a mapping with ``sparsity``, ``bits``, ``rank``
+            (rank 0 is not decomposed) and/or ``channels`` (channel counts of the group the
+            layer produces), each a value or a list, fixes or narrows its grid, e.g.
+            ``{"conv1": skip, "fc*": {"bits": [4, 5]}, "conv2": {"channels": [16, 24]}}``.
         prune_steps: Retraining steps while the masks grow to each layer's sparsity (or, with
             no layer pruned, fine-tuning the decomposed layers).
         share_steps: Centroid training steps with the indices (and zeros) held.
@@ -285,13 +327,17 @@ class Budget(StepConfig):
                                                   "whole numbers 0 (float) or 2-8, one or a list"),
                       "rank": lambda v: _settings(v, lambda r: r == int(r) and r >= 0,
                                                   "whole numbers, 0 (not decomposed) or more, one or a list"),
-                      "footprint": lambda v: _footprints(v)}
+                      "footprint": lambda v: _footprints(v),
+                      "channels": lambda v: _settings(v, lambda c: c == int(c) and c >= 1,
+                                                      "whole numbers of channels, 1 or more, one or a list")}
     target: str = ""
     max_drop: float | None = None
     techniques: tuple[str, ...] = ()
     sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
     bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     ranks: tuple[float, ...] = (0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
+    channel_fractions: tuple[float, ...] = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
+    channel_multiple: int = 8
     footprints: tuple[str, ...] = ()
     astc_quality: str = "medium"
     prune_steps: int = 1500
@@ -314,9 +360,18 @@ class Budget(StepConfig):
         if bad:
             raise ConfigError(f"budget.techniques are chosen from {', '.join(TECHNIQUES)}, got {list(self.techniques)}")
         for kind in _FRACTIONS:
-            if kind in targets and "rank" not in self.chosen_techniques():
-                raise ConfigError(f"budget target {kind}=... needs the rank technique: pruning and sharing do not "
-                                  f"reduce the {'MACs' if kind == 'macs' else 'time'} a dense kernel takes")
+            if kind in targets and not {"rank", "channels"} & set(self.chosen_techniques()):
+                raise ConfigError(f"budget target {kind}=... needs the rank or the channels technique: pruning and "
+                                  f"sharing do not reduce the {'MACs' if kind == 'macs' else 'time'} a dense kernel "
+                                  "takes")
+        if "channels" in self.techniques and not set(targets) & set(_FRACTIONS):
+            raise ConfigError("budget technique channels buys MACs and time: give a macs=... or latency=... target "
+                              "beside it")
+        for f in self.channel_fractions:
+            if not 0 < f < 1:
+                raise ConfigError(f"budget.channel_fractions are fractions of each group's channels in (0, 1), got {f}")
+        if self.channel_multiple < 1:
+            raise ConfigError(f"budget.channel_multiple must be >= 1, got {self.channel_multiple}")
         for s in self.sparsities:
             if not 0 <= s < 1:
                 raise ConfigError(f"budget.sparsities must lie in [0, 1), got {s}")
@@ -392,7 +447,10 @@ class Budget(StepConfig):
         levels |= {_astc_level(o) for o in astc}
         return sorted(levels), (full if methods else None)
 
-    def _units(self, model: nn.Module, byte_settings: bool) -> tuple[dict[str, list[int]], dict[str, dict], list[dict]]:
+    def _units(self, model: nn.Module, byte_settings: bool,
+               x: torch.Tensor) -> tuple[dict[str, list[int]], dict[str, dict], list[dict], dict[str, ChannelGroup]]:
+        """The units (layers, then channel groups) and their levels, the decomposable layers'
+        full ranks, the layers and groups left alone (with the reason) and the groups by unit."""
         layers = prunable_layers(model)
         rules = self.layer_rules(layers)
         units, decomposable, skipped = {}, {}, []
@@ -404,22 +462,56 @@ class Budget(StepConfig):
             units[name], info = self._grid(name, layer, rule, byte_settings)
             if info is not None:
                 decomposable[name] = info
+        groups: dict[str, ChannelGroup] = {}
+        if "channels" in self.chosen_techniques():
+            found, left = prunable_groups(build_dependency_graph(model, x[:1]), rules)
+            skipped += [{**s, "reason": f"channels: {s['reason']}"} for s in left
+                        if not s["reason"].startswith("skipped by")]
+            for g in found:
+                label, total = group_label(g), g.channels
+                counts = {_group_count(f * total, total, self.channel_multiple) for f in self.channel_fractions}
+                fixed = {int(v) for n, _ in g.producers if isinstance(rules.get(n), dict) and "channels" in rules[n]
+                         for v in _values(rules[n]["channels"])}
+                if fixed:
+                    if max(fixed) > total:
+                        raise ConfigError(f"budget.layers[{label!r}]: channels {max(fixed)} is more than the group "
+                                          f"it produces holds ({total})")
+                    counts = fixed
+                levels = sorted(counts | ({total} if not fixed else set()), reverse=True)
+                if levels != [total]:
+                    units[_CHANNELS + label], groups[_CHANNELS + label] = levels, g
         if not units:
             raise ConfigError("budget: every Conv/Linear layer is skipped; nothing to choose")
-        return units, decomposable, skipped
+        return units, decomposable, skipped, groups
 
     # -- the pipeline -----------------------------------------------------------------------------
     def _build(self, model: nn.Module, choice: dict[str, int], ctx, train: bool,
-               astc_inputs: tuple[dict, dict] = ({}, {})) -> tuple[nn.Module, dict]:
-        """Encode as ASTC (held from then on), decompose, prune (gradually, retraining) and share
+               astc_inputs: tuple[dict, dict] = ({}, {}), x: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
+        """Prune channel groups (one-shot, with the consumers refit on the sampled inputs ``x``),
+        encode as ASTC (held from then on), decompose, prune (gradually, retraining) and share
         (codebooks trained) per ``choice`` (unit -> level). ``astc_inputs``: each ASTC unit's
         input Hessian on the sampled inputs and the image a Linear after a flatten reads."""
-        settings = {n: _setting(lv) for n, lv in choice.items()}
         current, done = model, {}
+        counts = {n[len(_CHANNELS):]: lv for n, lv in choice.items() if _is_group(n)}
+        choice = {n: lv for n, lv in choice.items() if not _is_group(n)}
+        settings = {n: _setting(lv) for n, lv in choice.items()}
+        narrowed = {}
+        if counts:
+            current = copy.deepcopy(model)
+            for label, keep in counts.items():  # in execution order; each prune finds its group anew
+                total = next(g.channels for g in build_dependency_graph(current, x[:1]).groups
+                             if g.producers and group_label(g) == label)
+                if keep < total:
+                    prune_group(current, x, label, keep)
+                    narrowed[label] = {"channels": total, "kept": keep}
+            done["channels"] = narrowed
         textures = {n: _astc(lv) for n, lv in choice.items() if _astc(lv) is not None}
         if textures:
             hessians, shapes = astc_inputs
-            current = copy.deepcopy(model)
+            if narrowed:  # the Hessians of the layers' inputs as the channel pruning left them
+                plain = {n: current.get_submodule(n) for n in textures if getattr(current.get_submodule(n), "groups", 1) == 1}
+                hessians = layer_hessians(current, plain, torch.split(x, 64))
+            current = copy.deepcopy(model) if current is model else current
             for n, option in textures.items():
                 layer = current.get_submodule(n)
                 astc_step.encode_layer(layer, option, shapes.get(n), hessians.get(n), self.astc_quality,
@@ -429,7 +521,11 @@ class Budget(StepConfig):
         ranked = {n: _rank(lv) for n, lv in choice.items() if _rank(lv)[0]}
         if ranked:
             current = copy.deepcopy(model) if current is model else current  # keeping the textures
-            for n, (rank, method) in ranked.items():
+            for n, (rank, method) in list(ranked.items()):
+                if rank >= full_rank(current.get_submodule(n), method):  # its channels pruned below the rank
+                    del ranked[n]
+                    done.setdefault("rank_above_pruned_channels", []).append(n)
+                    continue
                 replace_module(current, n, decompose(method, current.get_submodule(n), rank))
             done["decomposed"] = {n: {"rank": rank, "method": method} for n, (rank, method) in ranked.items()}
         sparse = {n: s for n, (s, _) in settings.items() if s > 0}
@@ -439,10 +535,10 @@ class Budget(StepConfig):
                               layers={**{glob_escape(n): SKIP for n in textures},
                                       **{glob_escape(n): {"sparsity": s} for n, s in sparse.items()}}).apply(current, _quiet(ctx))
             current, done["sparsify"] = result.model, result.details
-        elif (ranked or textures) and steps["prune"]:  # the rest fine-tuned (with a pruned layer, Sparsify's retraining)
+        elif (ranked or textures or narrowed) and steps["prune"]:  # the rest fine-tuned (with a pruned layer, Sparsify's retraining)
             current = ctx.train(current, steps["prune"]) or current
             done["finetune"] = {"steps": steps["prune"]}
-        shared = {sub: b for n, (_, b) in settings.items() if b for sub in _layer_names(n, choice[n])}
+        shared = {sub: b for n, (_, b) in settings.items() if b for sub in _layer_names(n, choice[n] if n in ranked else 0)}
         if shared:
             others = tuple(n for n in prunable_layers(current) if n not in shared)
             rules = {**{glob_escape(n): SKIP for n in others}, **{glob_escape(n): {"bits": b} for n, b in shared.items()}}
@@ -450,7 +546,8 @@ class Budget(StepConfig):
             current, done["share_weights"] = result.model, result.details
         if self.bias_bits:
             current, done["biases"] = _share_biases(current, [sub for n, lv in choice.items()
-                                                              for sub in _layer_names(n, lv)], self.bias_bits)
+                                                              for sub in _layer_names(n, lv if n in ranked else 0)],
+                                                    self.bias_bits)
         for n in textures:
             layer = current.get_submodule(n)
             if record_of(layer) is None:  # pragma: no cover - held weights cannot drift
@@ -459,18 +556,27 @@ class Budget(StepConfig):
         return current, done
 
     def _latency_costs(self, model: nn.Module, base_model: nn.Module, example: torch.Tensor,
-                       units: dict[str, list[int]], show_progress: bool) -> tuple[dict[str, list[float]], float, float]:
+                       units: dict[str, list[int]], groups: dict[str, ChannelGroup], x: torch.Tensor,
+                       show_progress: bool) -> tuple[dict[str, list[float]], float, float]:
         """Each unit's latency change at each of its levels (seconds, as a share of the model's
         timed latency), the model's latency and the plan's original model's: ONNX Runtime
-        profiles of the model and of one variant per rank position (every unit at its k-th rank at
-        once), each node charged to the unit whose weights it reads (:mod:`nnshrink.search.latency`).
-        Pruning and sharing change no dense kernel's time, so only the rank of a level counts."""
-        forms = {n: sorted({_rank(lv) for lv in levels if _rank(lv)[0]}, reverse=True) for n, levels in units.items()}
+        profiles of the model and of one variant per rank position (every layer at its k-th rank
+        at once) and per channel position (every group at its k-th count at once), each node
+        charged to the layer whose weights it reads (:mod:`nnshrink.search.latency`). A layer
+        that two groups narrow (its inputs and its outputs) shares its change between them by
+        the log of the MAC factor each gives it. Pruning and sharing change no dense kernel's
+        time, so only the rank and the channel count of a level count."""
+        layer_units = [n for n in units if not _is_group(n)]
+        names = list(prunable_layers(model))
+        forms = {n: sorted({_rank(lv) for lv in units[n] if _rank(lv)[0]}, reverse=True) for n in layer_units}
+        counts = {n: units[n][1:] for n in groups}  # the counts below all channels, most first
         variants = max((len(f) for f in forms.values()), default=0)
-        with progress_bar("budget: ONNX Runtime latency per layer and rank", variants + 1, show_progress) as advance:
+        narrowings = max((len(c) for c in counts.values()), default=0)
+        with progress_bar("budget: ONNX Runtime latency per layer, rank and channel count", variants + narrowings + 1,
+                          show_progress) as advance:
             now = model_latency(model, example)
             base = now if base_model is model or same_weights(base_model, model) else model_latency(base_model, example)
-            kernels, every = unit_latencies(model, example, list(units))
+            kernels, every = unit_latencies(model, example, names)
             advance(1)
             scale = now / every if every > 0 else 0.0  # kernel seconds -> seconds of the timed model
             times: dict[tuple[str, tuple], float] = {}
@@ -480,13 +586,28 @@ class Budget(StepConfig):
                     if len(f) > k:
                         rank, method = f[k]
                         replace_module(variant, n, decompose(method, variant.get_submodule(n), rank))
-                timed, _ = unit_latencies(variant, example, list(units))
+                timed, _ = unit_latencies(variant, example, layer_units)
                 for n, f in forms.items():
                     if len(f) > k:
                         times[(n, f[k])] = timed.get(n, kernels.get(n, 0.0))
                 advance(1)
+            narrowed: dict[tuple[str, int], float] = {}
+            for k in range(narrowings):
+                variant = copy.deepcopy(model)
+                kept = {n: c[k] for n, c in counts.items() if len(c) > k}
+                for n, keep in kept.items():  # selection only: timing needs no refit
+                    prune_group(variant, x, n[len(_CHANNELS):], keep, reconstruct=False)
+                timed, _ = unit_latencies(variant, example, names)
+                shares = _narrowing_shares(model, {n: groups[n] for n in kept}, kept)
+                for n in kept:
+                    narrowed[(n, kept[n])] = sum((timed.get(layer, 0.0) - kernels.get(layer, 0.0)) * share
+                                                 for layer, share in shares[n].items())
+                advance(1)
         change = {}
         for n, levels in units.items():
+            if n in groups:
+                change[n] = [narrowed[(n, lv)] * scale if i else 0.0 for i, lv in enumerate(levels)]
+                continue
             here = kernels.get(n, 0.0)
             change[n] = [(times[(n, _rank(lv))] - here) * scale if _rank(lv)[0] else 0.0 for lv in levels]
         return change, now, base
@@ -500,8 +621,8 @@ class Budget(StepConfig):
         byte_settings = "size" in targets or "ratio" in targets or self.max_drop is not None
         train = ctx.train is not None and (self.prune_steps > 0 or self.share_steps > 0)
         x = sample_inputs(ctx, self.samples)
-        units, decomposable, skipped = self._units(model, byte_settings)
-        tasks = [(n, lv) for n, levels in units.items() for lv in levels]
+        units, decomposable, skipped, groups = self._units(model, byte_settings, x)
+        tasks = [(n, lv) for n, levels in units.items() for lv in levels if n not in groups]
         codec = code_fingerprint(container, sys.modules["nnshrink.codec.stream"])
         fn = functools.partial(_measure, reconstruct=self.sensitivity == "reconstructed", astc_quality=self.astc_quality)
         key = ["budget", codec, self.sensitivity]
@@ -514,19 +635,30 @@ class Budget(StepConfig):
             astc_inputs = (layer_hessians(model, plain, torch.split(x, 64)), astc_step.input_shapes(model, x[:1]))
         measured = measure_curves(model, x, tasks, fn, key, self.executor,
                                   show_progress=show_progress, description="budget: output error, bytes and MACs per setting")
+        macs_now = analyze(model, x[:1]).total_macs
+        if groups:  # each group at each count below all its channels (all of them: as the model is)
+            narrowing = [(n, lv) for n in groups for lv in units[n][1:]]
+            measured.update(measure_curves(model, x, narrowing, _measure_group, ["budget-channels", codec],
+                                           self.executor, show_progress=show_progress,
+                                           description="budget: output error and MACs per channel count"))
+            measured.update({(n, units[n][0]): [0.0, 0.0, float(macs_now)] for n in groups})
+            tasks += narrowing
         timings["measure"] = time.perf_counter() - started
         # options[unit] = [(bytes, output error)] in the order of the unit's levels; mac_change[unit]
-        # = the model's MACs at each of them less its MACs as it is (per-layer changes add exactly)
+        # = the model's MACs at each of them less its MACs as it is (per-layer changes add exactly;
+        # two narrowed channel groups that meet in one layer save less than their sum, which the
+        # check of the built model below makes up for)
         options = {n: [(measured[(n, lv)][1], measured[(n, lv)][0]) for lv in levels] for n, levels in units.items()}
-        macs_now = analyze(model, x[:1]).total_macs
         mac_change = {n: [measured[(n, lv)][2] - macs_now for lv in levels] for n, levels in units.items()}
 
         base_model = ctx.original if ctx.original is not None else model
         base_info = analyze(base_model, ctx.example_input[:1])
         float32 = base_info.total_bytes
         mac_limit = None
+        mac_room = [0.0]  # MACs the model may still change by (the solver's limit)
         if "macs" in targets:
             mac_limit = targets["macs"] * base_info.total_macs
+            mac_room[0] = mac_limit - macs_now
             _reachable("macs", targets["macs"], macs_now, mac_change, base_info.total_macs,
                        lambda v: f"{v:,.0f} MACs", "the fewest these settings make is", "more MACs")
         latency_limit = latency_now = None
@@ -534,7 +666,7 @@ class Budget(StepConfig):
         if "latency" in targets:
             t0 = time.perf_counter()
             lat_change, latency_now, latency_base = self._latency_costs(model, base_model, ctx.example_input, units,
-                                                                        show_progress)
+                                                                        groups, x, show_progress)
             latency_limit = targets["latency"] * latency_base
             latency_room[0] = latency_limit - latency_now
             timings["latency"] = time.perf_counter() - t0
@@ -556,7 +688,7 @@ class Budget(StepConfig):
                 if byte_room is not None:
                     limits["bytes"] = ({n: [b for b, _ in o] for n, o in opts.items()}, byte_room)
                 if mac_limit is not None:
-                    limits["macs"] = ({n: [mac_change[n][i] for i in keep[n]] for n in opts}, mac_limit - macs_now)
+                    limits["macs"] = ({n: [mac_change[n][i] for i in keep[n]] for n in opts}, mac_room[0])
                 if latency_limit is not None:
                     limits["latency"] = ({n: [lat_change[n][i] for i in keep[n]] for n in opts}, latency_room[0])
                 got = least_noise_ilp(opts, limits)
@@ -565,7 +697,7 @@ class Budget(StepConfig):
         # the file's fixed part: one real container of the smallest one-shot assignment
         t0 = time.perf_counter()
         smallest = {n: int(np.argmin([b for b, _ in o])) for n, o in options.items()}
-        probe, _ = self._build(model, {n: units[n][i] for n, i in smallest.items()}, ctx, False, astc_inputs)
+        probe, _ = self._build(model, {n: units[n][i] for n, i in smallest.items()}, ctx, False, astc_inputs, x)
         overhead = _file_bytes(probe, ctx.example_input) - total_bytes(options, smallest)
         timings["measure_overhead"] = time.perf_counter() - t0
 
@@ -592,7 +724,7 @@ class Budget(StepConfig):
             key = tuple(sorted(assign.items()))
             if key not in built:
                 choice = {n: units[n][i] for n, i in assign.items()}
-                new, steps_done = self._build(model, choice, ctx, train, astc_inputs)
+                new, steps_done = self._build(model, choice, ctx, train, astc_inputs, x)
                 val = ctx.evaluate(new) if ctx.evaluate else None
                 evaluations[0] += 1
                 est = overhead + total_bytes(options, assign)
@@ -600,7 +732,9 @@ class Budget(StepConfig):
                 point = {"key": key, "bytes": real, "bytes_estimated": round(est), "ratio": round(float32 / real, 2),
                          "macs": analyze(new, ctx.example_input[:1]).total_macs, "val_metric": val,
                          "estimated_noise": estimated_noise(options, assign),
-                         "layers": {n: _describe(units[n][i]) for n, i in assign.items()}}
+                         "layers": {n: _describe(units[n][i]) for n, i in assign.items() if n not in groups}}
+                if groups:
+                    point["channels"] = {n[len(_CHANNELS):]: units[n][i] for n, i in assign.items() if n in groups}
                 if latency_limit is not None:  # timed whole, as deployed: the check on the estimate
                     point["latency_s"] = model_latency(new, ctx.example_input)
                     point["latency_estimated_s"] = latency_now + sum(lat_change[n][i] for n, i in assign.items())
@@ -614,27 +748,34 @@ class Budget(StepConfig):
 
         t0 = time.perf_counter()
         room = None if limit is None else (limit - overhead) - 0.01 * limit
-        if limit is not None or latency_limit is not None:
+        if limit is not None or latency_limit is not None or (mac_limit is not None and groups):
             # What the measurements price can be short of what the file and the runtime show:
             # the fixed part of the file (graph, index, biases) depends on the form each layer
-            # takes (a decomposed layer adds a node and a record), and each node costs the
-            # runtime a little its profile does not show. So the chosen assignment is built
-            # one-shot, written and timed whole, and while it misses a target that target's
-            # room is cut by what the build shows and the choice made again (the fixed part
-            # only grows and the time room only shrinks, so this ends). 1% of the bytes is kept
-            # back for retraining, whose codebooks can code to a little more (the check against
-            # the file below catches the rest); retraining changes no shape, so no time.
+            # takes (a decomposed layer adds a node and a record), each node costs the runtime a
+            # little its profile does not show, and two channel groups narrowed together save
+            # fewer MACs than each alone adds up to (a layer between them shrinks by the product
+            # of their factors). So the chosen assignment is built one-shot, written, counted and
+            # timed whole, and while it misses a target that target's room is cut by what the
+            # build shows and the choice made again (the fixed part only grows and the MAC and
+            # time rooms only shrink, so this ends). 1% of the bytes is kept back for
+            # retraining, whose codebooks can code to a little more (the check against the file
+            # below catches the rest); retraining changes no shape, so no MACs and no time.
             for _ in range(6):
                 first = solve(room)
                 if first is None:
                     break
-                shot, _ = self._build(model, {n: units[n][i] for n, i in first.items()}, ctx, False, astc_inputs)
+                shot, _ = self._build(model, {n: units[n][i] for n, i in first.items()}, ctx, False, astc_inputs, x)
                 missed = False
                 if limit is not None:
                     real = _file_bytes(shot, ctx.example_input)
                     if real > limit - 0.01 * limit:
                         overhead = max(overhead, real - total_bytes(options, first))
                         room, missed = (limit - overhead) - 0.01 * limit, True
+                if mac_limit is not None and groups:
+                    counted = analyze(shot, ctx.example_input[:1]).total_macs
+                    if counted > mac_limit:
+                        mac_room[0] -= counted - mac_limit + 0.002 * mac_limit
+                        missed = True
                 if latency_limit is not None:
                     timed = model_latency(shot, ctx.example_input)
                     if timed > latency_limit:
@@ -715,13 +856,17 @@ class Budget(StepConfig):
         timings["search"] = time.perf_counter() - t0
         new, steps_done, val = built[key]
         final = next(p for p in points if p["key"] == key)
-        if mac_limit is not None and final["macs"] > mac_limit:  # per-layer MACs add exactly: a defect if not
+        if mac_limit is not None and final["macs"] > mac_limit:  # the fit above holds the first choice to it
             raise ConfigError(f"budget target {self.target} was missed: {final['macs']:,} MACs for {mac_limit:,.0f}")
         for p in points:
             p["chosen"] = p.pop("key") == key
         layers = {n: {**_describe(units[n][i]), "bytes": int(options[n][i][0]),
                       "macs_change": int(mac_change[n][i]),
-                      "output_error": round(float(options[n][i][1]), 6)} for n, i in chosen.items()}
+                      "output_error": round(float(options[n][i][1]), 6)} for n, i in chosen.items() if n not in groups}
+        narrowed = {n[len(_CHANNELS):]: {"channels": units[n][0], "kept": units[n][i],
+                                         "macs_change": int(mac_change[n][i]),
+                                         "output_error": round(float(options[n][i][1]), 6)}
+                    for n, i in chosen.items() if n in groups}
         timings["total"] = time.perf_counter() - started
         details = {
             "target": self.target or None, "target_bytes": None if limit is None else round(limit),
@@ -732,7 +877,7 @@ class Budget(StepConfig):
             "estimate_error": round(final["bytes_estimated"] / final["bytes"] - 1, 4),
             "ratio": final["ratio"], "macs_before": base_info.total_macs, "macs_after": final["macs"],
             "mac_ratio": round(final["macs"] / base_info.total_macs, 4),
-            "overhead_bytes": round(overhead), "layers": layers,
+            "overhead_bytes": round(overhead), "layers": layers, **({"channels": narrowed} if groups else {}),
             **({} if latency_limit is None else {
                 "target_latency_s": latency_limit, "latency_before_s": latency_base,
                 "latency_after_s": final["latency_s"], "latency_estimated_s": final["latency_estimated_s"],
@@ -740,10 +885,39 @@ class Budget(StepConfig):
                 "latency_met": final["latency_s"] <= latency_limit}),
             "measurements": len(tasks), "evaluations": evaluations[0], "retrained": train,
             "frontier": sorted(points, key=lambda p: p["bytes"]), "steps": steps_done,
-            "sensitivity": _sensitivity(units, options, decomposable),
+            "sensitivity": _sensitivity(units, options, decomposable, self.channel_fractions),
             "seconds": {k: round(v, 2) for k, v in timings.items()},
         }
         return StepResult(self.kind, new.eval(), details, skipped)
+
+
+def _narrowing_shares(model: nn.Module, groups: dict[str, ChannelGroup], kept: dict[str, int]) -> dict[str, dict[str, float]]:
+    """unit -> layer -> the share of that layer's time change owed to the unit's group when every
+    group of ``groups`` is narrowed to ``kept`` channels at once: a layer's MACs shrink by a
+    factor per group that narrows its outputs, its inputs (times the width a flatten gives each
+    channel) or, depthwise, both; each group's share is the log of its factor over the log of
+    their product."""
+    factors: dict[str, dict[str, float]] = {}  # layer -> unit -> log of its MAC factor
+    for n, g in groups.items():
+        gone = g.channels - kept[n]
+        for layer, _ in g.producers:
+            m = model.get_submodule(layer)
+            out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+            factors.setdefault(layer, {})[n] = np.log((out - gone) / out)
+        for layer in g.members:
+            if isinstance(model.get_submodule(layer), (nn.Conv1d, nn.Conv2d)):
+                factors.setdefault(layer, {})[n] = np.log(kept[n] / g.channels)
+        for c in g.consumers:
+            m = model.get_submodule(c.layer)
+            inp = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+            per = c.width if isinstance(m, nn.Linear) else 1
+            factors.setdefault(c.layer, {})[n] = factors.get(c.layer, {}).get(n, 0.0) + np.log((inp - gone * per) / inp)
+    shares: dict[str, dict[str, float]] = {n: {} for n in groups}
+    for layer, by_unit in factors.items():
+        total = sum(by_unit.values())
+        for n, f in by_unit.items():
+            shares[n][layer] = f / total if total < 0 else 1.0 / len(by_unit)
+    return shares
 
 
 def _reachable(kind: str, fraction: float, now: float, changes: dict[str, list[float]], original: float,
@@ -772,11 +946,17 @@ def _share_biases(model: nn.Module, names: list[str], bits: int) -> tuple[nn.Mod
 
 
 def _sensitivity(units: dict[str, list[int]], options: dict[str, list[tuple[float, float]]],
-                 decomposable: dict[str, dict[str, int]]) -> dict:
-    """Each layer's output error at each setting it was measured at (layers x settings), the
-    settings mildest first (by their mean log error over the layers measured there). A rank is
-    titled by the fraction of the layer's full rank it keeps (each cell labelled with its rank)."""
+                 decomposable: dict[str, dict[str, int]], fractions: tuple[float, ...] = ()) -> dict:
+    """Each layer's (and channel group's) output error at each setting it was measured at (units
+    x settings), the settings mildest first (by their mean log error over the units measured
+    there). A rank is titled by the fraction of the layer's full rank it keeps (each cell
+    labelled with its rank), a channel count by the fraction of the grid it was rounded from
+    (each cell labelled with its count); a group's row is named ``LAYER (channels)``."""
     def title(name: str, level: int) -> str:
+        if _is_group(name):
+            share = level / units[name][0]
+            return "all channels" if share == 1 else \
+                f"~{min(fractions or (share,), key=lambda f: abs(f - share)):.0%} channels"
         if _astc(level) is not None:
             return f"astc {astc_step.option_name(_astc(level))}"
         sparsity, bits = _setting(level)
@@ -788,6 +968,8 @@ def _sensitivity(units: dict[str, list[int]], options: dict[str, list[tuple[floa
     for n, levels in units.items():
         for i, lv in enumerate(levels):
             cells.setdefault(n, {}).setdefault(title(n, lv), (options[n][i][1], lv))
+    cells = {f"{n[len(_CHANNELS):]} (channels)" if _is_group(n) else n: c for n, c in cells.items()}
+    totals = {f"{n[len(_CHANNELS):]} (channels)": levels[0] for n, levels in units.items() if _is_group(n)}
     titles = {t for c in cells.values() for t in c}
 
     def mean_log(t: str) -> float:
@@ -796,9 +978,16 @@ def _sensitivity(units: dict[str, list[int]], options: dict[str, list[tuple[floa
     columns = sorted(titles, key=lambda t: (mean_log(t), t))
     values = {n: [c[t][0] if t in c else None for t in columns] for n, c in cells.items()}
     labels = None
-    if any(_rank(lv)[0] for levels in units.values() for lv in levels):
-        labels = {n: [f"rank {_rank(c[t][1])[0]}/{decomposable[n][_rank(c[t][1])[1]]}" if t in c and _rank(c[t][1])[0] else ""
-                      for t in columns] for n, c in cells.items()}
+
+    def label(n: str, t: str) -> str:
+        if t not in cells[n]:
+            return ""
+        level = cells[n][t][1]
+        if n in totals:
+            return f"{level}/{totals[n]}"
+        return f"rank {_rank(level)[0]}/{decomposable[n][_rank(level)[1]]}" if _rank(level)[0] else ""
+    if totals or any(_rank(lv)[0] for n, levels in units.items() if not _is_group(n) for lv in levels):
+        labels = {n: [label(n, t) for t in columns] for n in cells}
     return sensitivity_table("relative output error (MSE / output power)", columns, values, labels)
 
 

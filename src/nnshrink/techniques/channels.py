@@ -196,6 +196,33 @@ def prune_group(model: nn.Module, x: torch.Tensor, label: str, keep: int, recons
     return kept
 
 
+def prunable_groups(deps, rules: dict, exclude: set[str] = frozenset()) -> tuple[list[ChannelGroup], list[dict]]:
+    """The channel groups of ``deps`` that may be pruned, in execution order, and the others with
+    the reason (``skipped`` entries): not prunable, skipped by a ``skip`` rule on a producer
+    (``rules``: layer -> rule), read by nothing, or a single channel. Groups labelled in
+    ``exclude`` are left out silently."""
+    groups, skipped = [], []
+    for g in deps.groups:
+        if not g.producers or _label(g) in exclude:
+            continue
+        names = [n for n, _ in g.producers]
+        if not g.prunable:
+            skipped.append({"layer": ", ".join(names), "reason": g.reason or "not prunable"})
+        elif any(rules.get(n) == SKIP for n in names):
+            skipped.append({"layer": ", ".join(names), "reason": "skipped by the plan's layer rules"})
+        elif g.channels < 2 or not g.consumers:
+            skipped.append({"layer": ", ".join(names), "reason": "nothing reads it" if not g.consumers
+                            else "a single channel"})
+        else:
+            groups.append(g)
+    return groups, skipped
+
+
+def group_label(group: ChannelGroup) -> str:
+    """A group's name: its first producing layer (what :func:`prune_group` finds it by)."""
+    return _label(group)
+
+
 def _cp_loss(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str, level: int) -> float:
     trial = copy.deepcopy(model)
     prune_group(trial, x, unit, level)
@@ -270,22 +297,7 @@ class ChannelPrune(StepConfig):
         for label, v in fixed.items():
             prune_group(model, x, label, v["kept"], self.reconstruct)
         deps = build_dependency_graph(model, x[:1])
-        skipped, groups = [], []
-        for g in deps.groups:
-            if not g.producers:
-                continue
-            names = [n for n, _ in g.producers]
-            if not g.prunable:
-                skipped.append({"layer": ", ".join(names), "reason": g.reason or "not prunable"})
-            elif _label(g) in fixed:
-                continue
-            elif any(rules.get(n) == SKIP for n in names):
-                skipped.append({"layer": ", ".join(names), "reason": "skipped by the plan's layer rules"})
-            elif g.channels < 2 or not g.consumers:
-                skipped.append({"layer": ", ".join(names), "reason": "nothing reads it" if not g.consumers
-                                else "a single channel"})
-            else:
-                groups.append(g)
+        groups, skipped = prunable_groups(deps, rules, set(fixed))
         lowest = {_label(g): max(1, math.ceil(self.min_keep * g.channels)) for g in groups}
         tasks = []
         for g in groups:
