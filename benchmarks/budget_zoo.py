@@ -1,6 +1,7 @@
 """The budget step on the realistic zoo: half the MACs, and 8x smaller, each with its task metric.
 
-Run: ``python benchmarks/budget_zoo.py [--models crnn,dbnet,...] [--steps 300] [--targets macs=0.5,ratio=8x]``.
+Run: ``python benchmarks/budget_zoo.py [--models crnn,dbnet,...] [--steps 300] [--targets "macs=0.5;ratio=8x"]
+[--techniques prune,share,rank,channels]``.
 
 For every realistic-zoo model (``nnshrink.zoo.realistic``, trained here on generated data) and
 every target, the ``budget`` step chooses per layer among its techniques from measured output
@@ -17,6 +18,9 @@ evaluations, and wall time. One seed; two threads.
 - ``latency=0.7`` (with ``--targets``) chooses ranks priced in ONNX Runtime time (batch 1, one
   thread); printed: the timed latency of the result and the step's estimate, as ratios to the
   original's.
+- ``--techniques ...,channels`` adds channel groups (pruned with ThiNet's selection and a
+  least-squares refit, residual, concat and depthwise dependencies kept) to the ``macs=`` and
+  ``latency=`` targets; a size target alone leaves them out (they buy MACs and time).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def file_bytes(model, x) -> int:
         return path.stat().st_size
 
 
-def run(name: str, target: str, steps: int) -> dict:
+def run(name: str, target: str, steps: int, techniques: tuple[str, ...]) -> dict:
     model, t = R.pretrained(name, show_progress=False)
     x = t.splits["train"][0][:1]
     calib = t.calibration(256)
@@ -55,9 +59,11 @@ def run(name: str, target: str, steps: int) -> dict:
     def train(m, n):
         return R.fit(m, t, steps=n, lr=t.lr / 10, show_progress=False)
 
-    macs_target = "ratio" not in target and "size" not in target  # macs= or latency= alone: ranks only
+    macs_target = "ratio" not in target and "size" not in target  # macs= or latency= alone: nothing to share
+    if "macs" not in target and "latency" not in target:
+        techniques = tuple(t for t in techniques if t != "channels")
     budget = Budget(target=target, prune_steps=steps, share_steps=0 if macs_target else steps // 3, samples=256,
-                    techniques=("prune", "share", "rank"))
+                    techniques=techniques)
     started = time.perf_counter()
     one_shot = compress(model, Plan([budget]), x, evaluate=lambda m: t.evaluate(m, "val"), calib=calib)
     mid = time.perf_counter()
@@ -68,11 +74,12 @@ def run(name: str, target: str, steps: int) -> dict:
     real = file_bytes(result.model, x)
     f = t.evaluate(model)
     ranked = sum(1 for s in d["layers"].values() if s.get("rank"))
+    narrowed = sum(1 for c in d.get("channels", {}).values() if c["kept"] < c["channels"])
     return {"model": name, "target": target, "metric": t.metric_name, "float": f,
             "one_shot": t.evaluate(one_shot.model), "after": t.evaluate(result.model),
             "mac_ratio": after.total_macs / before.total_macs, "ratio": before.total_bytes / real,
             "estimate": d["bytes_estimated"] / real - 1, "measurements": d["measurements"],
-            "evaluations": d["evaluations"] + one_shot.steps[0].details["evaluations"], "ranked": ranked,
+            "evaluations": d["evaluations"] + one_shot.steps[0].details["evaluations"], "ranked": ranked, "narrowed": narrowed,
             "layers": len(d["layers"]), "seconds_one_shot": mid - started, "seconds": done - mid,
             "latency_ratio": d.get("latency_ratio"), "latency_estimated": d.get("latency_estimated_s"),
             "latency_before": d.get("latency_before_s")}
@@ -83,14 +90,15 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(R.NAMES))
     ap.add_argument("--targets", default="macs=0.5;ratio=8x", help="budget targets, separated by ';'")
     ap.add_argument("--steps", type=int, default=300, help="retraining steps after the choice")
+    ap.add_argument("--techniques", default="prune,share,rank", help="the budget's techniques, comma-joined")
     args = ap.parse_args(argv)
     rows = []
     print(f"{'model':12} {'target':10} {'metric':28} {'float':>7} {'1-shot':>7} {'after':>7} {'rel':>7} "
-          f"{'MACs':>6} {'ratio':>6} {'est':>6} {'ranked':>7} {'meas':>5} {'evals':>5} {'s':>6} {'latency':>8} {'l-est':>6}")
+          f"{'MACs':>6} {'ratio':>6} {'est':>6} {'ranked':>7} {'groups':>6} {'meas':>5} {'evals':>5} {'s':>6} {'latency':>8} {'l-est':>6}")
     for name in args.models.split(","):
         for target in args.targets.split(";"):
             try:
-                r = run(name, target, args.steps)
+                r = run(name, target, args.steps, tuple(args.techniques.split(",")))
             except ns.ConfigError as exc:
                 print(f"{name:12} {target:10} refused: {exc}")
                 continue
@@ -98,7 +106,7 @@ def main(argv=None) -> int:
             rel = r["after"] / r["float"] - 1
             print(f"{name:12} {target:10} {r['metric'][:28]:28} {r['float']:7.4f} {r['one_shot']:7.4f} "
                   f"{r['after']:7.4f} {rel:+7.2%} {r['mac_ratio']:6.3f} {r['ratio']:6.2f} {r['estimate']:+6.1%} "
-                  f"{r['ranked']:>3}/{r['layers']:<3} {r['measurements']:5d} {r['evaluations']:5d} "
+                  f"{r['ranked']:>3}/{r['layers']:<3} {r['narrowed']:6d} {r['measurements']:5d} {r['evaluations']:5d} "
                   f"{r['seconds_one_shot'] + r['seconds']:6.0f}"
                   + (f" {r['latency_ratio']:8.3f} {r['latency_estimated'] / r['latency_before']:6.3f}"
                      if r["latency_ratio"] is not None else ""), flush=True)

@@ -75,7 +75,7 @@ def test_a_budget_needs_a_target_or_a_drop():
         Budget(target="ratio=10x", bits=(1,))
     with pytest.raises(ConfigError, match="must be 'skip' or a mapping"):
         Budget(target="ratio=10x", layers={"fc1": "float"})
-    with pytest.raises(ConfigError, match="needs the rank technique"):
+    with pytest.raises(ConfigError, match="needs the rank or the channels technique"):
         Budget(target="macs=0.5", techniques=("prune", "share"))
     with pytest.raises(ConfigError, match="knapsack solves one byte budget"):
         Budget(target="macs=0.5", solver="knapsack")
@@ -316,7 +316,7 @@ def test_a_latency_target_is_met_by_ranks_and_a_slow_first_choice_is_redone(lene
     with pytest.raises(ConfigError, match=r"latency=0.01 \([\d,]+ us\) cannot be reached: the fastest these "
                                           r"settings make is estimated at [\d,]+ us"):
         _run(lenet5_trained, mnist, target="latency=0.01", ranks=(0.5,))
-    with pytest.raises(ConfigError, match="needs the rank technique"):
+    with pytest.raises(ConfigError, match="needs the rank or the channels technique"):
         Budget(target="latency=0.5", techniques=("prune", "share"))
     with pytest.raises(ConfigError, match="needs solver ilp"):
         Budget(target="latency=0.5", solver="knapsack")
@@ -374,3 +374,103 @@ def test_a_choice_of_ranks_and_textures_builds_both(lenet5_trained):
     assert isinstance(record_of(model.conv2), AstcRecord) and isinstance(model.fc1, nn.Sequential)
     assert done["astc"] == {"conv2": "8x8"} and done["decomposed"]["fc1"]["rank"] == 8
     assert isinstance(record_of(lenet5_trained.conv2), type(None))  # the model given is not changed
+
+
+def _randomized_mobilenet():
+    """An untrained MobileNetV2-style net whose batch norms hold the statistics of random inputs
+    (with the initial ones its output is the same for every input, so every setting measures 0)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = zoo.build("mobilenet")
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average
+    with torch.no_grad():
+        model.train()(torch.rand((64, 1, 28, 28), generator=torch.Generator().manual_seed(1)))
+    return model.eval()
+
+
+CHANNELS = dict(prune_steps=0, share_steps=0, executor="serial", samples=32, channel_fractions=(0.75, 0.5))
+
+
+def test_channel_groups_are_budget_units_kept_consistent_and_counted_whole():
+    """Residual groups, depthwise convs and ranks in one choice; where two narrowed groups meet
+    in a layer the MACs saved are less than their sum, so the built model is counted and the
+    choice redone until it is within the target."""
+    from nnshrink.graph import analyze, build_dependency_graph
+
+    model = _randomized_mobilenet()
+    x = torch.rand((32, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    budget = Budget(**CHANNELS, target="macs=0.55", techniques=("rank", "channels"))
+    result = compress(model, Plan([budget]), x[:2], calib=[x])
+    d = result.steps[0].details
+    base, after = analyze(model, x[:1]).total_macs, analyze(result.model, x[:1]).total_macs
+    assert after <= 0.55 * base and d["macs_after"] == after and after >= 0.4 * base
+    assert result.model(x).shape == (32, 10)
+    narrowed = {label: c for label, c in d["channels"].items() if c["kept"] < c["channels"]}
+    assert narrowed, d["channels"]
+    groups = {g.producers[0][0]: g for g in build_dependency_graph(model, x[:1]).groups if g.producers}
+    kinds = set()
+    for label, c in narrowed.items():
+        g = groups[label]
+        assert c["kept"] % 4 == 0 or c["channels"] < 8  # multiples of 8, halved for a small group
+        for name, _ in g.producers:  # every producer of the group (a residual add's branches too)
+            layer = result.model.get_submodule(name)
+            assert getattr(layer, "out_channels", getattr(layer, "out_features", None)) == c["kept"]
+        for name in g.members:  # batch norms and depthwise convs along with it
+            member = result.model.get_submodule(name)
+            assert getattr(member, "num_features", getattr(member, "out_channels", None)) == c["kept"]
+        kinds |= g.couplings
+    assert {"residual", "depthwise"} <= kinds
+    table = d["sensitivity"]
+    rows = [n for n in table["layers"] if n.endswith(" (channels)")]
+    assert rows and all(any(table["labels"][n]) for n in rows)
+    # the estimate added the groups' savings as if apart: the first choice missed and was redone
+    estimate = sum(c["macs_change"] for c in d["channels"].values()) + \
+        sum(s["macs_change"] for s in d["layers"].values())
+    assert base + estimate <= after
+
+
+def test_channel_rules_fix_a_groups_count_and_bad_ones_are_refused():
+    model = _randomized_mobilenet()
+    x = torch.rand((32, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    label = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels >= 16
+                 and m.groups == 1)
+    budget = Budget(**CHANNELS, target="macs=0.8", techniques=("channels",), layers={label: {"channels": 8}})
+    d = compress(model, Plan([budget]), x[:2], calib=[x]).steps[0].details
+    assert d["channels"][label]["kept"] == 8
+    with pytest.raises(ConfigError, match="more than the group it produces holds"):
+        compress(model, Plan([Budget(**{**CHANNELS, "target": "macs=0.8", "techniques": ("channels",),
+                                         "layers": {label: {"channels": 4096}}})]), x[:2], calib=[x])
+    with pytest.raises(ConfigError, match="technique channels buys MACs and time"):
+        Budget(target="ratio=10x", techniques=("prune", "channels"))
+    with pytest.raises(ConfigError, match="channel_fractions"):
+        Budget(target="macs=0.5", techniques=("channels",), channel_fractions=(1.5,))
+    with pytest.raises(ConfigError, match="whole numbers of channels"):
+        Budget(target="macs=0.5", techniques=("channels",), layers={label: {"channels": 0.5}})
+
+
+def test_a_latency_target_is_met_by_channel_groups(lenet5_trained, mnist, monkeypatch):
+    """On a clock of weights (a kernel takes 1 ns per weight): each group's time is read off
+    profiles of the model with every group at its k-th count, shared between the groups that
+    narrow a layer, and the choice is timed whole."""
+    import nnshrink.search.budget as budget
+
+    monkeypatch.setattr(budget, "unit_latencies",
+                        lambda model, example, units, runs=30, threads=1:
+                        ({u: 1e-9 * _weights_of(model, u) for u in units}, 1e-9 * _weights_of(model)))
+    monkeypatch.setattr(budget, "model_latency", lambda model, example, runs=200, threads=1: 1e-9 * _weights_of(model))
+    result = _run(lenet5_trained, mnist, target="latency=0.6", techniques=("channels",), channel_fractions=(0.75, 0.5))
+    d = result.steps[0].details
+    assert d["latency_met"] and d["latency_after_s"] == pytest.approx(1e-9 * _weights_of(result.model))
+    assert d["latency_after_s"] <= 0.6 * d["latency_before_s"]
+    narrowed = {k: c for k, c in d["channels"].items() if c["kept"] < c["channels"]}
+    assert narrowed and all(not s.get("rank") for s in d["layers"].values())
+    for label, c in narrowed.items():
+        assert result.model.get_submodule(label).weight.shape[0] == c["kept"]
+    # each group is charged what it saves alone; together they save less, so the estimate errs
+    # fast, and the timing of the whole choice holds it to the target
+    assert 0.8 * d["latency_after_s"] <= d["latency_estimated_s"] <= d["latency_after_s"]
+    assert d["val_after"] > d["val_before"] - 0.05

@@ -562,10 +562,12 @@ class Budget(StepConfig):
         timed latency), the model's latency and the plan's original model's: ONNX Runtime
         profiles of the model and of one variant per rank position (every layer at its k-th rank
         at once) and per channel position (every group at its k-th count at once), each node
-        charged to the layer whose weights it reads (:mod:`nnshrink.search.latency`). A layer
-        that two groups narrow (its inputs and its outputs) shares its change between them by
-        the log of the MAC factor each gives it. Pruning and sharing change no dense kernel's
-        time, so only the rank and the channel count of a level count."""
+        charged to the layer whose weights it reads (:mod:`nnshrink.search.latency`). A layer's
+        time is taken as a power of its MAC factor, the power read off the variant, and each
+        group narrowing it alone is charged what its own factor gives (so two groups that meet
+        in a layer are estimated to save more than they do together: the choice is timed whole
+        and redone). Pruning and sharing change no dense kernel's time, so only the rank and the
+        channel count of a level count."""
         layer_units = [n for n in units if not _is_group(n)]
         names = list(prunable_layers(model))
         forms = {n: sorted({_rank(lv) for lv in units[n] if _rank(lv)[0]}, reverse=True) for n in layer_units}
@@ -598,10 +600,19 @@ class Budget(StepConfig):
                 for n, keep in kept.items():  # selection only: timing needs no refit
                     prune_group(variant, x, n[len(_CHANNELS):], keep, reconstruct=False)
                 timed, _ = unit_latencies(variant, example, names)
-                shares = _narrowing_shares(model, {n: groups[n] for n in kept}, kept)
+                factors = _narrowing_factors(model, {n: groups[n] for n in kept}, kept)
                 for n in kept:
-                    narrowed[(n, kept[n])] = sum((timed.get(layer, 0.0) - kernels.get(layer, 0.0)) * share
-                                                 for layer, share in shares[n].items())
+                    narrowed[(n, kept[n])] = 0.0
+                for layer, by_unit in factors.items():
+                    here, there = kernels.get(layer, 0.0), timed.get(layer, 0.0)
+                    if here <= 0 or there <= 0:
+                        continue
+                    # the layer's time as a power of its MAC factor, the power read off this
+                    # variant; each group alone gets the time its own factor would give
+                    joint = sum(by_unit.values())
+                    power = np.log(there / here) / joint if joint < 0 else 1.0
+                    for n, f in by_unit.items():
+                        narrowed[(n, kept[n])] += here * (np.exp(power * f) - 1.0)
                 advance(1)
         change = {}
         for n, levels in units.items():
@@ -891,33 +902,27 @@ class Budget(StepConfig):
         return StepResult(self.kind, new.eval(), details, skipped)
 
 
-def _narrowing_shares(model: nn.Module, groups: dict[str, ChannelGroup], kept: dict[str, int]) -> dict[str, dict[str, float]]:
-    """unit -> layer -> the share of that layer's time change owed to the unit's group when every
-    group of ``groups`` is narrowed to ``kept`` channels at once: a layer's MACs shrink by a
-    factor per group that narrows its outputs, its inputs (times the width a flatten gives each
-    channel) or, depthwise, both; each group's share is the log of its factor over the log of
-    their product."""
-    factors: dict[str, dict[str, float]] = {}  # layer -> unit -> log of its MAC factor
+def _narrowing_factors(model: nn.Module, groups: dict[str, ChannelGroup], kept: dict[str, int]) -> dict[str, dict[str, float]]:
+    """layer -> unit -> the log of the factor by which the unit's group, narrowed to ``kept``
+    channels, shrinks the layer's MACs: as a producer (its outputs), a consumer (its inputs, times
+    the width a flatten gives each channel) or a depthwise member (both, one factor)."""
+    factors: dict[str, dict[str, float]] = {}
     for n, g in groups.items():
         gone = g.channels - kept[n]
         for layer, _ in g.producers:
             m = model.get_submodule(layer)
             out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-            factors.setdefault(layer, {})[n] = np.log((out - gone) / out)
+            factors.setdefault(layer, {})[n] = float(np.log((out - gone) / out))
         for layer in g.members:
             if isinstance(model.get_submodule(layer), (nn.Conv1d, nn.Conv2d)):
-                factors.setdefault(layer, {})[n] = np.log(kept[n] / g.channels)
+                factors.setdefault(layer, {})[n] = float(np.log(kept[n] / g.channels))
         for c in g.consumers:
             m = model.get_submodule(c.layer)
             inp = m.in_features if isinstance(m, nn.Linear) else m.in_channels
             per = c.width if isinstance(m, nn.Linear) else 1
-            factors.setdefault(c.layer, {})[n] = factors.get(c.layer, {}).get(n, 0.0) + np.log((inp - gone * per) / inp)
-    shares: dict[str, dict[str, float]] = {n: {} for n in groups}
-    for layer, by_unit in factors.items():
-        total = sum(by_unit.values())
-        for n, f in by_unit.items():
-            shares[n][layer] = f / total if total < 0 else 1.0 / len(by_unit)
-    return shares
+            by_unit = factors.setdefault(c.layer, {})
+            by_unit[n] = by_unit.get(n, 0.0) + float(np.log((inp - gone * per) / inp))
+    return factors
 
 
 def _reachable(kind: str, fraction: float, now: float, changes: dict[str, list[float]], original: float,
