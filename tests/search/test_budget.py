@@ -474,3 +474,27 @@ def test_a_latency_target_is_met_by_channel_groups(lenet5_trained, mnist, monkey
     # fast, and the timing of the whole choice holds it to the target
     assert 0.8 * d["latency_after_s"] <= d["latency_estimated_s"] <= d["latency_after_s"]
     assert d["val_after"] > d["val_before"] - 0.05
+
+
+def test_channel_groups_beside_a_size_target_are_chosen_first_and_the_bytes_priced_after(lenet5_trained, mnist,
+                                                                                          tmp_path):
+    """Bytes measured on a layer before its channels are cut overstate it: the groups are chosen
+    for the MAC target first, and the byte budget measures the narrowed model."""
+    from nnshrink.graph import analyze
+
+    result = _run(lenet5_trained, mnist, target="ratio=20x,macs=0.6", techniques=("prune", "share", "channels"),
+                  channel_fractions=(0.75, 0.5))
+    d = result.steps[0].details
+    x = zoo.example_input(lenet5_trained)
+    assert analyze(result.model, x).total_macs <= 0.6 * analyze(lenet5_trained, x).total_macs
+    path = tmp_path / "c.nsz"
+    save(result.model, path, x.repeat(2, 1, 1, 1))
+    assert path.stat().st_size <= d["target_bytes"] and abs(path.stat().st_size / d["bytes_estimated"] - 1) < 0.02
+    narrowed = {k: c for k, c in d["channels"].items() if c["kept"] < c["channels"]}
+    assert narrowed and d["channel_choice"]["mac_ratio"] <= 0.6
+    for label, c in narrowed.items():
+        assert result.model.get_submodule(label).weight.shape[0] == c["kept"]
+    assert d["techniques"] == ["prune", "share", "channels"] and d["val_before"] == pytest.approx(
+        zoo.make_evaluator(mnist, "val")(lenet5_trained))
+    with pytest.raises(ConfigError, match="needs prune, share or astc beside channels"):
+        _run(lenet5_trained, mnist, target="ratio=20x,macs=0.6", techniques=("rank", "channels"))

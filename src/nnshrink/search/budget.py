@@ -30,6 +30,7 @@ bytes buy, which is what the knapsack needs; the evaluations after retraining de
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import re
 import sys
@@ -555,6 +556,49 @@ class Budget(StepConfig):
             layer.weight.requires_grad_(True)
         return current, done
 
+    def _channels_then_bytes(self, model: nn.Module, ctx, targets: dict[str, float], x: torch.Tensor,
+                             show_progress: bool) -> StepResult:
+        """Channel groups beside a byte target or a drop: the groups' counts are chosen first,
+        with the ranks where enabled, for the MAC and latency targets alone (one-shot); the model
+        narrowed to them (fine-tuned where a trainer is given) is then what the rest of the
+        budget measures, prices and builds on, so every byte is priced on the layers as the file
+        will hold them (a layer's bytes measured before its channels were cut would overstate
+        it). Ranks are chosen again on the narrowed model, within the same MAC and latency
+        targets of the original."""
+        started = time.perf_counter()
+        rest = tuple(t for t in self.chosen_techniques() if t != "channels")
+        if not set(rest) - {"rank"}:
+            raise ConfigError("budget: a size target or a drop needs prune, share or astc beside channels (a group's "
+                              "channels are priced in MACs and time, not bytes)")
+        shape = dataclasses.replace(self, target=_fractions(targets, _FRACTIONS), max_drop=None, prune_steps=0,
+                                    share_steps=0, bias_bits=0,
+                                    techniques=tuple(t for t in self.chosen_techniques() if t in ("rank", "channels")))
+        first = shape.apply(model, _quiet(ctx), show_progress)
+        counts = {_CHANNELS + label: c["kept"] for label, c in first.details["channels"].items()}
+        narrowed, _ = self._build(model, counts, ctx, False, x=x)
+        tuned = ctx.train is not None and self.prune_steps > 0
+        if tuned:
+            narrowed = ctx.train(narrowed, self.prune_steps) or narrowed
+        kinds = ("size", "ratio") + (_FRACTIONS if "rank" in rest else ())
+        bytes_budget = dataclasses.replace(self, target=_fractions(targets, kinds), techniques=rest)
+        baseline = ctx.evaluate(model) if ctx.evaluate else None
+        second = bytes_budget.apply(narrowed, ctx, show_progress, baseline=baseline)
+        d = second.details
+        for key in ("target_latency_s", "latency_before_s", "latency_after_s", "latency_estimated_s", "latency_ratio",
+                    "latency_met"):  # without ranks the byte budget changes no shape, so no time
+            if key in first.details and key not in d:
+                d[key] = first.details[key]
+        d.update(target=self.target or None, techniques=list(self.chosen_techniques()), channels=first.details["channels"],
+                 channel_choice={"target": shape.target, "mac_ratio": first.details["mac_ratio"],
+                                 "fine_tuned_steps": self.prune_steps if tuned else 0,
+                                 "measurements": first.details["measurements"],
+                                 "sensitivity": first.details["sensitivity"],
+                                 "seconds": first.details["seconds"]["total"]},
+                 measurements=d["measurements"] + first.details["measurements"])
+        d["seconds"]["total"] = round(time.perf_counter() - started, 2)
+        return StepResult(self.kind, second.model, d, second.skipped + [s for s in first.skipped
+                                                                         if s not in second.skipped])
+
     def _latency_costs(self, model: nn.Module, base_model: nn.Module, example: torch.Tensor,
                        units: dict[str, list[int]], groups: dict[str, ChannelGroup], x: torch.Tensor,
                        show_progress: bool) -> tuple[dict[str, list[float]], float, float]:
@@ -623,7 +667,9 @@ class Budget(StepConfig):
             change[n] = [(times[(n, _rank(lv))] - here) * scale if _rank(lv)[0] else 0.0 for lv in levels]
         return change, now, base
 
-    def apply(self, model: nn.Module, ctx, show_progress: bool = True) -> StepResult:
+    def apply(self, model: nn.Module, ctx, show_progress: bool = True, baseline: float | None = None) -> StepResult:
+        """Run the budget on ``model``; ``baseline``: its validation metric where the caller has
+        it (the drop is measured from it)."""
         started = time.perf_counter()
         timings: dict[str, float] = {}
         if self.max_drop is not None and ctx.evaluate is None:
@@ -632,6 +678,8 @@ class Budget(StepConfig):
         byte_settings = "size" in targets or "ratio" in targets or self.max_drop is not None
         train = ctx.train is not None and (self.prune_steps > 0 or self.share_steps > 0)
         x = sample_inputs(ctx, self.samples)
+        if "channels" in self.chosen_techniques() and byte_settings:
+            return self._channels_then_bytes(model, ctx, targets, x, show_progress)
         units, decomposable, skipped, groups = self._units(model, byte_settings, x)
         tasks = [(n, lv) for n, levels in units.items() for lv in levels if n not in groups]
         codec = code_fingerprint(container, sys.modules["nnshrink.codec.stream"])
@@ -724,7 +772,8 @@ class Budget(StepConfig):
                 raise ConfigError(f"budget target {self.target} ({limit:,.0f} B) cannot be reached: the smallest "
                                   f"model these settings make{' within the MAC target' * (mac_limit is not None)} is "
                                   f"{reachable:,.0f} B ({float32 / reachable:.1f}x smaller than float32)")
-        baseline = ctx.evaluate(model) if ctx.evaluate else None
+        if baseline is None:
+            baseline = ctx.evaluate(model) if ctx.evaluate else None
         floor = None if self.max_drop is None else baseline - self.max_drop
 
         points: list[dict] = []
@@ -900,6 +949,12 @@ class Budget(StepConfig):
             "seconds": {k: round(v, 2) for k, v in timings.items()},
         }
         return StepResult(self.kind, new.eval(), details, skipped)
+
+
+def _fractions(targets: dict[str, float], kinds: tuple[str, ...]) -> str:
+    """The ``kinds`` of parsed ``targets`` written back as a target (``size`` in bytes)."""
+    spell = {"size": "size={:.0f}", "ratio": "ratio={:g}x", "macs": "macs={:g}", "latency": "latency={:g}"}
+    return ",".join(spell[k].format(targets[k]) for k in kinds if k in targets)
 
 
 def _narrowing_factors(model: nn.Module, groups: dict[str, ChannelGroup], kept: dict[str, int]) -> dict[str, dict[str, float]]:
