@@ -145,7 +145,7 @@ def _run_task(task) -> float:
     return fn(_WORKER["model"], _WORKER["x"], _WORKER["reference"], unit, level)
 
 
-def measure_curves(model: nn.Module, x: torch.Tensor, tasks: Sequence[tuple[str, int]],
+def measure_curves(model: nn.Module, x: torch.Tensor | None, tasks: Sequence[tuple[str, int]],
                    fn: Callable[[nn.Module, torch.Tensor, torch.Tensor, str, int], float],
                    key: object, executor: str = "process", workers: int | None = None,
                    show_progress: bool = True, cache: bool = True,
@@ -159,13 +159,16 @@ def measure_curves(model: nn.Module, x: torch.Tensor, tasks: Sequence[tuple[str,
     weights, ``x``, ``key`` and the code of this module and of ``fn``'s; the file is rewritten
     (atomically) as results arrive, at most every two seconds, so a search killed half-way
     resumes where it stopped. ``cache=False`` for a measurement the hash cannot see (a user's
-    metric over data of its own).
+    metric over data of its own); ``x`` None (no sampled inputs, no reference output: ``fn``
+    gets None for both) for one that scores with such a metric alone, uncached.
     """
     if executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if x is None and cache:
+        raise ValueError("measure_curves without sampled inputs has nothing to key a cache by: pass cache=False")
     model = model.eval()
     with torch.no_grad():
-        reference = model(x)
+        reference = model(x) if x is not None else None
     path = None
     done: dict[tuple[str, int], float] = {}
     if cache:

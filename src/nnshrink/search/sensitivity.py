@@ -9,6 +9,7 @@ sweeping that tolerance gives per-layer plans whose retrained results form a fro
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from nnshrink.plan import Plan
 from nnshrink.plan.config import glob_escape
-from nnshrink.progress import progress_bar
+from nnshrink.search.engine import measure_curves
 from nnshrink.techniques import ShareWeights, Sparsify, magnitude_masks, share_weights
 from nnshrink.techniques.sparsity import prunable_layers
 
@@ -42,43 +43,48 @@ class Sensitivity:
                 "bits": {n: {str(k): v for k, v in d.items()} for n, d in self.bits.items()}}
 
 
+_BITS = 10_000  # a codebook size's level is this plus its bits; a sparsity's is its thousandths
+
+
+def _accuracy(model: nn.Module, x, reference, unit: str, level: int,
+              evaluate: Callable[[nn.Module], float]) -> float:
+    """The metric with layer ``unit`` alone pruned (level: thousandths of sparsity) or shared
+    (level: ``_BITS`` + bits), one-shot; the model is restored."""
+    layer = model.get_submodule(unit)
+    original = layer.weight.detach().clone()
+    if level >= _BITS:
+        shared = copy.deepcopy(layer)
+        share_weights(shared, level - _BITS)
+        weight = shared.weight.detach()
+    else:
+        weight = original * magnitude_masks({unit: layer}, {unit: level / 1000}, "layer")[unit]
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    try:
+        return evaluate(model)
+    finally:
+        with torch.no_grad():
+            layer.weight.copy_(original)
+
+
 def layer_sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float],
                       sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98),
                       bits: tuple[int, ...] = (2, 3, 4, 5), exclude: tuple[str, ...] = (),
                       show_progress: bool = True) -> Sensitivity:
     """Measure every Conv/Linear layer alone at each sparsity and codebook size (one-shot).
 
-    The model is restored after each measurement; it is never left changed.
+    The measurements run on the decision engine (:func:`nnshrink.search.engine.measure_curves`),
+    serially and uncached: the metric is the user's, over data the cache cannot hash. The model
+    is restored after each measurement; it is never left changed.
     """
     layers = prunable_layers(model, exclude)
     baseline = evaluate(model)
-    by_sparsity: dict[str, dict[float, float]] = {}
-    by_bits: dict[str, dict[int, float]] = {}
-    total = len(layers) * (len(sparsities) + len(bits))
-    with progress_bar("layer sensitivity", total, show_progress) as advance:
-        for name, layer in layers.items():
-            original = layer.weight.detach().clone()
-
-            def measure(weight: torch.Tensor) -> float:
-                with torch.no_grad():
-                    layer.weight.copy_(weight)
-                try:
-                    return evaluate(model)
-                finally:
-                    with torch.no_grad():
-                        layer.weight.copy_(original)
-
-            by_sparsity[name] = {}
-            for s in sparsities:
-                mask = magnitude_masks({name: layer}, {name: s}, "layer")[name]
-                by_sparsity[name][s] = measure(original * mask)
-                advance(1)
-            by_bits[name] = {}
-            for b in bits:
-                shared = copy.deepcopy(layer)
-                share_weights(shared, b)
-                by_bits[name][b] = measure(shared.weight.detach())
-                advance(1)
+    tasks = [(n, int(round(s * 1000))) for n in layers for s in sparsities] + \
+        [(n, _BITS + b) for n in layers for b in bits]
+    got = measure_curves(model, None, tasks, functools.partial(_accuracy, evaluate=evaluate), None, "serial",
+                         show_progress=show_progress, cache=False, description="layer sensitivity")
+    by_sparsity = {n: {s: got[(n, int(round(s * 1000)))] for s in sparsities} for n in layers}
+    by_bits = {n: {b: got[(n, _BITS + b)] for b in bits} for n in layers}
     return Sensitivity(baseline, by_sparsity, by_bits)
 
 

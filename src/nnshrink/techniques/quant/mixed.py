@@ -28,14 +28,14 @@ activations are not offered: no deployed runtime here (ONNX Runtime, TFLite) has
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 import torch
 
-from nnshrink.progress import progress_bar
 from nnshrink.techniques.quant.quantizers import WeightQuantizer
-from nnshrink.search.engine import sensitivity_table
+from nnshrink.search.engine import measure_curves, sensitivity_table
 from nnshrink.techniques.quant.sensitivity import flat_outputs
 
 FLOAT_BITS = 32
@@ -59,6 +59,29 @@ def _set_bits(sim, name: str, bits: int, cache: dict) -> None:
 @torch.no_grad()
 def _noise(sim, held: torch.Tensor, ref: torch.Tensor) -> float:
     return float((flat_outputs(sim(held)) - ref).pow(2).mean())
+
+
+_OUTPUT = "output:"  # a unit that is a layer's output width, not its weights
+
+
+def _added_noise(sim, held: torch.Tensor, reference, unit: str, level: int, float_reference: torch.Tensor,
+                 base: float, cache: dict, twins: dict, top: int) -> float:
+    """The output noise (against ``float_reference``) that layer ``unit``'s weights at ``level``
+    bits, or (``output:`` + layer) its output at 8 bits, add to ``base``, every other layer as it
+    is; the sim is put back."""
+    if unit.startswith(_OUTPUT):
+        name = unit[len(_OUTPUT):]
+        key = name.replace(".", "__")
+        sim.aq[key] = twins[name][level]
+        try:
+            return max(0.0, _noise(sim, held, float_reference) - base)
+        finally:
+            sim.aq[key] = twins[name][16]
+    _set_bits(sim, unit, level, cache)
+    try:
+        return max(0.0, _noise(sim, held, float_reference) - base)
+    finally:
+        _set_bits(sim, unit, top, cache)
 
 
 def _output_elements(sim, held: torch.Tensor, names: list[str]) -> dict[str, int]:
@@ -125,21 +148,14 @@ def choose_bits(sim, held: torch.Tensor, candidates: list[int], bits_of: Callabl
     for n in twins:
         set_act(n, 16)
     base = _noise(sim, held, ref)
-    added: dict[tuple[str, int], float] = {}
-    act_added: dict[str, float] = {}
-    with progress_bar("mixed precision: per-layer sensitivity", len(layers) * (len(cands) - 1) + len(twins),
-                      show_progress) as adv:
-        for n in layers:
-            for b in cands[:-1]:
-                _set_bits(sim, n, b, cache)
-                added[(n, b)] = max(0.0, _noise(sim, held, ref) - base)
-                adv(1)
-            _set_bits(sim, n, top, cache)
-        for n in twins:
-            set_act(n, 8)
-            act_added[n] = max(0.0, _noise(sim, held, ref) - base)
-            set_act(n, 16)
-            adv(1)
+    # each layer's weights at each lower width, each output at 8 bits, alone: on the decision
+    # engine, serially and uncached (the quantizers are this sim's, calibrated once)
+    tasks = [(n, b) for n in layers for b in cands[:-1]] + [(_OUTPUT + n, 8) for n in twins]
+    fn = functools.partial(_added_noise, float_reference=ref, base=base, cache=cache, twins=twins, top=top)
+    got = measure_curves(sim, held, tasks, fn, None, "serial", show_progress=show_progress, cache=False,
+                         description="mixed precision: per-layer sensitivity")
+    added = {(n, b): got[(n, b)] for n in layers for b in cands[:-1]}
+    act_added = {n: got[(_OUTPUT + n, 8)] for n in twins}
     # the greedy list: each move lowers one layer's weights one candidate step, or its output to 8 bits
     level = {n: len(cands) - 1 for n in layers}
     wide = set(twins)

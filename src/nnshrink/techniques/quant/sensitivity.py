@@ -12,13 +12,14 @@ finely where accuracies tie.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from nnshrink.progress import progress_bar
+from nnshrink.search.engine import measure_curves
 from nnshrink.techniques.quant.sim import QuantSim
 
 
@@ -77,37 +78,63 @@ def sqnr(ref, got) -> float:
 _sqnr = sqnr
 
 
+_ONLY, _ALL_BUT = 0, 1  # a layer's two measurements: only it quantized, every layer but it
+
+
+def _switched(sim: QuantSim, x, reference, unit: str, level: int, evaluate: Callable[[QuantSim], float],
+              float_reference) -> list[float]:
+    """[metric, output SQNR] with only layer ``unit`` (and the input) quantized (``_ONLY``; the
+    SQNR against ``float_reference`` on ``x``, NaN without inputs), or [metric, NaN] with every
+    layer but it (``_ALL_BUT``). The engine's ``reference`` (the fully quantized output) is not
+    what either compares with. The sim is left fully quantized."""
+    try:
+        if level == _ONLY:
+            sim.enable_only({unit})
+            sim.aq["input"].enabled = True
+        else:
+            sim.enable_only(None)
+            for q in sim.quantizers_of(unit):
+                if q is not None:
+                    q.enabled = False
+        with torch.no_grad():
+            score = _sqnr(float_reference, sim(x)) if x is not None and level == _ONLY else math.nan
+            return [evaluate(sim), score]
+    finally:
+        sim.enable_only(None)
+
+
 @torch.no_grad()
 def quant_sensitivity(sim: QuantSim, evaluate: Callable[[QuantSim], float], x: torch.Tensor | None = None,
                       show_progress: bool = True) -> QuantSensitivity:
     """Measure every layer of a calibrated :class:`QuantSim`; the sim is left fully quantized.
 
-    ``x``: inputs on which output SQNRs are measured (none: no SQNR).
+    ``x``: inputs on which output SQNRs are measured (none: no SQNR). Each layer is switched
+    on alone and off alone on the decision engine (:func:`nnshrink.search.engine.measure_curves`),
+    serially and uncached: the metric is the user's, over data the cache cannot hash, and the
+    quantizers are the sim's own, calibrated once.
     """
     layers = [op.name for op in sim.layer_ops() if op.name not in sim.float_layers]
-    only, all_but, sqnr = {}, {}, {}
     sim.eval()
     try:
         sim.enable_only(set())
         float_acc = evaluate(sim)
-        ref = sim(x) if x is not None else None
         sim.enable_only(None)
         quant_acc = evaluate(sim)
+        # the engine's reference is the sim's output as it is: with every quantizer on; the
+        # SQNRs are against the float output, so the measurements get that one
+        ref = None
+        if x is not None:
+            sim.enable_only(set())
+            ref = sim(x)
+            sim.enable_only(None)
         sqnr_all = _sqnr(ref, sim(x)) if x is not None else None
-        with progress_bar("quantization sensitivity", 2 * len(layers), show_progress) as advance:
-            for name in layers:
-                sim.enable_only({name})
-                sim.aq["input"].enabled = True
-                only[name] = evaluate(sim)
-                if x is not None:
-                    sqnr[name] = _sqnr(ref, sim(x))
-                advance(1)
-                sim.enable_only(None)
-                for q in sim.quantizers_of(name):
-                    if q is not None:
-                        q.enabled = False
-                all_but[name] = evaluate(sim)
-                advance(1)
+        fn = functools.partial(_switched, evaluate=evaluate, float_reference=ref)
+        got = measure_curves(sim, x, [(n, level) for n in layers for level in (_ONLY, _ALL_BUT)], fn, None, "serial",
+                             show_progress=show_progress, cache=False, description="quantization sensitivity")
     finally:
         sim.enable_only(None)
+    only = {n: got[(n, _ONLY)][0] for n in layers}
+    all_but = {n: got[(n, _ALL_BUT)][0] for n in layers}
+    sqnr = {n: got[(n, _ONLY)][1] for n in layers} if x is not None else {}
     return QuantSensitivity(float_acc, quant_acc, only, all_but, sqnr, sqnr_all)
+
