@@ -253,17 +253,24 @@ def _measure(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: s
 
 
 def _measure_group(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str, level: int) -> list[float]:
-    """[output error, stored bytes (0: a group's layers are priced by their own settings), the
+    """[output error, the change of the float32 bytes of the layers' weights and biases, the
     model's MACs] with channel group ``unit`` alone pruned to ``level`` channels: ThiNet's
     selection and the consumers' least-squares refit from the first half of ``x``
-    (:func:`nnshrink.techniques.channels.prune_group`), the error measured on the second half."""
+    (:func:`nnshrink.techniques.channels.prune_group`), the error measured on the second half.
+    The bytes are a change, added to the layers' own (float, as a MAC or latency target alone
+    leaves them; beside a byte target the layers are measured again once narrowed)."""
     trial = copy.deepcopy(model)
     half = len(x) // 2 if len(x) >= 2 else len(x)
     scored = slice(half, None) if len(x) >= 2 else slice(None)
     prune_group(trial, x[:half], unit[len(_CHANNELS):], level)
     with torch.no_grad():
         error = output_loss(output_rows(reference, scored), trial(x[scored]))
-    return [error, 0.0, float(analyze(trial, x[:1]).total_macs)]
+    return [error, float(4 * (_parameters(trial) - _parameters(model))), float(analyze(trial, x[:1]).total_macs)]
+
+
+def _parameters(model: nn.Module) -> int:
+    """The weights and biases of the model's Conv/Linear layers."""
+    return sum(p.numel() for m in prunable_layers(model).values() for p in (m.weight, m.bias) if p is not None)
 
 
 @dataclass(frozen=True)
@@ -755,7 +762,9 @@ class Budget(StepConfig):
 
         # the file's fixed part: one real container of the smallest one-shot assignment
         t0 = time.perf_counter()
-        smallest = {n: int(np.argmin([b for b, _ in o])) for n, o in options.items()}
+        # (the channel groups left whole: their bytes are the float weights they remove, which
+        # two groups meeting in a layer remove less of than they add up to)
+        smallest = {n: 0 if n in groups else int(np.argmin([b for b, _ in o])) for n, o in options.items()}
         probe, _ = self._build(model, {n: units[n][i] for n, i in smallest.items()}, ctx, False, astc_inputs, x)
         overhead = _file_bytes(probe, ctx.example_input) - total_bytes(options, smallest)
         timings["measure_overhead"] = time.perf_counter() - t0
@@ -831,17 +840,26 @@ class Budget(StepConfig):
                     if real > limit - 0.01 * limit:
                         overhead = max(overhead, real - total_bytes(options, first))
                         room, missed = (limit - overhead) - 0.01 * limit, True
+                # a room is cut from what the choice itself was estimated at (it may have left
+                # some of the room unused), by its excess and a little more
                 if mac_limit is not None and groups:
                     counted = analyze(shot, ctx.example_input[:1]).total_macs
                     if counted > mac_limit:
-                        mac_room[0] -= counted - mac_limit + 0.002 * mac_limit
+                        spent = sum(mac_change[n][i] for n, i in first.items())
+                        mac_room[0] = min(mac_room[0], spent) - (counted - mac_limit) - 0.002 * mac_limit
                         missed = True
                 if latency_limit is not None:
                     timed = model_latency(shot, ctx.example_input)
                     if timed > latency_limit:
-                        latency_room[0] -= timed - latency_limit + 0.02 * latency_limit
+                        spent = sum(lat_change[n][i] for n, i in first.items())
+                        latency_room[0] = min(latency_room[0], spent) - (timed - latency_limit) - 0.02 * latency_limit
                         missed = True
                 if not missed:
+                    if limit is None and groups:
+                        # no byte target: the groups' bytes, like their MACs, do not add (two
+                        # meeting in a layer remove less than their sum), so the fixed part is
+                        # taken from this choice's own file (retraining changes no shape)
+                        overhead = _file_bytes(shot, ctx.example_input) - total_bytes(options, first)
                     break
             timings["fit_to_the_file"] = time.perf_counter() - t0
         if byte_settings:
