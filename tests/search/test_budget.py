@@ -441,7 +441,12 @@ def test_channel_rules_fix_a_groups_count_and_bad_ones_are_refused():
                  and m.groups == 1)
     budget = Budget(**CHANNELS, target="macs=0.8", techniques=("channels",), layers={label: {"channels": 8}})
     d = compress(model, Plan([budget]), x[:2], calib=[x]).steps[0].details
-    assert d["channels"][label]["kept"] == 8
+    total = model.get_submodule(label).out_channels
+    assert d["channels"][label] == {**d["channels"][label], "channels": total, "kept": 8}
+    assert d["channels"][label]["macs_change"] < 0 and d["channels"][label]["output_error"] > 0  # priced as cut
+    with pytest.raises(ConfigError, match="produce no channel group that can be pruned"):
+        compress(model, Plan([Budget(**{**CHANNELS, "target": "macs=0.8", "techniques": ("channels",),
+                                         "layers": {"fc": {"channels": 4}}})]), x[:2], calib=[x])
     with pytest.raises(ConfigError, match="more than the group it produces holds"):
         compress(model, Plan([Budget(**{**CHANNELS, "target": "macs=0.8", "techniques": ("channels",),
                                          "layers": {label: {"channels": 4096}}})]), x[:2], calib=[x])
@@ -499,3 +504,8 @@ def test_channel_groups_beside_a_size_target_are_chosen_first_and_the_bytes_pric
         zoo.make_evaluator(mnist, "val")(lenet5_trained))
     with pytest.raises(ConfigError, match="needs prune, share or astc beside channels"):
         _run(lenet5_trained, mnist, target="ratio=20x,macs=0.6", techniques=("rank", "channels"))
+    # a drop is measured from the original's metric, not the narrowed model's: half the MACs
+    # one-shot loses more than nothing, so no candidate is within a drop of 0
+    with pytest.raises(ConfigError, match="cannot both be met"):
+        _run(lenet5_trained, mnist, target="macs=0.5", max_drop=0.0, techniques=("prune", "share", "channels"),
+             channel_fractions=(0.75, 0.5))

@@ -46,6 +46,7 @@ from torch import nn
 from nnshrink.cache import code_fingerprint
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import analyze
+from nnshrink.graph import groups as graph_groups
 from nnshrink.graph.groups import ChannelGroup, build_dependency_graph
 from nnshrink.graph.surgery import replace_module
 from nnshrink.io import container
@@ -61,6 +62,7 @@ from nnshrink.techniques.astc import layout as astc_layout
 from nnshrink.techniques.astc import record as astc_record
 from nnshrink.techniques.astc import step as astc_step
 from nnshrink.techniques.calibration import layer_hessians
+from nnshrink.techniques import channels as channel_pruning
 from nnshrink.techniques.channels import group_label, prunable_groups, prune_group
 from nnshrink.techniques.cluster import ShareWeights, codebook_record, share_weights
 from nnshrink.techniques.lowrank import decompose, eligible, full_rank
@@ -456,9 +458,11 @@ class Budget(StepConfig):
         return sorted(levels), (full if methods else None)
 
     def _units(self, model: nn.Module, byte_settings: bool,
-               x: torch.Tensor) -> tuple[dict[str, list[int]], dict[str, dict], list[dict], dict[str, ChannelGroup]]:
+               x: torch.Tensor) -> tuple[dict[str, list[int]], dict[str, dict], list[dict], dict[str, ChannelGroup], set[str]]:
         """The units (layers, then channel groups) and their levels, the decomposable layers'
-        full ranks, the layers and groups left alone (with the reason) and the groups by unit."""
+        full ranks, the layers and groups left alone (with the reason), the groups by unit, and
+        the groups a rule forbids to stay whole (a group's first level is always all its
+        channels: the model as it is, costing nothing)."""
         layers = prunable_layers(model)
         rules = self.layer_rules(layers)
         units, decomposable, skipped = {}, {}, []
@@ -471,6 +475,7 @@ class Budget(StepConfig):
             if info is not None:
                 decomposable[name] = info
         groups: dict[str, ChannelGroup] = {}
+        forced: set[str] = set()
         if "channels" in self.chosen_techniques():
             found, left = prunable_groups(build_dependency_graph(model, x[:1]), rules)
             skipped += [{**s, "reason": f"channels: {s['reason']}"} for s in left
@@ -485,12 +490,19 @@ class Budget(StepConfig):
                         raise ConfigError(f"budget.layers[{label!r}]: channels {max(fixed)} is more than the group "
                                           f"it produces holds ({total})")
                     counts = fixed
-                levels = sorted(counts | ({total} if not fixed else set()), reverse=True)
+                    if total not in fixed:
+                        forced.add(_CHANNELS + label)
+                levels = sorted(counts | {total}, reverse=True)
                 if levels != [total]:
                     units[_CHANNELS + label], groups[_CHANNELS + label] = levels, g
+            asked = {n for n, r in rules.items() if isinstance(r, dict) and "channels" in r}
+            lost = asked - {n for g in found for n, _ in g.producers}
+            if lost:
+                raise ConfigError(f"budget.layers: channels are set for {', '.join(sorted(lost))}, which produce no "
+                                  "channel group that can be pruned (analyze --groups says why)")
         if not units:
             raise ConfigError("budget: every Conv/Linear layer is skipped; nothing to choose")
-        return units, decomposable, skipped, groups
+        return units, decomposable, skipped, groups, forced
 
     # -- the pipeline -----------------------------------------------------------------------------
     def _build(self, model: nn.Module, choice: dict[str, int], ctx, train: bool,
@@ -581,7 +593,7 @@ class Budget(StepConfig):
                                     share_steps=0, bias_bits=0,
                                     techniques=tuple(t for t in self.chosen_techniques() if t in ("rank", "channels")))
         first = shape.apply(model, _quiet(ctx), show_progress)
-        counts = {_CHANNELS + label: c["kept"] for label, c in first.details["channels"].items()}
+        counts = {_CHANNELS + label: c["kept"] for label, c in first.details.get("channels", {}).items()}
         narrowed, _ = self._build(model, counts, ctx, False, x=x)
         tuned = ctx.train is not None and self.prune_steps > 0
         if tuned:
@@ -591,12 +603,15 @@ class Budget(StepConfig):
         baseline = ctx.evaluate(model) if ctx.evaluate else None
         second = bytes_budget.apply(narrowed, ctx, show_progress, baseline=baseline)
         d = second.details
+        if d.get("target_macs") is None and "macs" in targets:  # met by the narrowing alone
+            d["target_macs"] = first.details["target_macs"]
         for key in ("target_latency_s", "latency_before_s", "latency_after_s", "latency_estimated_s", "latency_ratio",
                     "latency_met"):  # without ranks the byte budget changes no shape, so no time
             if key in first.details and key not in d:
                 d[key] = first.details[key]
         d.update(target=self.target or None, techniques=list(self.chosen_techniques()), channels=first.details["channels"],
-                 channel_choice={"target": shape.target, "mac_ratio": first.details["mac_ratio"],
+                 channel_choice={"target": shape.target,
+                                 "mac_ratio": round(analyze(narrowed, x[:1]).total_macs / d["macs_before"], 4),
                                  "fine_tuned_steps": self.prune_steps if tuned else 0,
                                  "measurements": first.details["measurements"],
                                  "sensitivity": first.details["sensitivity"],
@@ -687,7 +702,7 @@ class Budget(StepConfig):
         x = sample_inputs(ctx, self.samples)
         if "channels" in self.chosen_techniques() and byte_settings:
             return self._channels_then_bytes(model, ctx, targets, x, show_progress)
-        units, decomposable, skipped, groups = self._units(model, byte_settings, x)
+        units, decomposable, skipped, groups, forced = self._units(model, byte_settings, x)
         tasks = [(n, lv) for n, levels in units.items() for lv in levels if n not in groups]
         codec = code_fingerprint(container, sys.modules["nnshrink.codec.stream"])
         fn = functools.partial(_measure, reconstruct=self.sensitivity == "reconstructed", astc_quality=self.astc_quality)
@@ -704,7 +719,8 @@ class Budget(StepConfig):
         macs_now = analyze(model, x[:1]).total_macs
         if groups:  # each group at each count below all its channels (all of them: as the model is)
             narrowing = [(n, lv) for n in groups for lv in units[n][1:]]
-            measured.update(measure_curves(model, x, narrowing, _measure_group, ["budget-channels", codec],
+            measured.update(measure_curves(model, x, narrowing, _measure_group,
+                                           ["budget-channels", code_fingerprint(channel_pruning, graph_groups)],
                                            self.executor, show_progress=show_progress,
                                            description="budget: output error and MACs per channel count"))
             measured.update({(n, units[n][0]): [0.0, 0.0, float(macs_now)] for n in groups})
@@ -743,7 +759,8 @@ class Budget(StepConfig):
         def solve(byte_room: float | None, astc: bool = True) -> dict[str, int] | None:
             """The least-noise assignment within ``byte_room`` bytes (None: any) and the MAC and
             latency targets (``astc`` False: among the settings that are not ASTC footprints)."""
-            keep = {n: [i for i, lv in enumerate(units[n]) if astc or _astc(lv) is None] for n in options}
+            keep = {n: [i for i, lv in enumerate(units[n]) if (astc or _astc(lv) is None) and not (i == 0 and n in forced)]
+                    for n in options}
             opts = {n: [options[n][i] for i in keep[n]] for n in options}
             if not use_ilp:
                 room = byte_room if byte_room is not None else total_bytes(opts, {n: int(np.argmax([b for b, _ in o]))
@@ -781,6 +798,7 @@ class Budget(StepConfig):
                 raise ConfigError(f"budget target {self.target} ({limit:,.0f} B) cannot be reached: the smallest "
                                   f"model these settings make{' within the MAC target' * (mac_limit is not None)} is "
                                   f"{reachable:,.0f} B ({float32 / reachable:.1f}x smaller than float32)")
+        measured_here = baseline is None  # the drop is from this model's own metric
         if baseline is None:
             baseline = ctx.evaluate(model) if ctx.evaluate else None
         floor = None if self.max_drop is None else baseline - self.max_drop
@@ -801,7 +819,8 @@ class Budget(StepConfig):
                 point = {"key": key, "bytes": real, "bytes_estimated": round(est), "ratio": round(float32 / real, 2),
                          "macs": analyze(new, ctx.example_input[:1]).total_macs, "val_metric": val,
                          "estimated_noise": estimated_noise(options, assign),
-                         "layers": {n: _describe(units[n][i]) for n, i in assign.items() if n not in groups}}
+                         "layers": _as_built({n: _describe(units[n][i]) for n, i in assign.items() if n not in groups},
+                                             steps_done)}
                 if groups:
                     point["channels"] = {n[len(_CHANNELS):]: units[n][i] for n, i in assign.items() if n in groups}
                 if latency_limit is not None:  # timed whole, as deployed: the check on the estimate
@@ -816,6 +835,7 @@ class Budget(StepConfig):
             return floor is None or (val is not None and val >= floor)
 
         t0 = time.perf_counter()
+        mac_over, counted = False, 0
         room = None if limit is None else (limit - overhead) - 0.01 * limit
         if limit is not None or latency_limit is not None or (mac_limit is not None and groups):
             # What the measurements price can be short of what the file and the runtime show:
@@ -844,6 +864,7 @@ class Budget(StepConfig):
                 # some of the room unused), by its excess and a little more
                 if mac_limit is not None and groups:
                     counted = analyze(shot, ctx.example_input[:1]).total_macs
+                    mac_over = counted > mac_limit
                     if counted > mac_limit:
                         spent = sum(mac_change[n][i] for n, i in first.items())
                         mac_room[0] = min(mac_room[0], spent) - (counted - mac_limit) - 0.002 * mac_limit
@@ -861,6 +882,9 @@ class Budget(StepConfig):
                         # taken from this choice's own file (retraining changes no shape)
                         overhead = _file_bytes(shot, ctx.example_input) - total_bytes(options, first)
                     break
+            if mac_limit is not None and groups and mac_over:  # before any retraining is spent on it
+                raise ConfigError(f"budget target {self.target}: the channel groups chosen still count {counted:,} "
+                                  f"MACs for {mac_limit:,.0f} after six tries; allow lower channel_fractions or ranks")
             timings["fit_to_the_file"] = time.perf_counter() - t0
         if byte_settings:
             grid = budgets(options, self.candidates)
@@ -894,8 +918,11 @@ class Budget(StepConfig):
                         chosen, with_astc = other, False
             else:
                 lo, hi = 0, len(plans) - 1
-                if limit is None and mac_limit is None:
+                if limit is None and mac_limit is None and measured_here:
                     accepted = 0  # the largest budget (every layer as it is) meets any drop
+                elif limit is None and mac_limit is None:  # a drop from another model's metric: checked
+                    accepted = 0 if accept(plans[0]) else None
+                    advance(1)
                 elif accept(plans[0]):
                     accepted, hi = 0, 0
                     advance(1)
@@ -941,6 +968,7 @@ class Budget(StepConfig):
         layers = {n: {**_describe(units[n][i]), "bytes": int(options[n][i][0]),
                       "macs_change": int(mac_change[n][i]),
                       "output_error": round(float(options[n][i][1]), 6)} for n, i in chosen.items() if n not in groups}
+        layers = _as_built(layers, steps_done)
         narrowed = {n[len(_CHANNELS):]: {"channels": units[n][0], "kept": units[n][i],
                                          "macs_change": int(mac_change[n][i]),
                                          "output_error": round(float(options[n][i][1]), 6)}
@@ -963,10 +991,22 @@ class Budget(StepConfig):
                 "latency_met": final["latency_s"] <= latency_limit}),
             "measurements": len(tasks), "evaluations": evaluations[0], "retrained": train,
             "frontier": sorted(points, key=lambda p: p["bytes"]), "steps": steps_done,
-            "sensitivity": _sensitivity(units, options, decomposable, self.channel_fractions),
+            "sensitivity": _sensitivity(units, options, decomposable, {
+                n: {_group_count(f * levels[0], levels[0], self.channel_multiple): f for f in sorted(self.channel_fractions)}
+                for n, levels in units.items() if n in groups}),
             "seconds": {k: round(v, 2) for k, v in timings.items()},
         }
         return StepResult(self.kind, new.eval(), details, skipped)
+
+
+def _as_built(layers: dict[str, dict], steps_done: dict) -> dict[str, dict]:
+    """``layers`` (name -> setting) as the build made them: a rank the narrowed layer no longer
+    lies below was not applied, so it is not reported (``rank_dropped`` says so)."""
+    for n in steps_done.get("rank_above_pruned_channels", []):
+        if n in layers:
+            layers[n] = {k: v for k, v in layers[n].items() if k not in ("rank", "method")}
+            layers[n]["rank_dropped"] = "not below the full rank of the layer its channel groups left"
+    return layers
 
 
 def _fractions(targets: dict[str, float], kinds: tuple[str, ...]) -> str:
@@ -1024,17 +1064,20 @@ def _share_biases(model: nn.Module, names: list[str], bits: int) -> tuple[nn.Mod
 
 
 def _sensitivity(units: dict[str, list[int]], options: dict[str, list[tuple[float, float]]],
-                 decomposable: dict[str, dict[str, int]], fractions: tuple[float, ...] = ()) -> dict:
+                 decomposable: dict[str, dict[str, int]], fractions: dict[str, dict[int, float]] | None = None) -> dict:
     """Each layer's (and channel group's) output error at each setting it was measured at (units
     x settings), the settings mildest first (by their mean log error over the units measured
     there). A rank is titled by the fraction of the layer's full rank it keeps (each cell
     labelled with its rank), a channel count by the fraction of the grid it was rounded from
-    (each cell labelled with its count); a group's row is named ``LAYER (channels)``."""
+    (each cell labelled with its count; ``fractions``: group -> count -> the grid fraction it came
+    from; a count a rule gave is titled by its own fraction); a group's row is named
+    ``LAYER (channels)``."""
     def title(name: str, level: int) -> str:
         if _is_group(name):
-            share = level / units[name][0]
-            return "all channels" if share == 1 else \
-                f"~{min(fractions or (share,), key=lambda f: abs(f - share)):.0%} channels"
+            total = units[name][0]
+            grid = (fractions or {}).get(name, {})
+            return "all channels" if level == total else \
+                f"~{grid[level]:.0%} channels" if level in grid else f"{level / total:.1%} channels"
         if _astc(level) is not None:
             return f"astc {astc_step.option_name(_astc(level))}"
         sparsity, bits = _setting(level)
