@@ -1,7 +1,7 @@
 """The budget step on the MobileNetV2-style net: half the MACs and 16x smaller, within 1 point.
 
-Run: ``python benchmarks/budget_mobilenet.py [--seeds 3] [--data mnist] [--targets "macs=0.5;ratio=16x"]
-[--steps 600]``.
+Run: ``python benchmarks/budget_mobilenet.py [--seeds 3] [--first-seed 0] [--data mnist]
+[--targets "macs=0.5;ratio=16x"] [--steps 600]``.
 
 For each seed the zoo's ``mobilenet`` (inverted residuals, depthwise 3x3 convs, batch norms) is
 trained on the data (cached), then for each target:
@@ -49,13 +49,14 @@ def file_bytes(model, x) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run from this one")
     ap.add_argument("--data", default="mnist")
     ap.add_argument("--targets", default="macs=0.5;ratio=16x", help="budget targets, separated by ';'")
     ap.add_argument("--steps", type=int, default=600, help="retraining steps of the chosen model")
     args = ap.parse_args(argv)
     ds = load_dataset(args.data)
     means: dict[str, list] = {}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         model = zoo.pretrained("mobilenet", args.data, seed=seed, show_progress=False)
         x = zoo.example_input(model)
         ev, tr = zoo.make_evaluator(ds, "val"), zoo.make_trainer(ds, seed=seed, show_progress=False)

@@ -509,3 +509,23 @@ def test_channel_groups_beside_a_size_target_are_chosen_first_and_the_bytes_pric
     with pytest.raises(ConfigError, match="cannot both be met"):
         _run(lenet5_trained, mnist, target="macs=0.5", max_drop=0.0, techniques=("prune", "share", "channels"),
              channel_fractions=(0.75, 0.5))
+
+
+def test_batch_norms_are_folded_before_bytes_are_priced(tmp_path):
+    """A batch norm after a shared layer would be stored as a float per-channel affine beside its
+    codes: the budget folds them first, so the file holds no affine and the estimate holds."""
+    from torch import nn
+
+    from nnshrink.graph.surgery import ChannelAffine
+    from nnshrink.testing import randomize_batchnorm
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(zoo.build("resnet8")).eval()
+    x = torch.rand((32, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    result = compress(model, Plan([Budget(**{**SMALL, "samples": 32}, target="ratio=12x")]), x[:2], calib=[x])
+    d = result.steps[0].details
+    assert len(d["folded"]) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, (nn.BatchNorm2d, ChannelAffine)) for m in result.model.modules())
+    path = tmp_path / "r.nsz"
+    save(result.model, path, x[:2])
+    assert path.stat().st_size <= d["target_bytes"] and abs(path.stat().st_size / d["bytes_estimated"] - 1) < 0.02
