@@ -610,7 +610,7 @@ class Budget(StepConfig):
                     "latency_met"):  # without ranks the byte budget changes no shape, so no time
             if key in first.details and key not in d:
                 d[key] = first.details[key]
-        d.update(target=self.target or None, techniques=list(self.chosen_techniques()), channels=first.details["channels"],
+        d.update(target=self.target or None, techniques=list(self.chosen_techniques()), channels=first.details.get("channels", {}),
                  channel_choice={"target": shape.target,
                                  "mac_ratio": round(analyze(narrowed, x[:1]).total_macs / d["macs_before"], 4),
                                  "fine_tuned_steps": self.prune_steps if tuned else 0,
