@@ -519,9 +519,10 @@ class Budget(StepConfig):
         narrowed = {}
         if counts:
             current = copy.deepcopy(model)
+            # one group's pruning leaves every other group's count as it was: one trace gives them all
+            totals = {group_label(g): g.channels for g in build_dependency_graph(model, x[:1]).groups if g.producers}
             for label, keep in counts.items():  # in execution order; each prune finds its group anew
-                total = next(g.channels for g in build_dependency_graph(current, x[:1]).groups
-                             if g.producers and group_label(g) == label)
+                total = totals[label]
                 if keep < total:
                     prune_group(current, x, label, keep)
                     narrowed[label] = {"channels": total, "kept": keep}
