@@ -67,10 +67,14 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", default="lenet5", help="models for the size-target comparison")
     ap.add_argument("--max-drop", type=float, default=0.002)
     ap.add_argument("--skip-drop", action="store_true", help="only the size targets")
+    ap.add_argument("--prune-steps", type=int, default=Budget.prune_steps, help="retraining steps with masks held")
+    ap.add_argument("--share-steps", type=int, default=Budget.share_steps, help="retraining steps with codebooks held")
+    ap.add_argument("--no-uniform", action="store_true", help="size targets without the uniform plans beside them")
     ap.add_argument("--techniques", default="",
                     help="the budget's techniques, comma-joined (prune,share,rank,astc; default: the step's)")
     args = ap.parse_args(argv)
     techniques = tuple(t for t in args.techniques.split(",") if t)
+    steps = {"prune_steps": args.prune_steps, "share_steps": args.share_steps}
     ds = load_dataset(args.data)
     OUT.mkdir(exist_ok=True)
     summary: dict = {}
@@ -88,7 +92,7 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 if not args.skip_drop:
                     t = time.perf_counter()
-                    r = compress(model, Plan([Budget(max_drop=args.max_drop, techniques=techniques)]), x, evaluate=ev, train=tr, calib=calib)
+                    r = compress(model, Plan([Budget(max_drop=args.max_drop, techniques=techniques, **steps)]), x, evaluate=ev, train=tr, calib=calib)
                     d = r.steps[0].details
                     real = file_bytes(r.model, x, tmp)
                     test = zoo.accuracy(r.model, ds, "test")
@@ -101,10 +105,10 @@ def main(argv=None) -> int:
                     print(f"    layers: {d['layers']}", flush=True)
                 if name not in args.compare.split(","):
                     continue
-                sizes = uniform_bytes(model, x, calib, tmp)
+                sizes = {} if args.no_uniform else uniform_bytes(model, x, calib, tmp)
                 for ratio in (float(v) for v in args.ratios.split(",")):
                     t = time.perf_counter()
-                    r = compress(model, Plan([Budget(target=f"ratio={ratio:g}x", techniques=techniques)]), x, evaluate=ev, train=tr,
+                    r = compress(model, Plan([Budget(target=f"ratio={ratio:g}x", techniques=techniques, **steps)]), x, evaluate=ev, train=tr,
                                  calib=calib)
                     searched = file_bytes(r.model, x, tmp)
                     s_test = zoo.accuracy(r.model, ds, "test")
@@ -112,15 +116,17 @@ def main(argv=None) -> int:
                     larger = sorted((v, k) for k, v in sizes.items() if v >= searched)
                     if larger:
                         (s, b) = larger[0][1]
-                        u = compress(model, Plan([Sparsify(sparsity=s, scope="layer", steps=1500),
-                                                  ShareWeights(bits=b, steps=300)]), x, train=tr).model
+                        u = compress(model, Plan([Sparsify(sparsity=s, scope="layer", steps=args.prune_steps),
+                                                  ShareWeights(bits=b, steps=args.share_steps)]), x, train=tr).model
                         u_bytes, u_test = file_bytes(u, x, tmp), zoo.accuracy(u, ds, "test")
                         label = f"uniform {s:.0%}/{b} bits"
                     else:
-                        u_bytes, u_test, label = None, None, "no uniform plan that large"
+                        u_bytes, u_test = None, None
+                        label = "uniform plans not run" if args.no_uniform else "no uniform plan that large"
                     rows["sizes"].setdefault(ratio, []).append((float32 / searched, s_test, u_bytes and
                                                                 float32 / u_bytes, u_test))
                     print(f"  ratio={ratio:g}x: searched {float32 / searched:.1f}x test {s_test:.2%} "
+                          f"({(s_test - float_test) * 100:+.2f} point) "
                           f"({seconds:.0f} s); {label}: "
                           + (f"{float32 / u_bytes:.1f}x test {u_test:.2%}" if u_bytes else "-"), flush=True)
         if all_points:

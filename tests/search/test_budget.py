@@ -530,3 +530,78 @@ def test_batch_norms_are_folded_before_bytes_are_priced(tmp_path):
     assert len(d["folded"]) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert not any(isinstance(m, (nn.BatchNorm2d, ChannelAffine)) for m in result.model.modules())
     _file_within_target(result, x[:1], tmp_path / "r.nsz")
+
+
+class _Recurrent(torch.nn.Module):
+    """A Linear, a bidirectional LSTM or GRU and a head: with 48 hidden units the exporter keeps
+    the recurrent matrices by name and folds the input ones (under its folding size) into one
+    stacked, gate-reordered constant, so both ways the container finds a record are used."""
+
+    def __init__(self, cell, hidden: int = 48) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(16, 32)
+        self.rnn = cell(32, hidden, bidirectional=True, batch_first=True)
+        self.head = torch.nn.Linear(2 * hidden, 5)
+
+    def forward(self, x):
+        y, _ = self.rnn(torch.relu(self.inp(x)))
+        return self.head(y)
+
+
+def _every_parameter_trainer(model, steps):
+    """A user's trainer that steps every parameter, held or not (an SGD step on a random loss)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        opt.zero_grad()
+        model(torch.randn(4, 12, 16)).pow(2).mean().backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("cell", [torch.nn.LSTM, torch.nn.GRU])
+def test_recurrent_matrices_are_budget_units_held_through_retraining(cell, tmp_path):
+    from nnshrink.io import load
+    from nnshrink.techniques.records import StackedRecord
+
+    torch.manual_seed(0)
+    model = _Recurrent(cell).eval()
+    x = torch.randn(64, 12, 16)
+    matrices = ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l0_reverse", "rnn.weight_hh_l0_reverse"]
+    step = Budget(target="ratio=8x", **{**SMALL, "prune_steps": 2, "share_steps": 2})
+    result = compress(model, Plan([step]), x[:1], calib=[x], train=_every_parameter_trainer)
+    d = result.steps[0].details
+    assert set(matrices) <= set(d["layers"]) and set(d["steps"]["recurrent"]) <= set(matrices)
+    assert any(d["layers"][m]["bits"] or d["layers"][m]["sparsity"] for m in matrices)
+    # a trainer that stepped the held matrices too: they are put back, so their records hold
+    _file_within_target(result, x[:1], tmp_path / "r.nsz")
+    reports = {r.name: r.kind for r in save(result.model, tmp_path / "r2.nsz", x[:2])}
+    assert "stacked" in reports.values()  # the folded input matrices, as a stack of the directions
+    assert sum(k == "raw" and r.endswith("weight_hh_l0") for r, k in reports.items()) == 0
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "r2.nsz")(x), result.model(x))
+    # a stack's rows out of order are refused as corrupt, not read
+    record = StackedRecord([StackedRecord.from_parts({"items": [{"kind": "sparse", "fields": {}}], "rows": None},
+                                                     {"0/mask": np.ones((4, 2), np.uint8),
+                                                      "0/values": np.ones(8, np.float32)}).items[0]], [0, 1, 2, 3])
+    fields, arrays = record.to_parts()
+    with pytest.raises(ValueError, match="not a permutation"):
+        StackedRecord.from_parts({**fields, "rows": [0, 0, 1, 2]}, arrays)
+    with pytest.raises(ValueError, match="cannot hold"):
+        StackedRecord.from_parts({"items": [{"kind": "stacked", "fields": fields}], "rows": None}, arrays)
+
+
+def test_recurrent_matrix_rules():
+    torch.manual_seed(0)
+    model = _Recurrent(torch.nn.LSTM).eval()
+    x = torch.randn(32, 12, 16)
+    result = compress(model, Plan([Budget(target="ratio=3x", layers={"rnn.weight_hh*": {"bits": 3, "sparsity": 0.5},
+                                                                      "rnn.weight_ih_l0_reverse": "skip"}, **SMALL)]),
+                      x[:1], calib=[x])
+    d = result.steps[0].details
+    assert d["layers"]["rnn.weight_hh_l0"] == {**d["layers"]["rnn.weight_hh_l0"], "sparsity": 0.5, "bits": 3}
+    assert "rnn.weight_ih_l0_reverse" not in d["layers"]
+    with pytest.raises(ConfigError, match="a recurrent matrix takes sparsity and bits, not rank"):
+        compress(model, Plan([Budget(target="ratio=4x", layers={"rnn.weight_hh_l0": {"rank": 4}}, **SMALL)]), x[:1],
+                 calib=[x])

@@ -32,7 +32,7 @@ from nnshrink.codec import CodecConfig, decode, encode, entropy_bits, stream_inf
 from nnshrink.errors import CorruptDataError, FormatError
 from nnshrink.io.onnx_export import to_onnx
 from nnshrink.io.onnx_import import onnx_to_torch
-from nnshrink.techniques.records import Record, SparseRecord, kind_class, records_of
+from nnshrink.techniques.records import Record, SparseRecord, StackedRecord, kind_class, records_of
 
 FORMAT = "nnshrink.nsz"
 VERSION = 3  # 2: adds the "int" kind (integer tensors of QDQ graphs); 3: records store themselves
@@ -89,6 +89,36 @@ def _records(model: nn.Module) -> dict[str, tuple[Record, np.ndarray]]:
         for param, record in records_of(module).items():
             key = f"{name}.{param}" if name else param
             out[key] = (record, getattr(module, param).detach().cpu().numpy())
+    return out
+
+
+# ONNX's gate order in the blocks of a recurrent layer's rows, as torch's gate indices: LSTM
+# i o f c from torch's i f g o, GRU z r h from torch's r z n (the ONNX operator specification)
+_GATES = ((nn.LSTM, (0, 3, 1, 2)), (nn.GRU, (1, 0, 2)), (nn.RNN, (0,)))
+
+
+def _stacked_views(model: nn.Module) -> list[tuple[Record, np.ndarray]]:
+    """(record, value) of each recurrent layer's stacked input and recurrent matrices, as the
+    exporter may fold them into one constant ``W[direction, gates x hidden, input]`` with the
+    gates reordered (it does where a matrix is small): a stack of the directions' records (a
+    matrix without one as a float :class:`SparseRecord`), for layers with at least one record."""
+    out = []
+    for _, module in model.named_modules():
+        order = next((g for t, g in _GATES if isinstance(module, t)), None)
+        if order is None or getattr(module, "proj_size", 0):
+            continue
+        held = records_of(module)
+        suffixes = [""] + (["_reverse"] if module.bidirectional else [])
+        for layer in range(module.num_layers):
+            for kind in ("ih", "hh"):
+                names = [f"weight_{kind}_l{layer}{s}" for s in suffixes]
+                if not any(n in held for n in names):
+                    continue
+                values = [getattr(module, n).detach().cpu().numpy().astype(np.float32) for n in names]
+                hidden = values[0].shape[0] // len(order)
+                rows = [g * hidden + j for g in order for j in range(hidden)]
+                items = [held[n] if n in held else SparseRecord.of(v) for n, v in zip(names, values)]
+                out.append((StackedRecord(items, rows), np.stack([v[rows] for v in values])))
     return out
 
 
@@ -193,6 +223,8 @@ def save(model: nn.Module, path: str | Path, example_input: torch.Tensor | None 
         by_value.setdefault((w.shape, w.tobytes()), (record, None))
         if w.ndim == 2:
             by_value.setdefault((w.T.shape, np.ascontiguousarray(w.T).tobytes()), (record, [1, 0]))
+    for record, w in _stacked_views(model):  # a recurrent layer's matrices folded into one constant
+        by_value.setdefault((w.shape, w.tobytes()), (record, None))
     blob = _Blob(codec)
     index: dict[str, dict] = {}
     reports = []

@@ -69,6 +69,7 @@ from nnshrink.techniques.cluster import ShareWeights, codebook_record, share_wei
 from nnshrink.techniques.lowrank import decompose, eligible, full_rank
 from nnshrink.techniques.records import attach, record_of
 from nnshrink.techniques.sparsity import Sparsify, magnitude_masks, prunable_layers, sparsegpt
+from nnshrink.techniques.weights import weight_params
 
 TECHNIQUES = ("prune", "share", "rank", "astc", "channels")
 SOLVERS = ("auto", "knapsack", "ilp")
@@ -171,6 +172,47 @@ def _layer_names(name: str, level: int) -> list[str]:
     return [f"{name}.0", f"{name}.1"] if _rank(level)[0] else [name]
 
 
+def _recurrent(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """unit -> (module, parameter) for the input and recurrent matrices of every LSTM/GRU/RNN
+    layer: each matrix is a unit of its own (``rnn.weight_ih_l0``, ``rnn.weight_hh_l0_reverse``)."""
+    return {f"{name}.{param}" if name else param: (name, param)
+            for name, module in model.named_modules() if isinstance(module, nn.RNNBase)
+            for param, _ in weight_params(module)}
+
+
+def _recurrent_unit(model: nn.Module, unit: str) -> tuple[str, str] | None:
+    """(module, parameter) where ``unit`` is a recurrent layer's matrix, else None."""
+    name, _, param = unit.rpartition(".")
+    if not param.startswith("weight_"):
+        return None
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return (name, param) if isinstance(module, nn.RNNBase) and hasattr(module, param) else None
+
+
+def _compress_matrix(module: nn.Module, param: str, level: int) -> None:
+    """Prune (by magnitude, over the whole matrix) and share ``module.<param>`` in place at
+    ``level``. A recurrent matrix is compressed once and then held while the rest of the model
+    retrains around it (as ASTC layers are): Sparsify's masks and ShareWeights' centroid training
+    work on Conv/Linear ``weight`` only, and SparseGPT's refit needs the matrix's inputs, which
+    for the recurrent one are the layer's own hidden states at every time step."""
+    sparsity, bits = _setting(level)
+    w = getattr(module, param)
+    if sparsity > 0:
+        keep = w.numel() - int(round(sparsity * w.numel()))
+        with torch.no_grad():
+            if keep <= 0:
+                w.zero_()
+            else:
+                threshold = w.detach().abs().flatten().kthvalue(w.numel() - keep + 1).values if keep < w.numel() else None
+                if threshold is not None:
+                    w.mul_((w.abs() >= threshold).to(w.dtype))
+    if bits:
+        share_weights(module, bits, param=param)
+
+
 def _compressed(layer: nn.Module, level: int, hessian: torch.Tensor | None = None,
                 input_hw: tuple[int, int] | None = None, quality: str = "medium") -> nn.Module:
     """A copy of ``layer`` decomposed, pruned and shared at ``level``, one-shot: pruned by
@@ -226,6 +268,9 @@ def _measure(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: s
     model is restored). With ``reconstruct`` the first half of ``x`` fits the SparseGPT refit and
     the error is measured on the second half, so the refit is not scored on the inputs it was
     fitted to; an ASTC setting is always error-compensated so, through the same half."""
+    recurrent = _recurrent_unit(model, unit)
+    if recurrent is not None:
+        return _measure_matrix(model, x, reference, unit, recurrent, level)
     layer = model.get_submodule(unit)
     hessian, scored = None, slice(None)
     astc = _astc(level) is not None
@@ -253,6 +298,29 @@ def _measure(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: s
         return [error, stored, float(macs)]
     finally:
         replace_module(model, unit, layer)
+
+
+def _measure_matrix(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str,
+                    where: tuple[str, str], level: int) -> list[float]:
+    """:func:`_measure` for a recurrent layer's matrix: compressed as the build does it (one-shot,
+    then held), the error on all of ``x`` (nothing is fitted to it)."""
+    name, param = where
+    module = model.get_submodule(name)
+    new = copy.deepcopy(module)
+    _compress_matrix(new, param, level)
+    record = record_of(new, param)
+    stored = float(container.record_bytes(record) if record is not None else
+                   container.float_bytes(getattr(new, param).detach().cpu().numpy()))
+    base = held_memo(_MACS, "macs", (model, x), lambda: analyze(model, x[:1]).total_macs)
+    if level == 0:
+        return [0.0, stored, float(base)]
+    replace_module(model, name, new)
+    try:
+        with torch.no_grad():
+            error = output_loss(reference, model(x))
+        return [error, stored, float(base)]
+    finally:
+        replace_module(model, name, module)
 
 
 def _measure_group(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str, level: int) -> list[float]:
@@ -458,6 +526,22 @@ class Budget(StepConfig):
         levels |= {_astc_level(o) for o in astc}
         return sorted(levels), (full if methods else None)
 
+    def _matrix_grid(self, name: str, rule) -> list[int]:
+        """A recurrent matrix's levels: sparsity x codebook size (no rank, channels or ASTC)."""
+        techniques = self.chosen_techniques()
+        sparsities = [0.0] + list(self.sparsities) if "prune" in techniques else [0.0]
+        bits = [0] + list(self.bits) if "share" in techniques else [0]
+        if isinstance(rule, dict):
+            other = sorted(set(rule) - {"sparsity", "bits"})
+            if other:
+                raise ConfigError(f"budget.layers[{name!r}]: a recurrent matrix takes sparsity and bits, not "
+                                  f"{', '.join(other)}")
+            if "sparsity" in rule:
+                sparsities = [float(v) for v in _values(rule["sparsity"])]
+            if "bits" in rule:
+                bits = [int(v) for v in _values(rule["bits"])]
+        return sorted({_level(sp, b) for sp in sparsities for b in bits})
+
     def _units(self, model: nn.Module, byte_settings: bool,
                x: torch.Tensor) -> tuple[dict[str, list[int]], dict[str, dict], list[dict], dict[str, ChannelGroup], set[str]]:
         """The units (layers, then channel groups) and their levels, the decomposable layers'
@@ -465,7 +549,9 @@ class Budget(StepConfig):
         the groups a rule forbids to stay whole (a group's first level is always all its
         channels: the model as it is, costing nothing)."""
         layers = prunable_layers(model)
-        rules = self.layer_rules(layers)
+        recurrent = _recurrent(model)
+        rules = self.layer_rules(list(layers) + list(recurrent),
+                                 "Conv/Linear layer or recurrent matrix" if recurrent else "Conv/Linear layer")
         units, decomposable, skipped = {}, {}, []
         for name, layer in layers.items():
             rule = rules.get(name)
@@ -475,6 +561,17 @@ class Budget(StepConfig):
             units[name], info = self._grid(name, layer, rule, byte_settings)
             if info is not None:
                 decomposable[name] = info
+        if recurrent and byte_settings:
+            # (the container stores a matrix's record by the parameter's name, or, where the
+            # exporter folds the directions into one gate-reordered constant, as a stack of them)
+            for name in recurrent:
+                rule = rules.get(name)
+                if rule == SKIP:
+                    skipped.append({"layer": name, "reason": "skipped by the plan's layer rules"})
+                    continue
+                levels = self._matrix_grid(name, rule)
+                if levels != [0]:  # a rule may fix one setting; as it is, only: nothing to choose
+                    units[name] = levels
         groups: dict[str, ChannelGroup] = {}
         forced: set[str] = set()
         if "channels" in self.chosen_techniques():
@@ -502,7 +599,7 @@ class Budget(StepConfig):
                 raise ConfigError(f"budget.layers: channels are set for {', '.join(sorted(lost))}, which produce no "
                                   "channel group that can be pruned (analyze --groups says why)")
         if not units:
-            raise ConfigError("budget: every Conv/Linear layer is skipped; nothing to choose")
+            raise ConfigError("budget: every Conv/Linear layer and recurrent matrix is skipped; nothing to choose")
         return units, decomposable, skipped, groups, forced
 
     # -- the pipeline -----------------------------------------------------------------------------
@@ -514,7 +611,8 @@ class Budget(StepConfig):
         input Hessian on the sampled inputs and the image a Linear after a flatten reads."""
         current, done = model, {}
         counts = {n[len(_CHANNELS):]: lv for n, lv in choice.items() if _is_group(n)}
-        choice = {n: lv for n, lv in choice.items() if not _is_group(n)}
+        matrices = {n: lv for n, lv in choice.items() if not _is_group(n) and _recurrent_unit(model, n)}
+        choice = {n: lv for n, lv in choice.items() if not _is_group(n) and n not in matrices}
         settings = {n: _setting(lv) for n, lv in choice.items()}
         narrowed = {}
         if counts:
@@ -527,6 +625,19 @@ class Budget(StepConfig):
                     prune_group(current, x, label, keep)
                     narrowed[label] = {"channels": total, "kept": keep}
             done["channels"] = narrowed
+        held: dict[str, torch.Tensor] = {}  # recurrent matrices: compressed once, held while the rest retrains
+        if any(lv for lv in matrices.values()):
+            current = copy.deepcopy(model) if current is model else current
+            for n, lv in matrices.items():
+                if not lv:
+                    continue
+                name, param = _recurrent_unit(current, n)
+                module = current.get_submodule(name)
+                _compress_matrix(module, param, lv)
+                getattr(module, param).requires_grad_(False)
+                held[n] = getattr(module, param).detach().clone()
+            done["recurrent"] = {n: {"sparsity": _setting(lv)[0], "bits": _setting(lv)[1] or None}
+                                 for n, lv in matrices.items() if lv}
         textures = {n: _astc(lv) for n, lv in choice.items() if _astc(lv) is not None}
         if textures:
             hessians, shapes = astc_inputs
@@ -570,6 +681,13 @@ class Budget(StepConfig):
             current, done["biases"] = _share_biases(current, [sub for n, lv in choice.items()
                                                               for sub in _layer_names(n, lv if n in ranked else 0)],
                                                     self.bias_bits)
+        for n, value in held.items():
+            name, param = _recurrent_unit(current, n)
+            weight = getattr(current.get_submodule(name), param)
+            if not torch.equal(weight.detach(), value):  # a trainer that steps every parameter: put back
+                with torch.no_grad():
+                    weight.copy_(value)
+            weight.requires_grad_(True)
         for n in textures:
             layer = current.get_submodule(n)
             if record_of(layer) is None:  # pragma: no cover - held weights cannot drift
@@ -636,8 +754,8 @@ class Budget(StepConfig):
         in a layer are estimated to save more than they do together: the choice is timed whole
         and redone). Pruning and sharing change no dense kernel's time, so only the rank and the
         channel count of a level count."""
-        layer_units = [n for n in units if not _is_group(n)]
         names = list(prunable_layers(model))
+        layer_units = [n for n in units if n in names]  # a recurrent matrix's settings change no kernel's time
         forms = {n: sorted({_rank(lv) for lv in units[n] if _rank(lv)[0]}, reverse=True) for n in layer_units}
         counts = {n: units[n][1:] for n in groups}  # the counts below all channels, most first
         variants = max((len(f) for f in forms.values()), default=0)

@@ -134,3 +134,58 @@ class SparseRecord:
                 or values.dtype not in (np.float16, np.float32):
             raise ValueError("the positions do not match the stored values")
         return cls(mask, values)
+
+
+@register
+class StackedRecord:
+    """Several records of one shape stacked along a new first axis, each with its rows in
+    ``rows`` order: how an ONNX LSTM/GRU holds its matrices (``W[direction, gates x hidden,
+    input]``, the gates in ONNX's order, not torch's), where the exporter folds the per-direction
+    parameters into one constant. Each item is stored as its own kind's parts (a matrix without a
+    record as a :class:`SparseRecord`, which holds dense floats too), under ``"<item>/<part>"``.
+    """
+
+    kind: ClassVar[str] = "stacked"
+
+    def __init__(self, items: list, rows: list[int] | None = None) -> None:
+        self.items = list(items)
+        self.rows = None if rows is None else [int(r) for r in rows]
+        self.bits = max(int(getattr(r, "bits", 32)) for r in self.items)
+        self.raw_parts = {f"{i}/{key}" for i, r in enumerate(self.items) for key in getattr(r, "raw_parts", ())}
+
+    def dequantize(self) -> np.ndarray:
+        arrays = [r.dequantize() for r in self.items]
+        if self.rows is not None:
+            arrays = [a[self.rows] for a in arrays]
+        return np.stack(arrays).astype(np.float32)
+
+    def to_parts(self) -> tuple[dict, dict[str, np.ndarray]]:
+        fields, arrays = {"items": [], "rows": self.rows}, {}
+        for i, record in enumerate(self.items):
+            f, a = record.to_parts()
+            fields["items"].append({"kind": record.kind, "fields": f})
+            arrays.update({f"{i}/{key}": v for key, v in a.items()})
+        return fields, arrays
+
+    @classmethod
+    def from_parts(cls, fields: dict, arrays: dict[str, np.ndarray]) -> StackedRecord:
+        items = []
+        for i, item in enumerate(fields["items"]):
+            kind = item["kind"]
+            sub = kind_class(kind) if kind != cls.kind else None  # one level: no stack of stacks
+            if sub is None:
+                raise ValueError(f"item {i} has kind {kind!r}, which a stack cannot hold")
+            prefix = f"{i}/"
+            items.append(sub.from_parts(item["fields"], {k[len(prefix):]: v for k, v in arrays.items()
+                                                         if k.startswith(prefix)}))
+        if not items:
+            raise ValueError("a stack of no items")
+        shapes = {r.dequantize().shape for r in items}
+        rows = fields.get("rows")
+        if len(shapes) != 1:
+            raise ValueError(f"the stacked items differ in shape: {sorted(shapes)}")
+        if rows is not None:
+            n = next(iter(shapes))[0] if next(iter(shapes)) else 0
+            if sorted(int(r) for r in rows) != list(range(n)):
+                raise ValueError("the row order is not a permutation of the items' rows")
+        return cls(items, rows)
