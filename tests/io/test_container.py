@@ -200,3 +200,27 @@ def test_grouped_low_bit_weights_round_trip_exactly(tmp_path, lenet5_trained, mn
     for name, p in result.model.named_parameters():
         assert torch.equal(dict(back.named_parameters())[name], p), name
     assert result.steps[0].details["layers"]["fc1"]["method"] == "per-group 32 mse, gptq"
+
+
+@pytest.mark.parametrize("cell", [torch.nn.LSTM, torch.nn.GRU])
+def test_small_recurrent_matrices_folded_by_the_exporter_keep_their_records(cell, tmp_path):
+    """Under its folding size the exporter folds a bidirectional layer's matrices into one
+    gate-reordered constant per kind: each is stored as a stack of the directions' records (it
+    was raw), and comes back bit-identical."""
+
+    class Recurrent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = cell(16, 8, bidirectional=True, batch_first=True)
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 12, 16)
+    model = compress(Recurrent().eval(), Plan([QuantizeWeights(bits=4)]), x[:1]).model
+    kinds = [r.kind for r in save(model, tmp_path / "r.nsz", x[:2])]
+    assert kinds.count("stacked") == 2 and all(r.numel() > 0 for r in model.rnn.parameters())
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "r.nsz")(x), model(x))
