@@ -605,3 +605,7 @@ def test_recurrent_matrix_rules():
     with pytest.raises(ConfigError, match="a recurrent matrix takes sparsity and bits, not rank"):
         compress(model, Plan([Budget(target="ratio=4x", layers={"rnn.weight_hh_l0": {"rank": 4}}, **SMALL)]), x[:1],
                  calib=[x])
+    # a pattern that also matches Conv/Linear layers gives the matrices what applies to them
+    both = Budget(target="ratio=3x", layers={"*": {"bits": 5, "rank": 0}}, **SMALL)
+    d = compress(model, Plan([both]), x[:1], calib=[x]).steps[0].details
+    assert {s["bits"] for s in d["layers"].values()} == {5}

@@ -526,14 +526,17 @@ class Budget(StepConfig):
         levels |= {_astc_level(o) for o in astc}
         return sorted(levels), (full if methods else None)
 
-    def _matrix_grid(self, name: str, rule) -> list[int]:
-        """A recurrent matrix's levels: sparsity x codebook size (no rank, channels or ASTC)."""
+    def _matrix_grid(self, name: str, rule, also_layers: bool = False) -> list[int]:
+        """A recurrent matrix's levels: sparsity x codebook size (no rank, channels or ASTC). A
+        rule's other settings are an error where it names recurrent matrices only; a pattern that
+        also matches Conv/Linear layers (``"*"``) gives the matrices what applies to them
+        (``also_layers``)."""
         techniques = self.chosen_techniques()
         sparsities = [0.0] + list(self.sparsities) if "prune" in techniques else [0.0]
         bits = [0] + list(self.bits) if "share" in techniques else [0]
         if isinstance(rule, dict):
             other = sorted(set(rule) - {"sparsity", "bits"})
-            if other:
+            if other and not also_layers:
                 raise ConfigError(f"budget.layers[{name!r}]: a recurrent matrix takes sparsity and bits, not "
                                   f"{', '.join(other)}")
             if "sparsity" in rule:
@@ -564,12 +567,13 @@ class Budget(StepConfig):
         if recurrent and byte_settings:
             # (the container stores a matrix's record by the parameter's name, or, where the
             # exporter folds the directions into one gate-reordered constant, as a stack of them)
+            layer_rules = {id(rules[n]) for n in layers if n in rules}
             for name in recurrent:
                 rule = rules.get(name)
                 if rule == SKIP:
                     skipped.append({"layer": name, "reason": "skipped by the plan's layer rules"})
                     continue
-                levels = self._matrix_grid(name, rule)
+                levels = self._matrix_grid(name, rule, id(rule) in layer_rules)
                 if levels != [0]:  # a rule may fix one setting; as it is, only: nothing to choose
                     units[name] = levels
         groups: dict[str, ChannelGroup] = {}
