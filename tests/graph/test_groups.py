@@ -68,3 +68,47 @@ def test_grouped_conv_blocks_pruning_with_reason():
 def test_untraceable_model_error_names_the_line():
     with pytest.raises(UnsupportedModelError, match=r"cannot trace UntraceableNet.*if x.sum\(\) > 0"):
         build_dependency_graph(UntraceableNet(), torch.zeros(1, 4))
+
+
+def test_realistic_zoo_groups_through_resize_transposed_conv_concat_and_token_sequences():
+    """The FPN detector's lateral convs (joined by adds after nearest Resize, read three times by
+    one conv through a concatenation), its transposed conv (reads one group, produces another)
+    and the transformer's feed-forward hidden channels (Linear over (N, T, C)) are groups that
+    prune: the model runs, its MACs drop, and the consumers' refit beats leaving them as they were."""
+    import copy
+
+    from nnshrink.graph import analyze
+    from nnshrink.techniques.channels import prune_group
+    from nnshrink.zoo import realistic as R
+
+    torch.manual_seed(0)
+    cases = {"dbnet": {"lat1": 8, "smooth.0": 8, "up1": 8}, "transformer": {"layers.0.ff1": 64}}
+    for name, labels in cases.items():
+        t = R.task(name, scale=0.05)
+        model = t.build().eval()
+        x = t.splits["train"][0][:64]
+        deps = build_dependency_graph(model, x[:1])
+        with torch.no_grad():
+            ref = model(x)
+        for label, keep in labels.items():
+            group = _group(deps, label)
+            assert group.prunable, (label, group.reason)
+            errors = []
+            for refit in (True, False):
+                pruned = copy.deepcopy(model)
+                prune_group(pruned, x, label, keep, reconstruct=refit)
+                with torch.no_grad():
+                    out = pruned(x)
+                assert out.shape == ref.shape
+                errors.append(float((out - ref).pow(2).mean() / ref.pow(2).mean()))
+            assert errors[0] <= errors[1] * 1.01 + 1e-9, (label, errors)  # (an untrained detector barely moves)
+            if label != "up1":  # the counter has no MACs for a transposed conv; its consumer's drop
+                assert analyze(pruned, x[:1]).total_macs < analyze(model, x[:1]).total_macs
+    lat = _group(deps := build_dependency_graph(R.task("dbnet", scale=0.05).build(), torch.zeros(1, 1, 32, 32)), "lat1")
+    assert {p for p, _ in lat.producers} == {"lat1", "lat2", "lat3"} and "concat" in lat.couplings
+    assert [c.layer for c in lat.consumers].count("smooth.0") == 3
+    assert [c.layer for c in _group(deps, "smooth.0").consumers] == ["up1"]
+    # attention's q, k, v reach a reshape into heads: not tracked, and said so
+    deps = build_dependency_graph(R.task("transformer", scale=0.05).build(), torch.zeros(1, 7, 28))
+    q = _group(deps, "layers.0.attn.q")
+    assert not q.prunable and "last axis" in q.reason

@@ -5,10 +5,11 @@ input channel ``c`` of every consumer, the batch-norm entry ``c``, the depthwise
 across a residual add, channel ``c`` of every other branch of the add. This module finds those
 sets. Each tensor in the graph gets a *layout*: its channel axis (axis 1) as a list of segments,
 each segment a run of channels that belongs to one channel space. Ops either pass the layout on
-(ReLU, pooling, batch norm, depthwise conv), create a new space (conv, linear), join spaces
-(a residual add unites them), or lay segments side by side (concatenation). A space that reaches
-an op this module does not understand is marked not prunable, with the op named as the reason,
-rather than guessed at.
+(ReLU, pooling, batch norm, depthwise conv), create a new space (conv, transposed conv, linear),
+join spaces (a residual add unites them), or lay segments side by side (concatenation). A Linear
+over a token sequence ``(N, T, C)`` puts its channels on the last axis; only elementwise ops, adds
+and concatenations along that axis pass them on. A space that reaches an op this module does not
+understand is marked not prunable, with the op named as the reason, rather than guessed at.
 """
 
 from __future__ import annotations
@@ -44,6 +45,17 @@ _PASS_METHODS = {
     "relu", "relu_", "sigmoid", "tanh", "clamp", "clip", "contiguous", "clone", "detach",
     "float", "to", "abs", "neg", "exp",
 }
+# Of those, the ones that act on each element alone (they pass channels on the last axis too).
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.AlphaDropout,
+)
+_ELEMENTWISE_FUNCTIONS = {
+    torch.relu, torch.relu_, F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
+    F.hardtanh, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, torch.clamp, torch.clip, F.dropout, torch.abs,
+    torch.neg, torch.exp,
+}
+_ELEMENTWISE_METHODS = _PASS_METHODS
 _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
            torch.mul, torch.div, operator.iadd, operator.imul}
 _BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_"}
@@ -162,11 +174,13 @@ class _Spaces:
         info["reason"] = info["reason"] or reason
 
 
-# A layout: the channel axis as segments (space id, length), plus the features per channel.
+# A layout: the channel axis as segments (space id, length), plus the features per channel;
+# ``last``: the channels are the last axis (a Linear over a token sequence, ``(N, T, C)``), not axis 1.
 @dataclass(frozen=True)
 class _Layout:
     segments: tuple[tuple[int, int], ...]
     width: int = 1
+    last: bool = False
 
 
 def _target_name(node: fx.Node) -> str:
@@ -195,11 +209,13 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
             for sid, _ in lay.segments:
                 spaces.block(sid, reason)
 
-    def fresh(node: fx.Node, reason: str | None) -> _Layout | None:
+    def fresh(node: fx.Node, reason: str | None, last: bool = False) -> _Layout | None:
         shape = node.meta.get("shape")
         if not shape or len(shape) < 2:
             return None
-        return _Layout(((spaces.new(shape[1], reason), shape[1]),))
+        last = last and len(shape) > 2
+        channels = shape[-1] if last else shape[1]
+        return _Layout(((spaces.new(channels, reason), channels),), last=last)
 
     def consume(layer: str, lay: _Layout | None, node: fx.Node) -> None:
         if lay is None:
@@ -227,14 +243,30 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
         inputs = [layout_of(a) for a in node.all_input_nodes]
         first = layout_of(node.args[0]) if node.args else None
         rule = _rule(node, modules)
+        if first is not None and first.last and rule not in ("compressible", "binary", "cat", "elementwise", "shape"):
+            # channels on the last axis: only what leaves that axis alone passes them on (a
+            # batch norm, a pooling, a reshape read axis 1 as channels, or mix the last)
+            block_layout(first, f"{_target_name(node)}: channels on the last axis reach an op that is not tracked there")
+            layouts[node] = None
+            continue
         if rule == "compressible":
             mod = modules[node.target]
             kind_in = first
-            if isinstance(mod, nn.Linear) and first is not None and first.width == 1:
+            if isinstance(mod, nn.Linear) and first is not None and first.width == 1 and not first.last:
                 in_shape = node.args[0].meta.get("shape")
                 if in_shape is not None and len(in_shape) != 2:
                     block_layout(first, f"{node.target}: linear layer over a non-channel axis")
                     kind_in = None
+            elif not isinstance(mod, nn.Linear) and first is not None and first.last:
+                block_layout(first, f"{node.target}: a conv reads axis 1 as channels, which come on the last axis")
+                kind_in = first = None
+            if isinstance(mod, nn.Linear):  # a Linear over a token sequence: its channels are the last axis
+                consume(node.target, kind_in, node)
+                out = fresh(node, None, last=True)
+                if out is not None:
+                    spaces.get(out.segments[0][0])["producers"].append((node.target, 0))
+                layouts[node] = out
+                continue
             groups = getattr(mod, "groups", 1)
             if groups > 1 and groups == mod.in_channels == mod.out_channels and first is not None:
                 for sid, _ in first.segments:
@@ -262,8 +294,14 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
                     info["members"].append(node.target)
                     info["couplings"].add("batchnorm")
             layouts[node] = first
-        elif rule == "pass":
+        elif rule in ("pass", "elementwise"):
             layouts[node] = first
+        elif rule == "transposed":  # ConvTranspose: reads input channels (weight axis 0), makes its own
+            consume(node.target, first, node)
+            out = fresh(node, None)
+            if out is not None:
+                spaces.get(out.segments[0][0])["producers"].append((node.target, 0))
+            layouts[node] = out
         elif rule == "binary":
             layouts[node] = _binary(node, layouts, spaces, block_layout)
         elif rule == "cat":
@@ -293,8 +331,12 @@ def _rule(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "compressible"
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             return "batchnorm"
+        if isinstance(mod, _ELEMENTWISE_MODULES):
+            return "elementwise"
         if isinstance(mod, _PASS_MODULES):
             return "pass"
+        if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d)) and mod.groups == 1:
+            return "transposed"
         if isinstance(mod, nn.Flatten):
             return "reshape"
         return "unknown"
@@ -303,6 +345,8 @@ def _rule(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         custom = getattr(target, "_nnshrink_channel_rule", None)
         if custom:
             return custom
+        if target in _ELEMENTWISE_FUNCTIONS:
+            return "elementwise"
         if target in _PASS_FUNCTIONS:
             return "pass"
         if target in _BINARY:
@@ -319,8 +363,8 @@ def _rule(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "shape"
         return "unknown"
     if node.op == "call_method":
-        if target in _PASS_METHODS:
-            return "pass"
+        if target in _ELEMENTWISE_METHODS:
+            return "elementwise"
         if target in _BINARY_METHODS:
             return "binary"
         if target in _RESHAPE_METHODS or target in _SQUEEZE_METHODS:
@@ -344,12 +388,14 @@ def _binary(node: fx.Node, layouts: dict, spaces: _Spaces, block_layout) -> _Lay
         if lay is None:
             shape = arg.meta.get("shape")
             # a broadcast constant with its own value per channel would need slicing too
-            if shape and len(shape) >= 2 and out_shape and len(shape) == len(out_shape) and shape[1] > 1:
+            axis = -1 if base.last else 1
+            if shape and len(shape) >= 2 and out_shape and len(shape) == len(out_shape) and shape[axis] > 1:
                 block_layout(base, f"per-channel operand in {_target_name(node)} is not tracked")
             continue
         if lay is base:
             continue
-        if [n for _, n in lay.segments] == [n for _, n in base.segments] and lay.width == base.width:
+        if [n for _, n in lay.segments] == [n for _, n in base.segments] and lay.width == base.width \
+                and lay.last == base.last:
             for (a, _), (b, _) in zip(base.segments, lay.segments):
                 spaces.union(a, b, "residual")
         else:
@@ -365,14 +411,16 @@ def _concat(node: fx.Node, layouts: dict, spaces: _Spaces, block_layout) -> _Lay
     out_shape = node.meta.get("shape")
     if out_shape is not None and dim < 0:
         dim += len(out_shape)
-    if dim != 1 or any(lay is None or lay.width != 1 for lay in lays):
+    last = bool(lays) and all(lay is not None and lay.last for lay in lays)
+    axis = len(out_shape) - 1 if last and out_shape is not None else 1
+    if dim != axis or any(lay is None or lay.width != 1 or lay.last != last for lay in lays):
         for lay in lays:
             block_layout(lay, f"concatenation along axis {dim} is not tracked")
         return None
     segments = tuple(seg for lay in lays for seg in lay.segments)
     for sid, _ in segments:
         spaces.get(sid)["couplings"].add("concat")
-    return _Layout(segments)
+    return _Layout(segments, last=last)
 
 
 def _reshape(node: fx.Node, first: _Layout | None, block_layout) -> _Layout | None:

@@ -65,10 +65,16 @@ def _find(model: nn.Module, x: torch.Tensor, label: str) -> ChannelGroup:
     raise ConfigError(f"no channel group produced by {label!r}")
 
 
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d)
+
+
 def _consumer_columns(layer: nn.Module, offset: int, width: int, channels: list[int] | np.ndarray) -> np.ndarray:
-    """Columns of the consumer's (im2col) input matrix that the group's channels occupy."""
+    """Columns of the consumer's (im2col) input matrix that the group's channels occupy (a
+    transposed conv's columns are its input channels at one position: see :func:`_weight_matrix`)."""
     if isinstance(layer, nn.Linear):
         per = width
+    elif isinstance(layer, _TRANSPOSED):
+        per = 1
     else:
         per = math.prod(layer.kernel_size)
     ch = np.asarray(channels, dtype=np.int64) + offset
@@ -82,7 +88,10 @@ def _sample(model: nn.Module, x: torch.Tensor, layers: list[str], seed: int = 0)
     got: dict[str, list[torch.Tensor]] = {}
 
     def keep(name: str, module: nn.Module, inp: torch.Tensor) -> None:
-        cols = input_columns(module, inp.double())  # (n, positions, d)
+        if isinstance(module, _TRANSPOSED):  # each input position's channels (see _weight_matrix)
+            cols = inp.double().flatten(2).transpose(1, 2)
+        else:
+            cols = input_columns(module, inp.double())  # (n, positions, d)
         if not isinstance(module, nn.Linear):
             n, positions, d = cols.shape
             take = min(positions, _PATCHES_PER_IMAGE)
@@ -96,7 +105,14 @@ def _sample(model: nn.Module, x: torch.Tensor, layers: list[str], seed: int = 0)
 
 
 def _weight_matrix(layer: nn.Module) -> torch.Tensor:
-    return layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
+    """The layer's GEMM matrix, rows its outputs. A transposed conv scatters each input position's
+    channels into an ``out x k x k`` patch of the output, linearly: its matrix is that map (the
+    patches of neighbouring positions add where they overlap; the selection and the refit fit
+    each position's contribution, which is exact where they do not, as at stride = kernel)."""
+    w = layer.weight.detach().double()
+    if isinstance(layer, _TRANSPOSED):
+        return w.reshape(w.shape[0], -1).T
+    return w.reshape(w.shape[0], -1)
 
 
 def select_channels(model: nn.Module, group: ChannelGroup, samples: dict[str, torch.Tensor], keep: int) -> list[int]:
@@ -128,6 +144,12 @@ def select_channels(model: nn.Module, group: ChannelGroup, samples: dict[str, to
 
 
 def _slice_out(layer: nn.Module, idx: torch.Tensor) -> None:
+    if isinstance(layer, _TRANSPOSED):  # weight (in, out, k...): outputs on axis 1
+        layer.weight = nn.Parameter(layer.weight.detach()[:, idx].clone())
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(layer.bias.detach()[idx].clone())
+        layer.out_channels = len(idx)
+        return
     layer.weight = nn.Parameter(layer.weight.detach()[idx].clone())
     if layer.bias is not None:
         layer.bias = nn.Parameter(layer.bias.detach()[idx].clone())
@@ -167,27 +189,32 @@ def prune_group(model: nn.Module, x: torch.Tensor, label: str, keep: int, recons
     removed = sorted(set(range(group.channels)) - set(kept))
     if not removed:
         return kept
+    reads: dict[str, list] = {}  # a layer may read the group at several offsets (a concat of one group's tensors)
     for c in group.consumers:
-        layer = model.get_submodule(c.layer)
+        reads.setdefault(c.layer, []).append(c)
+    for name, entries in reads.items():
+        layer = model.get_submodule(name)
         w = _weight_matrix(layer)
-        drop = _consumer_columns(layer, c.offset, c.width, removed)
+        drop = np.concatenate([_consumer_columns(layer, c.offset, c.width, removed) for c in entries])
         stay = torch.from_numpy(np.setdiff1d(np.arange(w.shape[1]), drop))
         new_w = w[:, stay]
         if reconstruct:
-            xs = samples[c.layer]
+            xs = samples[name]
             target = xs @ w.T  # the output (without bias) before pruning
             xk = xs[:, stay]
             gram = xk.T @ xk
             lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
             new_w = torch.linalg.solve(gram + lam * torch.eye(len(stay), dtype=gram.dtype), xk.T @ target).T
         in_ch = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
-        shape = (layer.weight.shape[0], -1, *layer.weight.shape[2:])
-        layer.weight = nn.Parameter(new_w.reshape(shape).to(layer.weight.dtype).contiguous())
-        per = c.width if isinstance(layer, nn.Linear) else 1
-        if isinstance(layer, nn.Linear):
-            layer.in_features = in_ch - len(removed) * per
+        if isinstance(layer, _TRANSPOSED):
+            new_w = new_w.T.reshape(len(stay), *layer.weight.shape[1:])
         else:
-            layer.in_channels = in_ch - len(removed)
+            new_w = new_w.reshape(layer.weight.shape[0], -1, *layer.weight.shape[2:])
+        layer.weight = nn.Parameter(new_w.to(layer.weight.dtype).contiguous())
+        if isinstance(layer, nn.Linear):
+            layer.in_features = in_ch - len(removed) * sum(c.width for c in entries)
+        else:
+            layer.in_channels = in_ch - len(removed) * len(entries)
     idx = torch.tensor(kept)
     for name, offset in group.producers:
         _slice_out(model.get_submodule(name), idx + offset)
