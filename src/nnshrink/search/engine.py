@@ -149,7 +149,7 @@ def measure_curves(model: nn.Module, x: torch.Tensor | None, tasks: Sequence[tup
                    fn: Callable[[nn.Module, torch.Tensor, torch.Tensor, str, int], float],
                    key: object, executor: str = "process", workers: int | None = None,
                    show_progress: bool = True, cache: bool = True,
-                   description: str = "sensitivity") -> dict[tuple[str, int], float]:
+                   description: str = "sensitivity", reference: bool = True) -> dict[tuple[str, int], float]:
     """Loss of each ``(unit, level)`` task: ``fn(model, x, reference_output, unit, level)``, a
     float or a list of floats (several figures of one setting measured at once).
 
@@ -160,7 +160,8 @@ def measure_curves(model: nn.Module, x: torch.Tensor | None, tasks: Sequence[tup
     (atomically) as results arrive, at most every two seconds, so a search killed half-way
     resumes where it stopped. ``cache=False`` for a measurement the hash cannot see (a user's
     metric over data of its own); ``x`` None (no sampled inputs, no reference output: ``fn``
-    gets None for both) for one that scores with such a metric alone, uncached.
+    gets None for both) for one that scores with such a metric alone, uncached. ``reference``
+    False: ``fn`` compares with an output of its own, so the model's is not computed (None).
     """
     if executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
@@ -168,7 +169,7 @@ def measure_curves(model: nn.Module, x: torch.Tensor | None, tasks: Sequence[tup
         raise ValueError("measure_curves without sampled inputs has nothing to key a cache by: pass cache=False")
     model = model.eval()
     with torch.no_grad():
-        reference = model(x) if x is not None else None
+        reference = model(x) if x is not None and reference else None
     path = None
     done: dict[tuple[str, int], float] = {}
     if cache:

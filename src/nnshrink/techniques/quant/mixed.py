@@ -152,7 +152,7 @@ def choose_bits(sim, held: torch.Tensor, candidates: list[int], bits_of: Callabl
     # engine, serially and uncached (the quantizers are this sim's, calibrated once)
     tasks = [(n, b) for n in layers for b in cands[:-1]] + [(_OUTPUT + n, 8) for n in twins]
     fn = functools.partial(_added_noise, float_reference=ref, base=base, cache=cache, twins=twins, top=top)
-    got = measure_curves(sim, held, tasks, fn, None, "serial", show_progress=show_progress, cache=False,
+    got = measure_curves(sim, held, tasks, fn, None, "serial", show_progress=show_progress, cache=False, reference=False,
                          description="mixed precision: per-layer sensitivity")
     added = {(n, b): got[(n, b)] for n in layers for b in cands[:-1]}
     act_added = {n: got[(_OUTPUT + n, 8)] for n in twins}

@@ -85,8 +85,8 @@ def _switched(sim: QuantSim, x, reference, unit: str, level: int, evaluate: Call
               float_reference) -> list[float]:
     """[metric, output SQNR] with only layer ``unit`` (and the input) quantized (``_ONLY``; the
     SQNR against ``float_reference`` on ``x``, NaN without inputs), or [metric, NaN] with every
-    layer but it (``_ALL_BUT``). The engine's ``reference`` (the fully quantized output) is not
-    what either compares with. The sim is left fully quantized."""
+    layer but it (``_ALL_BUT``). The engine's ``reference`` is None (it is not computed: neither
+    compares with it). The sim is left fully quantized."""
     try:
         if level == _ONLY:
             sim.enable_only({unit})
@@ -120,8 +120,8 @@ def quant_sensitivity(sim: QuantSim, evaluate: Callable[[QuantSim], float], x: t
         float_acc = evaluate(sim)
         sim.enable_only(None)
         quant_acc = evaluate(sim)
-        # the engine's reference is the sim's output as it is: with every quantizer on; the
-        # SQNRs are against the float output, so the measurements get that one
+        # the SQNRs are against the float output, so the measurements get that one (the
+        # engine's own reference, the sim's output as it is, is not computed)
         ref = None
         if x is not None:
             sim.enable_only(set())
@@ -130,7 +130,8 @@ def quant_sensitivity(sim: QuantSim, evaluate: Callable[[QuantSim], float], x: t
         sqnr_all = _sqnr(ref, sim(x)) if x is not None else None
         fn = functools.partial(_switched, evaluate=evaluate, float_reference=ref)
         got = measure_curves(sim, x, [(n, level) for n in layers for level in (_ONLY, _ALL_BUT)], fn, None, "serial",
-                             show_progress=show_progress, cache=False, description="quantization sensitivity")
+                             show_progress=show_progress, cache=False, reference=False,
+                             description="quantization sensitivity")
     finally:
         sim.enable_only(None)
     only = {n: got[(n, _ONLY)][0] for n in layers}
