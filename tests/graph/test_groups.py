@@ -112,3 +112,42 @@ def test_realistic_zoo_groups_through_resize_transposed_conv_concat_and_token_se
     deps = build_dependency_graph(R.task("transformer", scale=0.05).build(), torch.zeros(1, 7, 28))
     q = _group(deps, "layers.0.attn.q")
     assert not q.prunable and "last axis" in q.reason
+
+
+def test_a_per_channel_operand_of_lower_rank_blocks_its_group():
+    """``x * gamma`` with ``gamma`` of shape (C,) on channels on the last axis (LayerScale), or of
+    shape (C, 1, 1) on a feature map: the operand would need slicing, so the group is not prunable."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+            self.gamma = torch.nn.Parameter(torch.ones(16))
+            self.c, self.d = torch.nn.Conv2d(1, 6, 3), torch.nn.Conv2d(6, 2, 1)
+            self.scale = torch.nn.Parameter(torch.ones(6, 1, 1))
+
+        def forward(self, x, img):
+            return self.b(torch.relu(self.a(x)) * self.gamma), self.d(self.c(img) * self.scale)
+
+    deps = build_dependency_graph(Scaled(), (torch.zeros(2, 5, 8), torch.zeros(2, 1, 8, 8)))
+    for producer in ("a", "c"):
+        g = _group(deps, producer)
+        assert not g.prunable and "per-channel operand" in g.reason
+
+
+def test_a_layer_called_twice_on_a_group_is_narrowed_once():
+    from nnshrink.techniques.channels import prune_group
+
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c = torch.nn.Conv2d(1, 8, 3), torch.nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            return self.c(y) + self.c(y * 0.5)
+
+    model = Twice().eval()
+    x = torch.randn(16, 1, 10, 10)
+    prune_group(model, x, "a", 5)
+    assert model.c.in_channels == model.c.weight.shape[1] == 5 and model(x).shape == (16, 4, 8, 8)

@@ -387,10 +387,13 @@ def _binary(node: fx.Node, layouts: dict, spaces: _Spaces, block_layout) -> _Lay
     for arg, lay in lays:
         if lay is None:
             shape = arg.meta.get("shape")
-            # a broadcast constant with its own value per channel would need slicing too
-            axis = -1 if base.last else 1
-            if shape and len(shape) >= 2 and out_shape and len(shape) == len(out_shape) and shape[axis] > 1:
-                block_layout(base, f"per-channel operand in {_target_name(node)} is not tracked")
+            # a broadcast operand with its own value per channel would need slicing too (shapes
+            # broadcast right-aligned: a (C,) scale on (N, T, C), a (C, 1, 1) one on (N, C, H, W))
+            if shape and out_shape:
+                axis = len(out_shape) - 1 if base.last else 1
+                k = axis - (len(out_shape) - len(shape))
+                if 0 <= k < len(shape) and shape[k] > 1:
+                    block_layout(base, f"per-channel operand in {_target_name(node)} is not tracked")
             continue
         if lay is base:
             continue

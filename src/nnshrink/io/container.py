@@ -163,9 +163,10 @@ def _put_record(blob: _Blob, name: str, record: Record, shape, perm) -> tuple[di
     fields, arrays = record.to_parts()
     parts, stream, ints, side = {}, None, None, 0
     raw_parts = getattr(record, "raw_parts", ())  # parts a decoder reads as they are (ASTC blocks)
+    whole = record.kind == StackedRecord.kind  # several items' streams: reported as one tensor's bytes
     for key, array in arrays.items():
         parts[key], coded = blob.put_array(array, raw=key in raw_parts)
-        if coded is not None and stream is None:
+        if coded is not None and stream is None and not whole:
             stream, ints = coded, np.asarray(array)
         else:
             side += (parts[key].get("coded") or parts[key]["raw"])[1]
@@ -390,7 +391,7 @@ def _weights(path: Path, index: dict, blob: bytes) -> dict[str, np.ndarray]:
                 array = _view(_record(path, name, entry, blob).dequantize(), entry.get("perm"))
             if array.shape != shape:
                 raise CorruptDataError(f"{path}: stream {name!r} does not match its recorded shape {shape}")
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
             raise CorruptDataError(f"{path}: the index entry of {name!r} is malformed ({exc})") from exc
         out[name] = array
     return out
@@ -467,7 +468,7 @@ def describe(path: str | Path) -> list[StreamReport]:
             reports.append(_stream_report(name, kind, decode(stream, name=f"{path}: {name}"), stream, 0))
             continue
         parts = entry["parts"] if "parts" in entry else _legacy_parts(entry)[1]
-        coded = [p["coded"] for p in parts.values() if "coded" in p]
+        coded = [p["coded"] for p in parts.values() if "coded" in p] if kind != StackedRecord.kind else []
         side = sum((p.get("coded") or p["raw"])[1] for p in parts.values()) - (coded[0][1] if coded else 0)
         if not coded:
             reports.append(StreamReport(name, kind, count, side, side * 8 / max(1, count), None, None))

@@ -50,7 +50,7 @@ def match_layers(rules: dict, names: Iterable[str], where: str, what: str = "Con
     if unknown:
         shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
         raise ConfigError(f"{where}.layers: pattern(s) {', '.join(map(repr, unknown))} match no {what}; "
-                          f"{what}s are {shown or 'none'}")
+                          f"{what[:-1] + 'ces' if what.endswith('matrix') else what + 's'} are {shown or 'none'}")
     return found
 
 _REGISTRY: dict[str, type[StepConfig]] = {}

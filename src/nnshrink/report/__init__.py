@@ -118,9 +118,9 @@ def derive(doc: dict) -> dict:
     rows = []
     for row in doc.get("layers") or []:
         row = dict(row)
-        row["settings"] = {r["step"]: _brief(r["details"]["layers"][key]) for r in steps
+        row["settings"] = {r["step"]: _settings_of(row["name"], r["details"]["layers"]) for r in steps
                            if isinstance((r.get("details") or {}).get("layers"), dict)
-                           for key in [_owner(row["name"], r["details"]["layers"])] if key is not None}
+                           and _settings_of(row["name"], r["details"]["layers"]) is not None}
         row["skipped"] = [f"{s['step']}: {s['reason']}" for s in skipped
                           if row["name"] in [p.strip() for p in str(s["layer"]).split(",")]]
         rows.append(row)
@@ -150,6 +150,17 @@ def _owner(name: str, layers: dict) -> str | None:
             return name
         name = name.rpartition(".")[0]
     return None
+
+
+def _settings_of(name: str, layers: dict) -> str | None:
+    """Layer ``name``'s setting in a step's ``layers`` (see :func:`_owner`), or, for a layer whose
+    parameters were settings of their own (a recurrent layer's matrices, ``rnn.weight_ih_l0``),
+    each of those, named."""
+    key = _owner(name, layers)
+    if key is not None:
+        return _brief(layers[key])
+    own = [k for k in layers if k.startswith(name + ".") and "." not in k[len(name) + 1:]]
+    return "; ".join(f"{k[len(name) + 1:]}: {_brief(layers[k])}" for k in own) or None
 
 
 def _brief(setting) -> str:

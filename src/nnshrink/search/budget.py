@@ -380,7 +380,10 @@ class Budget(StepConfig):
             (and a channel group it produces); a mapping with ``sparsity``, ``bits``, ``rank``
             (rank 0 is not decomposed) and/or ``channels`` (channel counts of the group the
             layer produces), each a value or a list, fixes or narrows its grid, e.g.
-            ``{"conv1": skip, "fc*": {"bits": [4, 5]}, "conv2": {"channels": [16, 24]}}``.
+            ``{"conv1": skip, "fc*": {"bits": [4, 5]}, "conv2": {"channels": [16, 24]}}``. A
+            recurrent layer's matrices are named ``rnn.weight_ih_l0`` and so on and take
+            ``sparsity`` and ``bits`` only (a pattern that also matches Conv/Linear layers gives
+            them what applies; one naming matrices alone with other settings is an error).
         prune_steps: Retraining steps while the masks grow to each layer's sparsity (or, with
             no layer pruned, fine-tuning the decomposed layers).
         share_steps: Centroid training steps with the indices (and zeros) held.
@@ -597,7 +600,7 @@ class Budget(StepConfig):
                 levels = sorted(counts | {total}, reverse=True)
                 if levels != [total]:
                     units[_CHANNELS + label], groups[_CHANNELS + label] = levels, g
-            asked = {n for n, r in rules.items() if isinstance(r, dict) and "channels" in r}
+            asked = {n for n, r in rules.items() if isinstance(r, dict) and "channels" in r and n in layers}
             lost = asked - {n for g in found for n, _ in g.producers}
             if lost:
                 raise ConfigError(f"budget.layers: channels are set for {', '.join(sorted(lost))}, which produce no "
@@ -629,7 +632,7 @@ class Budget(StepConfig):
                     prune_group(current, x, label, keep)
                     narrowed[label] = {"channels": total, "kept": keep}
             done["channels"] = narrowed
-        held: dict[str, torch.Tensor] = {}  # recurrent matrices: compressed once, held while the rest retrains
+        held: dict[str, tuple[torch.Tensor, bool]] = {}  # recurrent matrices: compressed once, held while the rest retrains
         if any(lv for lv in matrices.values()):
             current = copy.deepcopy(model) if current is model else current
             for n, lv in matrices.items():
@@ -638,8 +641,9 @@ class Budget(StepConfig):
                 name, param = _recurrent_unit(current, n)
                 module = current.get_submodule(name)
                 _compress_matrix(module, param, lv)
-                getattr(module, param).requires_grad_(False)
-                held[n] = getattr(module, param).detach().clone()
+                weight = getattr(module, param)
+                held[n] = (weight.detach().clone(), weight.requires_grad)
+                weight.requires_grad_(False)
             done["recurrent"] = {n: {"sparsity": _setting(lv)[0], "bits": _setting(lv)[1] or None}
                                  for n, lv in matrices.items() if lv}
         textures = {n: _astc(lv) for n, lv in choice.items() if _astc(lv) is not None}
@@ -672,7 +676,7 @@ class Budget(StepConfig):
                               layers={**{glob_escape(n): SKIP for n in textures},
                                       **{glob_escape(n): {"sparsity": s} for n, s in sparse.items()}}).apply(current, _quiet(ctx))
             current, done["sparsify"] = result.model, result.details
-        elif (ranked or textures or narrowed) and steps["prune"]:  # the rest fine-tuned (with a pruned layer, Sparsify's retraining)
+        elif (ranked or textures or narrowed or held) and steps["prune"]:  # the rest fine-tuned (with a pruned layer, Sparsify's retraining)
             current = ctx.train(current, steps["prune"]) or current
             done["finetune"] = {"steps": steps["prune"]}
         shared = {sub: b for n, (_, b) in settings.items() if b for sub in _layer_names(n, choice[n] if n in ranked else 0)}
@@ -685,13 +689,13 @@ class Budget(StepConfig):
             current, done["biases"] = _share_biases(current, [sub for n, lv in choice.items()
                                                               for sub in _layer_names(n, lv if n in ranked else 0)],
                                                     self.bias_bits)
-        for n, value in held.items():
+        for n, (value, trainable) in held.items():
             name, param = _recurrent_unit(current, n)
             weight = getattr(current.get_submodule(name), param)
             if not torch.equal(weight.detach(), value):  # a trainer that steps every parameter: put back
                 with torch.no_grad():
                     weight.copy_(value)
-            weight.requires_grad_(True)
+            weight.requires_grad_(trainable)
         for n in textures:
             layer = current.get_submodule(n)
             if record_of(layer) is None:  # pragma: no cover - held weights cannot drift
@@ -1169,12 +1173,15 @@ def _narrowing_factors(model: nn.Module, groups: dict[str, ChannelGroup], kept: 
         for layer in g.members:
             if isinstance(model.get_submodule(layer), (nn.Conv1d, nn.Conv2d)):
                 factors.setdefault(layer, {})[n] = float(np.log(kept[n] / g.channels))
+        read: dict[str, dict[int, int]] = {}  # layer -> offset -> its inputs per channel (a layer may read a group twice)
         for c in g.consumers:
             m = model.get_submodule(c.layer)
+            read.setdefault(c.layer, {})[c.offset] = c.width if isinstance(m, nn.Linear) else 1
+        for layer, offsets in read.items():
+            m = model.get_submodule(layer)
             inp = m.in_features if isinstance(m, nn.Linear) else m.in_channels
-            per = c.width if isinstance(m, nn.Linear) else 1
-            by_unit = factors.setdefault(c.layer, {})
-            by_unit[n] = by_unit.get(n, 0.0) + float(np.log((inp - gone * per) / inp))
+            by_unit = factors.setdefault(layer, {})
+            by_unit[n] = by_unit.get(n, 0.0) + float(np.log((inp - gone * sum(offsets.values())) / inp))
     return factors
 
 

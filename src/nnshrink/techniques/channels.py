@@ -189,9 +189,13 @@ def prune_group(model: nn.Module, x: torch.Tensor, label: str, keep: int, recons
     removed = sorted(set(range(group.channels)) - set(kept))
     if not removed:
         return kept
-    reads: dict[str, list] = {}  # a layer may read the group at several offsets (a concat of one group's tensors)
+    # a layer may read the group at several offsets (a concat of one group's tensors); a layer
+    # called twice on the group reads it twice at the same offset: once
+    reads: dict[str, dict] = {}
     for c in group.consumers:
-        reads.setdefault(c.layer, []).append(c)
+        reads.setdefault(c.layer, {})[c.offset] = c
+    for name in reads:
+        reads[name] = list(reads[name].values())
     for name, entries in reads.items():
         layer = model.get_submodule(name)
         w = _weight_matrix(layer)
@@ -205,16 +209,15 @@ def prune_group(model: nn.Module, x: torch.Tensor, label: str, keep: int, recons
             gram = xk.T @ xk
             lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
             new_w = torch.linalg.solve(gram + lam * torch.eye(len(stay), dtype=gram.dtype), xk.T @ target).T
-        in_ch = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
         if isinstance(layer, _TRANSPOSED):
             new_w = new_w.T.reshape(len(stay), *layer.weight.shape[1:])
         else:
             new_w = new_w.reshape(layer.weight.shape[0], -1, *layer.weight.shape[2:])
         layer.weight = nn.Parameter(new_w.to(layer.weight.dtype).contiguous())
         if isinstance(layer, nn.Linear):
-            layer.in_features = in_ch - len(removed) * sum(c.width for c in entries)
-        else:
-            layer.in_channels = in_ch - len(removed) * len(entries)
+            layer.in_features = layer.weight.shape[1]
+        else:  # what the new weight holds (a transposed conv's inputs are its weight's axis 0)
+            layer.in_channels = layer.weight.shape[0] if isinstance(layer, _TRANSPOSED) else layer.weight.shape[1] * layer.groups
     idx = torch.tensor(kept)
     for name, offset in group.producers:
         _slice_out(model.get_submodule(name), idx + offset)

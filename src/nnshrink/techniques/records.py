@@ -186,6 +186,7 @@ class StackedRecord:
             raise ValueError(f"the stacked items differ in shape: {sorted(shapes)}")
         if rows is not None:
             n = next(iter(shapes))[0] if next(iter(shapes)) else 0
-            if sorted(int(r) for r in rows) != list(range(n)):
+            if not isinstance(rows, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in rows) \
+                    or sorted(rows) != list(range(n)):
                 raise ValueError("the row order is not a permutation of the items' rows")
         return cls(items, rows)
