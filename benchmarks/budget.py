@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                         u_bytes, u_test = None, None
                         label = "uniform plans not run" if args.no_uniform else "no uniform plan that large"
                     rows["sizes"].setdefault(ratio, []).append((float32 / searched, s_test, u_bytes and
-                                                                float32 / u_bytes, u_test))
+                                                                float32 / u_bytes, u_test, s_test - float_test))
                     print(f"  ratio={ratio:g}x: searched {float32 / searched:.1f}x test {s_test:.2%} "
                           f"({(s_test - float_test) * 100:+.2f} point) "
                           f"({seconds:.0f} s); {label}: "
@@ -152,9 +152,12 @@ def main(argv=None) -> int:
             print(f"{name}: within {args.max_drop * 100:.1f} point on validation: {ratio:.1f}x, "
                   f"test {drop * 100:+.2f} point")
         for target, vals in rows["sizes"].items():
-            arr = np.array([[a, b, c if c else np.nan, d if d else np.nan] for a, b, c, d in vals], float)
-            m = np.nanmean(arr, axis=0)
-            print(f"  ratio={target:g}x: searched {m[0]:.1f}x {m[1]:.2%}  |  uniform {m[2]:.1f}x {m[3]:.2%}")
+            arr = np.array([[a, b, c if c else np.nan, d if d else np.nan, e] for a, b, c, d, e in vals], float)
+            m = arr[:, [0, 1, 4]].mean(axis=0)
+            uniform = f"uniform {np.nanmean(arr[:, 2]):.1f}x {np.nanmean(arr[:, 3]):.2%}" if \
+                np.isfinite(arr[:, 2]).any() else "uniform not run"
+            print(f"  ratio={target:g}x: searched {m[0]:.1f}x {m[1]:.2%} ({m[2] * 100:+.2f} point against float; per "
+                  f"seed {', '.join(f'{v * 100:+.2f}' for v in arr[:, 4])})  |  {uniform}")
     return 0
 
 
