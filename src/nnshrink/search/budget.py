@@ -1004,13 +1004,15 @@ class Budget(StepConfig):
                     mac_over = counted > mac_limit
                     if counted > mac_limit:
                         spent = sum(mac_change[n][i] for n, i in first.items())
-                        mac_room[0] = min(mac_room[0], spent) - (counted - mac_limit) - 0.002 * mac_limit
+                        mac_room[0] = _cut_room(mac_room[0], spent, counted - macs_now, mac_limit - macs_now,
+                                                0.002 * mac_limit)
                         missed = True
                 if latency_limit is not None:
                     timed = model_latency(shot, ctx.example_input)
                     if timed > latency_limit:
                         spent = sum(lat_change[n][i] for n, i in first.items())
-                        latency_room[0] = min(latency_room[0], spent) - (timed - latency_limit) - 0.02 * latency_limit
+                        latency_room[0] = _cut_room(latency_room[0], spent, timed - latency_now,
+                                                    latency_limit - latency_now, 0.02 * latency_limit)
                         missed = True
                 if not missed:
                     if limit is None and groups:
@@ -1154,6 +1156,20 @@ def _as_built(layers: dict[str, dict], steps_done: dict) -> dict[str, dict]:
             layers[n] = {k: v for k, v in layers[n].items() if k not in ("rank", "method")}
             layers[n]["rank_dropped"] = "not below the full rank of the layer its channel groups left"
     return layers
+
+
+def _cut_room(room: float, estimated: float, actual: float, needed: float, margin: float) -> float:
+    """The solver's room for a MAC or time change after a choice estimated to change it by
+    ``estimated`` changed it by ``actual``, short of the ``needed`` change (all negative where
+    they save): cut by the excess, and, where the estimate over-promised, scaled by how much of
+    it came true (the estimate needed for ``needed`` if that share holds), whichever is tighter.
+    Cutting by the excess alone crept: on the DB detector and MobileNetV3 at half the MACs,
+    channel groups that meet in layers saved a steady share of their estimate and six cuts by
+    the excess still left the model 2.7% and 1.7% over."""
+    cut = min(room, estimated) - (actual - needed) - margin
+    if estimated < 0 and actual < 0:
+        cut = min(cut, needed * estimated / actual - margin)
+    return cut
 
 
 def _fractions(targets: dict[str, float], kinds: tuple[str, ...]) -> str:
