@@ -82,7 +82,9 @@ def test_realistic_zoo_groups_through_resize_transposed_conv_concat_and_token_se
     from nnshrink.zoo import realistic as R
 
     torch.manual_seed(0)
-    cases = {"dbnet": {"lat1": 8, "smooth.0": 8, "up1": 8}, "transformer": {"layers.0.ff1": 64}}
+    # (P-Net's PReLUs hold a slope per channel: sliced with their group)
+    cases = {"dbnet": {"lat1": 8, "smooth.0": 8, "up1": 8}, "transformer": {"layers.0.ff1": 64},
+             "pnet": {"conv1": 6, "conv2": 8}}
     for name, labels in cases.items():
         t = R.task(name, scale=0.05)
         model = t.build().eval()
@@ -102,6 +104,7 @@ def test_realistic_zoo_groups_through_resize_transposed_conv_concat_and_token_se
                 assert out.shape == ref.shape
                 errors.append(float((out - ref).pow(2).mean() / ref.pow(2).mean()))
             assert errors[0] <= errors[1] * 1.01 + 1e-9, (label, errors)  # (an untrained detector barely moves)
+            assert all(m.num_parameters == m.weight.numel() for m in pruned.modules() if isinstance(m, torch.nn.PReLU))
             if label != "up1":  # the counter has no MACs for a transposed conv; its consumer's drop
                 assert analyze(pruned, x[:1]).total_macs < analyze(model, x[:1]).total_macs
     lat = _group(deps := build_dependency_graph(R.task("dbnet", scale=0.05).build(), torch.zeros(1, 1, 32, 32)), "lat1")

@@ -287,12 +287,14 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
                     spaces.get(out.segments[0][0])["couplings"].add("grouped")
                     spaces.block(out.segments[0][0], f"{node.target}: grouped conv (groups={groups}) output")
             layouts[node] = out
-        elif rule == "batchnorm":
+        elif rule in ("batchnorm", "prelu"):
             if first is not None:
+                if len(first.segments) > 1:  # one module's per-channel values over a concatenation
+                    block_layout(first, f"{node.target}: per-channel values over concatenated groups are not tracked")
                 for sid, _ in first.segments:
                     info = spaces.get(sid)
                     info["members"].append(node.target)
-                    info["couplings"].add("batchnorm")
+                    info["couplings"].add(rule)
             layouts[node] = first
         elif rule in ("pass", "elementwise"):
             layouts[node] = first
@@ -331,6 +333,8 @@ def _rule(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "compressible"
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             return "batchnorm"
+        if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:  # a slope per channel: sliced with them
+            return "prelu"
         if isinstance(mod, _ELEMENTWISE_MODULES):
             return "elementwise"
         if isinstance(mod, _PASS_MODULES):

@@ -170,6 +170,9 @@ def _slice_member(module: nn.Module, idx: torch.Tensor) -> None:
             if b is not None:
                 setattr(module, name, b[idx].clone())
         module.num_features = len(idx)
+    elif isinstance(module, nn.PReLU):
+        module.weight = nn.Parameter(module.weight.detach()[idx].clone())
+        module.num_parameters = len(idx)
     elif isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == module.in_channels == module.out_channels:
         _slice_out(module, idx)
         module.in_channels = module.groups = len(idx)
