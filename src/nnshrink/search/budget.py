@@ -290,14 +290,22 @@ def _measure(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: s
     base = held_memo(_MACS, "macs", (model, x), lambda: analyze(model, x[:1]).total_macs)
     if level == 0:
         return [0.0, stored, float(base)]
-    replace_module(model, unit, small)
+    return _swapped(model, unit, small, output_rows(reference, scored), x[scored], stored,
+                    base if not _rank(level)[0] else None, x[:1])
+
+
+def _swapped(model: nn.Module, name: str, new: nn.Module, reference, x: torch.Tensor, stored: float,
+             macs: float | None, example: torch.Tensor) -> list[float]:
+    """[output error on ``x``, ``stored``, the model's MACs (counted on ``example`` where
+    ``macs`` is None)] with submodule ``name`` replaced by ``new``; the model is restored."""
+    old = model.get_submodule(name)
+    replace_module(model, name, new)
     try:
         with torch.no_grad():
-            error = output_loss(output_rows(reference, scored), model(x[scored]))
-        macs = analyze(model, x[:1]).total_macs if _rank(level)[0] else base
-        return [error, stored, float(macs)]
+            error = output_loss(reference, model(x))
+        return [error, stored, float(analyze(model, example).total_macs if macs is None else macs)]
     finally:
-        replace_module(model, unit, layer)
+        replace_module(model, name, old)
 
 
 def _measure_matrix(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str,
@@ -314,13 +322,7 @@ def _measure_matrix(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, 
     base = held_memo(_MACS, "macs", (model, x), lambda: analyze(model, x[:1]).total_macs)
     if level == 0:
         return [0.0, stored, float(base)]
-    replace_module(model, name, new)
-    try:
-        with torch.no_grad():
-            error = output_loss(reference, model(x))
-        return [error, stored, float(base)]
-    finally:
-        replace_module(model, name, module)
+    return _swapped(model, name, new, reference, x, stored, base, x[:1])
 
 
 def _measure_group(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str, level: int) -> list[float]:
