@@ -62,7 +62,8 @@ def test_wrong_input_shape_raises_our_error():
 def test_to_dict_follows_schema():
     doc = analyze(zoo.build("resnet8"), torch.zeros(1, 1, 28, 28)).to_dict()
     assert doc["schema"] == ANALYSIS_SCHEMA
-    assert set(doc["totals"]) == {"macs", "params", "bytes", "compressible_params", "layers"}
+    assert set(doc["totals"]) == {"macs", "compressible_macs", "params", "bytes", "compressible_params", "layers"}
+    assert doc["totals"]["macs"] == doc["totals"]["compressible_macs"] and doc["other_macs"] == []
     assert doc["totals"]["layers"] == len(doc["layers"]) == 10
     assert all(isinstance(s["reason"], str) for s in doc["skipped"])
     assert {s["type"] for s in doc["skipped"]} == {"BatchNorm2d"}
@@ -73,3 +74,42 @@ def test_analysis_restores_training_mode():
     analyze(model, torch.zeros(1, 1, 28, 28))
     assert model.training
     assert all(not m._forward_hooks for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_macs_no_compressible_layer_does_are_counted():
+    """Transposed convs, recurrent layers, products of activations (matmul, einsum, attention) and
+    functional layers outside a module count towards the total, by their module; a Linear's own
+    call is not counted twice."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = nn.ConvTranspose1d(8, 4, 2, stride=2)
+            self.rnn = nn.GRU(4, 6, batch_first=True, bidirectional=True)
+            self.q = nn.Linear(12, 12)
+            self.mha = nn.MultiheadAttention(12, 3, batch_first=True)
+            self.tied = nn.Parameter(torch.randn(5, 12))
+
+        def forward(self, x):  # x: (N, 8, T)
+            y = self.rnn(self.up(x).transpose(1, 2))[0]  # (N, 2T, 12)
+            q = self.q(y)
+            att = torch.softmax(q @ y.transpose(1, 2), -1)  # (N, 2T, 2T)
+            y = torch.einsum("nts,nsc->ntc", att, y) + self.mha(y, y, y)[0]
+            return F.linear(y, self.tied)
+
+    t = 5
+    info = analyze(Net(), torch.zeros(3, 8, t))
+    other = {(o.name, o.kind): o.macs for o in info.other}
+    steps = 2 * t
+    assert other == {
+        ("up", "conv-transpose1d"): 8 * t * 4 * 2,
+        ("rnn", "gru"): steps * 2 * 3 * 6 * (4 + 6),
+        ("<root>", "matmul"): steps * steps * 12,
+        ("<root>", "einsum"): steps * steps * 12,
+        ("mha", "attention"): 4 * steps * 12 * 12 + 2 * steps * steps * 12,
+        ("<root>", "linear"): steps * 5 * 12,
+    }
+    assert info.compressible_macs == info.layer("q").macs == steps * 12 * 12
+    assert info.total_macs == info.compressible_macs + sum(other.values())

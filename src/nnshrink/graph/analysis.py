@@ -2,7 +2,14 @@
 
 MACs are counted from a real forward pass (forward hooks record each layer's output shape), so
 what is counted is what runs: a layer called twice counts twice, a layer never called counts zero
-and is reported as skipped.
+and is reported as skipped. Work that no compressible layer does is counted too, so that a MAC
+target is a fraction of what the model really computes: transposed and 3-D convolutions and
+recurrent layers (from their shapes, by module hooks), and the products of two activations
+(``matmul``/``@``, ``bmm``, ``einsum``, scaled dot-product and multi-head attention, or a
+functional ``linear``/``conv`` outside any counted module), seen by a ``TorchFunctionMode`` and
+credited to the module whose forward made them. torch's ``FlopCounterMode`` counts the same aten
+ops but dispatches below the modules (a layer's MACs could not be told from its consumers') and
+has no formula for the fused CPU LSTM, so it is not used.
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from nnshrink.errors import InputShapeError
 
@@ -70,6 +79,24 @@ class SkippedLayer:
 
 
 @dataclass(frozen=True)
+class OtherMacs:
+    """MACs that no compressible layer does, per module and kind.
+
+    Attributes:
+        name: The module that did them (its qualified name; ``<root>`` for the model's own forward).
+        kind: ``conv-transpose2d``, ``conv3d``, ``lstm``, ``gru``, ``rnn``, ``matmul``, ``einsum``,
+            ``attention``, ``linear`` or ``conv`` (a functional call outside any counted module).
+        macs: Multiply-accumulates per sample, summed over all calls.
+        calls: How often it happened in the forward pass.
+    """
+
+    name: str
+    kind: str
+    macs: int
+    calls: int
+
+
+@dataclass(frozen=True)
 class Analysis:
     """Result of :func:`analyze`.
 
@@ -77,7 +104,8 @@ class Analysis:
         input_shape: Shape of the example input, batch dimension included.
         layers: Compressible layers in execution order.
         skipped: Modules with parameters that are not compressed, each with its reason.
-        total_macs: MACs per sample of all compressible layers.
+        total_macs: MACs per sample of the whole forward pass: the compressible layers' and
+            ``other``'s.
         total_params: Parameters of the whole model (every ``nn.Parameter``).
         total_bytes: ``total_params`` at float32.
         compressible_params: Parameters held by the compressible layers.
@@ -90,6 +118,12 @@ class Analysis:
     total_params: int
     total_bytes: int
     compressible_params: int = field(default=0)
+    other: tuple[OtherMacs, ...] = field(default=())
+
+    @property
+    def compressible_macs(self) -> int:
+        """MACs per sample of the compressible layers alone."""
+        return sum(i.macs for i in self.layers)
 
     def layer(self, name: str) -> LayerInfo:
         """Return the layer called ``name``."""
@@ -105,6 +139,7 @@ class Analysis:
             "input_shape": list(self.input_shape),
             "totals": {
                 "macs": self.total_macs,
+                "compressible_macs": self.compressible_macs,
                 "params": self.total_params,
                 "bytes": self.total_bytes,
                 "compressible_params": self.compressible_params,
@@ -116,6 +151,7 @@ class Analysis:
                 for i in self.layers
             ],
             "skipped": [asdict(s) for s in self.skipped],
+            "other_macs": [asdict(o) for o in self.other],
         }
 
 
@@ -154,11 +190,11 @@ def _skip_reason(module: nn.Module) -> str:
     if isinstance(module, _NORMALIZATION):
         return "normalization layer: folded into the preceding conv or kept in float"
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        return "transposed convolution is not supported yet"
+        return "transposed convolution: weights kept in float (its channels narrow with their groups)"
     if isinstance(module, nn.Conv3d):
         return "Conv3d is not supported yet"
     if isinstance(module, (nn.RNNBase,)):
-        return "recurrent layers are not supported"
+        return "recurrent layer: compressed only by the budget step (its matrices as units)"
     if isinstance(module, nn.Embedding):
         return "embeddings are not supported yet"
     return f"{type(module).__name__} is not a compressible layer type (Conv1d, Conv2d, Linear)"
@@ -176,6 +212,117 @@ def run_forward(model: nn.Module, example_input: torch.Tensor | tuple) -> object
         raise InputShapeError(f"the model's forward pass failed on an input of shape {shapes}: {first}") from exc
 
 
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+#: Modules counted by their own formula rather than as compressible layers.
+_COUNTED = _TRANSPOSED + (nn.Conv3d, nn.RNNBase)
+
+
+def _counted_kind(module: nn.Module) -> str:
+    if isinstance(module, _TRANSPOSED):
+        return f"conv-transpose{module.weight.dim() - 2}d"
+    if isinstance(module, nn.Conv3d):
+        return "conv3d"
+    return {"LSTM": "lstm", "GRU": "gru"}.get(module.mode, "rnn")
+
+
+def _counted_macs(module: nn.Module, inputs: tuple, out, batch: int) -> int:
+    """Per-sample MACs of a transposed or 3-D conv or a recurrent layer."""
+    if isinstance(module, _TRANSPOSED):  # every input element reaches out/groups x kernel outputs
+        return inputs[0].numel() // batch * (module.out_channels // module.groups) * math.prod(module.kernel_size)
+    if isinstance(module, nn.Conv3d):
+        return _layer_macs(module, out, batch)
+    x = inputs[0]
+    data = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x
+    positions = data.numel() // module.input_size  # time steps x sequences
+    gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+    hidden, proj = module.hidden_size, getattr(module, "proj_size", 0) or 0
+    width = proj or hidden  # what each step emits and reads back
+    dirs = 2 if module.bidirectional else 1
+    macs, reads = 0, module.input_size
+    for _ in range(module.num_layers):
+        macs += dirs * (gates * hidden * (reads + width) + (hidden * proj if proj else 0))
+        reads = dirs * width
+    return positions * macs // batch
+
+
+_MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
+            torch.bmm, torch.Tensor.bmm, torch.mm, torch.Tensor.mm}
+_ATTENTION = {F.multi_head_attention_forward, torch._native_multi_head_attention}
+_FUNCTIONAL = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv",
+               F.conv_transpose1d: "conv", F.conv_transpose2d: "conv", F.conv_transpose3d: "conv"}
+
+
+def _function_macs(func, args: tuple, kwargs: dict, out) -> tuple[str, int] | None:
+    """(kind, MACs over the whole batch) of one torch call that multiplies, or None."""
+    def arg(i: int, key: str):
+        return args[i] if len(args) > i else kwargs.get(key)
+
+    if not isinstance(out, torch.Tensor) and func not in _ATTENTION:
+        return None
+    if func in _MATMULS:
+        a, b = (args[1], args[0]) if func is torch.Tensor.__rmatmul__ else (args[0], args[1])
+        return "matmul", out.numel() * a.shape[-1]
+    if func in (torch.baddbmm, torch.addmm, torch.addbmm, torch.Tensor.baddbmm, torch.Tensor.addmm):
+        k = arg(1, "batch1" if "bmm" in func.__name__ else "mat1").shape[-1]
+        return "matmul", (out.numel() * k * (arg(1, "batch1").shape[0] if func is torch.addbmm else 1))
+    if func is torch.einsum:
+        equation, operands = args[0], args[1:]
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = operands[0]
+        sizes: dict[str, int] = {}
+        for letters, t in zip(equation.replace(" ", "").split("->")[0].split(","), operands):
+            shape = list(t.shape)
+            if "..." in letters:  # the ellipsis's dimensions count once, as one size
+                at, named = letters.index("..."), len(letters) - 3
+                spread = t.dim() - named
+                sizes["..."] = max(sizes.get("...", 1), math.prod(shape[at:at + spread]))
+                letters, shape = letters.replace("...", ""), shape[:at] + shape[at + spread:]
+            sizes.update(zip(letters, shape))
+        return ("einsum", math.prod(sizes.values())) if len(operands) > 1 else None
+    if func is F.scaled_dot_product_attention:
+        q, k, v = args[0], arg(1, "key"), arg(2, "value")
+        return "attention", math.prod(q.shape[:-1]) * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+    if func in _ATTENTION:  # projections and attention; (L, N, E) or (L, E), or (N, L, E) on the fast path
+        q, k = args[0], args[1]
+        if func is F.multi_head_attention_forward:
+            length, source, n = q.shape[0], k.shape[0], (q.shape[1] if q.dim() == 3 else 1)
+        else:
+            length, source, n = q.shape[-2], k.shape[-2], (q.shape[0] if q.dim() == 3 else 1)
+        dim = q.shape[-1]
+        return "attention", n * ((2 * length + 2 * source) * dim * dim + 2 * length * source * dim)
+    kind = _FUNCTIONAL.get(func)
+    if kind is None:
+        return None
+    weight = arg(1, "weight")
+    if kind == "linear":
+        return kind, out.numel() * weight.shape[-1]
+    if func in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
+        return kind, args[0].numel() * weight[0].numel()
+    return kind, out.numel() * weight[0].numel()
+
+
+class _ProductCounter(TorchFunctionMode):
+    """Counts the MACs of torch calls made outside any counted module, by the running module."""
+
+    def __init__(self, stack: list[str], counted: list[int], found: dict[tuple[str, str], list[int]]) -> None:
+        super().__init__()
+        self.stack, self.counted, self.found = stack, counted, found
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.counted[0]:
+            try:
+                hit = _function_macs(func, args, kwargs, out)
+            except (AttributeError, IndexError, TypeError, ValueError):  # an unusual call form: not counted
+                hit = None
+            if hit is not None and hit[1] > 0:
+                rec = self.found.setdefault((self.stack[-1] if self.stack else "<root>", hit[0]), [0, 0])
+                rec[0] += hit[1]
+                rec[1] += 1
+        return out
+
+
 def analyze(model: nn.Module, example_input: torch.Tensor | tuple) -> Analysis:
     """Measure every compressible layer of ``model`` in one forward pass.
 
@@ -185,7 +332,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor | tuple) -> Analysis:
             the batch, and MACs are reported per sample.
 
     Returns:
-        The per-layer table and totals.
+        The per-layer table and totals; ``other`` holds the MACs no compressible layer does.
 
     Raises:
         InputShapeError: The model cannot run on ``example_input``.
@@ -197,6 +344,9 @@ def analyze(model: nn.Module, example_input: torch.Tensor | tuple) -> Analysis:
     names = {m: n for n, m in model.named_modules()}
     records: dict[str, dict] = {}
     order: list[str] = []
+    found: dict[tuple[str, str], list[int]] = {}  # (module, kind) -> [MACs over the batch, calls]
+    stack: list[str] = []
+    counted = [0]  # depth inside compressible or counted modules: their calls are theirs
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         name = names[module]
@@ -210,11 +360,31 @@ def analyze(model: nn.Module, example_input: torch.Tensor | tuple) -> Analysis:
             rec["macs"] += macs
             rec["calls"] += 1
 
+    def other_hook(module: nn.Module, inputs: tuple, output) -> None:
+        rec = found.setdefault((names[module], _counted_kind(module)), [0, 0])
+        rec[0] += _counted_macs(module, inputs, output, batch) * batch
+        rec[1] += 1
+
+    def enter(module: nn.Module, inputs: tuple) -> None:
+        stack.append(names.get(module, type(module).__name__))
+        if is_compressible(module) or isinstance(module, _COUNTED):
+            counted[0] += 1
+
+    def leave(module: nn.Module, inputs: tuple, output) -> None:
+        stack.pop()
+        if is_compressible(module) or isinstance(module, _COUNTED):
+            counted[0] -= 1
+
     handles = [m.register_forward_hook(hook) for m in model.modules() if is_compressible(m)]
+    handles += [m.register_forward_hook(other_hook) for m in model.modules() if isinstance(m, _COUNTED)]
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(leave, always_call=True))
     was_training = model.training
     model.eval()
     try:
-        run_forward(model, example_input)
+        with _ProductCounter(stack, counted, found):
+            run_forward(model, example_input)
     finally:
         for h in handles:
             h.remove()
@@ -230,6 +400,8 @@ def analyze(model: nn.Module, example_input: torch.Tensor | tuple) -> Analysis:
             params=params, macs=rec["macs"], bytes=params * FLOAT32_BYTES,
             groups=getattr(module, "groups", 1), in_shape=rec["in"], out_shape=rec["out"],
             calls=rec["calls"]))
+    other = tuple(OtherMacs(name or "<root>", kind, macs // batch, calls)
+                  for (name, kind), (macs, calls) in found.items())
     skipped = []
     for name, module in model.named_modules():
         params = _own_params(module)
@@ -242,6 +414,6 @@ def analyze(model: nn.Module, example_input: torch.Tensor | tuple) -> Analysis:
     total_params = sum(p.numel() for p in model.parameters())
     return Analysis(
         input_shape=tuple(args[0].shape), layers=tuple(layers), skipped=tuple(skipped),
-        total_macs=sum(i.macs for i in layers), total_params=total_params,
+        total_macs=sum(i.macs for i in layers) + sum(o.macs for o in other), total_params=total_params,
         total_bytes=total_params * FLOAT32_BYTES,
-        compressible_params=sum(i.params for i in layers))
+        compressible_params=sum(i.params for i in layers), other=other)

@@ -269,7 +269,7 @@ def streams_table(streams: list) -> Table:
 
 
 def analysis_table(analysis: Analysis, title: str) -> Table:
-    """A rich table of the compressible layers with a totals row."""
+    """A rich table of the compressible layers, then the MACs no such layer does, with a totals row."""
     table = Table(title=title, show_footer=True)
     table.add_column("layer", footer="total")
     table.add_column("kind")
@@ -280,6 +280,8 @@ def analysis_table(analysis: Analysis, title: str) -> Table:
     for i in analysis.layers:
         table.add_row(i.name, i.kind, "x".join(map(str, i.weight_shape)), f"{i.params:,}",
                       f"{i.macs:,}", f"{i.bytes:,}")
+    for o in analysis.other:
+        table.add_row(o.name, f"{o.kind} (not compressed)", "-", "-", f"{o.macs:,}", "-", style="dim")
     return table
 
 
