@@ -65,10 +65,10 @@ from nnshrink.techniques.astc import step as astc_step
 from nnshrink.techniques.calibration import layer_hessians
 from nnshrink.techniques import channels as channel_pruning
 from nnshrink.techniques.channels import group_label, prunable_groups, prune_group
-from nnshrink.techniques.cluster import ShareWeights, codebook_record, share_weights
+from nnshrink.techniques.cluster import ShareWeights, share_weights
 from nnshrink.techniques.lowrank import decompose, eligible, full_rank
 from nnshrink.techniques.records import attach, record_of
-from nnshrink.techniques.sparsity import Sparsify, magnitude_masks, prunable_layers, sparsegpt
+from nnshrink.techniques.sparsity import Sparsify, keep_largest, magnitude_masks, prunable_layers, sparsegpt
 from nnshrink.techniques.weights import weight_params
 
 TECHNIQUES = ("prune", "share", "rank", "astc", "channels")
@@ -201,14 +201,8 @@ def _compress_matrix(module: nn.Module, param: str, level: int) -> None:
     sparsity, bits = _setting(level)
     w = getattr(module, param)
     if sparsity > 0:
-        keep = w.numel() - int(round(sparsity * w.numel()))
         with torch.no_grad():
-            if keep <= 0:
-                w.zero_()
-            else:
-                threshold = w.detach().abs().flatten().kthvalue(w.numel() - keep + 1).values if keep < w.numel() else None
-                if threshold is not None:
-                    w.mul_((w.abs() >= threshold).to(w.dtype))
+            w.mul_(keep_largest(w.detach().abs().reshape(-1), sparsity).reshape(w.shape))
     if bits:
         share_weights(module, bits, param=param)
 
@@ -246,14 +240,15 @@ def _compressed(layer: nn.Module, level: int, hessian: torch.Tensor | None = Non
     return new
 
 
-def _stored_bytes(module: nn.Module) -> int:
-    """The container's bytes for the weights of ``module`` (a layer, or a decomposed layer's factors)."""
+def _stored_bytes(module: nn.Module, param: str = "weight") -> int:
+    """The container's bytes for ``param`` of ``module`` (a layer, or a decomposed layer's
+    factors; a recurrent layer's matrix by its name)."""
     layers = list(module) if isinstance(module, nn.Sequential) else [module]
     total = 0
     for layer in layers:
-        record = codebook_record(layer) or record_of(layer)
+        record = record_of(layer, param)
         total += container.record_bytes(record) if record is not None else \
-            container.float_bytes(layer.weight.detach().cpu().numpy())
+            container.float_bytes(getattr(layer, param).detach().cpu().numpy())
     return total
 
 
@@ -316,9 +311,7 @@ def _measure_matrix(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, 
     module = model.get_submodule(name)
     new = copy.deepcopy(module)
     _compress_matrix(new, param, level)
-    record = record_of(new, param)
-    stored = float(container.record_bytes(record) if record is not None else
-                   container.float_bytes(getattr(new, param).detach().cpu().numpy()))
+    stored = float(_stored_bytes(new, param))
     base = held_memo(_MACS, "macs", (model, x), lambda: analyze(model, x[:1]).total_macs)
     if level == 0:
         return [0.0, stored, float(base)]

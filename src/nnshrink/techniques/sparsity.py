@@ -65,9 +65,9 @@ def magnitude_masks(layers: dict[str, nn.Module], sparsity: float | dict[str, fl
         raise ConfigError("per-layer sparsities need scope='layer'")
     if scope == "layer":
         per = sparsity if isinstance(sparsity, dict) else dict.fromkeys(weights, sparsity)
-        return {n: _keep_largest(w, per[n]).reshape(layers[n].weight.shape) for n, w in weights.items()}
+        return {n: keep_largest(w, per[n]).reshape(layers[n].weight.shape) for n, w in weights.items()}
     flat = torch.cat(list(weights.values()))
-    keep = _keep_largest(flat, sparsity)
+    keep = keep_largest(flat, sparsity)
     masks, offset = {}, 0
     for n, w in weights.items():
         masks[n] = keep[offset:offset + w.numel()].reshape(layers[n].weight.shape)
@@ -75,7 +75,9 @@ def magnitude_masks(layers: dict[str, nn.Module], sparsity: float | dict[str, fl
     return masks
 
 
-def _keep_largest(values: torch.Tensor, sparsity: float) -> torch.Tensor:
+def keep_largest(values: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """A 0/1 mask over flat ``values`` dropping the ``sparsity`` fraction of smallest (exact
+    count, ties broken by position)."""
     n_prune = int(round(sparsity * values.numel()))
     mask = torch.ones_like(values)
     if n_prune > 0:
