@@ -123,6 +123,21 @@ def test_a_size_target_is_met_in_the_file_and_estimated_within_two_percent(lenet
     assert d["val_after"] > 0.5  # one-shot at 40x with a tiny grid: far from float, far from chance
 
 
+def test_ray_gives_the_serial_choice(lenet5_trained, mnist, tmp_path, monkeypatch):
+    """Runs where Ray is installed (the ``ray`` extra; not in CI: a local Ray start takes about a
+    minute on 2 cores): the same small search measured on Ray's workers chooses what the serial
+    one chooses, from fresh caches each."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("NNSHRINK_CACHE_DIR", str(tmp_path / "serial"))
+    serial = _run(lenet5_trained, mnist, target="ratio=40x").steps[0].details
+    monkeypatch.setenv("NNSHRINK_CACHE_DIR", str(tmp_path / "ray"))
+    try:
+        remote = _run(lenet5_trained, mnist, target="ratio=40x", executor="ray").steps[0].details
+    finally:
+        ray.shutdown()
+    assert remote["layers"] == serial["layers"] and remote["bytes_file"] == serial["bytes_file"]
+
+
 def test_an_unreachable_target_names_the_smallest_reachable(lenet5_trained, mnist):
     with pytest.raises(ConfigError, match=r"cannot be reached: the smallest model these settings make is [\d,]+ B"):
         _run(lenet5_trained, mnist, target="ratio=5000x")
