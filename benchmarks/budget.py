@@ -1,14 +1,19 @@
 """The budget step on LeNet-5 and LeNet-300-100: the smallest model within 0.2 point, and the most
-accurate at 20x, 50x and 100x beside uniform prune + share plans of equal or larger size.
+accurate at 20x, 50x and 100x beside single-technique plans of equal or larger size.
 
 Run: ``python benchmarks/budget.py [--seeds 3] [--data mnist10k] [--models lenet5,lenet300]
 [--techniques prune,share,astc]`` (``astc``: ASTC footprints as one more per-layer choice).
 
 - **Within a drop**: ``budget`` with ``max_drop`` (0.2 point on validation); the container's
   ratio to float32 and its held-out test accuracy against float, means over the seeds.
-- **At a size**: ``budget`` with ``ratio=20x|50x|100x`` beside the uniform plan (one global
-  sparsity, one codebook size for every layer, the same retraining steps) whose container is the
-  smallest of the uniform grid at or above the searched one's bytes.
+- **At a size**: ``budget`` with ``ratio=20x|50x|100x`` beside three single-technique plans, each
+  the smallest of its family whose container is at or above the searched one's bytes:
+  ``uniform`` (one sparsity and one codebook size for every layer, the same retraining steps);
+  ``sweep`` (the per-layer plan of :mod:`nnshrink.search.sensitivity`: each layer pruned and shared
+  alone, one-shot, on validation, its settings the harshest within a tolerated drop; tolerances
+  0.1 to 20 points; the same retraining steps); ``bits`` (``quantize_weights`` at one width, 2 to
+  8 bits, for every layer: MSE scales, GPTQ rounding from calibration inputs; weight-only integer
+  quantization has no retraining step, so it is one-shot). ``--baselines`` picks among them.
 - Every result is a real ``.nsz``, sized on disk; the step's byte estimate against the file;
   full evaluations and wall time per run.
 
@@ -36,10 +41,14 @@ from nnshrink.data import load_dataset  # noqa: E402
 from nnshrink.graph import analyze  # noqa: E402
 from nnshrink.plan import Plan, compress  # noqa: E402
 from nnshrink.search.budget import Budget  # noqa: E402
+from nnshrink.search.sensitivity import layer_sensitivity, per_layer_plan  # noqa: E402
 from nnshrink.techniques import ShareWeights, Sparsify  # noqa: E402
+from nnshrink.techniques.weights import QuantizeWeights  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 UNIFORM = [(s, b) for s in (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99) for b in (3, 4, 5)]
+TOLERANCES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)  # the sweep's tolerated one-shot drops per layer
+BASELINES = ("uniform", "sweep", "bits")
 
 
 def file_bytes(model, x, folder) -> int:
@@ -58,6 +67,35 @@ def uniform_bytes(model, x, calib, folder) -> dict:
     return out
 
 
+def family_bytes(model, x, calib, ev, folder, which: str) -> tuple[dict, object]:
+    """Bytes of each plan of a baseline family one-shot (retraining keeps masks, codebook sizes
+    and widths, so the file after it is within a few bytes), and what building them needs."""
+    if which == "uniform":
+        return uniform_bytes(model, x, calib, folder), None
+    if which == "sweep":
+        sens = layer_sensitivity(model, ev, show_progress=False)
+        return {t: file_bytes(compress(model, per_layer_plan(sens, t, 0, 0), x).model, x, folder)
+                for t in TOLERANCES}, sens
+    return {b: file_bytes(bits_model(model, x, calib, b), x, folder) for b in range(2, 9)}, None
+
+
+def bits_model(model, x, calib, bits):
+    return compress(model, Plan([QuantizeWeights(bits=bits, scales="mse", rounding="gptq")]), x, calib=calib).model
+
+
+def baseline(which: str, key, extra, model, x, calib, tr, args):
+    """The family's plan ``key`` built as the comparison runs it (retrained where it can be)."""
+    if which == "uniform":
+        s, b = key
+        plan = Plan([Sparsify(sparsity=s, scope="layer", steps=args.prune_steps),
+                     ShareWeights(bits=b, steps=args.share_steps)])
+        return compress(model, plan, x, train=tr).model, f"uniform {s:.0%}/{b} bits"
+    if which == "sweep":
+        return (compress(model, per_layer_plan(extra, key, args.prune_steps, args.share_steps), x, train=tr).model,
+                f"sweep within {key * 100:g} point per layer")
+    return bits_model(model, x, calib, key), f"{key}-bit weights"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -69,11 +107,15 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-drop", action="store_true", help="only the size targets")
     ap.add_argument("--prune-steps", type=int, default=Budget.prune_steps, help="retraining steps with masks held")
     ap.add_argument("--share-steps", type=int, default=Budget.share_steps, help="retraining steps with codebooks held")
-    ap.add_argument("--no-uniform", action="store_true", help="size targets without the uniform plans beside them")
+    ap.add_argument("--no-uniform", action="store_true", help="size targets without the single-technique plans beside them")
+    ap.add_argument("--baselines", default=",".join(BASELINES), help="single-technique families beside a size target")
     ap.add_argument("--techniques", default="",
                     help="the budget's techniques, comma-joined (prune,share,rank,astc; default: the step's)")
     args = ap.parse_args(argv)
     techniques = tuple(t for t in args.techniques.split(",") if t)
+    families = () if args.no_uniform else tuple(b for b in args.baselines.split(",") if b)
+    if set(families) - set(BASELINES):
+        ap.error(f"--baselines are chosen from {', '.join(BASELINES)}")
     steps = {"prune_steps": args.prune_steps, "share_steps": args.share_steps}
     ds = load_dataset(args.data)
     OUT.mkdir(exist_ok=True)
@@ -105,7 +147,7 @@ def main(argv=None) -> int:
                     print(f"    layers: {d['layers']}", flush=True)
                 if name not in args.compare.split(","):
                     continue
-                sizes = {} if args.no_uniform else uniform_bytes(model, x, calib, tmp)
+                built = {f: family_bytes(model, x, calib, ev, tmp, f) for f in families}
                 for ratio in (float(v) for v in args.ratios.split(",")):
                     t = time.perf_counter()
                     r = compress(model, Plan([Budget(target=f"ratio={ratio:g}x", techniques=techniques, **steps)]), x, evaluate=ev, train=tr,
@@ -113,22 +155,20 @@ def main(argv=None) -> int:
                     searched = file_bytes(r.model, x, tmp)
                     s_test = zoo.accuracy(r.model, ds, "test")
                     seconds = time.perf_counter() - t
-                    larger = sorted((v, k) for k, v in sizes.items() if v >= searched)
-                    if larger:
-                        (s, b) = larger[0][1]
-                        u = compress(model, Plan([Sparsify(sparsity=s, scope="layer", steps=args.prune_steps),
-                                                  ShareWeights(bits=b, steps=args.share_steps)]), x, train=tr).model
+                    beside, texts = {}, []
+                    for f, (sizes, extra) in built.items():
+                        larger = sorted((v, str(k), k) for k, v in sizes.items() if v >= searched)
+                        if not larger:
+                            texts.append(f"{f}: none that large (largest {float32 / max(sizes.values()):.1f}x)")
+                            continue
+                        u, label = baseline(f, larger[0][2], extra, model, x, calib, tr, args)
                         u_bytes, u_test = file_bytes(u, x, tmp), zoo.accuracy(u, ds, "test")
-                        label = f"uniform {s:.0%}/{b} bits"
-                    else:
-                        u_bytes, u_test = None, None
-                        label = "uniform plans not run" if args.no_uniform else "no uniform plan that large"
-                    rows["sizes"].setdefault(ratio, []).append((float32 / searched, s_test, u_bytes and
-                                                                float32 / u_bytes, u_test, s_test - float_test))
+                        beside[f] = (float32 / u_bytes, u_test)
+                        texts.append(f"{label}: {float32 / u_bytes:.1f}x test {u_test:.2%}")
+                    rows["sizes"].setdefault(ratio, []).append((float32 / searched, s_test, s_test - float_test, beside))
                     print(f"  ratio={ratio:g}x: searched {float32 / searched:.1f}x test {s_test:.2%} "
-                          f"({(s_test - float_test) * 100:+.2f} point) "
-                          f"({seconds:.0f} s); {label}: "
-                          + (f"{float32 / u_bytes:.1f}x test {u_test:.2%}" if u_bytes else "-"), flush=True)
+                          f"({(s_test - float_test) * 100:+.2f} point) ({seconds:.0f} s); "
+                          + ("; ".join(texts) or "no plans beside it"), flush=True)
         if all_points:
             import matplotlib
 
@@ -152,12 +192,16 @@ def main(argv=None) -> int:
             print(f"{name}: within {args.max_drop * 100:.1f} point on validation: {ratio:.1f}x, "
                   f"test {drop * 100:+.2f} point")
         for target, vals in rows["sizes"].items():
-            arr = np.array([[a, b, c if c else np.nan, d if d else np.nan, e] for a, b, c, d, e in vals], float)
-            m = arr[:, [0, 1, 4]].mean(axis=0)
-            uniform = f"uniform {np.nanmean(arr[:, 2]):.1f}x {np.nanmean(arr[:, 3]):.2%}" if \
-                np.isfinite(arr[:, 2]).any() else "uniform not run"
+            arr = np.array([[a, b, c] for a, b, c, _ in vals], float)
+            m = arr.mean(axis=0)
+            beside = []
+            for f in families:
+                got = [v[3][f] for v in vals if f in v[3]]
+                if got:
+                    g = np.mean(got, axis=0)
+                    beside.append(f"{f} {g[0]:.1f}x {g[1]:.2%}" + ("" if len(got) == len(vals) else f" ({len(got)} seeds)"))
             print(f"  ratio={target:g}x: searched {m[0]:.1f}x {m[1]:.2%} ({m[2] * 100:+.2f} point against float; per "
-                  f"seed {', '.join(f'{v * 100:+.2f}' for v in arr[:, 4])})  |  {uniform}")
+                  f"seed {', '.join(f'{v * 100:+.2f}' for v in arr[:, 2])})  |  {'; '.join(beside) or 'nothing beside it'}")
     return 0
 
 
