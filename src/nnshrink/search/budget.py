@@ -45,6 +45,7 @@ from torch import nn
 
 from nnshrink.cache import code_fingerprint
 from nnshrink.errors import ConfigError
+from nnshrink.graph import analysis as graph_analysis
 from nnshrink.graph.analysis import analyze
 from nnshrink.graph import groups as graph_groups
 from nnshrink.graph.groups import ChannelGroup, build_dependency_graph
@@ -835,7 +836,11 @@ class Budget(StepConfig):
             model, folded = fold.model, fold.details["folded"]
         units, decomposable, skipped, groups, forced = self._units(model, byte_settings, x)
         tasks = [(n, lv) for n, levels in units.items() for lv in levels if n not in groups]
-        codec = code_fingerprint(container, sys.modules["nnshrink.codec.stream"])
+        # the engine hashes its own code and this module's; the measurements also run these (the
+        # MAC counter, the codec's pricing, the decompositions, pruning and sharing)
+        codec = code_fingerprint(container, sys.modules["nnshrink.codec.stream"], graph_analysis,
+                                 sys.modules["nnshrink.techniques.lowrank"], sys.modules["nnshrink.techniques.sparsity"],
+                                 sys.modules["nnshrink.techniques.cluster"], sys.modules["nnshrink.techniques.records"])
         fn = functools.partial(_measure, reconstruct=self.sensitivity == "reconstructed", astc_quality=self.astc_quality)
         key = ["budget", codec, self.sensitivity]
         astc_units = [n for n, levels in units.items() if any(_astc(lv) for lv in levels)]
@@ -851,7 +856,7 @@ class Budget(StepConfig):
         if groups:  # each group at each count below all its channels (all of them: as the model is)
             narrowing = [(n, lv) for n in groups for lv in units[n][1:]]
             measured.update(measure_curves(model, x, narrowing, _measure_group,
-                                           ["budget-channels", code_fingerprint(channel_pruning, graph_groups)],
+                                           ["budget-channels", code_fingerprint(channel_pruning, graph_groups, graph_analysis)],
                                            self.executor, show_progress=show_progress,
                                            description="budget: output error and MACs per channel count"))
             measured.update({(n, units[n][0]): [0.0, 0.0, float(macs_now)] for n in groups})

@@ -407,7 +407,8 @@ class ChannelPrune(StepConfig):
 
 
 def _cost_model(model: nn.Module, info, deps, units: dict[str, Unit]):
-    """MACs of the model as a function of the level chosen for each group."""
+    """MACs of the model as a function of the level chosen for each group: each layer's count
+    from the graph counter, scaled by the share of its inputs and outputs kept."""
     produced: dict[str, str] = {}
     members: dict[str, str] = {}
     consumed: dict[str, list[tuple[str, int]]] = {}
@@ -430,11 +431,19 @@ def _cost_model(model: nn.Module, info, deps, units: dict[str, Unit]):
             out_n, in_n = layer.out_channels, layer.in_channels
         rows.append((li.macs, out_n, in_n, produced.get(li.name), members.get(li.name),
                      consumed.get(li.name, [])))
+    fixed = 0  # what no group narrows: recurrent layers, attention products and the like
+    for o in info.other:  # a transposed conv reads one group and makes another, as a conv does
+        layer = model.get_submodule(o.name) if o.name != "<root>" else None
+        if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)) and layer.groups == 1:
+            rows.append((o.macs, layer.out_channels, layer.in_channels, produced.get(o.name), None,
+                         consumed.get(o.name, [])))
+        else:
+            fixed += o.macs
     full = {name: u.levels[0] for name, u in units.items()}
 
     def macs_of(choice: dict[str, int]) -> int:
         removed = {n: full[n] - units[n].levels[i] for n, i in choice.items()}
-        total = 0.0
+        total = float(fixed)
         for macs, out_n, in_n, prod, member, cons in rows:
             if member is not None:  # depthwise: one input per output channel
                 total += macs * (out_n - removed.get(member, 0)) / out_n

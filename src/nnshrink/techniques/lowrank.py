@@ -111,17 +111,15 @@ def full_rank(module: nn.Module, method: str) -> int:
     return min(module.weight.shape[0], int(np.prod(module.weight.shape[1:])))
 
 
-def _rank_macs(info, method: str, rank: int) -> int:
-    """MACs per sample of the decomposed layer at ``rank`` (all calls)."""
-    w = info.weight_shape
-    if method == "weight":
-        out_f, in_f = w[0], int(np.prod(w[1:]))
-        positions = info.macs // (out_f * in_f)
-        return positions * rank * (in_f + out_f)
-    o, c, kh, kw = w
-    _, ho, wo = info.out_shape
-    wi = info.in_shape[2]
-    return info.calls * (rank * c * kh * ho * wi + o * rank * kw * ho * wo)
+def _rank_macs(module: nn.Module, info, method: str, full: int):
+    """``rank -> MACs`` per sample (all calls) of the layer decomposed at ``rank``: read off the
+    graph counter on the layer alone, decomposed at ranks 1 and 2 (a decomposition's MACs grow
+    linearly with its rank), scaled as the layer's own count over its calls is to one call."""
+    x = torch.zeros(1, *info.in_shape)
+    scale = info.macs / analyze(module, x).total_macs
+    at = [analyze(decompose(method, module, r), x).total_macs * scale for r in range(1, min(full, 2) + 1)]
+    step = at[1] - at[0] if len(at) > 1 else 0.0
+    return lambda rank: int(round(at[0] + step * (rank - 1)))
 
 
 def decompose(method: str, module: nn.Module, rank: int) -> nn.Sequential:
@@ -172,7 +170,7 @@ class _SVDStep(StepConfig):
                 replace_module(model, name, decompose(self.method, module, int(rule["rank"])))
                 fixed[name] = {"rank": int(rule["rank"]), "set_by": "the plan's layer rules"}
         info = analyze(model, x[:1])
-        units, skipped, per_rank, full_ranks = [], [], {}, {}
+        units, skipped, per_rank, full_ranks, rank_macs = [], [], {}, {}, {}
         for li in info.layers:
             if any(li.name.startswith(f"{n}.") for n in fixed):  # the factors of a layer set by the plan
                 continue
@@ -184,15 +182,16 @@ class _SVDStep(StepConfig):
             if reason is None:
                 full = full_rank(module, self.method)
                 full_ranks[li.name] = full
-                ranks = [r for r in range(full, 0, -1) if _rank_macs(li, self.method, r) < li.macs]
+                macs_at = _rank_macs(module, li, self.method, full)
+                ranks = [r for r in range(full, 0, -1) if macs_at(r) < li.macs]
                 if not ranks:
                     reason = "a decomposition of any rank costs more MACs than the layer"
             if reason is not None:
                 if reason != f"not a {'Linear or Conv2d' if self.method == 'weight' else 'Conv2d'}":
                     skipped.append({"layer": li.name, "reason": reason})
                 continue
-            per_rank[li.name] = (li, ranks)
-        saving = {name: [0] + [li.macs - _rank_macs(li, self.method, r) for r in ranks]
+            per_rank[li.name], rank_macs[li.name] = (li, ranks), macs_at
+        saving = {name: [0] + [li.macs - rank_macs[name](r) for r in ranks]
                   for name, (li, ranks) in per_rank.items()}
         floor_macs = info.total_macs - sum(v[-1] for v in saving.values())
         if floor_macs > budget and not self.required:  # a stage of a flow that has little to work on here
