@@ -135,6 +135,34 @@ def test_concat_groups_are_pruned_at_their_offsets():
     assert result.steps[0].details["mac_ratio"] <= 0.7
 
 
+def test_the_channel_step_counts_what_no_group_narrows_and_narrows_a_transposed_conv():
+    """A transposed conv (its input and output channels groups) and an attention-like product of
+    activations carry MACs of the whole: the step lands in [C - tolerance, C] of all of them."""
+
+    class UpNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.up = nn.Conv2d(3, 16, 3, padding=1), nn.ConvTranspose2d(16, 16, 2, stride=2)
+            self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv2(torch.relu(self.up(torch.relu(self.conv1(x)))))  # (N, 8, 2H, 2W)
+            t = y.flatten(2)  # (N, 8, 4HW): a product of two activations, which no group narrows
+            return torch.softmax(t @ t.transpose(1, 2), -1)
+
+    torch.manual_seed(0)
+    model, x = UpNet().eval(), _x(16, (3, 8, 8))
+    before = analyze(model, x[:1])
+    assert {o.kind for o in before.other} == {"conv-transpose2d", "matmul"}
+    step = ChannelPrune(mac_ratio=0.6, executor="serial", samples=16, measured_levels=3, round_to=1)
+    result = compress(model, Plan([step]), x[:2], calib=[x])
+    d = result.steps[0].details
+    after = analyze(result.model, x[:1])
+    assert d["macs_before"] == before.total_macs and d["macs_after"] == after.total_macs
+    assert 0.59 <= after.total_macs / before.total_macs <= 0.6
+    assert result.model.up.in_channels < 16 or result.model.up.out_channels < 16
+
+
 def test_channel_counts_the_plan_sets_are_kept_and_the_rest_allocated():
     model, x = _randomized("resnet8"), _x(32)
     step = ChannelPrune(mac_ratio=0.6, executor="serial", samples=16, measured_levels=3,
