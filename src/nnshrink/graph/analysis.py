@@ -7,9 +7,9 @@ target is a fraction of what the model really computes: transposed and 3-D convo
 recurrent layers (from their shapes, by module hooks), and the products of two activations
 (``matmul``/``@``, ``bmm``, ``einsum``, scaled dot-product and multi-head attention, or a
 functional ``linear``/``conv`` outside any counted module), seen by a ``TorchFunctionMode`` and
-credited to the module whose forward made them. torch's ``FlopCounterMode`` counts the same aten
-ops but dispatches below the modules (a layer's MACs could not be told from its consumers') and
-has no formula for the fused CPU LSTM, so it is not used.
+credited to the module whose forward made them. torch's ``FlopCounterMode`` was not used: it has
+no formula for the fused recurrent kernels, and it counts every aten op, so the weight a
+parametrization or a fake-quant wrapper computes before a layer runs would count as the layer's.
 """
 
 from __future__ import annotations
