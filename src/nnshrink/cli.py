@@ -26,14 +26,36 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
+
+def _import_torch():
+    """Import torch with Ctrl-C held until it has loaded. Its C extension imports numpy and, if that
+    import raises (a KeyboardInterrupt included), goes on without numpy, and a KeyboardInterrupt
+    inside its autograd initialisation aborts the process (SIGABRT), so a Ctrl-C that lands there
+    must wait: it is raised once the import is done, where the wrapper turns it into exit 130."""
+    import signal
+    import threading
+
+    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
+        import torch
+        return torch
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        import torch
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+    return torch
+
+
 def _errors(fn):
     """Turn errors a user can cause into one line on stderr and exit status 2 (Ctrl-C: 130)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            import torch  # here, not at the top: --help and --version answer without it
-
+            torch = _import_torch()  # here, not at the top: --help and --version answer without it
             torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
             return fn(*args, **kwargs)
         except (NnshrinkError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
