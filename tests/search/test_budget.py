@@ -608,6 +608,55 @@ def test_recurrent_matrices_are_budget_units_held_through_retraining(cell, tmp_p
         StackedRecord.from_parts({"items": [{"kind": "stacked", "fields": fields}], "rows": None}, arrays)
 
 
+class _Upsampler(torch.nn.Module):
+    """A conv, a transposed conv that doubles the resolution and a 1x1 head, as a detector's
+    decoder has: the transposed conv's weight is most of the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.up = torch.nn.ConvTranspose2d(16, 32, 4, stride=2, padding=1)
+        self.head = torch.nn.Conv2d(32, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.up(torch.relu(self.enc(x)))))
+
+
+def _every_parameter_image_trainer(model, steps):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        opt.zero_grad()
+        model(torch.randn(4, 3, 12, 12)).pow(2).mean().backward()
+        opt.step()
+    return model
+
+
+def test_a_transposed_conv_is_a_budget_unit_held_through_retraining(tmp_path):
+    from nnshrink.io import load
+
+    torch.manual_seed(0)
+    model = _Upsampler().eval()
+    x = torch.randn(64, 3, 12, 12)
+    step = Budget(target="ratio=8x", **{**SMALL, "prune_steps": 2, "share_steps": 2})
+    result = compress(model, Plan([step]), x[:1], calib=[x], train=_every_parameter_image_trainer)
+    d = result.steps[0].details
+    setting = d["layers"]["up"]  # 8x needs the transposed conv's 8 kB compressed: it is a unit, not float
+    assert setting["bits"] or setting["sparsity"]
+    assert d["steps"]["transposed"] == {"up": {"sparsity": setting["sparsity"], "bits": setting["bits"]}}
+    # a trainer that stepped the held weight too: it is put back, so its record holds and is stored
+    _file_within_target(result, x[:1], tmp_path / "t.nsz")
+    reports = {r.name: r.kind for r in save(result.model, tmp_path / "t2.nsz", x[:2])}
+    assert reports["up.weight"] != "raw"
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "t2.nsz")(x), result.model(x))
+    with pytest.raises(ConfigError, match="a transposed conv takes sparsity, bits and channels, not rank"):
+        compress(model, Plan([Budget(target="ratio=4x", layers={"up": {"rank": 4}}, **SMALL)]), x[:1], calib=[x])
+    with pytest.raises(ConfigError, match="cannot be reached"):  # skipped, it stays float: 2x is out of reach
+        compress(model, Plan([Budget(target="ratio=2x", layers={"up": "skip"}, **SMALL)]), x[:1], calib=[x])
+
+
 def test_recurrent_matrix_rules():
     torch.manual_seed(0)
     model = _Recurrent(torch.nn.LSTM).eval()

@@ -190,11 +190,12 @@ def _skip_reason(module: nn.Module) -> str:
     if isinstance(module, _NORMALIZATION):
         return "normalization layer: folded into the preceding conv or kept in float"
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        return "transposed convolution: weights kept in float (its channels narrow with their groups)"
+        return ("transposed convolution: compressed by the budget step (its weight as a unit) and weight-only "
+                "quantization; its channels narrow with their groups")
     if isinstance(module, nn.Conv3d):
         return "Conv3d is not supported yet"
     if isinstance(module, (nn.RNNBase,)):
-        return "recurrent layer: compressed only by the budget step (its matrices as units)"
+        return "recurrent layer: compressed by the budget step (its matrices as units) and weight-only quantization"
     if isinstance(module, nn.Embedding):
         return "embeddings are not supported yet"
     return f"{type(module).__name__} is not a compressible layer type (Conv1d, Conv2d, Linear)"

@@ -173,16 +173,30 @@ def _layer_names(name: str, level: int) -> list[str]:
     return [f"{name}.0", f"{name}.1"] if _rank(level)[0] else [name]
 
 
-def _recurrent(model: nn.Module) -> dict[str, tuple[str, str]]:
-    """unit -> (module, parameter) for the input and recurrent matrices of every LSTM/GRU/RNN
-    layer: each matrix is a unit of its own (``rnn.weight_ih_l0``, ``rnn.weight_hh_l0_reverse``)."""
-    return {f"{name}.{param}" if name else param: (name, param)
-            for name, module in model.named_modules() if isinstance(module, nn.RNNBase)
-            for param, _ in weight_params(module)}
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def _recurrent_unit(model: nn.Module, unit: str) -> tuple[str, str] | None:
-    """(module, parameter) where ``unit`` is a recurrent layer's matrix, else None."""
+def _matrices(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """unit -> (module, parameter) for the weights the budget compresses once and then holds: the
+    input and recurrent matrices of every LSTM/GRU/RNN layer, each a unit of its own
+    (``rnn.weight_ih_l0``, ``rnn.weight_hh_l0_reverse``), and each transposed conv's weight, a
+    unit by the layer's name (``up1``)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.RNNBase):
+            out.update({f"{name}.{param}" if name else param: (name, param) for param, _ in weight_params(module)})
+        elif isinstance(module, _TRANSPOSED) and name:
+            out[name] = (name, "weight")
+    return out
+
+
+def _matrix_unit(model: nn.Module, unit: str) -> tuple[str, str] | None:
+    """(module, parameter) where ``unit`` is a recurrent layer's matrix or a transposed conv, else None."""
+    try:
+        if isinstance(model.get_submodule(unit), _TRANSPOSED):
+            return unit, "weight"
+    except AttributeError:
+        pass
     name, _, param = unit.rpartition(".")
     if not param.startswith("weight_"):
         return None
@@ -195,10 +209,11 @@ def _recurrent_unit(model: nn.Module, unit: str) -> tuple[str, str] | None:
 
 def _compress_matrix(module: nn.Module, param: str, level: int) -> None:
     """Prune (by magnitude, over the whole matrix) and share ``module.<param>`` in place at
-    ``level``. A recurrent matrix is compressed once and then held while the rest of the model
-    retrains around it (as ASTC layers are): Sparsify's masks and ShareWeights' centroid training
-    work on Conv/Linear ``weight`` only, and SparseGPT's refit needs the matrix's inputs, which
-    for the recurrent one are the layer's own hidden states at every time step."""
+    ``level``. A recurrent matrix or a transposed conv's weight is compressed once and then held
+    while the rest of the model retrains around it (as ASTC layers are): Sparsify's masks and
+    ShareWeights' centroid training work on Conv/Linear ``weight`` only, and SparseGPT's refit
+    needs the matrix's inputs, which for the recurrent one are the layer's own hidden states at
+    every time step (and for a transposed conv, each input position's contribution to a patch)."""
     sparsity, bits = _setting(level)
     w = getattr(module, param)
     if sparsity > 0:
@@ -264,9 +279,9 @@ def _measure(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: s
     model is restored). With ``reconstruct`` the first half of ``x`` fits the SparseGPT refit and
     the error is measured on the second half, so the refit is not scored on the inputs it was
     fitted to; an ASTC setting is always error-compensated so, through the same half."""
-    recurrent = _recurrent_unit(model, unit)
-    if recurrent is not None:
-        return _measure_matrix(model, x, reference, unit, recurrent, level)
+    matrix = _matrix_unit(model, unit)
+    if matrix is not None:
+        return _measure_matrix(model, x, reference, unit, matrix, level)
     layer = model.get_submodule(unit)
     hessian, scored = None, slice(None)
     astc = _astc(level) is not None
@@ -306,8 +321,8 @@ def _swapped(model: nn.Module, name: str, new: nn.Module, reference, x: torch.Te
 
 def _measure_matrix(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, unit: str,
                     where: tuple[str, str], level: int) -> list[float]:
-    """:func:`_measure` for a recurrent layer's matrix: compressed as the build does it (one-shot,
-    then held), the error on all of ``x`` (nothing is fitted to it)."""
+    """:func:`_measure` for a recurrent layer's matrix or a transposed conv's weight: compressed
+    as the build does it (one-shot, then held), the error on all of ``x`` (nothing is fitted to it)."""
     name, param = where
     module = model.get_submodule(name)
     new = copy.deepcopy(module)
@@ -379,7 +394,9 @@ class Budget(StepConfig):
             ``{"conv1": skip, "fc*": {"bits": [4, 5]}, "conv2": {"channels": [16, 24]}}``. A
             recurrent layer's matrices are named ``rnn.weight_ih_l0`` and so on and take
             ``sparsity`` and ``bits`` only (a pattern that also matches Conv/Linear layers gives
-            them what applies; one naming matrices alone with other settings is an error).
+            them what applies; one naming matrices alone with other settings is an error); a
+            transposed conv's weight is named by its layer and takes ``sparsity``, ``bits`` and
+            ``channels``.
         prune_steps: Retraining steps while the masks grow to each layer's sparsity (or, with
             no layer pruned, fine-tuning the decomposed layers).
         share_steps: Centroid training steps with the indices (and zeros) held.
@@ -525,19 +542,20 @@ class Budget(StepConfig):
         levels |= {_astc_level(o) for o in astc}
         return sorted(levels), (full if methods else None)
 
-    def _matrix_grid(self, name: str, rule, also_layers: bool = False) -> list[int]:
-        """A recurrent matrix's levels: sparsity x codebook size (no rank, channels or ASTC). A
-        rule's other settings are an error where it names recurrent matrices only; a pattern that
+    def _matrix_grid(self, name: str, rule, also_layers: bool = False, allowed: frozenset = frozenset()) -> list[int]:
+        """A recurrent matrix's or transposed conv's levels: sparsity x codebook size (no rank,
+        channels or ASTC). A rule's other settings are an error where it names such units only; a pattern that
         also matches Conv/Linear layers (``"*"``) gives the matrices what applies to them
         (``also_layers``)."""
         techniques = self.chosen_techniques()
         sparsities = [0.0] + list(self.sparsities) if "prune" in techniques else [0.0]
         bits = [0] + list(self.bits) if "share" in techniques else [0]
         if isinstance(rule, dict):
-            other = sorted(set(rule) - {"sparsity", "bits"})
+            other = sorted(set(rule) - {"sparsity", "bits"} - allowed)
             if other and not also_layers:
-                raise ConfigError(f"budget.layers[{name!r}]: a recurrent matrix takes sparsity and bits, not "
-                                  f"{', '.join(other)}")
+                what = "a transposed conv takes sparsity, bits and channels" if allowed else \
+                    "a recurrent matrix takes sparsity and bits"
+                raise ConfigError(f"budget.layers[{name!r}]: {what}, not {', '.join(other)}")
             if "sparsity" in rule:
                 sparsities = [float(v) for v in _values(rule["sparsity"])]
             if "bits" in rule:
@@ -551,9 +569,9 @@ class Budget(StepConfig):
         the groups a rule forbids to stay whole (a group's first level is always all its
         channels: the model as it is, costing nothing)."""
         layers = prunable_layers(model)
-        recurrent = _recurrent(model)
+        recurrent = _matrices(model)
         rules = self.layer_rules(list(layers) + list(recurrent),
-                                 "Conv/Linear layer or recurrent matrix" if recurrent else "Conv/Linear layer")
+                                 "Conv/Linear layer, transposed conv or recurrent matrix" if recurrent else "Conv/Linear layer")
         units, decomposable, skipped = {}, {}, []
         for name, layer in layers.items():
             rule = rules.get(name)
@@ -572,7 +590,8 @@ class Budget(StepConfig):
                 if rule == SKIP:
                     skipped.append({"layer": name, "reason": "skipped by the plan's layer rules"})
                     continue
-                levels = self._matrix_grid(name, rule, id(rule) in layer_rules)
+                levels = self._matrix_grid(name, rule, id(rule) in layer_rules,
+                                           frozenset({"channels"}) if recurrent[name][1] == "weight" else frozenset())
                 if levels != [0]:  # a rule may fix one setting; as it is, only: nothing to choose
                     units[name] = levels
         groups: dict[str, ChannelGroup] = {}
@@ -596,13 +615,14 @@ class Budget(StepConfig):
                 levels = sorted(counts | {total}, reverse=True)
                 if levels != [total]:
                     units[_CHANNELS + label], groups[_CHANNELS + label] = levels, g
-            asked = {n for n, r in rules.items() if isinstance(r, dict) and "channels" in r and n in layers}
+            asked = {n for n, r in rules.items() if isinstance(r, dict) and "channels" in r
+                     and (n in layers or recurrent.get(n, ("", ""))[1] == "weight")}
             lost = asked - {n for g in found for n, _ in g.producers}
             if lost:
                 raise ConfigError(f"budget.layers: channels are set for {', '.join(sorted(lost))}, which produce no "
                                   "channel group that can be pruned (analyze --groups says why)")
         if not units:
-            raise ConfigError("budget: every Conv/Linear layer and recurrent matrix is skipped; nothing to choose")
+            raise ConfigError("budget: every Conv/Linear layer, transposed conv and recurrent matrix is skipped; nothing to choose")
         return units, decomposable, skipped, groups, forced
 
     # -- the pipeline -----------------------------------------------------------------------------
@@ -614,7 +634,7 @@ class Budget(StepConfig):
         input Hessian on the sampled inputs and the image a Linear after a flatten reads."""
         current, done = model, {}
         counts = {n[len(_CHANNELS):]: lv for n, lv in choice.items() if _is_group(n)}
-        matrices = {n: lv for n, lv in choice.items() if not _is_group(n) and _recurrent_unit(model, n)}
+        matrices = {n: lv for n, lv in choice.items() if not _is_group(n) and _matrix_unit(model, n)}
         choice = {n: lv for n, lv in choice.items() if not _is_group(n) and n not in matrices}
         settings = {n: _setting(lv) for n, lv in choice.items()}
         narrowed = {}
@@ -628,20 +648,23 @@ class Budget(StepConfig):
                     prune_group(current, x, label, keep)
                     narrowed[label] = {"channels": total, "kept": keep}
             done["channels"] = narrowed
-        held: dict[str, tuple[torch.Tensor, bool]] = {}  # recurrent matrices: compressed once, held while the rest retrains
+        held: dict[str, tuple[torch.Tensor, bool]] = {}  # recurrent matrices, transposed convs: compressed once, held while the rest retrains
         if any(lv for lv in matrices.values()):
             current = copy.deepcopy(model) if current is model else current
             for n, lv in matrices.items():
                 if not lv:
                     continue
-                name, param = _recurrent_unit(current, n)
+                name, param = _matrix_unit(current, n)
                 module = current.get_submodule(name)
                 _compress_matrix(module, param, lv)
                 weight = getattr(module, param)
                 held[n] = (weight.detach().clone(), weight.requires_grad)
                 weight.requires_grad_(False)
-            done["recurrent"] = {n: {"sparsity": _setting(lv)[0], "bits": _setting(lv)[1] or None}
-                                 for n, lv in matrices.items() if lv}
+            for key, kinds in (("recurrent", nn.RNNBase), ("transposed", _TRANSPOSED)):
+                these = {n: {"sparsity": _setting(lv)[0], "bits": _setting(lv)[1] or None} for n, lv in matrices.items()
+                         if lv and isinstance(current.get_submodule(_matrix_unit(current, n)[0]), kinds)}
+                if these:
+                    done[key] = these
         textures = {n: _astc(lv) for n, lv in choice.items() if _astc(lv) is not None}
         if textures:
             hessians, shapes = astc_inputs
@@ -686,7 +709,7 @@ class Budget(StepConfig):
                                                               for sub in _layer_names(n, lv if n in ranked else 0)],
                                                     self.bias_bits)
         for n, (value, trainable) in held.items():
-            name, param = _recurrent_unit(current, n)
+            name, param = _matrix_unit(current, n)
             weight = getattr(current.get_submodule(name), param)
             if not torch.equal(weight.detach(), value):  # a trainer that steps every parameter: put back
                 with torch.no_grad():
@@ -759,7 +782,7 @@ class Budget(StepConfig):
         and redone). Pruning and sharing change no dense kernel's time, so only the rank and the
         channel count of a level count."""
         names = list(prunable_layers(model))
-        layer_units = [n for n in units if n in names]  # a recurrent matrix's settings change no kernel's time
+        layer_units = [n for n in units if n in names]  # a held matrix's settings change no kernel's time
         forms = {n: sorted({_rank(lv) for lv in units[n] if _rank(lv)[0]}, reverse=True) for n in layer_units}
         counts = {n: units[n][1:] for n in groups}  # the counts below all channels, most first
         variants = max((len(f) for f in forms.values()), default=0)
