@@ -37,7 +37,7 @@ def test_analyze_json_schema(capsys):
     code, out, _ = _run(capsys, "analyze", "lenet5", "--json", "--groups")
     assert code == 0
     doc = json.loads(out)
-    assert doc["schema"] == "nnshrink.analysis/1"
+    assert doc["schema"] == "nnshrink.analysis/2"
     assert doc["totals"]["macs"] == 2_293_000
     assert {"edges", "groups"} <= set(doc["dependencies"])
 

@@ -35,7 +35,8 @@ def _import_torch():
     import signal
     import threading
 
-    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
+    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # ignored, or someone else's
         import torch
         return torch
     held = []
@@ -129,7 +130,7 @@ def _check_fits(model, dataset) -> None:
 @app.command()
 @_errors
 def analyze(model: Annotated[str, typer.Argument(help="Zoo name or model file.")],
-            json_out: Annotated[bool, typer.Option("--json", help="Print the analysis as JSON (schema nnshrink.analysis/1).")] = False,
+            json_out: Annotated[bool, typer.Option("--json", help="Print the analysis as JSON (schema nnshrink.analysis/2).")] = False,
             groups: Annotated[bool, typer.Option("--groups", help="Also list channel dependency groups.")] = False,
             input_shape: Annotated[str | None, typer.Option(
                 help="One sample's shape (like 3,48,320), for models whose input has symbolic sizes.")] = None,

@@ -113,3 +113,30 @@ def test_macs_no_compressible_layer_does_are_counted():
     }
     assert info.compressible_macs == info.layer("q").macs == steps * 12 * 12
     assert info.total_macs == info.compressible_macs + sum(other.values())
+
+
+def test_a_scripted_submodule_a_keyword_input_and_a_double_model_are_counted():
+    """A ScriptModule takes no hooks (its work is opaque and not counted; the rest is), an RNN
+    called as ``rnn(input=x)`` is counted like one called positionally, and the SVD steps read a
+    float64 model's rank MACs off the counter in its own dtype."""
+    from nnshrink.plan import Plan, compress
+    from nnshrink.techniques.lowrank import WeightSVD
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scripted = torch.jit.script(nn.Linear(6, 6))
+            self.rnn = nn.LSTM(6, 4, batch_first=True)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.rnn(input=self.scripted(x))[0])
+
+    info = analyze(Net(), torch.zeros(2, 5, 6))
+    assert {(o.name, o.kind): o.macs for o in info.other} == {("rnn", "lstm"): 5 * 4 * 4 * (6 + 4)}
+    assert info.compressible_macs == 5 * 4 * 3
+    torch.manual_seed(0)
+    double = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)).double()
+    x = torch.randn(64, 32, dtype=torch.float64)
+    result = compress(double, Plan([WeightSVD(mac_ratio=0.6, samples=64)]), x[:1], calib=[x])
+    assert analyze(result.model, x[:1]).total_macs <= 0.6 * 2 * 32 * 32

@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from nnshrink.errors import InputShapeError
 
 #: Schema name and version of :meth:`Analysis.to_dict`; bump the version on any breaking change.
-ANALYSIS_SCHEMA = "nnshrink.analysis/1"
+ANALYSIS_SCHEMA = "nnshrink.analysis/2"
 
 FLOAT32_BYTES = 4
 
@@ -133,7 +133,7 @@ class Analysis:
         raise KeyError(f"no compressible layer named {name!r}; known: {[i.name for i in self.layers]}")
 
     def to_dict(self) -> dict:
-        """JSON-ready form following the documented schema ``nnshrink.analysis/1``."""
+        """JSON-ready form following the documented schema ``nnshrink.analysis/2``."""
         return {
             "schema": ANALYSIS_SCHEMA,
             "input_shape": list(self.input_shape),
@@ -190,8 +190,9 @@ def _skip_reason(module: nn.Module) -> str:
     if isinstance(module, _NORMALIZATION):
         return "normalization layer: folded into the preceding conv or kept in float"
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        return ("transposed convolution: compressed by the budget step (its weight as a unit) and weight-only "
-                "quantization; its channels narrow with their groups")
+        narrows = "; its channels narrow with their groups" if module.groups == 1 and module.weight.dim() < 5 else ""
+        return ("transposed convolution: compressed by the budget step with a byte target (its weight as a unit) "
+                f"and by weight-only quantization{narrows}")
     if isinstance(module, nn.Conv3d):
         return "Conv3d is not supported yet"
     if isinstance(module, (nn.RNNBase,)):
@@ -361,9 +362,12 @@ def analyze(model: nn.Module, example_input: torch.Tensor | tuple) -> Analysis:
             rec["macs"] += macs
             rec["calls"] += 1
 
-    def other_hook(module: nn.Module, inputs: tuple, output) -> None:
+    def other_hook(module: nn.Module, inputs: tuple, kwargs: dict, output) -> None:
+        x = inputs[0] if inputs else kwargs.get("input")  # an RNN may be called as rnn(input=x)
+        if x is None:
+            return
         rec = found.setdefault((names[module], _counted_kind(module)), [0, 0])
-        rec[0] += _counted_macs(module, inputs, output, batch) * batch
+        rec[0] += _counted_macs(module, (x,), output, batch) * batch
         rec[1] += 1
 
     def enter(module: nn.Module, inputs: tuple) -> None:
@@ -377,8 +381,10 @@ def analyze(model: nn.Module, example_input: torch.Tensor | tuple) -> Analysis:
             counted[0] -= 1
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if is_compressible(m)]
-    handles += [m.register_forward_hook(other_hook) for m in model.modules() if isinstance(m, _COUNTED)]
+    handles += [m.register_forward_hook(other_hook, with_kwargs=True) for m in model.modules() if isinstance(m, _COUNTED)]
     for m in model.modules():
+        if isinstance(m, torch.jit.ScriptModule):  # takes no hooks; what it runs is opaque to the counter too
+            continue
         handles.append(m.register_forward_pre_hook(enter))
         handles.append(m.register_forward_hook(leave, always_call=True))
     was_training = model.training

@@ -860,9 +860,10 @@ class Budget(StepConfig):
         units, decomposable, skipped, groups, forced = self._units(model, byte_settings, x)
         tasks = [(n, lv) for n, levels in units.items() for lv in levels if n not in groups]
         # the engine hashes its own code and this module's; the measurements also run these (the
-        # MAC counter, the codec's pricing, the decompositions, pruning and sharing)
-        codec = code_fingerprint(container, sys.modules["nnshrink.codec.stream"], graph_analysis,
-                                 sys.modules["nnshrink.techniques.lowrank"], sys.modules["nnshrink.techniques.sparsity"],
+        # MAC counter, the codec's pricing, the decompositions, pruning (SparseGPT's Hessians) and sharing)
+        codec = code_fingerprint(container, *(sys.modules[f"nnshrink.codec.{m}"] for m in ("stream", "table", "kernels")),
+                                 graph_analysis, sys.modules["nnshrink.techniques.lowrank"],
+                                 sys.modules["nnshrink.techniques.sparsity"], sys.modules["nnshrink.techniques.calibration"],
                                  sys.modules["nnshrink.techniques.cluster"], sys.modules["nnshrink.techniques.records"])
         fn = functools.partial(_measure, reconstruct=self.sensitivity == "reconstructed", astc_quality=self.astc_quality)
         key = ["budget", codec, self.sensitivity]
@@ -879,7 +880,8 @@ class Budget(StepConfig):
         if groups:  # each group at each count below all its channels (all of them: as the model is)
             narrowing = [(n, lv) for n in groups for lv in units[n][1:]]
             measured.update(measure_curves(model, x, narrowing, _measure_group,
-                                           ["budget-channels", code_fingerprint(channel_pruning, graph_groups, graph_analysis)],
+                                           ["budget-channels", code_fingerprint(channel_pruning, graph_groups, graph_analysis,
+                                                                                sys.modules["nnshrink.techniques.calibration"])],
                                            self.executor, show_progress=show_progress,
                                            description="budget: output error and MACs per channel count"))
             measured.update({(n, units[n][0]): [0.0, 0.0, float(macs_now)] for n in groups})

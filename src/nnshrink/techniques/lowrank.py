@@ -50,9 +50,10 @@ def weight_svd(layer: nn.Module, rank: int) -> nn.Sequential:
         conv = nn.Conv1d if isinstance(layer, nn.Conv1d) else nn.Conv2d
         first = conv(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=False)
         second = conv(rank, out_f, 1, bias=layer.bias is not None)
-    with torch.no_grad():
-        first.weight.copy_(b.reshape(first.weight.shape).float())
-        second.weight.copy_(a.reshape(second.weight.shape).float())
+    first, second = first.to(layer.weight), second.to(layer.weight)  # its dtype and device
+    with torch.no_grad():  # (copy_ rounds the float64 factors to that dtype)
+        first.weight.copy_(b.reshape(first.weight.shape))
+        second.weight.copy_(a.reshape(second.weight.shape))
         if layer.bias is not None:
             second.bias.copy_(layer.bias)
     return nn.Sequential(first, second).train(layer.training)
@@ -68,9 +69,10 @@ def spatial_svd(conv: nn.Conv2d, rank: int) -> nn.Sequential:
     (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
     first = nn.Conv2d(c, rank, (kh, 1), (sh, 1), (ph, 0), (dh, 1), bias=False)
     second = nn.Conv2d(rank, o, (1, kw), (1, sw), (0, pw), (1, dw), bias=conv.bias is not None)
+    first, second = first.to(conv.weight), second.to(conv.weight)
     with torch.no_grad():
-        first.weight.copy_(a.reshape(c, kh, rank).permute(2, 0, 1).unsqueeze(-1).float())
-        second.weight.copy_(b.reshape(rank, o, kw).permute(1, 0, 2).unsqueeze(2).float())
+        first.weight.copy_(a.reshape(c, kh, rank).permute(2, 0, 1).unsqueeze(-1))
+        second.weight.copy_(b.reshape(rank, o, kw).permute(1, 0, 2).unsqueeze(2))
         if conv.bias is not None:
             second.bias.copy_(conv.bias)
     return nn.Sequential(first, second).train(conv.training)
@@ -115,7 +117,7 @@ def _rank_macs(module: nn.Module, info, method: str, full: int):
     """``rank -> MACs`` per sample (all calls) of the layer decomposed at ``rank``: read off the
     graph counter on the layer alone, decomposed at ranks 1 and 2 (a decomposition's MACs grow
     linearly with its rank), scaled as the layer's own count over its calls is to one call."""
-    x = torch.zeros(1, *info.in_shape)
+    x = module.weight.new_zeros(1, *info.in_shape)  # the layer's dtype and device
     scale = info.macs / analyze(module, x).total_macs
     at = [analyze(decompose(method, module, r), x).total_macs * scale for r in range(1, min(full, 2) + 1)]
     step = at[1] - at[0] if len(at) > 1 else 0.0
