@@ -209,12 +209,17 @@ def _plan(tmp_path):
 
 def _console(*argv, env=None):
     import os
+    import signal
     import subprocess
     import sys
 
+    # Ctrl-C's default disposition in the child, as in a terminal: a suite started in the
+    # background of a script without job control inherits SIGINT ignored, and the command would
+    # rightly go on ignoring it
     return subprocess.Popen([sys.executable, "-c", "import sys; from nnshrink.entry import main; sys.exit(main())",
                              *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_version_and_help_answer_without_importing_torch(capsys):
