@@ -111,10 +111,13 @@ def test_realistic_zoo_groups_through_resize_transposed_conv_concat_and_token_se
     assert {p for p, _ in lat.producers} == {"lat1", "lat2", "lat3"} and "concat" in lat.couplings
     assert [c.layer for c in lat.consumers].count("smooth.0") == 3
     assert [c.layer for c in _group(deps, "smooth.0").consumers] == ["up1"]
-    # attention's q, k, v reach a reshape into heads: not tracked, and said so
+    # attention's q, k and v: one group of heads, read by the output projection
     deps = build_dependency_graph(R.task("transformer", scale=0.05).build(), torch.zeros(1, 7, 28))
     q = _group(deps, "layers.0.attn.q")
-    assert not q.prunable and "last axis" in q.reason
+    assert q.prunable and q.block == 16 and q.channels == 64 and "attention" in q.couplings
+    assert [p for p, _ in q.producers] == ["layers.0.attn.q", "layers.0.attn.k", "layers.0.attn.v"]
+    assert [c.layer for c in q.consumers] == ["layers.0.attn.out"]
+    assert [k for k, _ in q.rewrites] == ["split"] * 3 + ["merge"] and q.to_dict()["heads"] == 4
 
 
 def test_a_per_channel_operand_of_lower_rank_blocks_its_group():
@@ -154,3 +157,112 @@ def test_a_layer_called_twice_on_a_group_is_narrowed_once():
     x = torch.randn(16, 1, 10, 10)
     prune_group(model, x, "a", 5)
     assert model.c.in_channels == model.c.weight.shape[1] == 5 and model(x).shape == (16, 4, 8, 8)
+
+
+def test_attention_heads_are_pruned_whole_in_the_models_graph(tmp_path):
+    """The transformer's attention loses whole heads: q, k, v rows and the output projection's
+    columns (refitted), the head count in its reshapes rewritten in the torch.fx graph; the
+    attention products' MACs shrink with the heads, and the pruned model exports to ONNX and runs
+    in ONNX Runtime as in torch. Keeping part of a head, or pruning the plain module (whose code
+    holds the head count), is refused."""
+    import copy
+
+    import numpy as np
+    import onnxruntime as ort
+    from torch import fx
+
+    from nnshrink import ConfigError, export_onnx
+    from nnshrink.graph import analyze
+    from nnshrink.techniques.channels import editable, prune_group
+    from nnshrink.zoo import realistic as R
+
+    torch.manual_seed(0)
+    t = R.task("transformer", scale=0.05)
+    model = t.build().eval()
+    x = t.splits["train"][0][:96]
+    with pytest.raises(ConfigError, match="GraphModule"):
+        prune_group(copy.deepcopy(model), x, "layers.0.attn.q", 32)
+    gm = editable(model, x)
+    assert isinstance(gm, fx.GraphModule) and gm.input_shape == model.input_shape
+    with pytest.raises(ConfigError, match="whole number"):
+        prune_group(copy.deepcopy(gm), x, "layers.0.attn.q", 24)
+    with torch.no_grad():
+        ref = model(x)
+    errors = []
+    for refit in (True, False):
+        pruned = copy.deepcopy(gm)
+        kept = prune_group(pruned, x, "layers.0.attn.q", 32, reconstruct=refit)
+        assert len(kept) == 32 and all(kept[i] // 16 == kept[i + 15] // 16 for i in (0, 16))
+        with torch.no_grad():
+            out = pruned(x)
+        errors.append(float((out - ref).pow(2).mean() / ref.pow(2).mean()))
+    assert errors[0] <= errors[1] * 1.01 + 1e-9, errors
+    attn = pruned.get_submodule("layers.0.attn")
+    assert attn.q.out_features == attn.k.out_features == attn.v.out_features == attn.out.in_features == 32
+    before, after = analyze(model, x[:1]), analyze(pruned, x[:1])
+    products = lambda info: sum(o.macs for o in info.other if o.kind == "matmul")  # noqa: E731
+    assert products(after) == products(before) * 3 // 4  # one layer's of two, at half its heads
+    assert after.total_macs < before.total_macs
+    path = export_onnx(pruned, tmp_path / "pruned.onnx", x[:2])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x[:5].numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, pruned(x[:5]).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_through_sdpa_permute_and_flatten_and_what_blocks_heads():
+    """``scaled_dot_product_attention`` over ``view``/``permute`` splits and a ``flatten`` merge
+    is a group of heads; a per-head bias, and ``nn.MultiheadAttention`` (whose projections are its
+    own), block the channels, with the reason; a layer called three times is one group."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from nnshrink.graph import analyze
+    from nnshrink.techniques.channels import editable, prune_group
+
+    class Sdpa(nn.Module):
+        def __init__(self, d=32, h=4):
+            super().__init__()
+            self.h, self.q, self.k, self.v, self.o = h, nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+        def forward(self, x):
+            n, t, _ = x.shape
+            q, k, v = (m(x).view(n, t, self.h, -1).permute(0, 2, 1, 3) for m in (self.q, self.k, self.v))
+            return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+    class PerHeadBias(Sdpa):
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.zeros(1, 4, 1, 1))
+
+        def forward(self, x):
+            n, t, d = x.shape
+            q, k, v = (m(x).reshape(n, t, self.h, d // self.h).transpose(1, 2) for m in (self.q, self.k, self.v))
+            a = torch.softmax(q @ k.transpose(-2, -1) + self.bias, dim=-1)
+            return self.o((a @ v).transpose(1, 2).reshape(n, t, d))
+
+    class Mha(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f, self.a = nn.Linear(32, 32), nn.MultiheadAttention(32, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.a(self.f(x), self.f(x), self.f(x))[0]
+
+    torch.manual_seed(0)
+    x = torch.randn(48, 9, 32)
+    model = Sdpa().eval()
+    g = _group(build_dependency_graph(model, x[:1]), "q")
+    assert g.prunable and g.block == 8 and [k for k, _ in g.rewrites] == ["split"] * 3
+    pruned = editable(model, x)
+    prune_group(pruned, x, "q", 16)
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape
+    assert analyze(pruned, x[:1]).total_macs * 2 == analyze(model, x[:1]).total_macs
+    g = _group(build_dependency_graph(PerHeadBias().eval(), x[:1]), "q")
+    assert not g.prunable and "per-channel operand" in g.reason
+    deps = build_dependency_graph(Mha().eval(), x[:1])
+    shared = [g for g in deps.groups if g.producers]
+    assert len(shared) == 1 and not shared[0].prunable and "last axis" in shared[0].reason
+    plain = Mha()
+    assert editable(plain, x) is plain  # no heads to prune: the module as it is

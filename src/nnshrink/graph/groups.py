@@ -10,6 +10,17 @@ join spaces (a residual add unites them), or lay segments side by side (concaten
 over a token sequence ``(N, T, C)`` puts its channels on the last axis; only elementwise ops, adds
 and concatenations along that axis pass them on. A space that reaches an op this module does not
 understand is marked not prunable, with the op named as the reason, rather than guessed at.
+
+Attention is followed through its heads: a reshape of a token sequence ``(N, T, C)`` into
+``(N, T, h, C/h)`` splits a space into ``h`` heads, transposes and permutes move the head and
+head-channel axes, ``q @ k^T`` ties the query and key spaces (their channels are summed over, head
+by head), ``scores @ v`` (or ``scaled_dot_product_attention``) ties the value space to them head
+by head, softmax and elementwise ops over the scores pass, and the reshape back to ``(N, T, C)``
+hands the value channels to the output projection. Such a group is pruned in whole heads
+(``block``: the channels of one): every head keeps its own channels, so the query-key scaling and
+each head's width stay what the model was trained with, and only the head count in the split and
+merge reshapes changes (``rewrites``; :func:`nnshrink.techniques.channels.prune_group` edits them in
+the model's torch.fx graph).
 """
 
 from __future__ import annotations
@@ -92,9 +103,14 @@ class ChannelGroup:
         consumers: Layers that read the group.
         members: Modules sliced along with the group (batch norms, depthwise convs).
         couplings: Why several layers are tied: ``residual``, ``concat``, ``batchnorm``,
-            ``depthwise``, ``grouped``.
+            ``depthwise``, ``grouped``, ``attention``.
         prunable: False when a structural edit must leave the group alone.
         reason: Why the group is not prunable.
+        block: Channels removed together: an attention head's (1 for any other group).
+        rewrites: ``(kind, node)``: the torch.fx nodes whose sizes change with the head count,
+            ``split`` (into heads) or ``merge`` (back to a token sequence).
+        products: MACs per sample of the attention products over the group's channels (``q @ k^T``,
+            ``scores @ v``), which shrink with the heads kept.
     """
 
     id: int
@@ -105,12 +121,19 @@ class ChannelGroup:
     couplings: set[str] = field(default_factory=set)
     prunable: bool = True
     reason: str | None = None
+    block: int = 1
+    rewrites: list[tuple[str, str]] = field(default_factory=list)
+    products: int = 0
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "channels": self.channels,
-                "producers": [{"layer": n, "offset": o} for n, o in self.producers],
-                "consumers": [c.__dict__ for c in self.consumers], "members": self.members,
-                "couplings": sorted(self.couplings), "prunable": self.prunable, "reason": self.reason}
+        out = {"id": self.id, "channels": self.channels,
+               "producers": [{"layer": n, "offset": o} for n, o in self.producers],
+               "consumers": [c.__dict__ for c in self.consumers], "members": self.members,
+               "couplings": sorted(self.couplings), "prunable": self.prunable, "reason": self.reason}
+        if self.block > 1:
+            out["heads"] = self.channels // self.block
+            out["head_channels"] = self.block
+        return out
 
 
 @dataclass(frozen=True)
@@ -143,7 +166,7 @@ class _Spaces:
         self.parent.append(len(self.parent))
         self.size.append(size)
         self.info.append({"producers": [], "consumers": [], "members": [], "couplings": set(),
-                          "reason": reason})
+                          "reason": reason, "rewrites": [], "products": 0, "block": 1})
         return len(self.parent) - 1
 
     def find(self, i: int) -> int:
@@ -159,10 +182,14 @@ class _Spaces:
             return
         self.parent[rb] = ra
         ia, ib = self.info[ra], self.info[rb]
-        for key in ("producers", "consumers", "members"):
+        for key in ("producers", "consumers", "members", "rewrites"):
             ia[key].extend(ib[key])
         ia["couplings"] |= ib["couplings"] | {coupling}
         ia["reason"] = ia["reason"] or ib["reason"]
+        ia["products"] += ib["products"]
+        if ia["block"] != ib["block"] and 1 not in (ia["block"], ib["block"]):
+            ia["reason"] = ia["reason"] or "joined attention heads differ in width"
+        ia["block"] = max(ia["block"], ib["block"])
         if self.size[ra] != self.size[rb]:
             ia["reason"] = ia["reason"] or "joined channel spaces differ in size"
 
@@ -176,11 +203,16 @@ class _Spaces:
 
 # A layout: the channel axis as segments (space id, length), plus the features per channel;
 # ``last``: the channels are the last axis (a Linear over a token sequence, ``(N, T, C)``), not axis 1.
+# ``heads`` > 0: the channels split into that many attention heads, on axis ``head_axis``, each
+# head's channels on axis ``dim_axis`` (None: summed over, as in attention scores).
 @dataclass(frozen=True)
 class _Layout:
     segments: tuple[tuple[int, int], ...]
     width: int = 1
     last: bool = False
+    heads: int = 0
+    head_axis: int = -1
+    dim_axis: int | None = None
 
 
 def _target_name(node: fx.Node) -> str:
@@ -217,6 +249,18 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
         channels = shape[-1] if last else shape[1]
         return _Layout(((spaces.new(channels, reason), channels),), last=last)
 
+    made: dict[str, int] = {}  # layer -> the space its first call made
+
+    def produce(layer: str, out: _Layout) -> None:
+        """A layer's output channels; a layer called again makes the same channels (pruning it
+        prunes every call): its spaces are one."""
+        sid = out.segments[0][0]
+        if layer in made:
+            spaces.union(made[layer], sid, "shared")
+        else:
+            made[layer] = sid
+            spaces.get(sid)["producers"].append((layer, 0))
+
     def consume(layer: str, lay: _Layout | None, node: fx.Node) -> None:
         if lay is None:
             shape = node.args[0].meta.get("shape") if isinstance(node.args[0], fx.Node) else None
@@ -243,10 +287,20 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
         inputs = [layout_of(a) for a in node.all_input_nodes]
         first = layout_of(node.args[0]) if node.args else None
         rule = _rule(node, modules)
+        if any(lay is not None and lay.heads for lay in inputs):
+            layouts[node] = _attention(node, rule, layouts, spaces, block_layout, modules)
+            continue
+        if first is not None and first.last and rule == "reshape":
+            layouts[node] = _split_heads(node, first, spaces)
+            if layouts[node] is None:
+                block_layout(first, f"{_target_name(node)}: channels on the last axis reach an op that is not tracked there")
+            continue
         if first is not None and first.last and rule not in ("compressible", "binary", "cat", "elementwise", "shape"):
             # channels on the last axis: only what leaves that axis alone passes them on (a
-            # batch norm, a pooling, a reshape read axis 1 as channels, or mix the last)
-            block_layout(first, f"{_target_name(node)}: channels on the last axis reach an op that is not tracked there")
+            # batch norm, a pooling, a reshape read axis 1 as channels, or mix the last); every
+            # input of such an op (attention's query, key and value) is blocked
+            for lay in inputs:
+                block_layout(lay, f"{_target_name(node)}: channels on the last axis reach an op that is not tracked there")
             layouts[node] = None
             continue
         if rule == "compressible":
@@ -264,7 +318,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
                 consume(node.target, kind_in, node)
                 out = fresh(node, None, last=True)
                 if out is not None:
-                    spaces.get(out.segments[0][0])["producers"].append((node.target, 0))
+                    produce(node.target, out)
                 layouts[node] = out
                 continue
             groups = getattr(mod, "groups", 1)
@@ -282,7 +336,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
                     spaces.block(sid, f"{node.target}: grouped conv (groups={groups}) input")
             out = fresh(node, None)
             if out is not None:
-                spaces.get(out.segments[0][0])["producers"].append((node.target, 0))
+                produce(node.target, out)
                 if groups > 1:
                     spaces.get(out.segments[0][0])["couplings"].add("grouped")
                     spaces.block(out.segments[0][0], f"{node.target}: grouped conv (groups={groups}) output")
@@ -302,7 +356,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
             consume(node.target, first, node)
             out = fresh(node, None)
             if out is not None:
-                spaces.get(out.segments[0][0])["producers"].append((node.target, 0))
+                produce(node.target, out)
             layouts[node] = out
         elif rule == "binary":
             layouts[node] = _binary(node, layouts, spaces, block_layout)
@@ -326,6 +380,129 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
     return _collect(spaces)
 
 
+_MATMULS = {torch.matmul, operator.matmul}
+_SOFTMAX = {torch.softmax, F.softmax, torch.log_softmax, F.log_softmax}
+_TRANSPOSE = {torch.transpose, torch.permute, torch.swapaxes}
+
+
+def _shape(arg: object) -> tuple | None:
+    return arg.meta.get("shape") if isinstance(arg, fx.Node) else None
+
+
+def _sizes(node: fx.Node) -> list | None:
+    """The sizes a ``reshape``/``view`` node asks for (varargs or one sequence); None for others."""
+    if _target_name(node) not in ("reshape", "view"):
+        return None
+    rest = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
+    return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+
+
+def _split_heads(node: fx.Node, first: _Layout, spaces: _Spaces) -> _Layout | None:
+    """A token sequence ``(.., C)`` reshaped to ``(.., h, C/h)``: one space split into heads."""
+    in_shape, out_shape = _shape(node.args[0]), node.meta.get("shape")
+    if not in_shape or not out_shape or len(first.segments) != 1 or first.width != 1 \
+            or len(out_shape) != len(in_shape) + 1 or tuple(out_shape[:-2]) != tuple(in_shape[:-1]) \
+            or _sizes(node) is None or out_shape[-2] < 2 or out_shape[-2] * out_shape[-1] != in_shape[-1]:
+        return None
+    sid = first.segments[0][0]
+    info = spaces.get(sid)
+    info["rewrites"].append(("split", node.name))
+    if info["block"] not in (1, out_shape[-1]):
+        spaces.block(sid, "the same channels split into heads of different widths")
+    info["block"] = out_shape[-1]
+    info["couplings"].add("attention")
+    nd = len(out_shape)
+    return _Layout(first.segments, heads=out_shape[-2], head_axis=nd - 2, dim_axis=nd - 1)
+
+
+def _attention(node: fx.Node, rule: str, layouts: dict, spaces: _Spaces, block_layout,
+               modules: dict[str, nn.Module]) -> _Layout | None:
+    """An op on channels split into attention heads (see the module's docstring)."""
+    lays = [layouts.get(a) for a in node.all_input_nodes]
+    name = _target_name(node)
+    target = node.target
+    first = layouts.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    out_shape = node.meta.get("shape")
+
+    def stop(why: str) -> None:
+        for lay in lays:
+            block_layout(lay, f"{name}: {why}")
+
+    if rule == "shape":
+        return None
+    if rule == "elementwise" and first is not None:
+        return first
+    if first is not None and first.heads and (target in _TRANSPOSE or target in ("transpose", "permute", "swapaxes")):
+        nd = len(out_shape) if out_shape else 0
+        dims = [a for a in node.args[1:]] or [node.kwargs.get(k) for k in ("dim0", "dim1") if k in node.kwargs]
+        if target in ("permute",) or target is torch.permute:
+            order = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else list(dims)
+            order = [d % nd for d in order]
+        else:
+            a, b = (d % nd for d in dims[:2])
+            order = list(range(nd))
+            order[a], order[b] = order[b], order[a]
+        where = {old: new for new, old in enumerate(order)}
+        return _Layout(first.segments, heads=first.heads, head_axis=where[first.head_axis],
+                       dim_axis=None if first.dim_axis is None else where[first.dim_axis])
+    if rule == "softmax" or target in _SOFTMAX or target in ("softmax", "log_softmax"):
+        if rule == "softmax":  # nn.Softmax
+            dim = modules[target].dim
+        else:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if first is None or not isinstance(dim, int) or not out_shape:
+            return stop("softmax over an axis that is not tracked")
+        dim %= len(out_shape)
+        if dim in (first.head_axis, first.dim_axis):
+            return stop("softmax across heads or a head's channels")
+        return first
+    if target in _MATMULS or target == "matmul" or target is F.scaled_dot_product_attention:
+        return _attention_product(node, layouts, spaces, stop)
+    if rule == "binary":
+        return _binary(node, layouts, spaces, block_layout)
+    if rule == "reshape" and first is not None and first.heads and first.dim_axis is not None:
+        in_shape = _shape(node.args[0])
+        nd = len(in_shape) if in_shape else 0
+        if out_shape and first.head_axis == nd - 2 and first.dim_axis == nd - 1 and len(out_shape) == nd - 1 \
+                and tuple(out_shape[:-1]) == tuple(in_shape[:-2]) and out_shape[-1] == in_shape[-2] * in_shape[-1]:
+            if _sizes(node) is not None:
+                spaces.get(first.segments[0][0])["rewrites"].append(("merge", node.name))
+            return _Layout(first.segments, last=True)
+    return stop("heads of attention reach an op that is not tracked")
+
+
+def _attention_product(node: fx.Node, layouts: dict, spaces: _Spaces, stop) -> _Layout | None:
+    """``q @ k^T`` (channels contracted head by head: q and k tied), ``scores @ v`` (v tied to the
+    scores head by head), or ``scaled_dot_product_attention(q, k, v)``."""
+    args = [a for a in node.args[:3] if isinstance(a, fx.Node)]
+    lays = [layouts.get(a) for a in args]
+    shapes = [_shape(a) for a in args]
+    out_shape = node.meta.get("shape")
+    if any(lay is None or not lay.heads for lay in lays) or not out_shape or any(s is None for s in shapes) \
+            or len({(lay.heads, lay.head_axis) for lay in lays}) != 1 or lays[0].head_axis >= len(out_shape) - 2:
+        return stop("attention product of operands that are not all split into the same heads")
+    nd = len(out_shape)
+    per_sample = math.prod(out_shape[1:])
+    if node.target is F.scaled_dot_product_attention:
+        if len(lays) != 3 or any(lay.dim_axis != nd - 1 for lay in lays):
+            return stop("scaled_dot_product_attention of operands whose channels are not last")
+        for lay in lays[1:]:
+            spaces.union(lays[0].segments[0][0], lay.segments[0][0], "attention")
+        # q k^T and scores v, each (T x T) per head and channel
+        spaces.get(lays[0].segments[0][0])["products"] += 2 * per_sample * shapes[1][-2]
+        return lays[2]
+    a, b = lays
+    if a.dim_axis == nd - 1 and b.dim_axis == nd - 2:  # q @ k^T: channels summed over
+        spaces.union(a.segments[0][0], b.segments[0][0], "attention")
+        spaces.get(a.segments[0][0])["products"] += per_sample * shapes[0][-1]
+        return _Layout(a.segments, heads=a.heads, head_axis=a.head_axis, dim_axis=None)
+    if a.dim_axis is None and b.dim_axis == nd - 1:  # scores @ v: v's channels go on, head by head
+        spaces.union(a.segments[0][0], b.segments[0][0], "attention")
+        spaces.get(a.segments[0][0])["products"] += per_sample * shapes[0][-1]
+        return b
+    return stop("attention product over axes that are not tracked")
+
+
 def _rule(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_module":
         mod = modules[node.target]
@@ -343,6 +520,8 @@ def _rule(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "transposed"
         if isinstance(mod, nn.Flatten):
             return "reshape"
+        if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
+            return "softmax"
         return "unknown"
     target = node.target
     if node.op == "call_function":
@@ -392,17 +571,22 @@ def _binary(node: fx.Node, layouts: dict, spaces: _Spaces, block_layout) -> _Lay
         if lay is None:
             shape = arg.meta.get("shape")
             # a broadcast operand with its own value per channel would need slicing too (shapes
-            # broadcast right-aligned: a (C,) scale on (N, T, C), a (C, 1, 1) one on (N, C, H, W))
+            # broadcast right-aligned: a (C,) scale on (N, T, C), a (C, 1, 1) one on (N, C, H, W);
+            # per head, or per head and channel, where the channels are split into heads)
             if shape and out_shape:
-                axis = len(out_shape) - 1 if base.last else 1
-                k = axis - (len(out_shape) - len(shape))
-                if 0 <= k < len(shape) and shape[k] > 1:
-                    block_layout(base, f"per-channel operand in {_target_name(node)} is not tracked")
+                if base.heads:
+                    axes = [a for a in (base.head_axis, base.dim_axis) if a is not None]
+                else:
+                    axes = [len(out_shape) - 1 if base.last else 1]
+                for axis in axes:
+                    k = axis - (len(out_shape) - len(shape))
+                    if 0 <= k < len(shape) and shape[k] > 1:
+                        block_layout(base, f"per-channel operand in {_target_name(node)} is not tracked")
             continue
         if lay is base:
             continue
         if [n for _, n in lay.segments] == [n for _, n in base.segments] and lay.width == base.width \
-                and lay.last == base.last:
+                and lay.last == base.last and (lay.heads, lay.head_axis, lay.dim_axis) == (base.heads, base.head_axis, base.dim_axis):
             for (a, _), (b, _) in zip(base.segments, lay.segments):
                 spaces.union(a, b, "residual")
         else:
@@ -458,10 +642,16 @@ def _collect(spaces: _Spaces) -> DependencyGraph:
         reason = info["reason"]
         if not info["producers"] and reason is None:
             reason = "no layer produces these channels"
+        block = info["block"]
+        if reason is None and block > 1 and spaces.size[r] // block < 2:
+            reason = "a single attention head"
+        if reason is None and block > 1 and info["members"]:
+            reason = "per-channel values over attention heads are not tracked"
         roots[r] = ChannelGroup(
             id=len(roots), channels=spaces.size[r], producers=list(info["producers"]),
             consumers=list(info["consumers"]), members=list(dict.fromkeys(info["members"])),
-            couplings=set(info["couplings"]), prunable=reason is None, reason=reason)
+            couplings=set(info["couplings"]), prunable=reason is None, reason=reason, block=block,
+            rewrites=list(dict.fromkeys(info["rewrites"])), products=info["products"])
     edges = []
     for g in roots.values():
         for producer, _ in g.producers:

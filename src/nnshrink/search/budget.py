@@ -65,7 +65,7 @@ from nnshrink.techniques.astc import record as astc_record
 from nnshrink.techniques.astc import step as astc_step
 from nnshrink.techniques.calibration import layer_hessians
 from nnshrink.techniques import channels as channel_pruning
-from nnshrink.techniques.channels import group_label, prunable_groups, prune_group
+from nnshrink.techniques.channels import editable, group_label, prunable_groups, prune_group
 from nnshrink.techniques.cluster import ShareWeights, share_weights
 from nnshrink.techniques.lowrank import decompose, eligible, full_rank
 from nnshrink.techniques.records import attach, record_of
@@ -602,13 +602,18 @@ class Budget(StepConfig):
                         if not s["reason"].startswith("skipped by")]
             for g in found:
                 label, total = group_label(g), g.channels
-                counts = {_group_count(f * total, total, self.channel_multiple) for f in self.channel_fractions}
+                # (attention: whole heads)
+                counts = {_group_count(f * total, total, g.block if g.block > 1 else self.channel_multiple)
+                          for f in self.channel_fractions}
                 fixed = {int(v) for n, _ in g.producers if isinstance(rules.get(n), dict) and "channels" in rules[n]
                          for v in _values(rules[n]["channels"])}
                 if fixed:
                     if max(fixed) > total:
                         raise ConfigError(f"budget.layers[{label!r}]: channels {max(fixed)} is more than the group "
                                           f"it produces holds ({total})")
+                    if any(v % g.block for v in fixed):
+                        raise ConfigError(f"budget.layers[{label!r}]: the group is {total // g.block} attention heads of "
+                                          f"{g.block} channels; channels must be a whole number of heads")
                     counts = fixed
                     if total not in fixed:
                         forced.add(_CHANNELS + label)
@@ -847,6 +852,8 @@ class Budget(StepConfig):
         byte_settings = "size" in targets or "ratio" in targets or self.max_drop is not None
         train = ctx.train is not None and (self.prune_steps > 0 or self.share_steps > 0)
         x = sample_inputs(ctx, self.samples)
+        if "channels" in self.chosen_techniques():  # attention heads: pruned in the model's torch.fx graph
+            model = editable(model, x)
         if "channels" in self.chosen_techniques() and byte_settings:
             return self._channels_then_bytes(model, ctx, targets, x, show_progress)
         folded = []

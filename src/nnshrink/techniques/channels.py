@@ -17,6 +17,12 @@ AIMET and ThiNet do it, on sampled activations:
    times the flattened width for a linear after a flatten). Residual adds are one group, so
    every branch loses the same channels.
 
+Attention is pruned in whole heads (a group's ``block``): the selection ranks heads by the change
+of the output projection, the query, key and value projections lose the heads' rows, the output
+projection their columns (refitted), and the head count in the model's reshapes into and out of
+heads is rewritten. That last edit is to the model's code, so a model with such a group is pruned
+as its torch.fx ``GraphModule`` (:func:`editable`), with the same parameter names.
+
 Groups that cannot be pruned safely (the model's output, a grouped conv, an op the dependency
 analysis does not understand) are left alone and reported with the reason. How many channels
 each group keeps comes from the decision engine (:mod:`nnshrink.search.solvers`).
@@ -30,11 +36,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import analyze
-from nnshrink.graph.groups import ChannelGroup, build_dependency_graph
+from nnshrink.graph.fx import trace
+from nnshrink.graph.groups import ChannelGroup, DependencyGraph, build_dependency_graph
 from nnshrink.plan.config import SKIP, StepConfig, StepResult
 from nnshrink.search.engine import (
     Unit,
@@ -116,7 +123,8 @@ def _weight_matrix(layer: nn.Module) -> torch.Tensor:
 
 
 def select_channels(model: nn.Module, group: ChannelGroup, samples: dict[str, torch.Tensor], keep: int) -> list[int]:
-    """The ``keep`` channels of ``group`` to keep (ThiNet greedy on sampled consumer inputs)."""
+    """The ``keep`` channels of ``group`` to keep (ThiNet greedy on sampled consumer inputs; in
+    whole blocks, an attention head's channels, where the group has them)."""
     n = group.channels
     gram = torch.zeros(n, n, dtype=torch.float64)
     for c in group.consumers:
@@ -130,6 +138,18 @@ def select_channels(model: nn.Module, group: ChannelGroup, samples: dict[str, to
         z = torch.einsum("skp,okp->kso", xs, ws).reshape(n, -1)
         z = z / z.norm().clamp_min(1e-12)  # each consumer counts equally
         gram += z @ z.T
+    block = group.block
+    if block > 1:  # a head's contribution is the sum of its channels': the Gram matrix of heads
+        heads = n // block
+        gram = gram.reshape(heads, block, heads, block).sum(dim=(1, 3))
+        kept = _greedy(gram, keep // block)
+        return [h * block + i for h in kept for i in range(block)]
+    return _greedy(gram, keep)
+
+
+def _greedy(gram: torch.Tensor, keep: int) -> list[int]:
+    """Remove the item that keeps the summed removed contribution smallest, until ``keep`` are left."""
+    n = gram.shape[0]
     removed: list[int] = []
     alive = torch.ones(n, dtype=torch.bool)
     acc = torch.zeros(n, dtype=torch.float64)  # sum_{d removed} G[:, d]
@@ -180,12 +200,69 @@ def _slice_member(module: nn.Module, idx: torch.Tensor) -> None:
         raise ConfigError(f"cannot slice {type(module).__name__} along a channel group")
 
 
+def editable(model: nn.Module, x: torch.Tensor, deps: DependencyGraph | None = None) -> nn.Module:
+    """``model`` as it is, or, where one of its prunable groups is attention heads (whose count
+    its code holds), a copy as a torch.fx ``GraphModule``: the same layers and parameter names, in
+    a graph whose reshapes :func:`prune_group` can rewrite. Plain attributes (``input_shape``)
+    are carried over."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    deps = deps if deps is not None else build_dependency_graph(model, x[:1])
+    if not any(g.prunable and g.rewrites for g in deps.groups):
+        return model
+    gm = trace(copy.deepcopy(model))
+    for key, value in vars(model).items():
+        if not key.startswith("_") and key != "training" and not hasattr(gm, key) \
+                and isinstance(value, (int, float, str, bool, tuple, type(None))):
+            setattr(gm, key, value)
+    gm.train(model.training)
+    return gm
+
+
+def _rewrite_heads(model: nn.Module, group: ChannelGroup, keep: int) -> None:
+    """Set the head count of the group's split and merge reshapes to what ``keep`` channels hold."""
+    if not isinstance(model, fx.GraphModule):
+        raise ConfigError(f"channel group of {_label(group)!r} is attention heads, whose count is in the model's "
+                          "code: prune its torch.fx GraphModule (nnshrink.techniques.channels.editable)")
+    nodes = {n.name: n for n in model.graph.nodes}
+    for kind, name in group.rewrites:
+        node = nodes.get(name)
+        if node is None:
+            raise ConfigError(f"attention heads of {_label(group)!r}: reshape {name!r} is not in the model's graph")
+        rest = list(node.args[1:])
+        packed = len(rest) == 1 and isinstance(rest[0], (tuple, list))
+        if not rest:  # sizes as a keyword
+            key = "shape" if "shape" in node.kwargs else "size"
+            sizes, packed = list(node.kwargs[key]), None
+        else:
+            sizes = list(rest[0]) if packed else rest
+        # split (.., heads, head channels): both set, so that no size read from a narrowed tensor
+        # misleads; merge (.., channels)
+        new = {len(sizes) - 2: keep // group.block, len(sizes) - 1: group.block} if kind == "split" else {len(sizes) - 1: keep}
+        for i, v in new.items():
+            if not (isinstance(sizes[i], int) and sizes[i] == -1):
+                sizes[i] = v
+        if packed is None:
+            node.kwargs = {**node.kwargs, key: tuple(sizes)}
+        else:
+            node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+    model.graph.eliminate_dead_code()  # the sizes the reshapes no longer read
+    model.recompile()
+
+
 def prune_group(model: nn.Module, x: torch.Tensor, label: str, keep: int, reconstruct: bool = True,
                 ridge: float = 1e-6) -> list[int]:
-    """Prune the group produced by ``label`` to ``keep`` channels, in place; returns the kept ones."""
+    """Prune the group produced by ``label`` to ``keep`` channels, in place; returns the kept ones.
+    A group of attention heads keeps a whole number of heads, and the model must be a
+    ``GraphModule`` (:func:`editable`)."""
     group = _find(model, x, label)
     if not group.prunable:
         raise ConfigError(f"channel group of {label!r} cannot be pruned: {group.reason}")
+    if keep % group.block or keep < group.block:
+        raise ConfigError(f"channel group of {label!r} is {group.channels // group.block} attention heads of "
+                          f"{group.block} channels: it keeps a whole number of them, not {keep} channels")
+    if group.rewrites and not isinstance(model, fx.GraphModule):
+        _rewrite_heads(model, group, keep)  # (raises: says how to get an editable model)
     consumers = [c.layer for c in group.consumers]
     samples = _sample(model, x, consumers)
     kept = select_channels(model, group, samples, keep)
@@ -226,6 +303,8 @@ def prune_group(model: nn.Module, x: torch.Tensor, label: str, keep: int, recons
         _slice_out(model.get_submodule(name), idx + offset)
     for name in group.members:
         _slice_member(model.get_submodule(name), idx)
+    if group.rewrites:
+        _rewrite_heads(model, group, len(kept))
     return kept
 
 
@@ -313,7 +392,7 @@ class ChannelPrune(StepConfig):
 
     def apply(self, model: nn.Module, ctx, show_progress: bool = True) -> StepResult:
         x = sample_inputs(ctx, self.samples)
-        model = copy.deepcopy(model).eval()
+        model = editable(copy.deepcopy(model).eval(), x)
         info = analyze(model, x[:1])
         base, budget, floor = target_macs(ctx, model, x, self.mac_ratio, self.tolerance)
         rules = self.layer_rules([li.name for li in info.layers])
@@ -323,6 +402,9 @@ class ChannelPrune(StepConfig):
             if not counts:
                 continue
             keep = min(counts)
+            if keep % g.block:
+                raise ConfigError(f"channel_prune.layers: group {_label(g)} is {g.channels // g.block} attention heads of "
+                                  f"{g.block} channels; {keep} channels is not a whole number of heads")
             if not g.prunable or keep >= g.channels:
                 raise ConfigError(f"channel_prune.layers: group {_label(g)} ({g.channels} channels) cannot be pruned "
                                   f"to {keep}: {g.reason or 'it has no more than that'}")
@@ -331,10 +413,10 @@ class ChannelPrune(StepConfig):
             prune_group(model, x, label, v["kept"], self.reconstruct)
         deps = build_dependency_graph(model, x[:1])
         groups, skipped = prunable_groups(deps, rules, set(fixed))
-        lowest = {_label(g): max(1, math.ceil(self.min_keep * g.channels)) for g in groups}
+        lowest = {_label(g): g.block * max(1, math.ceil(self.min_keep * g.channels / g.block)) for g in groups}
         tasks = []
-        for g in groups:
-            counts = list(range(g.channels - 1, lowest[_label(g)] - 1, -1))
+        for g in groups:  # (an attention group's counts: whole heads)
+            counts = list(range(g.channels - g.block, lowest[_label(g)] - 1, -g.block))
             if not counts:
                 continue
             picks = np.unique(np.linspace(0, len(counts) - 1, self.measured_levels).round().astype(int))
@@ -344,7 +426,7 @@ class ChannelPrune(StepConfig):
         units = []
         for g in groups:
             label = _label(g)
-            levels = list(range(g.channels, lowest[label] - 1, -1))
+            levels = list(range(g.channels, lowest[label] - 1, -g.block))
             measured = {0: 0.0}
             for i, k in enumerate(levels):
                 if (label, k) in losses:
@@ -381,7 +463,7 @@ class ChannelPrune(StepConfig):
                    "macs_before": info.total_macs, "macs_after": after.total_macs, "groups": {**fixed, **pruned},
                    "layers_shrunk": shrunk, "measurements": len(tasks),
                    "sensitivity": level_table("relative output error (MSE / output power)", losses,
-                                              {_label(g): list(range(g.channels - 1, 0, -1)) for g in groups},
+                                              {_label(g): list(range(g.channels - g.block, 0, -g.block)) for g in groups},
                                               {_label(g): float(g.channels) for g in groups}, "channels")}
         return StepResult(self.kind, model.eval(), details, skipped)
 
@@ -412,10 +494,13 @@ def _cost_model(model: nn.Module, info, deps, units: dict[str, Unit]):
     produced: dict[str, str] = {}
     members: dict[str, str] = {}
     consumed: dict[str, list[tuple[str, int]]] = {}
+    products: dict[str, int] = {}  # attention products, which shrink with the heads kept
     for g in deps.groups:
         if not g.producers or _label(g) not in units:
             continue
         label = _label(g)
+        if g.products:
+            products[label] = g.products
         for n, _ in g.producers:
             produced[n] = label
         for n in g.members:
@@ -439,11 +524,12 @@ def _cost_model(model: nn.Module, info, deps, units: dict[str, Unit]):
                          consumed.get(o.name, [])))
         else:
             fixed += o.macs
+    fixed -= sum(products.values())
     full = {name: u.levels[0] for name, u in units.items()}
 
     def macs_of(choice: dict[str, int]) -> int:
         removed = {n: full[n] - units[n].levels[i] for n, i in choice.items()}
-        total = float(fixed)
+        total = float(fixed) + sum(m * (full[n] - removed.get(n, 0)) / full[n] for n, m in products.items())
         for macs, out_n, in_n, prod, member, cons in rows:
             if member is not None:  # depthwise: one input per output channel
                 total += macs * (out_n - removed.get(member, 0)) / out_n
