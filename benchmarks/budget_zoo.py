@@ -80,6 +80,7 @@ def run(name: str, target: str, steps: int, techniques: tuple[str, ...]) -> dict
             "mac_ratio": after.total_macs / before.total_macs, "ratio": before.total_bytes / real,
             "estimate": d["bytes_estimated"] / real - 1, "measurements": d["measurements"],
             "evaluations": d["evaluations"] + one_shot.steps[0].details["evaluations"], "ranked": ranked, "narrowed": narrowed,
+            "groups": {k: f"{c['kept']}/{c['channels']}" for k, c in d.get("channels", {}).items() if c["kept"] < c["channels"]},
             "layers": len(d["layers"]), "seconds_one_shot": mid - started, "seconds": done - mid,
             "latency_ratio": d.get("latency_ratio"), "latency_estimated": d.get("latency_estimated_s"),
             "latency_before": d.get("latency_before_s")}
@@ -110,6 +111,9 @@ def main(argv=None) -> int:
                   f"{r['seconds_one_shot'] + r['seconds']:6.0f}"
                   + (f" {r['latency_ratio']:8.3f} {r['latency_estimated'] / r['latency_before']:6.3f}"
                      if r["latency_ratio"] is not None else ""), flush=True)
+            if r["groups"]:
+                print(f"{'':12} groups narrowed (kept/channels): " + ", ".join(f"{k} {v}" for k, v in r["groups"].items()),
+                      flush=True)
     return 0
 
 

@@ -674,3 +674,34 @@ def test_recurrent_matrix_rules():
     both = Budget(target="ratio=3x", layers={"*": {"bits": 5, "rank": 0}}, **SMALL)
     d = compress(model, Plan([both]), x[:1], calib=[x]).steps[0].details
     assert {s["bits"] for s in d["layers"].values()} == {5}
+
+
+def test_attention_heads_are_budget_units_and_the_file_reads_back(tmp_path):
+    """A budget over channels takes attention heads as units (a rule fixing one layer's heads);
+    the result, a torch.fx GraphModule with the same parameter names, writes a container that
+    reads back to the same outputs."""
+    from torch import fx
+
+    from nnshrink.graph import analyze
+    from nnshrink.io import load
+    from nnshrink.zoo import realistic as R
+
+    torch.manual_seed(0)
+    t = R.task("transformer", scale=0.05)
+    model = t.build().eval()
+    x = t.splits["train"][0][:32]
+    budget = Budget(**CHANNELS, target="macs=0.7", techniques=("channels",),
+                    layers={"layers.1.attn.q": {"channels": 16}})
+    result = compress(model, Plan([budget]), x[:2], calib=[x])
+    d = result.steps[0].details
+    assert d["channels"]["layers.1.attn.q"]["kept"] == 16
+    assert isinstance(result.model, fx.GraphModule)
+    assert set(dict(result.model.named_parameters())) <= set(dict(model.named_parameters()))
+    assert analyze(result.model, x[:1]).total_macs <= 0.7 * analyze(model, x[:1]).total_macs
+    with pytest.raises(ConfigError, match="whole number of heads"):
+        compress(model, Plan([Budget(**{**CHANNELS, "target": "macs=0.7", "techniques": ("channels",),
+                                         "layers": {"layers.1.attn.q": {"channels": 24}}})]), x[:2], calib=[x])
+    save(result.model, tmp_path / "m.nsz", x[:2])
+    back = load(tmp_path / "m.nsz")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), result.model(x), rtol=1e-4, atol=1e-5)

@@ -290,3 +290,32 @@ def test_structural_steps_on_an_imported_onnx_graph_match_the_torch_module(name,
         for batch in (1, 3):
             xb = x[:batch]
             torch.testing.assert_close(results[1].model(xb), results[0].model(xb), rtol=1e-3, atol=1e-3)
+
+
+def test_the_channel_step_prunes_attention_heads_and_counts_their_products():
+    """On a transformer the step may take whole attention heads (the query, key, value and output
+    projections and the attention products shrink together); its cost model scales the products
+    with the heads kept, so it lands in [C - tolerance, C] of the whole forward pass."""
+    from torch import fx
+
+    from nnshrink.zoo import realistic as R
+
+    torch.manual_seed(0)
+    t = R.task("transformer", scale=0.05)
+    model = t.build().eval()
+    x = t.splits["train"][0][:32]
+    step = ChannelPrune(mac_ratio=0.6, executor="serial", samples=32, measured_levels=3, round_to=1,
+                        layers={"layers.0.attn.q": {"channels": 32}})
+    result = compress(model, Plan([step]), x[:2], calib=[x])
+    d = result.steps[0].details
+    before, after = analyze(model, x[:1]), analyze(result.model, x[:1])
+    assert 0.59 <= after.total_macs / before.total_macs <= 0.6
+    assert d["groups"]["layers.0.attn.q"] == {"channels": 64, "kept": 32}
+    assert all(c["kept"] % 16 == 0 for label, c in d["groups"].items() if ".attn." in label)
+    assert isinstance(result.model, fx.GraphModule) and result.model(x).shape == (32, 10)
+    assert result.model.get_submodule("layers.0.attn.out").in_features == 32
+    products = lambda info: sum(o.macs for o in info.other if o.kind == "matmul")  # noqa: E731
+    assert products(after) < products(before)
+    with pytest.raises(ConfigError, match="whole number of heads"):
+        compress(model, Plan([ChannelPrune(mac_ratio=0.6, executor="serial", samples=32, measured_levels=3,
+                                           layers={"layers.0.attn.q": {"channels": 40}})]), x[:2], calib=[x])

@@ -433,7 +433,8 @@ class ChannelPrune(StepConfig):
                     measured[i] = losses[(label, k)]
             if len(levels) > 1:
                 units.append(Unit(label, levels, interpolate(measured, len(levels))))
-        macs_of = _cost_model(model, info, deps, {u.name: u for u in units})
+        # (counted on the model as the plan's fixed counts left it)
+        macs_of = _cost_model(model, analyze(model, x[:1]) if fixed else info, deps, {u.name: u for u in units})
         grids = (self.round_to,) if self.round_to is not None else (8, 4)
         candidates = {}
         for grid in grids:  # each grid's allocation, applied; kept: the best on validation
