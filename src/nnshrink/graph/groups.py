@@ -108,7 +108,8 @@ class ChannelGroup:
         reason: Why the group is not prunable.
         block: Channels removed together: an attention head's (1 for any other group).
         rewrites: ``(kind, node)``: the torch.fx nodes whose sizes change with the head count,
-            ``split`` (into heads) or ``merge`` (back to a token sequence).
+            ``split`` (into heads), ``merge`` (back to a token sequence) or ``parts`` (a fused
+            projection's ``split`` into q, k and v).
         products: MACs per sample of the attention products over the group's channels (``q @ k^T``,
             ``scores @ v``), which shrink with the heads kept.
     """
@@ -213,6 +214,7 @@ class _Layout:
     heads: int = 0
     head_axis: int = -1
     dim_axis: int | None = None
+    parts_axis: int | None = None  # a fused q/k/v projection split into heads: the axis of its parts (segments)
 
 
 def _target_name(node: fx.Node) -> str:
@@ -236,10 +238,11 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
     def layout_of(arg: object) -> _Layout | None:
         return layouts.get(arg) if isinstance(arg, fx.Node) else None
 
-    def block_layout(lay: _Layout | None, reason: str) -> None:
-        if lay is not None:
-            for sid, _ in lay.segments:
-                spaces.block(sid, reason)
+    def block_layout(lay: _Layout | tuple | None, reason: str) -> None:
+        for one in (lay if isinstance(lay, tuple) else (lay,)):  # (the pieces of a split)
+            if one is not None:
+                for sid, _ in one.segments:
+                    spaces.block(sid, reason)
 
     def fresh(node: fx.Node, reason: str | None, last: bool = False) -> _Layout | None:
         shape = node.meta.get("shape")
@@ -284,9 +287,26 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
             for arg in node.all_input_nodes:
                 block_layout(layout_of(arg), "channels of the model output")
             continue
+        pieces = layout_of(node.args[0]) if node.args else None
+        if isinstance(pieces, tuple):  # the pieces of a split: an index picks one, anything else blocks them
+            if node.target is operator.getitem and isinstance(node.args[1], int):
+                layouts[node] = pieces[node.args[1]]
+            else:
+                block_layout(pieces, f"{_target_name(node)}: the pieces of a split reach an op that is not tracked")
+                layouts[node] = None
+            continue
+        for arg in node.all_input_nodes[1:]:
+            if isinstance(layouts.get(arg), tuple):
+                block_layout(layouts[arg], f"{_target_name(node)}: the pieces of a split reach an op that is not tracked")
+                layouts[arg] = None
         inputs = [layout_of(a) for a in node.all_input_nodes]
         first = layout_of(node.args[0]) if node.args else None
         rule = _rule(node, modules)
+        if first is not None and first.last and not first.heads and _target_name(node) in ("split", "chunk"):
+            layouts[node] = _split_last(node, first, spaces)
+            if layouts[node] is None:
+                block_layout(first, f"{_target_name(node)}: channels on the last axis reach an op that is not tracked there")
+            continue
         if any(lay is not None and lay.heads for lay in inputs):
             layouts[node] = _attention(node, rule, layouts, spaces, block_layout, modules)
             continue
@@ -377,7 +397,66 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
                 block_layout(lay, f"passes through an op that is not tracked: {_target_name(node)}")
             layouts[node] = None
 
+    for i, info in enumerate(spaces.info):  # a fused projection split into parts: its output used whole too?
+        if info.get("parts") and (spaces.find(i) != i or info["consumers"] or info["members"] or info["reason"]
+                                  or info["producers"]):
+            for piece in info["parts"]:
+                spaces.block(piece, "the fused projection's output is also used whole")
     return _collect(spaces)
+
+
+def _partition(spaces: _Spaces, lay: _Layout, sizes: list[int]) -> list[int] | None:
+    """Split the one space of ``lay`` (a fused projection's output, used by nothing else yet) into
+    spaces of ``sizes`` channels, each produced by the layer at its offset; None if it cannot be."""
+    if len(lay.segments) != 1 or lay.width != 1:
+        return None
+    sid = lay.segments[0][0]
+    info = spaces.info[sid]
+    if spaces.find(sid) != sid or len(info["producers"]) != 1 or info["consumers"] or info["members"] \
+            or info["reason"] or info.get("parts") or sum(sizes) != spaces.size[sid]:
+        return None
+    layer, offset = info["producers"].pop()
+    pieces, start = [], 0
+    for size in sizes:
+        piece = spaces.new(size)
+        spaces.info[piece]["producers"].append((layer, offset + start))
+        pieces.append(piece)
+        start += size
+    info["parts"] = pieces
+    return pieces
+
+
+def _split_last(node: fx.Node, first: _Layout, spaces: _Spaces) -> tuple | None:
+    """``split``/``chunk`` of a token sequence along its channels (a fused q/k/v projection cut
+    into its parts): one layout per piece."""
+    shape = _shape(node.args[0])
+    if not shape:
+        return None
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if not isinstance(dim, int) or dim % len(shape) != len(shape) - 1:
+        return None
+    total = shape[-1]
+    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("chunks"))
+    if _target_name(node) == "chunk":
+        if not isinstance(arg, int) or arg < 1:
+            return None
+        size = -(-total // arg)
+        sizes = [min(size, total - i) for i in range(0, total, size)]
+    elif isinstance(arg, int) and arg > 0:
+        sizes = [min(arg, total - i) for i in range(0, total, arg)]
+    elif isinstance(arg, (list, tuple)) and all(isinstance(v, int) for v in arg):
+        sizes = list(arg)
+    else:
+        return None
+    if len(set(sizes)) != 1:  # parts of unequal widths cannot be one group of heads
+        return None
+    pieces = _partition(spaces, first, sizes)
+    if pieces is None:
+        return None
+    if _target_name(node) == "split":  # its sizes change with the heads kept
+        for piece in pieces:
+            spaces.info[piece]["rewrites"].append(("parts", node.name))
+    return tuple(_Layout(((p, n),), last=True) for p, n in zip(pieces, sizes))
 
 
 _MATMULS = {torch.matmul, operator.matmul}
@@ -398,8 +477,24 @@ def _sizes(node: fx.Node) -> list | None:
 
 
 def _split_heads(node: fx.Node, first: _Layout, spaces: _Spaces) -> _Layout | None:
-    """A token sequence ``(.., C)`` reshaped to ``(.., h, C/h)``: one space split into heads."""
+    """A token sequence ``(.., C)`` reshaped to ``(.., h, C/h)``: one space split into heads; or
+    a fused projection's ``(.., 3C)`` to ``(.., 3, h, C/h)``: its parts, each split into heads."""
     in_shape, out_shape = _shape(node.args[0]), node.meta.get("shape")
+    if in_shape and out_shape and len(out_shape) == len(in_shape) + 2 and _sizes(node) is not None \
+            and tuple(out_shape[:-3]) == tuple(in_shape[:-1]) and out_shape[-3] >= 2 and out_shape[-2] >= 2 \
+            and math.prod(out_shape[-3:]) == in_shape[-1]:
+        parts = out_shape[-3]
+        pieces = _partition(spaces, first, [in_shape[-1] // parts] * parts)
+        if pieces is None:
+            return None
+        for piece in pieces:
+            info = spaces.info[piece]
+            info["rewrites"].append(("split", node.name))
+            info["block"] = out_shape[-1]
+            info["couplings"].add("attention")
+        nd = len(out_shape)
+        return _Layout(tuple((p, in_shape[-1] // parts) for p in pieces), heads=out_shape[-2], head_axis=nd - 2,
+                       dim_axis=nd - 1, parts_axis=nd - 3)
     if not in_shape or not out_shape or len(first.segments) != 1 or first.width != 1 \
             or len(out_shape) != len(in_shape) + 1 or tuple(out_shape[:-2]) != tuple(in_shape[:-1]) \
             or _sizes(node) is None or out_shape[-2] < 2 or out_shape[-2] * out_shape[-1] != in_shape[-1]:
@@ -430,7 +525,15 @@ def _attention(node: fx.Node, rule: str, layouts: dict, spaces: _Spaces, block_l
 
     if rule == "shape":
         return None
+    if first is not None and first.parts_axis is not None:  # a fused projection's parts, split into heads
+        return _parts(node, first, stop)
     if rule == "elementwise" and first is not None:
+        return first
+    if target == "masked_fill" and first is not None and len(node.args) > 1:  # a mask: as an operand of a binary
+        mask = _shape(node.args[1])
+        if mask and out_shape and any(0 <= (k := axis - (len(out_shape) - len(mask))) < len(mask) and mask[k] > 1
+                                      for axis in (first.head_axis, first.dim_axis) if axis is not None):
+            return stop("a per-head mask is not tracked")
         return first
     if first is not None and first.heads and (target in _TRANSPOSE or target in ("transpose", "permute", "swapaxes")):
         nd = len(out_shape) if out_shape else 0
@@ -444,7 +547,8 @@ def _attention(node: fx.Node, rule: str, layouts: dict, spaces: _Spaces, block_l
             order[a], order[b] = order[b], order[a]
         where = {old: new for new, old in enumerate(order)}
         return _Layout(first.segments, heads=first.heads, head_axis=where[first.head_axis],
-                       dim_axis=None if first.dim_axis is None else where[first.dim_axis])
+                       dim_axis=None if first.dim_axis is None else where[first.dim_axis],
+                       parts_axis=None if first.parts_axis is None else where[first.parts_axis])
     if rule == "softmax" or target in _SOFTMAX or target in ("softmax", "log_softmax"):
         if rule == "softmax":  # nn.Softmax
             dim = modules[target].dim
@@ -469,6 +573,44 @@ def _attention(node: fx.Node, rule: str, layouts: dict, spaces: _Spaces, block_l
                 spaces.get(first.segments[0][0])["rewrites"].append(("merge", node.name))
             return _Layout(first.segments, last=True)
     return stop("heads of attention reach an op that is not tracked")
+
+
+def _parts(node: fx.Node, first: _Layout, stop) -> _Layout | tuple | None:
+    """An op on a fused projection's parts, split into heads: a transpose or permute (their axes
+    move), ``unbind`` along the parts (one layout per part), an index of the parts axis when it
+    leads, an elementwise op; anything else blocks them."""
+    target = node.target
+    out_shape = node.meta.get("shape")
+    if target in _TRANSPOSE or target in ("transpose", "permute", "swapaxes", "contiguous") or \
+            (target in _ELEMENTWISE_METHODS | _ELEMENTWISE_FUNCTIONS):
+        if target in ("contiguous",) or target in _ELEMENTWISE_METHODS | _ELEMENTWISE_FUNCTIONS:
+            return first
+        nd = len(out_shape) if out_shape else 0
+        dims = list(node.args[1:])
+        if target == "permute" or target is torch.permute:
+            order = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else list(dims)
+            order = [d % nd for d in order]
+        else:
+            a, b = (d % nd for d in dims[:2])
+            order = list(range(nd))
+            order[a], order[b] = order[b], order[a]
+        where = {old: new for new, old in enumerate(order)}
+        return _Layout(first.segments, heads=first.heads, head_axis=where[first.head_axis],
+                       dim_axis=where[first.dim_axis], parts_axis=where[first.parts_axis])
+
+    def piece(i: int) -> _Layout:
+        down = lambda a: a - 1 if a > first.parts_axis else a  # noqa: E731
+        return _Layout((first.segments[i],), heads=first.heads, head_axis=down(first.head_axis),
+                       dim_axis=down(first.dim_axis))
+
+    if target == "unbind" or target is torch.unbind:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        nd = len(_shape(node.args[0]) or ())
+        if isinstance(dim, int) and nd and dim % nd == first.parts_axis:
+            return tuple(piece(i) for i in range(len(first.segments)))
+    if target is operator.getitem and isinstance(node.args[1], int) and first.parts_axis == 0:
+        return piece(node.args[1])
+    return stop("the parts of a fused projection reach an op that is not tracked")
 
 
 def _attention_product(node: fx.Node, layouts: dict, spaces: _Spaces, stop) -> _Layout | None:

@@ -1217,10 +1217,13 @@ def _narrowing_factors(model: nn.Module, groups: dict[str, ChannelGroup], kept: 
     factors: dict[str, dict[str, float]] = {}
     for n, g in groups.items():
         gone = g.channels - kept[n]
+        produced: dict[str, int] = {}  # layer -> how often it produces the group (a fused q/k/v projection: three times)
         for layer, _ in g.producers:
+            produced[layer] = produced.get(layer, 0) + 1
+        for layer, times in produced.items():
             m = model.get_submodule(layer)
             out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-            factors.setdefault(layer, {})[n] = float(np.log((out - gone) / out))
+            factors.setdefault(layer, {})[n] = float(np.log((out - times * gone) / out))
         for layer in g.members:
             if isinstance(model.get_submodule(layer), (nn.Conv1d, nn.Conv2d)):
                 factors.setdefault(layer, {})[n] = float(np.log(kept[n] / g.channels))

@@ -229,6 +229,15 @@ def _rewrite_heads(model: nn.Module, group: ChannelGroup, keep: int) -> None:
         node = nodes.get(name)
         if node is None:
             raise ConfigError(f"attention heads of {_label(group)!r}: reshape {name!r} is not in the model's graph")
+        if kind == "parts":  # split(size, dim) of a fused q/k/v projection: each part keeps ``keep``
+            if len(node.args) > 1:
+                size = node.args[1]
+                node.args = (node.args[0], [keep] * len(size) if isinstance(size, (list, tuple)) else keep, *node.args[2:])
+            else:
+                size = node.kwargs["split_size_or_sections"]
+                node.kwargs = {**node.kwargs, "split_size_or_sections":
+                               [keep] * len(size) if isinstance(size, (list, tuple)) else keep}
+            continue
         rest = list(node.args[1:])
         packed = len(rest) == 1 and isinstance(rest[0], (tuple, list))
         if not rest:  # sizes as a keyword
@@ -299,8 +308,15 @@ def prune_group(model: nn.Module, x: torch.Tensor, label: str, keep: int, recons
         else:  # what the new weight holds (a transposed conv's inputs are its weight's axis 0)
             layer.in_channels = layer.weight.shape[0] if isinstance(layer, _TRANSPOSED) else layer.weight.shape[1] * layer.groups
     idx = torch.tensor(kept)
+    # a producer keeps every output outside the group; a fused q/k/v projection is a producer at
+    # three offsets, sliced once
+    dropped: dict[str, list[int]] = {}
     for name, offset in group.producers:
-        _slice_out(model.get_submodule(name), idx + offset)
+        dropped.setdefault(name, []).extend(r + offset for r in removed)
+    for name, drop in dropped.items():
+        layer = model.get_submodule(name)
+        outputs = layer.weight.shape[1] if isinstance(layer, _TRANSPOSED) else layer.weight.shape[0]
+        _slice_out(layer, torch.from_numpy(np.setdiff1d(np.arange(outputs), drop)))
     for name in group.members:
         _slice_member(model.get_submodule(name), idx)
     if group.rewrites:
@@ -496,14 +512,16 @@ def _cost_model(model: nn.Module, info, deps, units: dict[str, Unit]):
     members: dict[str, str] = {}
     consumed: dict[str, list[tuple[str, int]]] = {}
     products: dict[str, int] = {}  # attention products, which shrink with the heads kept
+    times: dict[str, int] = {}
     for g in deps.groups:
         if not g.producers or _label(g) not in units:
             continue
         label = _label(g)
         if g.products:
             products[label] = g.products
-        for n, _ in g.producers:
+        for n, _ in g.producers:  # (a fused q/k/v projection produces the group three times)
             produced[n] = label
+            times[n] = times.get(n, 0) + 1
         for n in g.members:
             members[n] = label
         for c in g.consumers:
@@ -516,13 +534,13 @@ def _cost_model(model: nn.Module, info, deps, units: dict[str, Unit]):
         else:
             out_n, in_n = layer.out_channels, layer.in_channels
         rows.append((li.macs, out_n, in_n, produced.get(li.name), members.get(li.name),
-                     consumed.get(li.name, [])))
+                     consumed.get(li.name, []), times.get(li.name, 1)))
     fixed = 0  # what no group narrows: recurrent layers, attention products and the like
     for o in info.other:  # a transposed conv reads one group and makes another, as a conv does
         layer = model.get_submodule(o.name) if o.name != "<root>" else None
         if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)) and layer.groups == 1:
             rows.append((o.macs, layer.out_channels, layer.in_channels, produced.get(o.name), None,
-                         consumed.get(o.name, [])))
+                         consumed.get(o.name, []), 1))
         else:
             fixed += o.macs
     fixed -= sum(products.values())
@@ -531,11 +549,11 @@ def _cost_model(model: nn.Module, info, deps, units: dict[str, Unit]):
     def macs_of(choice: dict[str, int]) -> int:
         removed = {n: full[n] - units[n].levels[i] for n, i in choice.items()}
         total = float(fixed) + sum(m * (full[n] - removed.get(n, 0)) / full[n] for n, m in products.items())
-        for macs, out_n, in_n, prod, member, cons in rows:
+        for macs, out_n, in_n, prod, member, cons, times_produced in rows:
             if member is not None:  # depthwise: one input per output channel
                 total += macs * (out_n - removed.get(member, 0)) / out_n
                 continue
-            r_out = (out_n - removed.get(prod, 0)) / out_n if prod else 1.0
+            r_out = (out_n - times_produced * removed.get(prod, 0)) / out_n if prod else 1.0
             r_in = (in_n - sum(removed.get(g, 0) * w for g, w in cons)) / in_n
             total += macs * r_out * r_in
         return int(round(total))
