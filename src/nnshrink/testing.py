@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -124,3 +127,50 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
                 m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
     return model
+
+
+class FusedAttentionNet(nn.Module):
+    """timm's ViT attention on ``(N, T, 48)``: one fused q/k/v Linear reshaped to ``(N, T, 3,
+    heads, d)``, permuted and unbound; ``sdpa``: through ``scaled_dot_product_attention``;
+    ``leak``: the fused output is also used whole."""
+
+    def __init__(self, dim=48, heads=4, sdpa=False, leak=False):
+        super().__init__()
+        self.num_heads, self.head_dim, self.sdpa, self.leak = heads, dim // heads, sdpa, leak
+        self.norm, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.drop, self.fc = nn.Dropout(0.0), nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.norm(x)
+        b, n, c = x.shape
+        fused = self.qkv(x)
+        q, k, v = fused.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = self.drop((q * self.head_dim ** -0.5 @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        y = self.proj(y.transpose(1, 2).reshape(b, n, c)) + x
+        return self.fc(y + fused[..., :c] if self.leak else y)  # leak: the fused output also used whole
+
+
+class SplitAttentionNet(nn.Module):
+    """nanoGPT's causal attention on ``(N, 16, 48)``: one fused Linear split along its channels
+    into q, k and v."""
+
+    def __init__(self, dim=48, heads=4, steps=16):
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.norm, self.c_attn, self.c_proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.register_buffer("causal", torch.tril(torch.ones(steps, steps)).view(1, 1, steps, steps))
+        self.fc = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.norm(x)
+        b, t, c = x.size()
+        q, k, v = self.c_attn(x).split(self.dim, dim=2)
+        q = q.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+        k = k.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+        v = v.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = torch.softmax(att.masked_fill(self.causal == 0, float("-inf")), dim=-1)
+        return self.fc(self.c_proj((att @ v).transpose(1, 2).contiguous().view(b, t, c)) + x)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from nnshrink import UnsupportedModelError, build_dependency_graph, zoo
-from nnshrink.testing import ConcatNet, GroupedNet, UntraceableNet
+from nnshrink.testing import ConcatNet, FusedAttentionNet, GroupedNet, SplitAttentionNet, UntraceableNet
 
 
 def _group(deps, producer):
@@ -268,56 +268,8 @@ def test_attention_through_sdpa_permute_and_flatten_and_what_blocks_heads():
     assert editable(plain, x) is plain  # no heads to prune: the module as it is
 
 
-class _TimmAttention(torch.nn.Module):
-    """timm's ViT attention: one fused q/k/v Linear reshaped to (B, N, 3, heads, d) and permuted."""
-
-    def __init__(self, dim=48, heads=4, sdpa=False, leak=False):
-        super().__init__()
-        self.num_heads, self.head_dim, self.sdpa, self.leak = heads, dim // heads, sdpa, leak
-        self.norm, self.qkv, self.proj = torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
-        self.drop, self.fc = torch.nn.Dropout(0.0), torch.nn.Linear(dim, 5)
-
-    def forward(self, x):
-        import torch.nn.functional as F
-
-        x = self.norm(x)
-        b, n, c = x.shape
-        fused = self.qkv(x)
-        q, k, v = fused.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.sdpa:
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:
-            y = self.drop((q * self.head_dim ** -0.5 @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
-        y = self.proj(y.transpose(1, 2).reshape(b, n, c)) + x
-        return self.fc(y + fused[..., :c] if self.leak else y)  # leak: the fused output also used whole
-
-
-class _NanoGptAttention(torch.nn.Module):
-    """nanoGPT's causal attention: one fused Linear split along its channels into q, k and v."""
-
-    def __init__(self, dim=48, heads=4, steps=16):
-        super().__init__()
-        self.heads, self.dim = heads, dim
-        self.norm, self.c_attn, self.c_proj = torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
-        self.register_buffer("causal", torch.tril(torch.ones(steps, steps)).view(1, 1, steps, steps))
-        self.fc = torch.nn.Linear(dim, 5)
-
-    def forward(self, x):
-        import math
-
-        x = self.norm(x)
-        b, t, c = x.size()
-        q, k, v = self.c_attn(x).split(self.dim, dim=2)
-        q = q.view(b, t, self.heads, c // self.heads).transpose(1, 2)
-        k = k.view(b, t, self.heads, c // self.heads).transpose(1, 2)
-        v = v.view(b, t, self.heads, c // self.heads).transpose(1, 2)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-        att = torch.softmax(att.masked_fill(self.causal == 0, float("-inf")), dim=-1)
-        return self.fc(self.c_proj((att @ v).transpose(1, 2).contiguous().view(b, t, c)) + x)
-
-
-@pytest.mark.parametrize("make,label", [(lambda: _TimmAttention(), "qkv"), (lambda: _TimmAttention(sdpa=True), "qkv"),
-                                        (lambda: _NanoGptAttention(), "c_attn")], ids=["timm", "timm-sdpa", "nanogpt"])
+@pytest.mark.parametrize("make,label", [(lambda: FusedAttentionNet(), "qkv"), (lambda: FusedAttentionNet(sdpa=True), "qkv"),
+                                        (lambda: SplitAttentionNet(), "c_attn")], ids=["timm", "timm-sdpa", "nanogpt"])
 def test_a_fused_qkv_projection_is_pruned_in_whole_heads(make, label, tmp_path):
     """One Linear making q, k and v (reshaped into (3, heads) and unbound, as timm does, or split
     along its channels, as nanoGPT does) produces one group of heads at three offsets: pruning
@@ -354,5 +306,5 @@ def test_a_fused_qkv_projection_is_pruned_in_whole_heads(make, label, tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(got, pruned(x[:3]).numpy(), rtol=1e-4, atol=1e-5)
     if label == "qkv":
-        leaky = _group(build_dependency_graph(_TimmAttention(leak=True).eval(), x[:1]), "qkv")
+        leaky = _group(build_dependency_graph(FusedAttentionNet(leak=True).eval(), x[:1]), "qkv")
         assert not leaky.prunable and "used whole" in leaky.reason

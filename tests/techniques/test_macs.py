@@ -319,3 +319,18 @@ def test_the_channel_step_prunes_attention_heads_and_counts_their_products():
     with pytest.raises(ConfigError, match="whole number of heads"):
         compress(model, Plan([ChannelPrune(mac_ratio=0.6, executor="serial", samples=32, measured_levels=3,
                                            layers={"layers.0.attn.q": {"channels": 40}})]), x[:2], calib=[x])
+
+
+def test_the_channel_step_counts_a_fused_qkv_projection_three_times():
+    """A fused q/k/v Linear produces its group of heads at three offsets: the step's cost model
+    takes three times the channels from it, so it lands in [C - tolerance, C]."""
+    from nnshrink.testing import FusedAttentionNet
+
+    torch.manual_seed(0)
+    model, x = FusedAttentionNet().eval(), torch.randn(32, 16, 48)
+    step = ChannelPrune(mac_ratio=0.52, tolerance=0.02, executor="serial", samples=32, measured_levels=3, round_to=1)
+    result = compress(model, Plan([step]), x[:2], calib=[x])
+    d = result.steps[0].details
+    before, after = analyze(model, x[:1]), analyze(result.model, x[:1])
+    assert 0.50 <= after.total_macs / before.total_macs <= 0.52  # 2 of 4 heads: 0.511 (1 head: 0.27, 3: 0.76)
+    assert d["groups"]["qkv"]["kept"] == 24 and result.model.qkv.out_features == 72
