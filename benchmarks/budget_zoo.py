@@ -6,7 +6,7 @@ Run: ``python benchmarks/budget_zoo.py [--models crnn,dbnet,...] [--steps 300] [
 For every realistic-zoo model (``nnshrink.zoo.realistic``, trained here on generated data) and
 every target, the ``budget`` step chooses per layer among its techniques from measured output
 error (validation split, 256 unlabelled training inputs), then retrains the choice with the
-task's own trainer for ``--steps`` steps (a tenth of the recipe's learning rate). Printed: the
+task's own trainer for ``--steps`` steps (``--lr-scale`` times the recipe's learning rate, a tenth by default). Printed: the
 task metric on the held-out test split before and after (and one-shot, before retraining), its
 change relative to float, MACs after / before and float32 bytes / container bytes measured from
 the written file, the step's byte estimate against that file, the measurements and full
@@ -51,13 +51,13 @@ def file_bytes(model, x) -> int:
         return path.stat().st_size
 
 
-def run(name: str, target: str, steps: int, techniques: tuple[str, ...]) -> dict:
+def run(name: str, target: str, steps: int, techniques: tuple[str, ...], lr_scale: float = 0.1) -> dict:
     model, t = R.pretrained(name, show_progress=False)
     x = t.splits["train"][0][:1]
     calib = t.calibration(256)
 
     def train(m, n):
-        return R.fit(m, t, steps=n, lr=t.lr / 10, show_progress=False)
+        return R.fit(m, t, steps=n, lr=t.lr * lr_scale, show_progress=False)
 
     macs_target = "ratio" not in target and "size" not in target  # macs= or latency= alone: nothing to share
     if "macs" not in target and "latency" not in target:
@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(R.NAMES))
     ap.add_argument("--targets", default="macs=0.5;ratio=8x", help="budget targets, separated by ';'")
     ap.add_argument("--steps", type=int, default=300, help="retraining steps after the choice")
+    ap.add_argument("--lr-scale", type=float, default=0.1, help="retraining learning rate, times the recipe's")
     ap.add_argument("--techniques", default="prune,share,rank", help="the budget's techniques, comma-joined")
     args = ap.parse_args(argv)
     rows = []
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         for target in args.targets.split(";"):
             try:
-                r = run(name, target, args.steps, tuple(args.techniques.split(",")))
+                r = run(name, target, args.steps, tuple(args.techniques.split(",")), args.lr_scale)
             except ns.ConfigError as exc:
                 print(f"{name:12} {target:10} refused: {exc}")
                 continue

@@ -308,3 +308,38 @@ def test_a_fused_qkv_projection_is_pruned_in_whole_heads(make, label, tmp_path):
     if label == "qkv":
         leaky = _group(build_dependency_graph(FusedAttentionNet(leak=True).eval(), x[:1]), "qkv")
         assert not leaky.prunable and "used whole" in leaky.reason
+
+
+def test_an_imported_onnx_transformer_has_the_same_groups_and_prunes_heads(tmp_path):
+    """The transformer exported to ONNX and imported back (Reshape with a constant shape,
+    Transpose with a perm, MatMul, Softmax and GELU as Erf, as the importer's helpers): the same
+    attention and feed-forward groups as the torch module; heads pruned in its graph run as in
+    ONNX Runtime."""
+    import copy
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from nnshrink import export_onnx
+    from nnshrink.io import load_onnx
+    from nnshrink.techniques.channels import prune_group
+    from nnshrink.zoo import realistic as R
+
+    torch.manual_seed(0)
+    t = R.task("transformer", scale=0.05)
+    x = t.splits["train"][0][:64]
+    path = export_onnx(t.build().eval(), tmp_path / "t.onnx", x[:2])
+    model = load_onnx(path)
+    groups = [g for g in build_dependency_graph(model, x[:1]).groups if g.prunable]
+    assert sorted((g.channels, g.block, len(g.producers)) for g in groups) == [(64, 16, 3), (64, 16, 3), (128, 1, 1), (128, 1, 1)]
+    pruned = copy.deepcopy(model)
+    heads = next(g for g in groups if g.block > 1)
+    prune_group(pruned, x, heads.producers[0][0], 16)
+    ffn = next(g for g in groups if g.block == 1)
+    prune_group(pruned, x, ffn.producers[0][0], 64)
+    out = export_onnx(pruned, tmp_path / "p.onnx", x[:2])
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x[:3].numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, pruned(x[:3]).numpy(), rtol=1e-4, atol=1e-5)
+        assert pruned(x).shape == model(x).shape

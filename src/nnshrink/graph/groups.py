@@ -468,12 +468,57 @@ def _shape(arg: object) -> tuple | None:
     return arg.meta.get("shape") if isinstance(arg, fx.Node) else None
 
 
+def reshape_sizes(node: fx.Node):
+    """``(sizes, write)``: the sizes a reshape node asks for, as a list, and a function that puts
+    new ones in their place: ``x.reshape(...)``/``x.view(...)`` (varargs, one sequence or a
+    keyword), ``torch.reshape`` and the ONNX importer's Reshape with a constant shape. None where
+    the node is no reshape, or its sizes are not a list in the graph (a shape tensor)."""
+    name = _target_name(node)
+    if node.op == "call_method" and name in ("reshape", "view"):
+        rest = list(node.args[1:])
+        if not rest:
+            key = next((k for k in ("shape", "size") if k in node.kwargs), None)
+            if key is None or not isinstance(node.kwargs[key], (list, tuple)):
+                return None
+
+            def write_kw(sizes):
+                node.kwargs = {**node.kwargs, key: tuple(sizes)}
+
+            return list(node.kwargs[key]), write_kw
+        if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+            def write_one(sizes):
+                node.args = (node.args[0], tuple(sizes))
+
+            return list(rest[0]), write_one
+        if len(rest) == 1 and isinstance(rest[0], fx.Node):  # x.reshape(shape_tensor)
+            return None
+
+        def write_var(sizes):
+            node.args = (node.args[0], *sizes)
+
+        return rest, write_var
+    if node.op == "call_function" and name == "reshape" and (
+            node.target is torch.reshape or getattr(node.target, "_nnshrink_channel_rule", None) == "reshape"):
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("shape")
+        if not isinstance(shape, (list, tuple)):
+            return None
+
+        def write_fn(sizes):
+            new = list(sizes) if isinstance(shape, list) else tuple(sizes)
+            if len(node.args) > 1:
+                node.args = (node.args[0], new, *node.args[2:])
+            else:
+                node.kwargs = {**node.kwargs, "shape": new}
+
+        return list(shape), write_fn
+    return None
+
+
 def _sizes(node: fx.Node) -> list | None:
-    """The sizes a ``reshape``/``view`` node asks for (varargs or one sequence); None for others."""
-    if _target_name(node) not in ("reshape", "view"):
-        return None
-    rest = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
-    return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+    """The sizes of a reshape node, one per axis of its output (else None: not rewritable)."""
+    found = reshape_sizes(node)
+    shape = node.meta.get("shape")
+    return found[0] if found and shape is not None and len(found[0]) == len(shape) else None
 
 
 def _split_heads(node: fx.Node, first: _Layout, spaces: _Spaces) -> _Layout | None:
@@ -526,7 +571,7 @@ def _attention(node: fx.Node, rule: str, layouts: dict, spaces: _Spaces, block_l
     if rule == "shape":
         return None
     if first is not None and first.parts_axis is not None:  # a fused projection's parts, split into heads
-        return _parts(node, first, stop)
+        return _parts(node, first, stop, rule)
     if rule == "elementwise" and first is not None:
         return first
     if target == "masked_fill" and first is not None and len(node.args) > 1:  # a mask: as an operand of a binary
@@ -535,10 +580,11 @@ def _attention(node: fx.Node, rule: str, layouts: dict, spaces: _Spaces, block_l
                                       for axis in (first.head_axis, first.dim_axis) if axis is not None):
             return stop("a per-head mask is not tracked")
         return first
-    if first is not None and first.heads and (target in _TRANSPOSE or target in ("transpose", "permute", "swapaxes")):
+    if first is not None and first.heads and (target in _TRANSPOSE or target in ("transpose", "permute", "swapaxes")
+                                              or rule == "transpose"):
         nd = len(out_shape) if out_shape else 0
         dims = [a for a in node.args[1:]] or [node.kwargs.get(k) for k in ("dim0", "dim1") if k in node.kwargs]
-        if target in ("permute",) or target is torch.permute:
+        if target in ("permute",) or target is torch.permute or rule == "transpose":  # (ONNX Transpose: a perm)
             order = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else list(dims)
             order = [d % nd for d in order]
         else:
@@ -550,17 +596,20 @@ def _attention(node: fx.Node, rule: str, layouts: dict, spaces: _Spaces, block_l
                        dim_axis=None if first.dim_axis is None else where[first.dim_axis],
                        parts_axis=None if first.parts_axis is None else where[first.parts_axis])
     if rule == "softmax" or target in _SOFTMAX or target in ("softmax", "log_softmax"):
-        if rule == "softmax":  # nn.Softmax
+        if rule == "softmax" and node.op == "call_module":  # nn.Softmax
             dim = modules[target].dim
-        else:
+        else:  # (the ONNX importer's softmax(x, axis, log, legacy): legacy flattens from the axis on)
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            if rule == "softmax" and len(node.args) > 3 and node.args[3] and out_shape and isinstance(dim, int) \
+                    and dim % len(out_shape) != len(out_shape) - 1:
+                return stop("softmax over a flattened tail")
         if first is None or not isinstance(dim, int) or not out_shape:
             return stop("softmax over an axis that is not tracked")
         dim %= len(out_shape)
         if dim in (first.head_axis, first.dim_axis):
             return stop("softmax across heads or a head's channels")
         return first
-    if target in _MATMULS or target == "matmul" or target is F.scaled_dot_product_attention:
+    if target in _MATMULS or target == "matmul" or rule == "matmul" or target is F.scaled_dot_product_attention:
         return _attention_product(node, layouts, spaces, stop)
     if rule == "binary":
         return _binary(node, layouts, spaces, block_layout)
@@ -575,19 +624,19 @@ def _attention(node: fx.Node, rule: str, layouts: dict, spaces: _Spaces, block_l
     return stop("heads of attention reach an op that is not tracked")
 
 
-def _parts(node: fx.Node, first: _Layout, stop) -> _Layout | tuple | None:
+def _parts(node: fx.Node, first: _Layout, stop, rule: str = "") -> _Layout | tuple | None:
     """An op on a fused projection's parts, split into heads: a transpose or permute (their axes
     move), ``unbind`` along the parts (one layout per part), an index of the parts axis when it
     leads, an elementwise op; anything else blocks them."""
     target = node.target
     out_shape = node.meta.get("shape")
-    if target in _TRANSPOSE or target in ("transpose", "permute", "swapaxes", "contiguous") or \
+    if target in _TRANSPOSE or target in ("transpose", "permute", "swapaxes", "contiguous") or rule == "transpose" or \
             (target in _ELEMENTWISE_METHODS | _ELEMENTWISE_FUNCTIONS):
         if target in ("contiguous",) or target in _ELEMENTWISE_METHODS | _ELEMENTWISE_FUNCTIONS:
             return first
         nd = len(out_shape) if out_shape else 0
         dims = list(node.args[1:])
-        if target == "permute" or target is torch.permute:
+        if target == "permute" or target is torch.permute or rule == "transpose":
             order = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else list(dims)
             order = [d % nd for d in order]
         else:

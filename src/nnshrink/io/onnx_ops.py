@@ -6,9 +6,11 @@ Each helper implements one ONNX operator with ONNX's semantics where they differ
 Python lists of ints, so the graph stays traceable by ``torch.export`` with symbolic sizes.
 
 ``_nnshrink_channel_rule`` tells :mod:`nnshrink.graph.groups` how a helper treats the channel
-axis: ``pass`` (keeps channels), ``binary`` (broadcasting elementwise op), ``reshape`` (checked
-from shapes), ``reduce`` (checked from shapes), ``shape`` (no tensor out). Helpers without a rule
-are treated as unknown, which makes the channels they touch unprunable.
+axis: ``pass`` (keeps channels), ``elementwise`` (keeps them on any axis: a token sequence's
+last too), ``binary`` (broadcasting elementwise op), ``reshape`` (checked
+from shapes), ``reduce`` (checked from shapes), ``shape`` (no tensor out); ``transpose``,
+``softmax``, ``matmul`` and ``split`` are followed where attention's heads go through them.
+Helpers without a rule are treated as unknown, which makes the channels they touch unprunable.
 """
 
 from __future__ import annotations
@@ -78,17 +80,17 @@ def pow_(a, b):
     return torch.pow(a, b)
 
 
-@_rule("pass")
+@_rule("elementwise")
 def hard_sigmoid(x, alpha: float, beta: float):
     return torch.clamp(alpha * x + beta, 0.0, 1.0)
 
 
-@_rule("pass")
+@_rule("elementwise")
 def clip(x, lo, hi):
     return torch.clamp(x, lo, hi)
 
 
-@_rule("pass")
+@_rule("elementwise")
 def unary(x, op: str):
     return getattr(torch, op)(x)
 
@@ -202,10 +204,12 @@ def slice_(x, starts, ends, axes, steps):
     return x[tuple(index)]
 
 
+@_rule("transpose")
 def transpose(x, perm):
     return x.permute(*perm)
 
 
+@_rule("softmax")
 def softmax(x, axis: int, log: bool, legacy: bool):
     if axis < 0:
         axis += x.dim()
@@ -216,6 +220,7 @@ def softmax(x, axis: int, log: bool, legacy: bool):
     return torch.log_softmax(x, dim=axis) if log else torch.softmax(x, dim=axis)
 
 
+@_rule("split")
 def split(x, sizes: list, axis: int):
     return tuple(torch.split(x, sizes, dim=axis))
 
@@ -228,6 +233,7 @@ def constant_of_shape(shape, value: float, dtype: torch.dtype):
     return torch.full(_as_list(shape), value, dtype=dtype)
 
 
+@_rule("matmul")
 def matmul(a, b):
     return torch.matmul(a, b)
 
@@ -309,7 +315,7 @@ def prelu(x, slope):
     return torch.where(x >= 0, x, x * slope)
 
 
-@_rule("pass")
+@_rule("elementwise")
 def gelu(x, approximate: str):
     return F.gelu(x, approximate=approximate)
 

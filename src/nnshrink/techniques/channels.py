@@ -41,7 +41,7 @@ from torch import fx, nn
 from nnshrink.errors import ConfigError
 from nnshrink.graph.analysis import analyze
 from nnshrink.graph.fx import trace
-from nnshrink.graph.groups import ChannelGroup, DependencyGraph, build_dependency_graph
+from nnshrink.graph.groups import ChannelGroup, DependencyGraph, build_dependency_graph, reshape_sizes
 from nnshrink.plan.config import SKIP, StepConfig, StepResult
 from nnshrink.search.engine import (
     Unit,
@@ -238,23 +238,17 @@ def _rewrite_heads(model: nn.Module, group: ChannelGroup, keep: int) -> None:
                 node.kwargs = {**node.kwargs, "split_size_or_sections":
                                [keep] * len(size) if isinstance(size, (list, tuple)) else keep}
             continue
-        rest = list(node.args[1:])
-        packed = len(rest) == 1 and isinstance(rest[0], (tuple, list))
-        if not rest:  # sizes as a keyword
-            key = "shape" if "shape" in node.kwargs else "size"
-            sizes, packed = list(node.kwargs[key]), None
-        else:
-            sizes = list(rest[0]) if packed else rest
+        found = reshape_sizes(node)
+        if found is None:
+            raise ConfigError(f"attention heads of {_label(group)!r}: reshape {name!r} takes its sizes from a tensor")
+        sizes, write = found
         # split (.., heads, head channels): both set, so that no size read from a narrowed tensor
         # misleads; merge (.., channels)
         new = {len(sizes) - 2: keep // group.block, len(sizes) - 1: group.block} if kind == "split" else {len(sizes) - 1: keep}
         for i, v in new.items():
             if not (isinstance(sizes[i], int) and sizes[i] == -1):
                 sizes[i] = v
-        if packed is None:
-            node.kwargs = {**node.kwargs, key: tuple(sizes)}
-        else:
-            node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+        write(sizes)
     model.graph.eliminate_dead_code()  # the sizes the reshapes no longer read
     model.recompile()
 
