@@ -184,6 +184,7 @@ def test_attention_heads_are_pruned_whole_in_the_models_graph(tmp_path):
         prune_group(copy.deepcopy(model), x, "layers.0.attn.q", 32)
     gm = editable(model, x)
     assert isinstance(gm, fx.GraphModule) and gm.input_shape == model.input_shape
+    assert copy.deepcopy(gm).input_shape == model.input_shape  # (what a step returns is a copy)
     with pytest.raises(ConfigError, match="whole number"):
         prune_group(copy.deepcopy(gm), x, "layers.0.attn.q", 24)
     with torch.no_grad():
@@ -343,3 +344,62 @@ def test_an_imported_onnx_transformer_has_the_same_groups_and_prunes_heads(tmp_p
     with torch.no_grad():
         np.testing.assert_allclose(got, pruned(x[:3]).numpy(), rtol=1e-4, atol=1e-5)
         assert pruned(x).shape == model(x).shape
+
+
+def test_what_would_break_a_pruned_attention_is_blocked_not_guessed():
+    """Parts of a fused projection that end in different groups, a merge whose sizes come from the
+    input's shape, a per-head mask given to scaled_dot_product_attention, a transposed key read
+    as ``k.mT``, and one layer called on two groups' channels: each blocks, with the reason; a
+    permute given as ``dims=`` is followed."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Apart(nn.Module):  # q, k, v each read by their own layer: one slice of qkv cannot serve three groups
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.a, self.b, self.c = nn.Linear(8, 24), nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 4)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).split(8, dim=-1)
+            return self.a(q) * self.b(torch.relu(k)) * self.c(v)
+
+    def attention(merge_like_input=False, mask=None, mt=False, dims_kw=False):
+        class Attn(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+            def forward(self, x):
+                n, t, d = x.shape
+                split = (lambda y: torch.permute(y.reshape(n, t, 4, 4), dims=(0, 2, 1, 3))) if dims_kw else \
+                    (lambda y: y.reshape(n, t, 4, 4).transpose(1, 2))
+                q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+                if mask is not None:
+                    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                else:
+                    y = torch.softmax(q @ (k.mT if mt else k.transpose(-2, -1)), dim=-1) @ v
+                y = y.transpose(1, 2)
+                return self.o(y.reshape(x.shape) if merge_like_input else y.reshape(n, t, d))
+
+        return Attn().eval()
+
+    class SharedIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.sh = nn.Conv2d(1, 6, 3), nn.Conv2d(1, 6, 3), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            return self.sh(torch.relu(self.a(x))) + self.sh(torch.relu(self.b(x)))
+
+    x = torch.randn(2, 5, 16)
+    g = _group(build_dependency_graph(Apart().eval(), torch.randn(2, 5, 8)), "qkv")
+    assert not g.prunable and "different groups" in g.reason
+    for model, label, why in ((attention(merge_like_input=True), "q", "sizes from elsewhere"),
+                              (attention(mask=torch.zeros(1, 4, 5, 5)), "q", "per-head attention mask"),
+                              (attention(mt=True), "k", "getattr")):
+        g = _group(build_dependency_graph(model, x), label)
+        assert not g.prunable and why in g.reason, g.reason
+    assert _group(build_dependency_graph(attention(mask=torch.zeros(5, 5)), x), "q").prunable  # one mask for all heads
+    assert _group(build_dependency_graph(attention(dims_kw=True), x), "q").prunable
+    deps = build_dependency_graph(SharedIn().eval(), torch.randn(2, 1, 8, 8))
+    assert _group(deps, "a") is _group(deps, "b") and "shared" in _group(deps, "a").couplings

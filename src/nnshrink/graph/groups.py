@@ -253,6 +253,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
         return _Layout(((spaces.new(channels, reason), channels),), last=last)
 
     made: dict[str, int] = {}  # layer -> the space its first call made
+    read: dict[str, _Layout] = {}  # layer -> what its first call read
 
     def produce(layer: str, out: _Layout) -> None:
         """A layer's output channels; a layer called again makes the same channels (pruning it
@@ -274,6 +275,15 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
         for sid, length in lay.segments:
             spaces.get(sid)["consumers"].append(Consumer(layer, offset * lay.width, lay.width))
             offset += length
+        # a layer called again reads the same input channels: narrowing one call's narrows them all
+        seen = read.setdefault(layer, lay)
+        if seen is not lay:
+            if [n for _, n in seen.segments] == [n for _, n in lay.segments] and seen.width == lay.width:
+                for (a, _), (b, _) in zip(seen.segments, lay.segments):
+                    spaces.union(a, b, "shared")
+            else:
+                block_layout(seen, f"{layer}: called on differently split channels")
+                block_layout(lay, f"{layer}: called on differently split channels")
 
     for node in gm.graph.nodes:
         shape = node.meta.get("shape")
@@ -302,7 +312,8 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
         inputs = [layout_of(a) for a in node.all_input_nodes]
         first = layout_of(node.args[0]) if node.args else None
         rule = _rule(node, modules)
-        if first is not None and first.last and not first.heads and _target_name(node) in ("split", "chunk"):
+        if first is not None and first.last and not first.heads and (
+                _method(node, "split", "chunk") or node.target in (torch.split, torch.chunk) or rule == "split"):
             layouts[node] = _split_last(node, first, spaces)
             if layouts[node] is None:
                 block_layout(first, f"{_target_name(node)}: channels on the last axis reach an op that is not tracked there")
@@ -390,7 +401,10 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
                                       and shape[0] == in_shape[0]) else None
             if layouts[node] is None:
                 block_layout(first, f"reduction over channels in {_target_name(node)}")
-        elif rule == "shape":
+        elif rule == "shape":  # a size; a tensor attribute (x.T, x.mT) is not tracked
+            if shape is not None:
+                for lay in inputs:
+                    block_layout(lay, f"{_target_name(node)}: passes through an op that is not tracked")
             layouts[node] = None
         else:
             for lay in inputs:
@@ -402,6 +416,10 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
                                   or info["producers"]):
             for piece in info["parts"]:
                 spaces.block(piece, "the fused projection's output is also used whole")
+        elif info.get("parts") and len({spaces.find(p) for p in info["parts"]}) > 1:
+            # one slice of the layer, one split or reshape: its parts must lose the same channels
+            for piece in info["parts"]:
+                spaces.block(piece, "the parts of a fused projection end in different groups")
     return _collect(spaces)
 
 
@@ -568,34 +586,26 @@ def _attention(node: fx.Node, rule: str, layouts: dict, spaces: _Spaces, block_l
         for lay in lays:
             block_layout(lay, f"{name}: {why}")
 
-    if rule == "shape":
-        return None
+    if rule == "shape":  # a size; a tensor attribute (k.mT) is not tracked
+        return stop("heads of attention reach an op that is not tracked") if out_shape is not None else None
     if first is not None and first.parts_axis is not None:  # a fused projection's parts, split into heads
         return _parts(node, first, stop, rule)
     if rule == "elementwise" and first is not None:
         return first
-    if target == "masked_fill" and first is not None and len(node.args) > 1:  # a mask: as an operand of a binary
+    if _method(node, "masked_fill") and first is not None and len(node.args) > 1:  # a mask: as an operand of a binary
         mask = _shape(node.args[1])
         if mask and out_shape and any(0 <= (k := axis - (len(out_shape) - len(mask))) < len(mask) and mask[k] > 1
                                       for axis in (first.head_axis, first.dim_axis) if axis is not None):
             return stop("a per-head mask is not tracked")
         return first
-    if first is not None and first.heads and (target in _TRANSPOSE or target in ("transpose", "permute", "swapaxes")
-                                              or rule == "transpose"):
-        nd = len(out_shape) if out_shape else 0
-        dims = [a for a in node.args[1:]] or [node.kwargs.get(k) for k in ("dim0", "dim1") if k in node.kwargs]
-        if target in ("permute",) or target is torch.permute or rule == "transpose":  # (ONNX Transpose: a perm)
-            order = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else list(dims)
-            order = [d % nd for d in order]
-        else:
-            a, b = (d % nd for d in dims[:2])
-            order = list(range(nd))
-            order[a], order[b] = order[b], order[a]
-        where = {old: new for new, old in enumerate(order)}
+    if first is not None and first.heads and _moves_axes(node, rule):
+        where = _axis_map(node, rule)
+        if where is None:
+            return stop("a transpose whose axes are not read")
         return _Layout(first.segments, heads=first.heads, head_axis=where[first.head_axis],
                        dim_axis=None if first.dim_axis is None else where[first.dim_axis],
                        parts_axis=None if first.parts_axis is None else where[first.parts_axis])
-    if rule == "softmax" or target in _SOFTMAX or target in ("softmax", "log_softmax"):
+    if rule == "softmax" or target in _SOFTMAX or _method(node, "softmax", "log_softmax"):
         if rule == "softmax" and node.op == "call_module":  # nn.Softmax
             dim = modules[target].dim
         else:  # (the ONNX importer's softmax(x, axis, log, legacy): legacy flattens from the axis on)
@@ -609,7 +619,7 @@ def _attention(node: fx.Node, rule: str, layouts: dict, spaces: _Spaces, block_l
         if dim in (first.head_axis, first.dim_axis):
             return stop("softmax across heads or a head's channels")
         return first
-    if target in _MATMULS or target == "matmul" or rule == "matmul" or target is F.scaled_dot_product_attention:
+    if target in _MATMULS or _method(node, "matmul") or rule == "matmul" or target is F.scaled_dot_product_attention:
         return _attention_product(node, layouts, spaces, stop)
     if rule == "binary":
         return _binary(node, layouts, spaces, block_layout)
@@ -620,8 +630,40 @@ def _attention(node: fx.Node, rule: str, layouts: dict, spaces: _Spaces, block_l
                 and tuple(out_shape[:-1]) == tuple(in_shape[:-2]) and out_shape[-1] == in_shape[-2] * in_shape[-1]:
             if _sizes(node) is not None:
                 spaces.get(first.segments[0][0])["rewrites"].append(("merge", node.name))
+            elif _target_name(node) != "flatten":  # (a flatten takes its size from its input)
+                return stop("the merge of heads takes its sizes from elsewhere")
             return _Layout(first.segments, last=True)
     return stop("heads of attention reach an op that is not tracked")
+
+
+def _method(node: fx.Node, *names: str) -> bool:
+    return node.op == "call_method" and node.target in names
+
+
+def _moves_axes(node: fx.Node, rule: str) -> bool:
+    return node.target in _TRANSPOSE or _method(node, "transpose", "permute", "swapaxes") or rule == "transpose"
+
+
+def _axis_map(node: fx.Node, rule: str) -> dict[int, int] | None:
+    """Old axis -> new axis of a transpose or permute (an ONNX Transpose: a perm), None where its
+    axes are not plain integers covering every axis."""
+    out_shape = node.meta.get("shape")
+    nd = len(out_shape) if out_shape else 0
+    swap = node.target in (torch.transpose, torch.swapaxes) or _method(node, "transpose", "swapaxes")
+    if swap:
+        dims = list(node.args[1:3]) + [node.kwargs[k] for k in ("dim0", "dim1") if k in node.kwargs]
+        if len(dims) != 2 or not all(isinstance(d, int) for d in dims) or not nd:
+            return None
+        a, b = (d % nd for d in dims)
+        order = list(range(nd))
+        order[a], order[b] = order[b], order[a]
+    else:
+        dims = list(node.args[1:]) or [node.kwargs.get("dims", node.kwargs.get("perm"))]
+        order = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        if not nd or not all(isinstance(d, int) for d in order) or sorted(d % nd for d in order) != list(range(nd)):
+            return None
+        order = [d % nd for d in order]
+    return {old: new for new, old in enumerate(order)}
 
 
 def _parts(node: fx.Node, first: _Layout, stop, rule: str = "") -> _Layout | tuple | None:
@@ -629,21 +671,12 @@ def _parts(node: fx.Node, first: _Layout, stop, rule: str = "") -> _Layout | tup
     move), ``unbind`` along the parts (one layout per part), an index of the parts axis when it
     leads, an elementwise op; anything else blocks them."""
     target = node.target
-    out_shape = node.meta.get("shape")
-    if target in _TRANSPOSE or target in ("transpose", "permute", "swapaxes", "contiguous") or rule == "transpose" or \
-            (target in _ELEMENTWISE_METHODS | _ELEMENTWISE_FUNCTIONS):
-        if target in ("contiguous",) or target in _ELEMENTWISE_METHODS | _ELEMENTWISE_FUNCTIONS:
-            return first
-        nd = len(out_shape) if out_shape else 0
-        dims = list(node.args[1:])
-        if target == "permute" or target is torch.permute or rule == "transpose":
-            order = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else list(dims)
-            order = [d % nd for d in order]
-        else:
-            a, b = (d % nd for d in dims[:2])
-            order = list(range(nd))
-            order[a], order[b] = order[b], order[a]
-        where = {old: new for new, old in enumerate(order)}
+    if rule == "elementwise":
+        return first
+    if _moves_axes(node, rule):
+        where = _axis_map(node, rule)
+        if where is None:
+            return stop("a transpose whose axes are not read")
         return _Layout(first.segments, heads=first.heads, head_axis=where[first.head_axis],
                        dim_axis=where[first.dim_axis], parts_axis=where[first.parts_axis])
 
@@ -652,7 +685,7 @@ def _parts(node: fx.Node, first: _Layout, stop, rule: str = "") -> _Layout | tup
         return _Layout((first.segments[i],), heads=first.heads, head_axis=down(first.head_axis),
                        dim_axis=down(first.dim_axis))
 
-    if target == "unbind" or target is torch.unbind:
+    if _method(node, "unbind") or target is torch.unbind:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         nd = len(_shape(node.args[0]) or ())
         if isinstance(dim, int) and nd and dim % nd == first.parts_axis:
@@ -677,6 +710,12 @@ def _attention_product(node: fx.Node, layouts: dict, spaces: _Spaces, stop) -> _
     if node.target is F.scaled_dot_product_attention:
         if len(lays) != 3 or any(lay.dim_axis != nd - 1 for lay in lays):
             return stop("scaled_dot_product_attention of operands whose channels are not last")
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        mask_shape = _shape(mask)
+        if mask_shape is not None:  # (N, h, T, S) broadcast right-aligned: one per head is not tracked
+            k = lays[0].head_axis - (nd - len(mask_shape))
+            if (0 <= k < len(mask_shape) and mask_shape[k] > 1) or layouts.get(mask) is not None:
+                return stop("a per-head attention mask is not tracked")
         for lay in lays[1:]:
             spaces.union(lays[0].segments[0][0], lay.segments[0][0], "attention")
         # q k^T and scores v, each (T x T) per head and channel

@@ -1173,7 +1173,8 @@ class Budget(StepConfig):
             "measurements": len(tasks), "evaluations": evaluations[0], "retrained": train,
             "frontier": sorted(points, key=lambda p: p["bytes"]), "steps": steps_done,
             "sensitivity": _sensitivity(units, options, decomposable, {
-                n: {_group_count(f * levels[0], levels[0], self.channel_multiple): f for f in sorted(self.channel_fractions)}
+                n: {_group_count(f * levels[0], levels[0], groups[n].block if groups[n].block > 1 else self.channel_multiple): f
+                    for f in sorted(self.channel_fractions)}
                 for n, levels in units.items() if n in groups}),
             "seconds": {k: round(v, 2) for k, v in timings.items()},
         }

@@ -211,10 +211,13 @@ def editable(model: nn.Module, x: torch.Tensor, deps: DependencyGraph | None = N
     if not any(g.prunable and g.rewrites for g in deps.groups):
         return model
     gm = trace(copy.deepcopy(model))
-    for key, value in vars(model).items():
-        if not key.startswith("_") and key != "training" and not hasattr(gm, key) \
-                and isinstance(value, (int, float, str, bool, tuple, type(None))):
-            setattr(gm, key, value)
+    kept = {key: value for key, value in vars(model).items()
+            if not key.startswith("_") and key != "training" and not hasattr(gm, key)
+            and isinstance(value, (int, float, str, bool, tuple, type(None)))}
+    for key, value in kept.items():
+        setattr(gm, key, value)
+    # (a GraphModule's deep copy keeps only what this meta entry names)
+    gm.meta.setdefault("_user_preserved_attributes", {}).update(kept)
     gm.train(model.training)
     return gm
 
