@@ -264,6 +264,8 @@ def prune_group(model: nn.Module, x: torch.Tensor, label: str, keep: int, recons
     group = _find(model, x, label)
     if not group.prunable:
         raise ConfigError(f"channel group of {label!r} cannot be pruned: {group.reason}")
+    if keep < 1:
+        raise ConfigError(f"channel group of {label!r} keeps at least one channel, not {keep}")
     if keep % group.block or keep < group.block:
         raise ConfigError(f"channel group of {label!r} is {group.channels // group.block} attention heads of "
                           f"{group.block} channels: it keeps a whole number of them, not {keep} channels")
