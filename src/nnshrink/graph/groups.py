@@ -267,7 +267,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
 
     def consume(layer: str, lay: _Layout | None, node: fx.Node) -> None:
         if lay is None:
-            shape = node.args[0].meta.get("shape") if isinstance(node.args[0], fx.Node) else None
+            shape = _shape(node.args[0])
             channels = shape[1] if shape and len(shape) > 1 else 0
             sid = spaces.new(channels, "input channels come from an op that is not tracked")
             lay = _Layout(((sid, channels),))
@@ -396,7 +396,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple
         elif rule == "reshape":
             layouts[node] = _reshape(node, first, block_layout)
         elif rule == "reduce":
-            in_shape = node.args[0].meta.get("shape") if isinstance(node.args[0], fx.Node) else None
+            in_shape = _shape(node.args[0])
             layouts[node] = first if (shape and len(shape) >= 2 and in_shape and shape[1] == in_shape[1]
                                       and shape[0] == in_shape[0]) else None
             if layouts[node] is None:
@@ -486,6 +486,21 @@ def _shape(arg: object) -> tuple | None:
     return arg.meta.get("shape") if isinstance(arg, fx.Node) else None
 
 
+def _channel_axes(lay: _Layout, nd: int) -> list[int]:
+    """The axes of a rank-``nd`` tensor along which ``lay``'s channels lie: axis 1, the last axis
+    of a token sequence, or the head and head-channel axes of channels split into heads."""
+    if lay.heads:
+        return [a for a in (lay.head_axis, lay.dim_axis) if a is not None]
+    return [nd - 1 if lay.last else 1]
+
+
+def _varies_along(shape: tuple, nd: int, axes: list[int]) -> bool:
+    """Whether an operand of ``shape``, broadcast (right-aligned) to rank ``nd``, holds more than
+    one value along any of ``axes``: a per-channel (per-head) operand, which pruning would have
+    to slice too."""
+    return any(0 <= (k := axis - (nd - len(shape))) < len(shape) and shape[k] > 1 for axis in axes)
+
+
 def reshape_sizes(node: fx.Node):
     """``(sizes, write)``: the sizes a reshape node asks for, as a list, and a function that puts
     new ones in their place: ``x.reshape(...)``/``x.view(...)`` (varargs, one sequence or a
@@ -539,6 +554,16 @@ def _sizes(node: fx.Node) -> list | None:
     return found[0] if found and shape is not None and len(found[0]) == len(shape) else None
 
 
+def _into_heads(spaces: _Spaces, sid: int, node: fx.Node, width: int) -> None:
+    """Record that ``node`` splits space ``sid`` into heads of ``width`` channels."""
+    info = spaces.get(sid)
+    info["rewrites"].append(("split", node.name))
+    if info["block"] not in (1, width):
+        spaces.block(sid, "the same channels split into heads of different widths")
+    info["block"] = width
+    info["couplings"].add("attention")
+
+
 def _split_heads(node: fx.Node, first: _Layout, spaces: _Spaces) -> _Layout | None:
     """A token sequence ``(.., C)`` reshaped to ``(.., h, C/h)``: one space split into heads; or
     a fused projection's ``(.., 3C)`` to ``(.., 3, h, C/h)``: its parts, each split into heads."""
@@ -551,10 +576,7 @@ def _split_heads(node: fx.Node, first: _Layout, spaces: _Spaces) -> _Layout | No
         if pieces is None:
             return None
         for piece in pieces:
-            info = spaces.info[piece]
-            info["rewrites"].append(("split", node.name))
-            info["block"] = out_shape[-1]
-            info["couplings"].add("attention")
+            _into_heads(spaces, piece, node, out_shape[-1])
         nd = len(out_shape)
         return _Layout(tuple((p, in_shape[-1] // parts) for p in pieces), heads=out_shape[-2], head_axis=nd - 2,
                        dim_axis=nd - 1, parts_axis=nd - 3)
@@ -562,13 +584,7 @@ def _split_heads(node: fx.Node, first: _Layout, spaces: _Spaces) -> _Layout | No
             or len(out_shape) != len(in_shape) + 1 or tuple(out_shape[:-2]) != tuple(in_shape[:-1]) \
             or _sizes(node) is None or out_shape[-2] < 2 or out_shape[-2] * out_shape[-1] != in_shape[-1]:
         return None
-    sid = first.segments[0][0]
-    info = spaces.get(sid)
-    info["rewrites"].append(("split", node.name))
-    if info["block"] not in (1, out_shape[-1]):
-        spaces.block(sid, "the same channels split into heads of different widths")
-    info["block"] = out_shape[-1]
-    info["couplings"].add("attention")
+    _into_heads(spaces, first.segments[0][0], node, out_shape[-1])
     nd = len(out_shape)
     return _Layout(first.segments, heads=out_shape[-2], head_axis=nd - 2, dim_axis=nd - 1)
 
@@ -594,8 +610,7 @@ def _attention(node: fx.Node, rule: str, layouts: dict, spaces: _Spaces, block_l
         return first
     if _method(node, "masked_fill") and first is not None and len(node.args) > 1:  # a mask: as an operand of a binary
         mask = _shape(node.args[1])
-        if mask and out_shape and any(0 <= (k := axis - (len(out_shape) - len(mask))) < len(mask) and mask[k] > 1
-                                      for axis in (first.head_axis, first.dim_axis) if axis is not None):
+        if mask and out_shape and _varies_along(mask, len(out_shape), _channel_axes(first, len(out_shape))):
             return stop("a per-head mask is not tracked")
         return first
     if first is not None and first.heads and _moves_axes(node, rule):
@@ -707,28 +722,27 @@ def _attention_product(node: fx.Node, layouts: dict, spaces: _Spaces, stop) -> _
         return stop("attention product of operands that are not all split into the same heads")
     nd = len(out_shape)
     per_sample = math.prod(out_shape[1:])
+
+    def tie(others: list[_Layout], macs: int) -> None:  # one space, with the product's MACs
+        for lay in others:
+            spaces.union(lays[0].segments[0][0], lay.segments[0][0], "attention")
+        spaces.get(lays[0].segments[0][0])["products"] += macs
+
     if node.target is F.scaled_dot_product_attention:
         if len(lays) != 3 or any(lay.dim_axis != nd - 1 for lay in lays):
             return stop("scaled_dot_product_attention of operands whose channels are not last")
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
         mask_shape = _shape(mask)
-        if mask_shape is not None:  # (N, h, T, S) broadcast right-aligned: one per head is not tracked
-            k = lays[0].head_axis - (nd - len(mask_shape))
-            if (0 <= k < len(mask_shape) and mask_shape[k] > 1) or layouts.get(mask) is not None:
-                return stop("a per-head attention mask is not tracked")
-        for lay in lays[1:]:
-            spaces.union(lays[0].segments[0][0], lay.segments[0][0], "attention")
-        # q k^T and scores v, each (T x T) per head and channel
-        spaces.get(lays[0].segments[0][0])["products"] += 2 * per_sample * shapes[1][-2]
+        if mask_shape is not None and (_varies_along(mask_shape, nd, [lays[0].head_axis]) or layouts.get(mask) is not None):
+            return stop("a per-head attention mask is not tracked")  # ((N, h, T, S), broadcast)
+        tie(lays[1:], 2 * per_sample * shapes[1][-2])  # q k^T and scores v, each (T x S) per head and channel
         return lays[2]
     a, b = lays
     if a.dim_axis == nd - 1 and b.dim_axis == nd - 2:  # q @ k^T: channels summed over
-        spaces.union(a.segments[0][0], b.segments[0][0], "attention")
-        spaces.get(a.segments[0][0])["products"] += per_sample * shapes[0][-1]
+        tie([b], per_sample * shapes[0][-1])
         return _Layout(a.segments, heads=a.heads, head_axis=a.head_axis, dim_axis=None)
     if a.dim_axis is None and b.dim_axis == nd - 1:  # scores @ v: v's channels go on, head by head
-        spaces.union(a.segments[0][0], b.segments[0][0], "attention")
-        spaces.get(a.segments[0][0])["products"] += per_sample * shapes[0][-1]
+        tie([b], per_sample * shapes[0][-1])
         return b
     return stop("attention product over axes that are not tracked")
 
@@ -803,15 +817,8 @@ def _binary(node: fx.Node, layouts: dict, spaces: _Spaces, block_layout) -> _Lay
             # a broadcast operand with its own value per channel would need slicing too (shapes
             # broadcast right-aligned: a (C,) scale on (N, T, C), a (C, 1, 1) one on (N, C, H, W);
             # per head, or per head and channel, where the channels are split into heads)
-            if shape and out_shape:
-                if base.heads:
-                    axes = [a for a in (base.head_axis, base.dim_axis) if a is not None]
-                else:
-                    axes = [len(out_shape) - 1 if base.last else 1]
-                for axis in axes:
-                    k = axis - (len(out_shape) - len(shape))
-                    if 0 <= k < len(shape) and shape[k] > 1:
-                        block_layout(base, f"per-channel operand in {_target_name(node)} is not tracked")
+            if shape and out_shape and _varies_along(shape, len(out_shape), _channel_axes(base, len(out_shape))):
+                block_layout(base, f"per-channel operand in {_target_name(node)} is not tracked")
             continue
         if lay is base:
             continue
@@ -846,7 +853,7 @@ def _concat(node: fx.Node, layouts: dict, spaces: _Spaces, block_layout) -> _Lay
 
 def _reshape(node: fx.Node, first: _Layout | None, block_layout) -> _Layout | None:
     in_node = node.args[0]
-    in_shape = in_node.meta.get("shape") if isinstance(in_node, fx.Node) else None
+    in_shape = _shape(in_node)
     out_shape = node.meta.get("shape")
     if first is None or not in_shape or not out_shape:
         return None

@@ -36,6 +36,7 @@ import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -562,6 +563,10 @@ class Budget(StepConfig):
                 bits = [int(v) for v in _values(rule["bits"])]
         return sorted({_level(sp, b) for sp in sparsities for b in bits})
 
+    def _multiple(self, group: ChannelGroup) -> int:
+        """What a group's channel counts are multiples of: its heads' width, else ``channel_multiple``."""
+        return group.block if group.block > 1 else self.channel_multiple
+
     def _units(self, model: nn.Module, byte_settings: bool,
                x: torch.Tensor) -> tuple[dict[str, list[int]], dict[str, dict], list[dict], dict[str, ChannelGroup], set[str]]:
         """The units (layers, then channel groups) and their levels, the decomposable layers'
@@ -603,8 +608,7 @@ class Budget(StepConfig):
             for g in found:
                 label, total = group_label(g), g.channels
                 # (attention: whole heads)
-                counts = {_group_count(f * total, total, g.block if g.block > 1 else self.channel_multiple)
-                          for f in self.channel_fractions}
+                counts = {_group_count(f * total, total, self._multiple(g)) for f in self.channel_fractions}
                 fixed = {int(v) for n, _ in g.producers if isinstance(rules.get(n), dict) and "channels" in rules[n]
                          for v in _values(rules[n]["channels"])}
                 if fixed:
@@ -1173,8 +1177,7 @@ class Budget(StepConfig):
             "measurements": len(tasks), "evaluations": evaluations[0], "retrained": train,
             "frontier": sorted(points, key=lambda p: p["bytes"]), "steps": steps_done,
             "sensitivity": _sensitivity(units, options, decomposable, {
-                n: {_group_count(f * levels[0], levels[0], groups[n].block if groups[n].block > 1 else self.channel_multiple): f
-                    for f in sorted(self.channel_fractions)}
+                n: {_group_count(f * levels[0], levels[0], self._multiple(groups[n])): f for f in sorted(self.channel_fractions)}
                 for n, levels in units.items() if n in groups}),
             "seconds": {k: round(v, 2) for k, v in timings.items()},
         }
@@ -1218,10 +1221,8 @@ def _narrowing_factors(model: nn.Module, groups: dict[str, ChannelGroup], kept: 
     factors: dict[str, dict[str, float]] = {}
     for n, g in groups.items():
         gone = g.channels - kept[n]
-        produced: dict[str, int] = {}  # layer -> how often it produces the group (a fused q/k/v projection: three times)
-        for layer, _ in g.producers:
-            produced[layer] = produced.get(layer, 0) + 1
-        for layer, times in produced.items():
+        # how often a layer produces the group (a fused q/k/v projection: three times)
+        for layer, times in Counter(layer for layer, _ in g.producers).items():
             m = model.get_submodule(layer)
             out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
             factors.setdefault(layer, {})[n] = float(np.log((out - times * gone) / out))

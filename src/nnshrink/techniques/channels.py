@@ -222,24 +222,20 @@ def editable(model: nn.Module, x: torch.Tensor, deps: DependencyGraph | None = N
     return gm
 
 
-def _rewrite_heads(model: nn.Module, group: ChannelGroup, keep: int) -> None:
+def _rewrite_heads(model: fx.GraphModule, group: ChannelGroup, keep: int) -> None:
     """Set the head count of the group's split and merge reshapes to what ``keep`` channels hold."""
-    if not isinstance(model, fx.GraphModule):
-        raise ConfigError(f"channel group of {_label(group)!r} is attention heads, whose count is in the model's "
-                          "code: prune its torch.fx GraphModule (nnshrink.techniques.channels.editable)")
     nodes = {n.name: n for n in model.graph.nodes}
     for kind, name in group.rewrites:
         node = nodes.get(name)
         if node is None:
             raise ConfigError(f"attention heads of {_label(group)!r}: reshape {name!r} is not in the model's graph")
         if kind == "parts":  # split(size, dim) of a fused q/k/v projection: each part keeps ``keep``
+            size = node.args[1] if len(node.args) > 1 else node.kwargs["split_size_or_sections"]
+            size = [keep] * len(size) if isinstance(size, (list, tuple)) else keep
             if len(node.args) > 1:
-                size = node.args[1]
-                node.args = (node.args[0], [keep] * len(size) if isinstance(size, (list, tuple)) else keep, *node.args[2:])
+                node.args = (node.args[0], size, *node.args[2:])
             else:
-                size = node.kwargs["split_size_or_sections"]
-                node.kwargs = {**node.kwargs, "split_size_or_sections":
-                               [keep] * len(size) if isinstance(size, (list, tuple)) else keep}
+                node.kwargs = {**node.kwargs, "split_size_or_sections": size}
             continue
         found = reshape_sizes(node)
         if found is None:
@@ -266,11 +262,12 @@ def prune_group(model: nn.Module, x: torch.Tensor, label: str, keep: int, recons
         raise ConfigError(f"channel group of {label!r} cannot be pruned: {group.reason}")
     if keep < 1:
         raise ConfigError(f"channel group of {label!r} keeps at least one channel, not {keep}")
-    if keep % group.block or keep < group.block:
+    if keep % group.block:
         raise ConfigError(f"channel group of {label!r} is {group.channels // group.block} attention heads of "
                           f"{group.block} channels: it keeps a whole number of them, not {keep} channels")
     if group.rewrites and not isinstance(model, fx.GraphModule):
-        _rewrite_heads(model, group, keep)  # (raises: says how to get an editable model)
+        raise ConfigError(f"channel group of {label!r} is attention heads, whose count is in the model's "
+                          "code: prune its torch.fx GraphModule (nnshrink.techniques.channels.editable)")
     consumers = [c.layer for c in group.consumers]
     samples = _sample(model, x, consumers)
     kept = select_channels(model, group, samples, keep)
@@ -407,12 +404,14 @@ class ChannelPrune(StepConfig):
 
     def apply(self, model: nn.Module, ctx, show_progress: bool = True) -> StepResult:
         x = sample_inputs(ctx, self.samples)
-        model = editable(copy.deepcopy(model).eval(), x)
+        model = copy.deepcopy(model).eval()
+        start = build_dependency_graph(model, x[:1])
+        model = editable(model, x, start)  # (the GraphModule traced from it has the same groups)
         info = analyze(model, x[:1])
         base, budget, floor = target_macs(ctx, model, x, self.mac_ratio, self.tolerance)
         rules = self.layer_rules([li.name for li in info.layers])
         fixed = {}  # groups given a channel count by the plan: pruned first, the rest allocated around them
-        for g in build_dependency_graph(model, x[:1]).groups:
+        for g in start.groups:
             counts = {rules[n]["channels"] for n, _ in g.producers if isinstance(rules.get(n), dict)}
             if not counts:
                 continue
