@@ -1,7 +1,7 @@
 """The budget step on the MobileNetV2-style net: half the MACs and 16x smaller, within 1 point.
 
 Run: ``python benchmarks/budget_mobilenet.py [--seeds 3] [--first-seed 0] [--data mnist]
-[--targets "macs=0.5;ratio=16x"] [--steps 600]``.
+[--targets "macs=0.5;ratio=16x"] [--steps 600] [--retrained-only]``.
 
 For each seed the zoo's ``mobilenet`` (inverted residuals, depthwise 3x3 convs, batch norms) is
 trained on the data (cached), then for each target:
@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default="mnist")
     ap.add_argument("--targets", default="macs=0.5;ratio=16x", help="budget targets, separated by ';'")
     ap.add_argument("--steps", type=int, default=600, help="retraining steps of the chosen model")
+    ap.add_argument("--retrained-only", action="store_true", help="skip the one-shot runs beside a MAC target")
     args = ap.parse_args(argv)
     ds = load_dataset(args.data)
     means: dict[str, list] = {}
@@ -70,6 +71,8 @@ def main(argv=None) -> int:
             runs = [("rank", ("rank",), False), ("channels", ("channels",), False),
                     ("rank+channels", ("rank", "channels"), False), ("rank+channels", ("rank", "channels"), True)] \
                 if fractions else [("prune+share", ("prune", "share"), True)]
+            if args.retrained_only:
+                runs = [r for r in runs if r[2]]
             for label, techniques, retrain in runs:
                 steps = dict(prune_steps=args.steps, share_steps=args.steps // 3) if retrain else \
                     dict(prune_steps=0, share_steps=0)
