@@ -1,7 +1,7 @@
 """The budget step on LeNet-5 and LeNet-300-100: the smallest model within 0.2 point, and the most
 accurate at 20x, 50x and 100x beside single-technique plans of equal or larger size.
 
-Run: ``python benchmarks/budget.py [--seeds 3] [--data mnist10k] [--models lenet5,lenet300]
+Run: ``python benchmarks/budget.py [--seeds 3] [--first-seed 0] [--data mnist10k] [--models lenet5,lenet300]
 [--techniques prune,share,astc]`` (``astc``: ASTC footprints as one more per-layer choice).
 
 - **Within a drop**: ``budget`` with ``max_drop`` (0.2 point on validation); the container's
@@ -99,6 +99,7 @@ def baseline(which: str, key, extra, model, x, calib, tr, args):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run from this one")
     ap.add_argument("--data", default="mnist10k")
     ap.add_argument("--models", default="lenet5,lenet300")
     ap.add_argument("--ratios", default="20,50,100", help="size targets (x float32) compared with uniform plans")
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         rows = summary.setdefault(name, {"drop": [], "sizes": {}})
         all_points = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             model = zoo.pretrained(name, args.data, seed=seed, show_progress=False)
             x = zoo.example_input(model)
             ev, tr = zoo.make_evaluator(ds, "val"), zoo.make_trainer(ds, seed=seed, show_progress=False)
