@@ -2,7 +2,8 @@
 accurate at 20x, 50x and 100x beside single-technique plans of equal or larger size.
 
 Run: ``python benchmarks/budget.py [--seeds 3] [--first-seed 0] [--data mnist10k]
-[--models lenet5,lenet300] [--techniques prune,share,astc]`` (``astc``: ASTC footprints as one more per-layer choice).
+[--models lenet5,lenet300] [--techniques prune,share,astc]`` (``astc``: ASTC footprints as one
+more per-layer choice).
 
 - **Within a drop**: ``budget`` with ``max_drop`` (0.2 point on validation); the container's
   ratio to float32 and its held-out test accuracy against float, means over the seeds.
