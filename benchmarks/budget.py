@@ -169,7 +169,8 @@ def main(argv=None) -> int:
                         texts.append(f"{label}: {float32 / u_bytes:.1f}x test {u_test:.2%}")
                     rows["sizes"].setdefault(ratio, []).append((float32 / searched, s_test, s_test - float_test, beside))
                     print(f"  ratio={ratio:g}x: searched {float32 / searched:.1f}x test {s_test:.2%} "
-                          f"({(s_test - float_test) * 100:+.2f} point) ({seconds:.0f} s); "
+                          f"({(s_test - float_test) * 100:+.2f} point) ({r.steps[0].details['evaluations']} "
+                          f"evaluations, {seconds:.0f} s); "
                           + ("; ".join(texts) or "no plans beside it"), flush=True)
         if all_points:
             import matplotlib

@@ -54,6 +54,16 @@ def test_training_is_deterministic(mnist):
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("steps", [1, 5, 9])
+def test_a_fine_tune_of_a_few_steps_runs_and_moves_the_weights(mnist, steps):
+    # OneCycleLR divides by zero at 5 steps (its warm-up phase is empty); short runs decay linearly.
+    torch.manual_seed(0)
+    model = zoo.build("lenet300")
+    before = model.fc3.weight.detach().clone()
+    fit(model, mnist, Recipe(epochs=1, lr=2e-3), steps=steps, show_progress=False)
+    assert not torch.equal(before, model.fc3.weight)
+
+
 def test_damaged_checkpoint_is_rebuilt(tmp_path, monkeypatch, mnist):
     monkeypatch.setenv("NNSHRINK_CACHE_DIR", str(tmp_path))
     monkeypatch.setitem(zoo.RECIPES, "lenet300", Recipe(epochs=1, shift=1))

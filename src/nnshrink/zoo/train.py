@@ -83,7 +83,12 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, seed: int = 0, steps
         raise ConfigError(f"training needs at least one step, got {total}")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total, pct_start=0.2)
+    if total >= 10:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total, pct_start=0.2)
+    else:
+        # Too short for a warm-up: OneCycleLR's first phase is empty at 5 steps (0.2 * 5 = 1) and
+        # it divides by zero; a few fine-tuning steps decay linearly instead.
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / total)
     model.train()
     done = 0
     with progress_bar(description, total, enabled=show_progress) as advance:
